@@ -1,0 +1,51 @@
+"""graphpatch-cache: activation patching on PyTorch models, with a persistent graph cache.
+
+Wrap a model in :class:`PatchableGraph`, then record or overwrite any intermediate value by
+node path inside ``with pg.patch({...}):``.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import functions as _functions  # noqa: F401  (registers graph helper targets)
+from .artifact import GraphArtifact
+from .errors import (
+    ExtractionError,
+    GraphPatchCacheError,
+    ModelStructureError,
+    NodePathError,
+    NotAValueError,
+    PatchError,
+    SerializationError,
+    SignatureMismatchError,
+    UnusedSubmoduleError,
+)
+from .options import ExtractionOptions
+from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
+from .runtime import NodePath, PatchableGraph
+from .targets import register_target
+
+__all__ = [
+    "AddPatch",
+    "CustomPatch",
+    "ExtractionError",
+    "ExtractionOptions",
+    "GraphArtifact",
+    "GraphPatchCacheError",
+    "ModelStructureError",
+    "NodePath",
+    "NodePathError",
+    "NotAValueError",
+    "Patch",
+    "PatchError",
+    "PatchableGraph",
+    "ProbePatch",
+    "RecordPatch",
+    "ReplacePatch",
+    "SerializationError",
+    "SignatureMismatchError",
+    "UnusedSubmoduleError",
+    "ZeroPatch",
+    "register_target",
+]

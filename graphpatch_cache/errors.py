@@ -1,0 +1,144 @@
+"""Every error the library raises derives from :class:`GraphPatchCacheError`.
+
+Errors carry the fields a caller needs to act on them (``node_path``, ``path``, ``hint``) and
+stay picklable, so they survive multiprocessing and test runners.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable, Sequence
+
+
+class GraphPatchCacheError(Exception):
+    """Base class of all library errors.
+
+    :param message: what went wrong.
+    :param hint: how to fix it; appended to the message.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\nHint: {hint}")
+
+    def __reduce__(self):  # keep keyword-only fields picklable
+        return (_rebuild, (type(self), self.__dict__.copy()))
+
+
+def _rebuild(cls, state):
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    Exception.__init__(obj, str(state.get("message")) if state.get("hint") is None
+                       else f"{state['message']}\nHint: {state['hint']}")
+    return obj
+
+
+class ExtractionError(GraphPatchCacheError):
+    """Graph extraction failed (and the options asked us not to fall back to opaque).
+
+    :ivar module_path: the module whose extraction failed ("" for the root).
+    """
+
+    def __init__(self, message: str, *, module_path: str = "", hint: str | None = None) -> None:
+        self.module_path = module_path
+        super().__init__(message, hint=hint)
+
+
+class UnusedSubmoduleError(ExtractionError):
+    """Some submodules were never called by the example inputs."""
+
+
+class SerializationError(GraphPatchCacheError):
+    """A graph could not be turned into (or read back from) pure data.
+
+    :ivar node_path: the node whose data could not be encoded or resolved.
+    :ivar target: the offending call target, where there is one.
+    """
+
+    def __init__(
+        self, message: str, *, node_path: str = "", target: str = "", hint: str | None = None
+    ) -> None:
+        self.node_path = node_path
+        self.target = target
+        super().__init__(message, hint=hint)
+
+
+class DisallowedTargetError(SerializationError):
+    """An artifact names a call target outside the allowlist; nothing was executed."""
+
+
+class NodePathError(GraphPatchCacheError, KeyError):
+    """An unknown node path. Lists the closest existing paths.
+
+    :ivar node_path: the path that was asked for.
+    :ivar suggestions: close matches, best first.
+    """
+
+    def __init__(
+        self, message: str, *, node_path: str, suggestions: Sequence[str] = (), hint: str | None = None
+    ) -> None:
+        self.node_path = node_path
+        self.suggestions = list(suggestions)
+        super().__init__(message, hint=hint)
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return Exception.__str__(self)
+
+
+class NotAValueError(NodePathError):
+    """A node path stops at a module graph instead of a value."""
+
+
+class PatchError(GraphPatchCacheError):
+    """A patch could not be applied to the value at its node.
+
+    :ivar node_path: where the patch was applied.
+    """
+
+    def __init__(self, message: str, *, node_path: str, hint: str | None = None) -> None:
+        self.node_path = node_path
+        super().__init__(message, hint=hint)
+
+
+class ModelStructureError(GraphPatchCacheError):
+    """An artifact was extracted from a model whose structure differs from the one bound.
+
+    :ivar node_path: the graph that does not fit.
+    """
+
+    def __init__(self, message: str, *, node_path: str = "", hint: str | None = None) -> None:
+        self.node_path = node_path
+        super().__init__(message, hint=hint)
+
+
+class SignatureMismatchError(GraphPatchCacheError):
+    """A call does not match the inputs the graph was extracted for."""
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The ``n`` candidates closest to ``word``, best first (also substring matches)."""
+    pool = list(candidates)
+    found = difflib.get_close_matches(word, pool, n=n, cutoff=0.5)
+    tail = word.rsplit(".", 1)[-1]
+    for cand in pool:
+        if len(found) >= n:
+            break
+        if cand not in found and tail and cand.endswith("." + tail):
+            found.append(cand)
+    return found
+
+
+__all__ = [
+    "DisallowedTargetError",
+    "ExtractionError",
+    "GraphPatchCacheError",
+    "ModelStructureError",
+    "NodePathError",
+    "NotAValueError",
+    "PatchError",
+    "SerializationError",
+    "SignatureMismatchError",
+    "UnusedSubmoduleError",
+    "close_matches",
+]

@@ -1,0 +1,132 @@
+"""Extraction: model + example inputs -> :class:`~graphpatch_cache.artifact.GraphArtifact`.
+
+Call map::
+
+    extract(model, args, kwargs, options)
+      -> signature.canonical_inputs        positional -> keyword, as forward() binds them
+      -> capture.capture                    eager recording + one dynamo trace with markers
+      -> split.split                        one fx graph per module call
+      -> serialize.frame_to_data            pure data, call targets as allowlisted names
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .. import _compat
+from ..artifact import SCHEMA_VERSION, GraphArtifact
+from ..errors import UnusedSubmoduleError
+from ..options import ExtractionOptions
+from ..signature import call_signature, canonical_inputs
+from .capture import capture
+from .serialize import frame_to_data
+from .split import Frame, split
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.ParameterList, torch.nn.ParameterDict)
+
+
+def environment_versions() -> Dict[str, str]:
+    """Versions that determine what a trace produces."""
+    from .. import __version__
+
+    versions = {
+        "graphpatch_cache": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _check_unused(model: torch.nn.Module, called: set, options: ExtractionOptions) -> None:
+    """Raise for never-called submodules that own parameters. Parameterless ones (a dropout
+    that sdpa attention bypasses) have nothing to patch or bind and are always allowed."""
+    if options.allow_unused_submodules:
+        return
+    unused = [
+        name
+        for name, module in model.named_modules()
+        if name
+        and id(module) not in called
+        and not isinstance(module, _CONTAINERS)
+        and any(True for _ in module.parameters())
+        and not any(id(m) in called for m in module.modules())
+    ]
+    if unused:
+        shown = ", ".join(unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")
+        raise UnusedSubmoduleError(
+            f"submodules never called with these example inputs: {shown}",
+            module_path=unused[0],
+            hint="pass ExtractionOptions(allow_unused_submodules=True), or example inputs that use them",
+        )
+
+
+def _dynamic_dims(root: Frame, inputs: Tuple[tuple, dict]) -> list:
+    dims = []
+    for node in [n for n in root.graph.nodes if n.op == "placeholder"][: _count_tensors(inputs)]:
+        fake = node.meta.get("example_value")
+        if isinstance(fake, torch.Tensor):
+            dims.append([isinstance(s, torch.SymInt) for s in fake.shape])
+        else:
+            dims.append(None)
+    return dims
+
+
+def _count_tensors(inputs: Any) -> int:
+    leaves, _ = _compat.tree_flatten(inputs)
+    return sum(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def extract(
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: Optional[Dict[str, Any]] = None,
+    options: Optional[ExtractionOptions] = None,
+) -> GraphArtifact:
+    """Trace ``model(*args, **kwargs)`` and return its graphs as a :class:`GraphArtifact`.
+
+    :raises ExtractionError: tracing failed and ``error_on_compilation_failure`` is set.
+    :raises UnusedSubmoduleError: a submodule was never called (see ``allow_unused_submodules``).
+    :raises SerializationError: a graph calls something that cannot be stored as data.
+    """
+    options = options or ExtractionOptions()
+    inputs = canonical_inputs(model, tuple(args), dict(kwargs or {}))
+    cap = capture(model, inputs[0], inputs[1], options)
+    _check_unused(model, {id(c.module) for c in cap.recorder.calls}, options)
+    root = split(model, cap)
+    if root.hidden:
+        from ..errors import ExtractionError
+
+        raise ExtractionError(
+            f"{type(model).__name__} reads values that are neither its inputs nor its parameters or "
+            f"buffers: {[n.name for n in root.hidden]}",
+            hint="register such tensors as buffers, or pass them as inputs",
+        )
+    signature = call_signature(inputs, _dynamic_dims(root, inputs))
+    _, spec = _compat.tree_flatten(inputs)
+    devices = sorted({str(p.device) for p in list(model.parameters()) + list(model.buffers())})
+    return GraphArtifact(
+        schema_version=SCHEMA_VERSION,
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        root=frame_to_data(root),
+        signature=signature,
+        input_spec=_compat.treespec_dumps(spec),
+        extraction={
+            "options": options.fingerprint(),
+            "devices": devices,
+            "training": bool(model.training),
+            "opaque": dict(sorted(cap.failures.items())),
+        },
+        versions=environment_versions(),
+    )
+
+
+__all__ = ["environment_versions", "extract"]

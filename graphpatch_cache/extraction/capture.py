@@ -1,0 +1,153 @@
+"""Capture: one eager call to record the module calls, one dynamo trace of the whole model.
+
+The trace runs with ``fullgraph=True`` and ``dynamic=True`` (graphs stay shape-generic) and
+stops as soon as the backend has the graph: the captured graph is never run. When dynamo
+cannot trace some module, that module's class is marked opaque and the capture is retried;
+an opaque module appears in the graph as one call whose outputs are known from the eager
+recording.
+"""
+
+from __future__ import annotations
+
+import linecache
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Set
+
+import torch
+
+from .. import _compat
+from ..errors import ExtractionError
+from ..options import ExtractionOptions
+from .markers import Recorder
+
+
+class _StopAfterCapture(Exception):
+    """Raised by the capturing backend's compiled function so the graph never runs."""
+
+
+class _CaptureRoot(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, args: tuple, kwargs: dict) -> Any:
+        return self.model(*args, **kwargs)
+
+
+@dataclass
+class Capture:
+    graph: torch.fx.Graph
+    example_inputs: List[Any]
+    recorder: Recorder
+    opaque: Set[int]  # ids of modules traced as opaque calls
+    failures: Dict[str, str]  # module path -> why it is opaque
+
+
+def _module_forward_spans(model: torch.nn.Module) -> Dict[tuple, List[torch.nn.Module]]:
+    """Map (filename, first line, last line) of each module class's forward to its modules."""
+    spans: Dict[tuple, List[torch.nn.Module]] = {}
+    for module in model.modules():
+        fn = getattr(type(module).forward, "__code__", None)
+        if fn is None:
+            continue
+        lines = linecache.getlines(fn.co_filename)
+        first = fn.co_firstlineno
+        last = max((ln for _, _, ln in fn.co_lines() if ln is not None), default=first)
+        spans.setdefault((fn.co_filename, first, last), []).append(module)
+    return spans
+
+
+def _culprit_modules(exc: BaseException, model: torch.nn.Module, opaque: Set[int]) -> List[torch.nn.Module]:
+    """The innermost module(s) whose forward was being traced when dynamo gave up."""
+    frames = list(getattr(exc, "real_stack", None) or [])
+    tb = exc.__traceback__
+    if not frames:
+        import traceback
+
+        frames = traceback.extract_tb(tb)
+    spans = _module_forward_spans(model)
+    for frame in reversed(frames):
+        for (filename, first, last), modules in spans.items():
+            if frame.filename == filename and first <= (frame.lineno or 0) <= last:
+                candidates = [m for m in modules if id(m) not in opaque]
+                if candidates:
+                    return candidates
+    return []
+
+
+def capture(
+    model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions
+) -> Capture:
+    """Trace ``model(*args, **kwargs)`` into one flat fx graph with module-call markers.
+
+    :raises ExtractionError: when tracing fails and no module can be made opaque, or when
+        ``options.error_on_compilation_failure`` is set.
+    """
+    opaque: Set[int] = set()
+    failures: Dict[str, str] = {}
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=True)}
+    for module in model.modules():
+        if options.skip_compilation or isinstance(module, options.classes_to_skip_compiling):
+            opaque.add(id(module))
+    root = _CaptureRoot(model)
+    for attempt in range(64):
+        with Recorder(model, frozenset(opaque)) as recorder:
+            with torch.no_grad(), _compat.pretend_compiling():
+                model(*args, **kwargs)
+            calls = list(recorder.calls)
+            recorder.prepare_opaque()
+            recorder.reset_calls()
+            recorder.calls.extend(calls)  # keep the eager records for the opaque outputs
+            recorder.tracing = True
+            captured: List[Any] = []
+
+            def backend(gm: torch.fx.GraphModule, example_inputs: List[Any]):
+                captured.append((gm, list(example_inputs)))
+
+                def stop(*_: Any, **__: Any) -> Any:
+                    raise _StopAfterCapture()
+
+                return stop
+
+            _compat.reset_dynamo()
+            compiled = torch.compile(root, backend=backend, fullgraph=True, dynamic=True)
+            error: Optional[BaseException] = None
+            try:
+                with _compat.dynamo_capture_config(), torch.enable_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    compiled(args, kwargs)
+            except _StopAfterCapture:
+                pass
+            except Exception as exc:  # dynamo raises many exception types
+                error = exc
+            finally:
+                _compat.reset_dynamo()
+            if error is None:
+                if len(captured) != 1:
+                    error = ExtractionError(f"dynamo produced {len(captured)} graphs instead of one")
+                else:
+                    gm, example_inputs = captured[0]
+                    return Capture(gm.graph, example_inputs, recorder, opaque, failures)
+        culprits = _culprit_modules(error, model, opaque)
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if options.error_on_compilation_failure or not culprits:
+            where = names.get(id(culprits[0]), "") if culprits else ""
+            raise ExtractionError(
+                f"dynamo could not capture {type(model).__name__}"
+                + (f" (in module {where!r})" if where else "")
+                + f": {reason}",
+                module_path=where,
+                hint="pass ExtractionOptions(classes_to_skip_compiling=(TheClass,)) to keep that module "
+                "opaque, or unset error_on_compilation_failure to fall back automatically",
+            ) from error
+        for module in culprits:
+            opaque.add(id(module))
+            failures[names.get(id(module), "?")] = reason
+            if options.warn_on_compilation_failure:
+                warnings.warn(
+                    f"graphpatch_cache: module {names.get(id(module), '?')!r} "
+                    f"({type(module).__name__}) could not be compiled and stays opaque: {reason}",
+                    stacklevel=3,
+                )
+    raise ExtractionError("gave up after making 64 modules opaque")  # pragma: no cover

@@ -1,0 +1,318 @@
+"""Module-call markers: how one flat dynamo graph keeps the model's module hierarchy.
+
+During extraction every module gets a forward pre-hook and a forward hook. In an ordinary
+(eager) call they *record* the call: which module, its inputs' structure and names, its
+output's structure. While dynamo traces they instead route the call's tensors through two
+marker operators, ``graphpatch_cache::enter`` and ``graphpatch_cache::exit``, so the flat
+graph shows exactly where each module call starts and ends and which values cross the
+boundary. :mod:`.split` turns the markers back into one graph per module call and removes
+them; they never reach an artifact or run at patch time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.utils._pytree as pytree
+
+from .. import _compat
+
+_LIB = torch.library.Library("graphpatch_cache", "DEF")
+_LIB.define("enter(str tag, Tensor[] xs) -> Tensor[]")
+_LIB.define("exit(str tag, Tensor[] xs) -> Tensor[]")
+_LIB.define("opaque(str tag, Tensor[] xs) -> Tensor[]")
+
+
+def _clone_all(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+    return [x.clone() for x in xs]
+
+
+def _empty_like_all(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+    return [torch.empty_like(x) for x in xs]
+
+
+for _name in ("enter", "exit"):
+    _LIB.impl(_name, _clone_all, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"graphpatch_cache::{_name}", _empty_like_all, lib=_LIB)
+
+ENTER = torch.ops.graphpatch_cache.enter.default
+EXIT = torch.ops.graphpatch_cache.exit.default
+OPAQUE = torch.ops.graphpatch_cache.opaque.default
+_compat.has_side_effect(ENTER)
+_compat.has_side_effect(EXIT)
+_compat.has_side_effect(OPAQUE)
+
+_MISSING = object()
+
+# The opaque operator's outputs are known only from the eager recording; the active recorder
+# supplies them (see Recorder.opaque_outputs).
+_ACTIVE: List["Recorder"] = []
+
+
+def _opaque_eager(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:  # pragma: no cover
+    raise RuntimeError("graphpatch_cache::opaque only exists while extracting")
+
+
+def _opaque_fake(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+    return _ACTIVE[-1].opaque_outputs(tag)
+
+
+_LIB.impl("opaque", _opaque_eager, "CompositeExplicitAutograd")
+torch.library.register_fake("graphpatch_cache::opaque", _opaque_fake, lib=_LIB)
+
+
+@dataclass
+class TensorMeta:
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    stride: Tuple[int, ...]
+
+
+@dataclass
+class CallRecord:
+    """One eager call of one module, as seen by the hooks."""
+
+    index: int
+    tag: str
+    module: torch.nn.Module
+    parent: Optional[int]
+    input_spec: Any = None
+    input_names: List[str] = field(default_factory=list)  # one per leaf
+    input_leaves: List[Any] = field(default_factory=list)  # non-tensor leaves; None for tensors
+    input_is_tensor: List[bool] = field(default_factory=list)
+    output_spec: Any = None
+    output_leaves: List[Any] = field(default_factory=list)
+    output_is_tensor: List[bool] = field(default_factory=list)
+    output_meta: List[Optional[TensorMeta]] = field(default_factory=list)
+    children: List[int] = field(default_factory=list)
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("idx", "key", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_names(forward: Any, args: tuple, kwargs: dict) -> List[str]:
+    """A readable name for each pytree leaf of ``(args, kwargs)``: the forward's parameter
+    name, then the path inside nested containers (``past_0_1``)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_pos = next((p.name for p in params if p.kind == p.VAR_POSITIONAL), "args")
+    names = []
+    for path, _ in pytree.tree_flatten_with_path((args, kwargs))[0]:
+        parts = [_key_str(k) for k in path]
+        if parts[0] == "0":
+            i = int(parts[1])
+            head = positional[i] if i < len(positional) else f"{var_pos}_{i - len(positional)}"
+        else:
+            head = parts[1]
+        names.append("_".join([head] + parts[2:]))
+    return names
+
+
+def _is_flat(values: Any) -> bool:
+    for i in range(len(values)):
+        if isinstance(values[i], (list, tuple, dict)):
+            return False
+    return True
+
+
+def _route(marker: Any, tag: str, value: Any) -> Any:
+    """Pass the tensor leaves of ``value`` through ``marker`` (while dynamo traces).
+
+    No tensor is ever bound to a local variable here: dynamo names a node after the first
+    variable it is stored in, and the nodes should keep the names the module's own code
+    gives them (``mul_3``, ``attn_output``). The common shapes (a tensor; flat tuples;
+    ``(args, kwargs)`` of flat values) skip pytree, whose tracing costs dynamo much more.
+    """
+    if isinstance(value, torch.Tensor):
+        return marker(tag, [value])[0]
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is tuple and type(value[1]) is dict \
+            and _is_flat(value[0]) and _is_flat(list(value[1].values())):
+        keys = list(value[1].keys())
+        idx = [i for i in range(len(value[0])) if isinstance(value[0][i], torch.Tensor)]
+        kidx = [k for k in keys if isinstance(value[1][k], torch.Tensor)]
+        new = marker(tag, [value[0][i] for i in idx] + [value[1][k] for k in kidx])
+        args = list(value[0])
+        for j in range(len(idx)):
+            args[idx[j]] = new[j]
+        kwargs = dict(value[1])
+        for j in range(len(kidx)):
+            kwargs[kidx[j]] = new[len(idx) + j]
+        return tuple(args), kwargs
+    if type(value) is tuple and _is_flat(value):
+        idx = [i for i in range(len(value)) if isinstance(value[i], torch.Tensor)]
+        new = marker(tag, [value[i] for i in idx])
+        out = list(value)
+        for j in range(len(idx)):
+            out[idx[j]] = new[j]
+        return tuple(out)
+    leaves, spec = pytree.tree_flatten(value)
+    idx = [i for i in range(len(leaves)) if isinstance(leaves[i], torch.Tensor)]
+    new = marker(tag, [leaves[i] for i in idx])
+    for j in range(len(idx)):
+        leaves[idx[j]] = new[j]
+    return pytree.tree_unflatten(leaves, spec)
+
+
+class Recorder:
+    """Installs the marker hooks on every module of ``model`` for the duration of a ``with``.
+
+    :ivar calls: the eager calls recorded, in call order.
+    """
+
+    def __init__(self, model: torch.nn.Module, opaque_modules: frozenset = frozenset()) -> None:
+        self.model = model
+        self.tags: Dict[int, str] = {}
+        self.modules_by_tag: Dict[str, torch.nn.Module] = {}
+        self.calls: List[CallRecord] = []
+        self._stack: List[int] = []
+        self._handles: List[Any] = []
+        self.opaque_modules = opaque_modules  # ids of modules traced as one opaque call
+        self._opaque_counts: Dict[str, int] = {}
+        self._saved_forwards: Dict[int, Any] = {}
+        self.tracing = False  # False: record eager calls; True: emit markers for dynamo
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> "Recorder":
+        """Wrap every module's ``forward`` (an instance attribute, removed on exit).
+
+        Wrapping ``forward`` rather than registering forward hooks keeps dynamo on its fast
+        path through ``Module.__call__``; with hooks on every module the trace took ~40%
+        longer on GPT-2.
+        """
+        counter = itertools.count()
+        try:
+            for _, module in self.model.named_modules(remove_duplicate=True):
+                tag = f"m{next(counter)}"
+                self.tags[id(module)] = tag
+                self.modules_by_tag[tag] = module
+                self._saved_forwards[id(module)] = module.__dict__.get("forward", _MISSING)
+                module.forward = self._wrapped_forward(tag, module, module.forward)  # type: ignore[method-assign]
+        except BaseException:
+            self.restore_forwards()
+            raise
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore_forwards()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    def reset_calls(self) -> None:
+        self.calls.clear()
+        self._stack.clear()
+        self._opaque_counts.clear()
+
+    def restore_forwards(self) -> None:
+        for tag, module in self.modules_by_tag.items():
+            saved = self._saved_forwards.pop(id(module), None)
+            if saved is None:
+                continue
+            if saved is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+
+    # -- the wrapper -------------------------------------------------------------------------
+    def _wrapped_forward(self, tag: str, module: torch.nn.Module, forward: Any):
+        recorder = self
+
+        def forward_with_markers(*args: Any, **kwargs: Any) -> Any:
+            if not recorder.tracing:
+                recorder._record_enter(tag, module, args, kwargs, forward)
+                output = forward(*args, **kwargs)
+                recorder._record_exit(tag, output)
+                return output
+            if id(module) in recorder.opaque_modules:
+                return recorder._opaque_call(tag, args, kwargs)
+            args, kwargs = _route(ENTER, tag, (args, kwargs))
+            return _route(EXIT, tag, forward(*args, **kwargs))
+
+        return forward_with_markers
+
+    # -- opaque modules ---------------------------------------------------------------------
+    def prepare_opaque(self) -> None:
+        """Fix each opaque module's output structure (from the eager recording) before tracing."""
+        self._opaque_templates = {}
+        for tag, module in self.modules_by_tag.items():
+            if id(module) not in self.opaque_modules:
+                continue
+            records = [c for c in self.calls if c.tag == tag]
+            if not records:
+                continue
+            first = records[0]
+            for other in records[1:]:
+                if other.output_spec != first.output_spec or other.output_leaves != first.output_leaves:
+                    raise ValueError(f"opaque module {tag} returns differently structured outputs per call")
+            self._opaque_templates[tag] = (first.output_spec, list(first.output_leaves), list(first.output_is_tensor))
+
+    def _opaque_call(self, tag: str, args: tuple, kwargs: dict) -> Any:
+        spec, template, is_tensor = self._opaque_templates[tag]
+        leaves, _ = pytree.tree_flatten((args, kwargs))
+        outs = OPAQUE(tag, [leaves[i] for i in range(len(leaves)) if isinstance(leaves[i], torch.Tensor)])
+        out_leaves = []
+        j = 0
+        for i in range(len(template)):
+            if is_tensor[i]:
+                out_leaves.append(outs[j])
+                j += 1
+            else:
+                out_leaves.append(template[i])
+        return pytree.tree_unflatten(out_leaves, spec)
+
+    def _opaque_record(self, tag: str) -> CallRecord:
+        k = self._opaque_counts.get(tag, 0)
+        matches = [c for c in self.calls if c.tag == tag]
+        self._opaque_counts[tag] = k + 1
+        return matches[min(k, len(matches) - 1)]
+
+    def opaque_outputs(self, tag: str) -> List[torch.Tensor]:
+        """Fake outputs for the k-th traced call of an opaque module: empty tensors with the
+        metadata of the k-th eager call."""
+        record = self._opaque_record(tag)
+        return [
+            torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=m.device)
+            for m in record.output_meta
+            if m is not None
+        ]
+
+    def _record_enter(self, tag: str, module: torch.nn.Module, args: tuple, kwargs: dict, forward: Any) -> None:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        record = CallRecord(
+            index=len(self.calls),
+            tag=tag,
+            module=module,
+            parent=self._stack[-1] if self._stack else None,
+            input_spec=spec,
+            input_names=leaf_names(forward, args, kwargs),
+            input_leaves=[None if isinstance(x, torch.Tensor) else x for x in leaves],
+            input_is_tensor=[isinstance(x, torch.Tensor) for x in leaves],
+        )
+        if record.parent is not None:
+            self.calls[record.parent].children.append(record.index)
+        self.calls.append(record)
+        self._stack.append(record.index)
+
+    def _record_exit(self, tag: str, output: Any) -> None:
+        record = self.calls[self._stack.pop()]
+        assert record.tag == tag, "module calls did not nest"
+        leaves, spec = pytree.tree_flatten(output)
+        record.output_spec = spec
+        record.output_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+        record.output_is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+        record.output_meta = [
+            TensorMeta(tuple(x.shape), x.dtype, x.device, tuple(x.stride())) if isinstance(x, torch.Tensor) else None
+            for x in leaves
+        ]

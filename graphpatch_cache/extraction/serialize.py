@@ -1,0 +1,97 @@
+"""Frames (fx graphs per module call) to pure data: :class:`~graphpatch_cache.artifact.ModuleGraph`."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+import torch.fx
+
+from ..artifact import ModuleGraph, NodeData, encode_value
+from ..errors import SerializationError
+from ..targets import check_method, qualified_name
+from .split import Frame
+
+
+def describe_value(value: Any) -> Dict[str, Any]:
+    """Shape/dtype metadata shown in node reprs; symbolic sizes are written as their symbol."""
+    if isinstance(value, torch.Tensor):
+        return {
+            "shape": [int(s) if not isinstance(s, torch.SymInt) else str(s) for s in value.shape],
+            "dtype": str(value.dtype).removeprefix("torch."),
+        }
+    if isinstance(value, torch.SymInt):
+        return {"type": "int"}
+    if isinstance(value, (list, tuple)):
+        return {"type": type(value).__name__, "items": [describe_value(v) for v in value]}
+    if isinstance(value, dict) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
+        try:
+            return {"type": type(value).__name__, "fields": {str(k): describe_value(value[k]) for k in value.keys()}}
+        except Exception:
+            return {"type": type(value).__name__}
+    if value is None:
+        return {}
+    return {"type": type(value).__name__}
+
+
+def _source(node: torch.fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    if len(lines) >= 2 and lines[-2].startswith("File "):
+        return f"{lines[-2]}: {lines[-1]}"
+    return lines[-1] if lines else ""
+
+
+def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
+    """Encode one frame and its children. ``path`` is the frame's node path (for errors)."""
+    nodes = []
+    for node in frame.graph.nodes:
+        where = f"{path}.{node.name}" if path else node.name
+        if node.op == "call_function":
+            try:
+                target = qualified_name(node.target)
+            except SerializationError as exc:
+                raise SerializationError(
+                    f"node {where!r} calls {node.target!r}, which cannot be stored as data: {exc.message}",
+                    node_path=where,
+                    target=repr(node.target),
+                    hint="register the function with graphpatch_cache.register_target, or keep the "
+                    "module opaque with ExtractionOptions(classes_to_skip_compiling=...)",
+                ) from exc
+        elif node.op == "call_method":
+            target = check_method(node.target, node_path=where)
+        else:
+            target = str(node.target)
+
+        def name_of(v: Any) -> Any:
+            return v.name if isinstance(v, torch.fx.Node) else None
+
+        try:
+            args = encode_value(tuple(node.args), name_of, qualified_name)
+            kwargs = encode_value(dict(node.kwargs), name_of, qualified_name)
+        except SerializationError as exc:
+            raise SerializationError(
+                f"node {where!r} has an argument that cannot be stored: {exc.message}", node_path=where
+            ) from exc
+        meta = describe_value(node.meta.get("example_value"))
+        source = _source(node)
+        if source:
+            meta["source"] = source
+        nodes.append(NodeData(name=node.name, op=node.op, target=target, args=args, kwargs=kwargs, meta=meta))
+    children = [frame_to_data(c, f"{path}.{c.local_name}" if path else c.local_name) for c in frame.children]
+    try:
+        code = frame.graph.python_code("self").src
+    except Exception:  # code is for humans; never fail extraction over it
+        code = ""
+    return ModuleGraph(
+        name=frame.local_name,
+        module_path=frame.path,
+        module_class=f"{type(frame.module).__module__}.{type(frame.module).__qualname__}",
+        kind=frame.kind,
+        call_index=0 if frame.record is None else frame.record.index,
+        nodes=nodes,
+        children=children,
+        attributes=dict(frame.attrs),
+        input_spec=frame.input_spec if frame.kind == "opaque" else None,
+        code=code,
+    )

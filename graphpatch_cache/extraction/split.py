@@ -1,0 +1,469 @@
+"""Split one flat, marker-annotated dynamo graph into one fx graph per module call.
+
+Walking the flat graph in order, an ``enter`` marker opens a frame for a module call and the
+matching ``exit`` marker closes it. Every other node belongs to the innermost open frame.
+Values crossing a frame boundary become the child graph's placeholders (named after the
+forward's parameters) and its output; the parent graph gets a ``call_module`` node and reads
+the leaves it uses out of the returned structure. Parameters and buffers become ``get_attr``
+nodes in the graph of the module that owns them. Symbolic sizes are recomputed locally from
+the frame's own inputs, so every graph stays shape-generic and self-contained.
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from .. import _compat
+from ..errors import ExtractionError
+from .capture import Capture
+from .markers import ENTER, EXIT, OPAQUE, CallRecord
+
+_ILLEGAL = set(keyword.kwlist) | set(dir(builtins)) | {
+    "inf", "nan", "NoneType", "torch", "device", "fx_pytree", "pytree", "self",
+}
+#: names NodePath and GraphModule use themselves; user names that collide get a trailing "_".
+RESERVED = frozenset(
+    {"_code", "_shape", "graph", "code", "forward", "training", "recompile", "output", "to_folder",
+     "print_readable", "meta", "modules", "parameters", "buffers", "children", "state_dict", "type",
+     "cuda", "cpu", "to", "float", "half", "double", "eval", "train", "apply", "zero_grad", "share_memory",
+     "extra_repr", "register_buffer", "register_module", "get_submodule", "get_parameter", "named_modules",
+     "add_module", "requires_grad_", "load_state_dict", "bfloat16", "ipu", "xpu", "mtia", "compile"}
+)
+_SUFFIX = re.compile(r"^(.*)_(\d+)$")
+
+
+def escape_name(name: str) -> str:
+    """A local name safe as a GraphModule attribute and a NodePath component."""
+    name = re.sub(r"\W", "_", name)
+    if not name or name[0].isdigit():
+        name = f"sub_{name}"
+    while name in RESERVED or name in _ILLEGAL:
+        name = name + "_"
+    return name
+
+
+class _Names:
+    """Per-graph name allocation, following torch.fx's numbering (``mul``, ``mul_1``...)."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+        self.counts: Dict[str, int] = {}
+
+    def exact(self, name: str) -> str:
+        if name in self.used:
+            raise ExtractionError(f"internal: duplicate local name {name!r}")
+        self.used.add(name)
+        return name
+
+    def fresh(self, candidate: str) -> str:
+        candidate = re.sub(r"\W", "_", candidate) or "_unnamed"
+        if candidate[0].isdigit():
+            candidate = f"_{candidate}"
+        match = _SUFFIX.match(candidate)
+        base = match.group(1) if match else candidate
+        num = self.counts.get(base, 0)
+        name = base
+        while name in self.used or name in _ILLEGAL:
+            num += 1
+            name = f"{base}_{num}"
+        self.used.add(name)
+        self.counts[base] = num
+        return name
+
+
+@dataclass
+class Frame:
+    """One module call being rebuilt as its own graph."""
+
+    record: Optional[CallRecord]
+    module: torch.nn.Module
+    path: str  # qualified module name in the model
+    local_name: str
+    parent: Optional["Frame"]
+    kind: str = "compiled"
+    graph: torch.fx.Graph = field(default_factory=torch.fx.Graph)
+    names: _Names = field(default_factory=_Names)
+    env: Dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict)
+    attrs: Dict[str, str] = field(default_factory=dict)  # local attr -> qualified name
+    attr_nodes: Dict[str, torch.fx.Node] = field(default_factory=dict)
+    hidden: List[torch.fx.Node] = field(default_factory=list)  # flat nodes supplied by parent
+    inputs: List[torch.fx.Node] = field(default_factory=list)  # flat marker inputs
+    children: List["Frame"] = field(default_factory=list)
+    input_spec: Optional[str] = None
+
+
+class Splitter:
+    """Rebuilds the per-call graphs of one :class:`Capture` of ``model``."""
+
+    def __init__(self, model: torch.nn.Module, cap: Capture) -> None:
+        self.model = model
+        self.cap = cap
+        self.calls = cap.recorder.calls
+        self.module_names: Dict[int, List[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.module_names.setdefault(id(module), []).append(name)
+        self.tensor_names: Dict[int, List[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.tensor_names.setdefault(id(p), []).append(name)
+        for name, b in model.named_buffers(remove_duplicate=False):
+            self.tensor_names.setdefault(id(b), []).append(name)
+        for mname, module in model.named_modules(remove_duplicate=False):
+            for attr, value in vars(module).items():
+                if isinstance(value, torch.Tensor) and not attr.startswith("__"):
+                    self.tensor_names.setdefault(id(value), []).append(f"{mname}.{attr}" if mname else attr)
+        self.local_names = self._assign_local_names()
+        self.owner: Dict[torch.fx.Node, Frame] = {}
+        self.param_ph: Dict[torch.fx.Node, List[str]] = {}
+        self.sym_ph: Dict[torch.fx.Node, Any] = {}
+
+    # -- naming ------------------------------------------------------------------------------
+    def _path_of(self, module: torch.nn.Module, under: str) -> str:
+        names = self.module_names.get(id(module), ["?"])
+        if under:
+            inside = [n for n in names if n.startswith(under + ".")]
+            if inside:
+                return inside[0]
+        return names[0]
+
+    def _assign_local_names(self) -> Dict[int, str]:
+        local: Dict[int, str] = {}
+        parents: Dict[Optional[int], List[CallRecord]] = {}
+        for call in self.calls:
+            parents.setdefault(call.parent, []).append(call)
+        for parent_index, calls in parents.items():
+            parent_path = ""
+            if parent_index is not None:
+                parent_path = self._path_of(self.calls[parent_index].module, "")
+            by_module: Dict[int, List[CallRecord]] = {}
+            for call in calls:
+                by_module.setdefault(id(call.module), []).append(call)
+            taken: set[str] = set()
+            for module_calls in by_module.values():
+                module = module_calls[0].module
+                names = self.module_names.get(id(module), ["?"])
+                inside = [n for n in names if parent_path and n.startswith(parent_path + ".")] or names
+                rel = [n[len(parent_path) + 1:] if parent_path and n.startswith(parent_path + ".") else n for n in inside]
+                if len(module_calls) > 1 and len(rel) == len(module_calls):
+                    chosen = [escape_name(r.replace(".", "_")) for r in rel]  # aliases, one call each
+                elif len(module_calls) > 1:
+                    base = rel[0].replace(".", "_")
+                    chosen = [escape_name(f"{base}_{k}") for k in range(len(module_calls))]
+                else:
+                    chosen = [escape_name(rel[0].replace(".", "_"))]
+                for call, name in zip(module_calls, chosen):
+                    while name in taken:
+                        name = name + "_"
+                    taken.add(name)
+                    local[call.index] = name
+        return local
+
+    # -- main --------------------------------------------------------------------------------
+    def run(self) -> Frame:
+        graph = self.cap.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self.cap.example_inputs):
+            raise ExtractionError("internal: placeholder count does not match the example inputs")
+        wrapper = Frame(record=None, module=self.model, path="<wrapper>", local_name="", parent=None)
+        for node, value in zip(placeholders, self.cap.example_inputs):
+            if isinstance(value, torch.Tensor) and id(value) in self.tensor_names:
+                self.param_ph[node] = self.tensor_names[id(value)]
+            elif isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+                self.sym_ph[node] = _compat.fake_value(node)
+            self.owner[node] = wrapper
+        stack: List[Frame] = [wrapper]
+        root: Optional[Frame] = None
+        call_iter = iter(self.calls)
+        enter_outputs: Dict[torch.fx.Node, Frame] = {}
+        exit_outputs: Dict[torch.fx.Node, Tuple[Frame, torch.fx.Node]] = {}
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                continue
+            top = stack[-1]
+            if node.op == "output":
+                break
+            if node.target is ENTER or node.target is OPAQUE:
+                record = next(call_iter, None)
+                if record is None or record.tag != node.args[0]:
+                    raise ExtractionError(
+                        "internal: traced module calls do not match the eager calls "
+                        f"({node.args[0]} vs {record.tag if record else None})"
+                    )
+                frame = self._open(record, top, list(node.args[1]))
+                if node.target is OPAQUE:
+                    if root is None:
+                        root = frame
+                    self._skip_calls(record, call_iter)
+                    self._build_opaque(frame)
+                    call = self._close(frame, top)
+                    exit_outputs[node] = (frame, call)
+                else:
+                    enter_outputs[node] = frame
+                    stack.append(frame)
+                    if root is None:
+                        root = frame
+                continue
+            if node.target is EXIT:
+                frame = stack.pop()
+                if frame.record is None or frame.record.tag != node.args[0]:
+                    raise ExtractionError("internal: module exit does not match the open call")
+                self._finish_output(frame, list(node.args[1]))
+                call = self._close(frame, stack[-1])
+                exit_outputs[node] = (frame, call)
+                continue
+            if node.op == "call_function" and node.target is operator.getitem and node.args[0] in enter_outputs:
+                frame = enter_outputs[node.args[0]]
+                frame.env[node] = frame.env[frame.inputs[node.args[1]]]
+                self.owner[node] = frame
+                continue
+            if node.op == "call_function" and node.target is operator.getitem and node.args[0] in exit_outputs:
+                child, call = exit_outputs[node.args[0]]
+                top.env[node] = self._leaf_access(top, child, call, node.args[1], node)
+                self.owner[node] = top
+                continue
+            if top is wrapper:
+                continue  # nothing of the wrapper's own survives
+            self._copy(top, node)
+        if root is None:
+            raise ExtractionError("internal: the model's own call was not captured")
+        return root
+
+    def _skip_calls(self, record: CallRecord, call_iter) -> None:
+        """An opaque call's descendants were recorded eagerly but not traced: skip them."""
+        def count(r: CallRecord) -> int:
+            return sum(1 + count(self.calls[c]) for c in r.children)
+
+        for _ in range(count(record)):
+            next(call_iter)
+
+    # -- frames --------------------------------------------------------------------------------
+    def _open(self, record: CallRecord, parent: Frame, flat_inputs: List[torch.fx.Node]) -> Frame:
+        path = self._path_of(record.module, parent.path if parent.record is not None else "")
+        frame = Frame(
+            record=record,
+            module=record.module,
+            path=path,
+            local_name=self.local_names[record.index] if parent.record is not None else "",
+            parent=parent,
+        )
+        frame.inputs = flat_inputs
+        frame.input_spec = _compat.treespec_dumps(record.input_spec)
+        for child in record.children:
+            frame.names.used.add(self.local_names[child])
+        for name, _ in list(record.module.named_parameters(recurse=False)) + list(record.module.named_buffers(recurse=False)):
+            frame.names.used.add(escape_name(name))
+        tensor_names = [n for n, is_t in zip(record.input_names, record.input_is_tensor) if is_t]
+        for flat, name in zip(flat_inputs, tensor_names):
+            ph = frame.graph.placeholder("_tmp")
+            ph.name = ph.target = frame.names.fresh(escape_name(name))
+            ph.meta["example_value"] = _compat.fake_value(flat)
+            frame.env[flat] = ph
+        return frame
+
+    def _finish_output(self, frame: Frame, flat_outputs: List[torch.fx.Node]) -> None:
+        record = frame.record
+        assert record is not None
+        values = iter([self._local(frame, v) for v in flat_outputs])
+        leaves = [next(values) if is_t else leaf for leaf, is_t in zip(record.output_leaves, record.output_is_tensor)]
+        fakes = iter([_compat.fake_value(v) for v in flat_outputs])
+        fake_leaves = [next(fakes) if is_t else leaf for leaf, is_t in zip(record.output_leaves, record.output_is_tensor)]
+        out = frame.graph.output(self._structure(frame, leaves, record.output_spec))
+        out.meta["example_value"] = pytree.tree_unflatten(fake_leaves, record.output_spec)
+
+    def _structure(self, frame: Frame, leaves: List[Any], spec: Any) -> Any:
+        """The output value built from leaves: plain containers inline, anything else (a
+        ModelOutput) through the registered ``unflatten`` helper."""
+        if _plain_spec(spec):
+            return pytree.tree_unflatten(leaves, spec)
+        from ..functions import tree_build
+
+        node = frame.graph.call_function(tree_build, (_compat.treespec_dumps(spec), list(leaves)))
+        node.name = frame.names.fresh("output_value")
+        return node
+
+    def _close(self, frame: Frame, parent: Frame) -> Optional[torch.fx.Node]:
+        if parent.record is None:
+            return None  # the model's own call: nothing to call it from
+        parent.children.append(frame)
+        args = [self._local(parent, v) for v in frame.inputs] + [self._local(parent, h) for h in frame.hidden]
+        call = parent.graph.call_module(frame.local_name, tuple(args))
+        call.name = frame.local_name  # reserved when the parent frame was opened
+        return call
+
+    def _leaf_access(self, frame: Frame, child: Frame, call: torch.fx.Node, index: int, flat: torch.fx.Node) -> torch.fx.Node:
+        record = child.record
+        assert record is not None
+        tensor_positions = [i for i, is_t in enumerate(record.output_is_tensor) if is_t]
+        leaf_index = tensor_positions[index]
+        dummy = pytree.tree_unflatten(list(range(len(record.output_leaves))), record.output_spec)
+        paths = [p for p, _ in pytree.tree_flatten_with_path(dummy)[0]]
+        value = call
+        for key in paths[leaf_index]:
+            if hasattr(key, "idx"):
+                value = frame.graph.call_function(operator.getitem, (value, key.idx))
+            elif hasattr(key, "key"):
+                value = frame.graph.call_function(operator.getitem, (value, key.key))
+            else:
+                value = frame.graph.call_function(builtins.getattr, (value, key.name))
+            value.name = frame.names.fresh("getitem")
+        value.meta["example_value"] = _compat.fake_value(flat)
+        return value
+
+    def _build_opaque(self, frame: Frame) -> None:
+        """An opaque call's graph: inputs, the module's parameters and buffers as nodes, one
+        call of the original module with them, and the structured output."""
+        from ..functions import run_opaque
+
+        frame.kind = "opaque"
+        record = frame.record
+        assert record is not None
+        module_ref = frame.graph.get_attr("_graphpatch_module")
+        module_ref.name = frame.names.exact("_graphpatch_module")
+        tensors = {}
+        for name, tensor in list(frame.module.named_parameters(remove_duplicate=False)) + list(
+            frame.module.named_buffers(remove_duplicate=False)
+        ):
+            local = escape_name(name.replace(".", "_"))
+            if local in frame.attrs:
+                continue
+            node = frame.graph.get_attr(local)
+            node.name = frame.names.exact(local)
+            node.meta["example_value"] = tensor
+            frame.attrs[local] = f"{frame.path}.{name}" if frame.path else name
+            tensors[name] = node
+        placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"]
+        result = frame.graph.call_function(run_opaque, (module_ref, frame.input_spec, record.input_leaves, placeholders, tensors))
+        result.name = frame.names.fresh("forward_output")
+        frame.graph.output(result)
+
+    # -- values --------------------------------------------------------------------------------
+    def _local(self, frame: Frame, value: Any) -> Any:
+        if not isinstance(value, torch.fx.Node):
+            return value
+        if value in frame.env:
+            return frame.env[value]
+        if value in self.param_ph:
+            return self._attr(frame, value)
+        if value in self.sym_ph:
+            local = self._size_of(frame, value)
+            if local is not None:
+                frame.env[value] = local
+                return local
+        owner = self.owner.get(value)
+        ancestors = []
+        f = frame.parent
+        while f is not None:
+            ancestors.append(f)
+            f = f.parent
+        if owner is not None and owner not in ancestors and value not in self.sym_ph:
+            raise ExtractionError(
+                f"value {value.name!r} used in module {frame.path!r} escapes the module call that "
+                "computed it without being returned",
+                module_path=frame.path,
+            )
+        return self._hidden(frame, value)
+
+    def _attr(self, frame: Frame, value: torch.fx.Node) -> torch.fx.Node:
+        names = self.param_ph[value]
+        prefix = frame.path + "." if frame.path else ""
+        inside = [n for n in names if n.startswith(prefix)] if prefix else list(names)
+        if not inside:
+            if frame.parent is None or frame.parent.record is None:
+                raise ExtractionError(f"internal: tensor {names[0]} has no owner")
+            return self._hidden(frame, value)
+        rel = inside[0][len(prefix):]
+        local = escape_name(rel.replace(".", "_"))
+        if local not in frame.attr_nodes:
+            first = next((n for n in frame.graph.nodes if n.op not in ("placeholder", "get_attr")), None)
+            ctx = frame.graph.inserting_before(first) if first is not None else _nullcontext()
+            with ctx:
+                node = frame.graph.get_attr(local)
+            node.name = local if "." not in rel else frame.names.fresh(local)
+            frame.names.used.add(node.name)
+            node.target = local
+            node.meta["example_value"] = _compat.fake_value(value)
+            frame.attr_nodes[local] = node
+            frame.attrs[local] = inside[0]
+        frame.env[value] = frame.attr_nodes[local]
+        return frame.attr_nodes[local]
+
+    def _hidden(self, frame: Frame, value: torch.fx.Node) -> torch.fx.Node:
+        first = next((n for n in frame.graph.nodes if n.op != "placeholder"), None)
+        ctx = frame.graph.inserting_before(first) if first is not None else _nullcontext()
+        with ctx:
+            ph = frame.graph.placeholder("_tmp")
+        ph.name = ph.target = frame.names.fresh(escape_name(_base_name(value)))
+        ph.meta["example_value"] = _compat.fake_value(value)
+        frame.hidden.append(value)
+        frame.env[value] = ph
+        return ph
+
+    def _size_of(self, frame: Frame, value: torch.fx.Node) -> Optional[torch.fx.Node]:
+        """Recompute a symbolic size from one of the frame's own tensor inputs."""
+        sym = self.sym_ph[value]
+        expr = getattr(getattr(sym, "node", None), "expr", None)
+        if expr is None:
+            return None
+        for ph in [n for n in frame.graph.nodes if n.op == "placeholder"]:
+            fake = ph.meta.get("example_value")
+            if not isinstance(fake, torch.Tensor):
+                continue
+            for dim, size in enumerate(fake.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == expr:
+                    heads = [n for n in frame.graph.nodes if n.op in ("placeholder", "get_attr")
+                             or (n.op == "call_method" and n.target == "size" and n.meta.get("graphpatch_size"))]
+                    ctx = frame.graph.inserting_after(heads[-1]) if heads else _nullcontext()
+                    with ctx:
+                        node = frame.graph.call_method("size", (ph, dim))
+                    node.name = frame.names.fresh("size")
+                    node.meta["example_value"] = sym
+                    node.meta["graphpatch_size"] = True
+                    return node
+        return None
+
+    def _copy(self, frame: Frame, node: torch.fx.Node) -> None:
+        args = torch.fx.node.map_arg(node.args, lambda v: self._local(frame, v))
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda v: self._local(frame, v))
+        new = frame.graph.create_node(node.op, node.target, args, kwargs)
+        new.name = frame.names.fresh(_base_name(node))
+        new.meta = {k: node.meta[k] for k in ("example_value", "stack_trace") if k in node.meta}
+        frame.env[node] = new
+        self.owner[node] = frame
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _base_name(node: torch.fx.Node) -> str:
+    name = node.name
+    match = _SUFFIX.match(name)
+    base = match.group(1) if match else name
+    if base.startswith("l_") and base.endswith("_"):
+        base = base[2:-1]
+    return base or "value"
+
+
+def _plain_spec(spec: Any) -> bool:
+    if spec.is_leaf():
+        return True
+    if spec.type not in (tuple, list, dict):
+        return False
+    return all(_plain_spec(spec.child(i)) for i in range(spec.num_children))
+
+
+def split(model: torch.nn.Module, cap: Capture) -> Frame:
+    """Rebuild the per-call graphs; returns the frame of the model's own call."""
+    return Splitter(model, cap).run()

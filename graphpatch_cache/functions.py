@@ -1,0 +1,72 @@
+"""Functions that extracted graphs call besides torch's own operators.
+
+They are registered in the call-target allowlist (:mod:`graphpatch_cache.targets`) under
+stable names, so artifacts can refer to them as data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from . import _compat
+from .targets import register_target
+
+
+@register_target
+def tree_build(spec: str, leaves: List[Any]) -> Any:
+    """Rebuild a structured value (a ``ModelOutput``, a namedtuple...) from its leaves.
+
+    ``spec`` is a serialized pytree spec; only classes registered with pytree under a
+    serialized name can appear in it, so nothing else is ever constructed.
+    """
+    return _compat.tree_unflatten(list(leaves), _spec(spec))
+
+
+_SPECS: Dict[str, Any] = {}
+
+
+def _spec(text: str) -> Any:
+    spec = _SPECS.get(text)
+    if spec is None:
+        spec = _SPECS[text] = _compat.treespec_loads(text)
+    return spec
+
+
+class ModuleRef:
+    """Holds the live module an opaque graph calls, without registering it as a child."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __repr__(self) -> str:
+        return f"ModuleRef({type(self.module).__name__})"
+
+
+@register_target
+def run_opaque(
+    ref: ModuleRef, input_spec: str, constants: List[Any], tensors: List[Any], params: Dict[str, Any]
+) -> Any:
+    """Call an opaque module with (possibly patched) inputs and parameters.
+
+    ``constants`` holds the non-tensor leaves of the ``(args, kwargs)`` the graph was extracted
+    with (``None`` where a tensor goes); ``tensors`` the tensor leaves in order. Parameters and
+    buffers that differ from the module's own (because a patch replaced them) are substituted
+    for this call only, through :func:`torch.func.functional_call`.
+    """
+    module = ref.module
+    it = iter(tensors)
+    leaves = [next(it) if c is None else c for c in constants]
+    args, kwargs = _compat.tree_unflatten(leaves, _spec(input_spec))
+    own = dict(module.named_parameters(remove_duplicate=False))
+    own.update(module.named_buffers(remove_duplicate=False))
+    changed = {name: value for name, value in params.items() if own.get(name) is not value}
+    if not changed:
+        return module(*args, **kwargs)
+    return torch.func.functional_call(module, changed, tuple(args), dict(kwargs), strict=False)
+
+
+__all__ = ["ModuleRef", "run_opaque", "tree_build"]

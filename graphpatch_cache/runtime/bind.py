@@ -1,0 +1,151 @@
+"""Binding: artifact + live model -> a tree of ``torch.fx.GraphModule``.
+
+Every graph is rebuilt from node data; every call target goes through the allowlist in
+:mod:`graphpatch_cache.targets`; every ``get_attr`` binds the live model's own tensor object
+(no copy). Nothing in the artifact is executed as text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.fx
+
+from ..artifact import GraphArtifact, ModuleGraph, decode_value
+from ..errors import ModelStructureError, SerializationError
+from ..functions import ModuleRef
+from ..targets import check_method, resolve_target
+
+MODULE_REF_ATTR = "_graphpatch_module"
+
+
+class ModuleGraphModule(torch.fx.GraphModule):
+    """A GraphModule for one module call; keeps its artifact data for node-path look-ups."""
+
+    _graphpatch_data: ModuleGraph
+    _graphpatch_node_path: str
+
+
+def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    for tensor in module.buffers():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return fallback
+
+
+def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> Any:
+    module_path, _, name = qualified.rpartition(".")
+    try:
+        owner = model.get_submodule(module_path) if module_path else model
+    except AttributeError as exc:
+        raise ModelStructureError(
+            f"graph {node_path!r} binds {qualified!r}, but the model has no module {module_path!r}",
+            node_path=node_path,
+            hint="this artifact was extracted from a differently structured model",
+        ) from exc
+    if not hasattr(owner, name):
+        raise ModelStructureError(
+            f"graph {node_path!r} binds {qualified!r}, but {type(owner).__name__} has no attribute {name!r}",
+            node_path=node_path,
+            hint="this artifact was extracted from a differently structured model",
+        )
+    return getattr(owner, name)
+
+
+def bind_graph(
+    data: ModuleGraph,
+    model: torch.nn.Module,
+    node_path: str = "",
+    device: Optional[torch.device] = None,
+) -> ModuleGraphModule:
+    """Rebuild one module graph (and its children) bound to ``model``'s tensors.
+
+    :raises DisallowedTargetError: a node calls something outside the allowlist.
+    :raises ModelStructureError: a module or tensor the graph binds is missing or differs.
+    """
+    try:
+        module = model.get_submodule(data.module_path) if data.module_path else model
+    except AttributeError as exc:
+        raise ModelStructureError(
+            f"graph {node_path or '<root>'!r} belongs to module {data.module_path!r}, which this model lacks",
+            node_path=node_path,
+            hint="this artifact was extracted from a differently structured model",
+        ) from exc
+    expected = data.module_class
+    actual = f"{type(module).__module__}.{type(module).__qualname__}"
+    if expected != actual:
+        raise ModelStructureError(
+            f"graph {node_path or '<root>'!r} was extracted from a {expected}, but module "
+            f"{data.module_path or '<root>'!r} is a {actual}",
+            node_path=node_path,
+            hint="this artifact was extracted from a differently structured model",
+        )
+    device = _module_device(module, device)
+
+    def map_device(d: torch.device) -> torch.device:
+        return device if d.type == "meta" and device is not None else d
+
+    children = {
+        child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device)
+        for child in data.children
+    }
+    attrs: Dict[str, Any] = dict(children)
+    for local, qualified in data.attributes.items():
+        attrs[local] = _lookup_tensor(model, qualified, node_path)
+        # A parameter must bind by identity (a buffer may be a plain tensor attribute).
+    graph = torch.fx.Graph()
+    env: Dict[str, torch.fx.Node] = {}
+    for nd in data.nodes:
+        where = f"{node_path}.{nd.name}" if node_path else nd.name
+
+        def lookup(name: str) -> torch.fx.Node:
+            if name not in env:
+                raise SerializationError(f"node {where!r} refers to unknown node {name!r}", node_path=where)
+            return env[name]
+
+        def resolve(name: str) -> Any:
+            return resolve_target(name, node_path=where)
+
+        args = decode_value(nd.args, lookup, resolve, map_device)
+        kwargs = decode_value(nd.kwargs, lookup, resolve, map_device)
+        if nd.op == "call_function":
+            target: Any = resolve_target(nd.target, node_path=where)
+            if target is getattr and len(args) > 1 and isinstance(args[1], str) and args[1].startswith("_"):
+                raise SerializationError(f"node {where!r} reads private attribute {args[1]!r}", node_path=where)
+        elif nd.op == "call_method":
+            target = check_method(nd.target, node_path=where)
+        elif nd.op == "call_module":
+            if nd.target not in children:
+                raise SerializationError(f"node {where!r} calls unknown child graph {nd.target!r}", node_path=where)
+            target = nd.target
+        elif nd.op == "get_attr":
+            if nd.target == MODULE_REF_ATTR:
+                attrs[MODULE_REF_ATTR] = ModuleRef(module)
+            elif nd.target not in data.attributes:
+                raise SerializationError(f"node {where!r} reads undeclared attribute {nd.target!r}", node_path=where)
+            target = nd.target
+        elif nd.op in ("placeholder", "output"):
+            target = nd.target
+        else:
+            raise SerializationError(f"node {where!r} has unknown op {nd.op!r}", node_path=where)
+        node = graph.create_node(nd.op, target, tuple(args), dict(kwargs), name=nd.name)
+        if node.name != nd.name:
+            raise SerializationError(f"node name {nd.name!r} is not valid in graph {node_path!r}", node_path=where)
+        node.meta["graphpatch"] = nd.meta
+        env[nd.name] = node
+    gm = ModuleGraphModule(attrs, graph, class_name=type(module).__name__)
+    gm._graphpatch_data = data
+    gm._graphpatch_node_path = node_path
+    return gm
+
+
+def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
+    """Rebuild the artifact's root graph bound to ``model``."""
+    return bind_graph(artifact.root, model)
+
+
+__all__ = ["MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph"]

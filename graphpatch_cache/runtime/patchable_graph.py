@@ -1,0 +1,232 @@
+"""PatchableGraph: the user-facing object. ``bind(extract(model, inputs), model)`` plus patching.
+
+Call map::
+
+    PatchableGraph(model, *inputs)      -> extract -> Variant(bind(artifact, model))
+    pg(*args, **kwargs)                 -> canonical inputs -> matching variant (or extract one)
+                                           -> root GraphModule(*tensor leaves)
+    with pg.patch({path: patches}):     -> validate all -> PatchInstaller.apply per variant
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _compat
+from ..artifact import GraphArtifact
+from ..errors import SignatureMismatchError
+from ..options import ExtractionOptions
+from ..patches import Patch
+from ..signature import SignatureMatcher, canonical_inputs, signature_key
+from .bind import ModuleGraphModule, bind
+from .node_path import NodePath
+from .patching import PatchInstaller, SlotKey
+
+#: ``(model, args, kwargs, options) -> GraphArtifact``; the cache plugs in a memoized one.
+Extractor = Callable[[torch.nn.Module, tuple, dict, ExtractionOptions], GraphArtifact]
+
+
+def default_extractor(model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions) -> GraphArtifact:
+    from ..extraction import extract
+
+    return extract(model, args, kwargs, options)
+
+
+@dataclass
+class Variant:
+    """The graphs of one call signature, bound to the model."""
+
+    artifact: GraphArtifact
+    root: ModuleGraphModule
+    matcher: SignatureMatcher
+    installer: PatchInstaller
+    key: str
+
+
+class PatchableGraph(torch.nn.Module):
+    """Wrap ``module`` so any intermediate value can be recorded or replaced by node path.
+
+    ``PatchableGraph(model, *example_args, **example_kwargs)`` extracts the graphs for that
+    call; ``PatchableGraph(options, model, ...)`` is not the form: pass an
+    :class:`ExtractionOptions` as the *first example argument* instead:
+    ``PatchableGraph(model, ExtractionOptions(...), input_ids)``.
+    """
+
+    def __init__(self, module: torch.nn.Module, *example_args: Any, **example_kwargs: Any) -> None:
+        options, args = _split_options(example_args)
+        super().__init__()
+        self._setup(module, options, default_extractor)
+        self._add_variant(self._extract(args, example_kwargs))
+
+    # -- construction -------------------------------------------------------------------------
+    def _setup(self, module: torch.nn.Module, options: ExtractionOptions, extractor: Extractor) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"PatchableGraph wraps a torch.nn.Module, got {type(module).__name__}")
+        object.__setattr__(self, "_model", module)
+        self._options = options
+        self._extractor = extractor
+        self._graphs = torch.nn.ModuleDict()
+        self._variants: List[Variant] = []
+        self._patch_stack: List[List[Tuple[SlotKey, List[Patch]]]] = []
+        self._forward_signature = inspect.signature(module.forward)
+
+    @classmethod
+    def from_artifact(
+        cls,
+        module: torch.nn.Module,
+        artifact: GraphArtifact,
+        *,
+        options: Optional[ExtractionOptions] = None,
+        extractor: Optional[Extractor] = None,
+    ) -> "PatchableGraph":
+        """Bind an existing artifact to ``module`` (no extraction)."""
+        pg = cls.__new__(cls)
+        torch.nn.Module.__init__(pg)
+        pg._setup(module, options or ExtractionOptions(), extractor or default_extractor)
+        pg._add_variant(artifact)
+        return pg
+
+    def _extract(self, args: tuple, kwargs: dict) -> GraphArtifact:
+        return self._extractor(self._model, tuple(args), dict(kwargs), self._options)
+
+    def _add_variant(self, artifact: GraphArtifact) -> Variant:
+        root = bind(artifact, self._model)
+        if self._options.postprocessing_function is not None:
+            self._options.postprocessing_function(root)
+        key = signature_key(artifact.signature)
+        variant = Variant(artifact, root, SignatureMatcher(artifact.signature), PatchInstaller(root), key)
+        self._graphs[f"v_{key}"] = root
+        self._variants.append(variant)
+        if self._patch_stack:
+            variant.installer.apply(self._active_patches())
+        return variant
+
+    # -- public attributes -----------------------------------------------------------------------
+    @property
+    def graph(self) -> NodePath:
+        """The root :class:`NodePath` (of the graphs extracted for the example inputs)."""
+        variant = self._variants[0]
+        cached = variant.__dict__.get("_node_path")
+        if cached is None:
+            cached = variant.__dict__["_node_path"] = NodePath.from_graph(variant.artifact.root)
+        return cached
+
+    @property
+    def artifact(self) -> GraphArtifact:
+        """The artifact of the example inputs' signature."""
+        return self._variants[0].artifact
+
+    @property
+    def variants(self) -> List[GraphArtifact]:
+        """One artifact per call signature seen so far (the first is the example's)."""
+        return [v.artifact for v in self._variants]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    # -- calling -----------------------------------------------------------------------------------
+    def _canonical(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+        return canonical_inputs(self._model, args, kwargs)
+
+    def _variant_for(self, inputs: Tuple[tuple, dict], leaves: List[Any], spec: Any) -> Variant:
+        for variant in self._variants:
+            if variant.matcher.fits(leaves, spec):
+                return variant
+        reason = self._variants[0].matcher.mismatch(inputs)
+        try:
+            artifact = self._extract(inputs[0], inputs[1])
+        except Exception as exc:
+            raise SignatureMismatchError(
+                f"this call does not match the graphs extracted so far ({reason}), and extracting a "
+                f"graph for it failed: {exc}",
+                hint="call with inputs like the example inputs, or build a PatchableGraph from "
+                "example inputs of this form",
+            ) from exc
+        variant = self._add_variant(artifact)
+        if not variant.matcher.fits(leaves, spec):  # pragma: no cover - defensive
+            raise SignatureMismatchError(f"extracted a graph for this call, but it does not fit: {reason}")
+        return variant
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self._canonical(args, kwargs)
+        leaves, spec = _compat.tree_flatten(inputs)
+        variant = self._variant_for(inputs, leaves, spec)
+        return variant.root(*[x for x in leaves if isinstance(x, torch.Tensor)])
+
+    # -- patching ------------------------------------------------------------------------------------
+    def _active_patches(self) -> Dict[SlotKey, List[Patch]]:
+        active: Dict[SlotKey, List[Patch]] = {}
+        for entries in self._patch_stack:
+            for key, patches in entries:
+                active.setdefault(key, []).extend(patches)
+        return active
+
+    def _sync(self) -> None:
+        active = self._active_patches()
+        for variant in self._variants:
+            variant.installer.apply(active)
+
+    def _validate(self, patch_map: Any) -> List[Tuple[SlotKey, List[Patch]]]:
+        if not isinstance(patch_map, Mapping):
+            raise TypeError(
+                f"pg.patch() takes a dict {{node path: patch or list of patches}}, got {type(patch_map).__name__}"
+            )
+        entries = []
+        for key, value in patch_map.items():
+            if not isinstance(key, (str, NodePath)):
+                raise TypeError(f"patch keys are node paths (str or NodePath), got {type(key).__name__}: {key!r}")
+            path = str(key)
+            if isinstance(value, Patch):
+                patches = [value]
+            elif isinstance(value, (list, tuple)):
+                patches = list(value)
+            else:
+                raise TypeError(
+                    f"the value for {path!r} must be a Patch or a list of Patches, got {type(value).__name__}"
+                )
+            for p in patches:
+                if not isinstance(p, Patch):
+                    raise TypeError(f"the value for {path!r} holds {type(p).__name__} {p!r:.60}, which is not a Patch")
+            slot_key = self.graph._np_resolve_value(path)
+            entries.append((slot_key, patches))
+        return entries
+
+    @contextlib.contextmanager
+    def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch, Sequence[Patch]]]) -> Iterator["PatchableGraph"]:
+        """Apply patches inside a ``with`` block; nested blocks compose, outer first.
+
+        :raises TypeError: ``patch_map`` is not a dict, or holds something that is not a Patch.
+        :raises NodePathError: a path does not exist (the error lists close matches).
+        :raises NotAValueError: a path names a module graph rather than a value.
+        """
+        entries = self._validate(patch_map)
+        self._patch_stack.append(entries)
+        try:
+            self._sync()
+        except BaseException:
+            self._patch_stack.pop()
+            self._sync()
+            raise
+        try:
+            yield self
+        finally:
+            self._patch_stack.remove(entries)
+            self._sync()
+
+    def __repr__(self) -> str:
+        return f"PatchableGraph({type(self._model).__name__}, variants={len(self._variants)})"
+
+
+def _split_options(example_args: tuple) -> Tuple[ExtractionOptions, tuple]:
+    if example_args and isinstance(example_args[0], ExtractionOptions):
+        return example_args[0], tuple(example_args[1:])
+    return ExtractionOptions(), tuple(example_args)
+
+
+__all__ = ["PatchableGraph", "Variant", "default_extractor"]

@@ -1,0 +1,169 @@
+"""Applying patches: a patched node gets one extra ``call_module`` node after it.
+
+Unpatched graphs carry no patch machinery at all (their code is exactly the extracted
+graph). Entering a patch context inserts a :class:`PatchSlot` after each patched node of the
+affected module graphs and regenerates only those modules' code; leaving removes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.fx
+
+from ..errors import NodePathError, PatchError
+from ..patches import Patch
+from .bind import ModuleGraphModule
+
+SlotKey = Tuple[str, str, Tuple[Any, ...]]  # (graph path, node name, sub-path keys)
+_SLOT_PREFIX = "_graphpatch_slot_"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _get_part(value: Any, key: Any, node_path: str) -> Any:
+    try:
+        return value[key]
+    except (KeyError, IndexError, TypeError) as exc:
+        keys = list(value.keys()) if hasattr(value, "keys") else (
+            [f"sub_{i}" for i in range(len(value))] if isinstance(value, (tuple, list)) else []
+        )
+        raise PatchError(
+            f"node {node_path!r}: {_describe(value)} has no part {key!r}; parts: {keys}",
+            node_path=node_path,
+        ) from exc
+
+
+def _set_part(value: Any, key: Any, part: Any) -> Any:
+    if isinstance(value, tuple):
+        items = list(value)
+        items[key] = part
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        items = list(value)
+        items[key] = part
+        return items
+    if type(value) is dict:
+        out = dict(value)
+        out[key] = part
+        return out
+    value[key] = part  # ModelOutput and other mappings created by this forward pass
+    return value
+
+
+def apply_patches(value: Any, patches: Sequence[Patch], keys: Tuple[Any, ...], node_path: str) -> Any:
+    """Run ``patches`` in order on ``value`` (or on the part at ``keys``)."""
+    if keys:
+        part = _get_part(value, keys[0], node_path)
+        return _set_part(value, keys[0], apply_patches(part, patches, keys[1:], node_path))
+    for patch in patches:
+        try:
+            value = patch(value)
+        except PatchError:
+            raise
+        except (IndexError, RuntimeError, ValueError, TypeError) as exc:
+            where = getattr(patch, "slice", None)
+            raise PatchError(
+                f"{type(patch).__name__} at node {node_path!r} failed on {_describe(value)}"
+                + (f" with slice {where!r}" if where is not None else "")
+                + f": {exc}",
+                node_path=node_path,
+                hint="check the slice against the node's shape (pg.graph[path]._shape)",
+            ) from exc
+    return value
+
+
+def _is_slot(node: torch.fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(_SLOT_PREFIX)
+
+
+class PatchSlot(torch.nn.Module):
+    """The extra node that applies a patch list to one value."""
+
+    def __init__(self, node_path: str, keys: Tuple[Any, ...]) -> None:
+        super().__init__()
+        self.node_path = node_path
+        self.keys = keys
+        self.patches: List[Patch] = []
+
+    def forward(self, value: Any) -> Any:
+        return apply_patches(value, self.patches, self.keys, self.node_path)
+
+
+class PatchInstaller:
+    """Keeps the slots of one bound graph tree in line with the active patches."""
+
+    def __init__(self, root: ModuleGraphModule) -> None:
+        self.modules: Dict[str, ModuleGraphModule] = {}
+
+        def walk(gm: ModuleGraphModule, path: str) -> None:
+            self.modules[path] = gm
+            for name, child in gm.named_children():
+                if isinstance(child, ModuleGraphModule):
+                    walk(child, f"{path}.{name}" if path else name)
+
+        walk(root, "")
+        self.slots: Dict[SlotKey, Tuple[PatchSlot, torch.fx.Node]] = {}
+        self._counter = 0
+
+    def check(self, key: SlotKey) -> None:
+        graph_path, node_name, _ = key
+        gm = self.modules.get(graph_path)
+        if gm is None or not any(n.name == node_name for n in gm.graph.nodes):
+            path = f"{graph_path}.{node_name}" if graph_path else node_name
+            raise NodePathError(f"no node at path {path!r} in this graph variant", node_path=path)
+
+    def apply(self, active: Dict[SlotKey, List[Patch]]) -> None:
+        touched = set()
+        for key in [k for k in self.slots if k not in active]:
+            slot, node = self.slots.pop(key)
+            gm = self.modules[key[0]]
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            delattr(gm, node.target)
+            touched.add(key[0])
+        for key, patches in active.items():
+            if key not in self.slots:
+                self.check(key)
+                self._insert(key)
+                touched.add(key[0])
+            self.slots[key][0].patches = list(patches)
+        for graph_path in touched:
+            self.modules[graph_path].recompile()
+
+    def _insert(self, key: SlotKey) -> None:
+        graph_path, node_name, keys = key
+        gm = self.modules[graph_path]
+        target = next(n for n in gm.graph.nodes if n.name == node_name)
+        node_path = f"{graph_path}.{node_name}" if graph_path else node_name
+        slot = PatchSlot(node_path, keys)
+        self._counter += 1
+        attr = f"{_SLOT_PREFIX}{self._counter}"
+        gm.add_module(attr, slot)
+        graph = gm.graph
+        if target.op == "output":
+            with graph.inserting_before(target):
+                node = graph.call_module(attr, (target.args[0],))
+            target.args = (node,)
+        else:
+            current = target  # end of the chain of slots already attached to this node
+            while True:
+                nxt = next((u for u in current.users if _is_slot(u) and u.args[0] is current), None)
+                if nxt is None:
+                    break
+                current = nxt
+            anchor = current
+            if current.op == "placeholder":
+                anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+            with graph.inserting_after(anchor):
+                node = graph.call_module(attr, (current,))
+            current.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+        self.slots[key] = (slot, node)
+
+
+__all__ = ["PatchInstaller", "PatchSlot", "apply_patches"]

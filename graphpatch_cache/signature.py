@@ -1,0 +1,167 @@
+"""Call signatures: what about a call's inputs a graph was extracted for.
+
+Dynamo drops its guards with the graph, so we keep our own. A signature records the
+structure of the canonical ``(args, kwargs)`` (which keyword arguments were given, which were
+None), and per leaf either the tensor's dtype, rank, device type and which dimensions are
+fixed, or the exact value of a Python constant. Dimensions traced symbolically accept any
+size except that a size of 1 (which dynamo specializes) forms its own signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from . import _compat
+from .artifact import encode_value
+
+
+def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """Bind a call to ``module.forward``'s signature: positional arguments that have names
+    become keywords (in signature order), so ``m(x)`` and ``m(input=x)`` look the same."""
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{type(module).__name__}.forward() does not accept these inputs: {exc}") from exc
+    out_args: tuple = ()
+    out_kwargs: Dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out_args = tuple(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out_kwargs.update(value)
+        elif kind is inspect.Parameter.POSITIONAL_ONLY:
+            out_args = out_args + (value,)
+        else:
+            out_kwargs[name] = value
+    return out_args, out_kwargs
+
+
+def _const(value: Any) -> Any:
+    try:
+        return encode_value(value, lambda v: None, lambda f: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}")
+    except Exception:
+        return {"repr": f"{type(value).__module__}.{type(value).__qualname__}"}
+
+
+def call_signature(inputs: Tuple[tuple, dict], dynamic_dims: Optional[List[Optional[List[bool]]]] = None) -> Dict[str, Any]:
+    """The signature of canonical inputs. ``dynamic_dims[i][d]`` says whether dim ``d`` of
+    tensor leaf ``i`` was traced symbolically (default: all dims dynamic)."""
+    leaves, spec = _compat.tree_flatten(inputs)
+    out: List[Dict[str, Any]] = []
+    t = 0
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            dyn = dynamic_dims[t] if dynamic_dims is not None and t < len(dynamic_dims) else None
+            t += 1
+            dims = []
+            for d, size in enumerate(leaf.shape):
+                is_dyn = True if dyn is None else dyn[d]
+                dims.append("dyn" if is_dyn and size > 1 else int(size))
+            out.append(
+                {
+                    "kind": "tensor",
+                    "dtype": str(leaf.dtype).removeprefix("torch."),
+                    "device": leaf.device.type,
+                    "dims": dims,
+                }
+            )
+        else:
+            out.append({"kind": "const", "value": _const(leaf)})
+    return {"spec": _compat.treespec_dumps(spec), "leaves": out}
+
+
+def signature_key(signature: Dict[str, Any]) -> str:
+    """A short stable digest of a signature (for dictionaries and cache keys)."""
+    text = json.dumps(signature, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def concrete_signature(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
+    """The signature of an actual call: every dimension concrete."""
+    leaves, _ = _compat.tree_flatten(inputs)
+    n = sum(isinstance(x, torch.Tensor) for x in leaves)
+    return call_signature(inputs, [[False] * x.dim() for x in leaves if isinstance(x, torch.Tensor)][:n])
+
+
+def _leaf_fits(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
+    if want["kind"] != got["kind"]:
+        return False
+    if want["kind"] == "const":
+        return want["value"] == got["value"]
+    if want["dtype"] != got["dtype"] or want["device"] != got["device"] or len(want["dims"]) != len(got["dims"]):
+        return False
+    for w, g in zip(want["dims"], got["dims"]):
+        if w == "dyn":
+            if g < 2:  # dynamo specializes sizes 0 and 1
+                return False
+        elif w != g:
+            return False
+    return True
+
+
+def matches(signature: Dict[str, Any], concrete: Dict[str, Any]) -> bool:
+    """Whether a call with :func:`concrete_signature` ``concrete`` fits ``signature``."""
+    if signature["spec"] != concrete["spec"] or len(signature["leaves"]) != len(concrete["leaves"]):
+        return False
+    return all(_leaf_fits(w, g) for w, g in zip(signature["leaves"], concrete["leaves"]))
+
+
+def describe_mismatch(signature: Dict[str, Any], candidate: Dict[str, Any], names: List[str]) -> str:
+    """A sentence naming the first input that differs."""
+    if signature["spec"] != candidate["spec"]:
+        return "the set of arguments (or their nesting) differs from the extraction call"
+    for i, (want, got) in enumerate(zip(signature["leaves"], candidate["leaves"])):
+        name = names[i] if i < len(names) else f"input #{i}"
+        if not _leaf_fits(want, got):
+            return f"input {name!r}: extracted for {want}, called with {got}"
+    return "inputs differ"
+
+
+def input_names(inputs: Tuple[tuple, dict]) -> List[str]:
+    """Readable names of the leaves of canonical inputs (``attention_mask``, ``args[0]``)."""
+    out = []
+    for path, _ in _compat.tree_flatten_with_path(inputs)[0]:
+        keys = [getattr(k, "idx", getattr(k, "key", getattr(k, "name", k))) for k in path]
+        head = f"args[{keys[1]}]" if keys[0] == 0 else str(keys[1])
+        out.append(head + "".join(f"[{k!r}]" for k in keys[2:]))
+    return out
+
+
+class SignatureMatcher:
+    """Fast per-call check of flat inputs against one extracted signature."""
+
+    def __init__(self, signature: Dict[str, Any]) -> None:
+        self.signature = signature
+        self.spec = _compat.treespec_loads(signature["spec"])
+        self.leaves = signature["leaves"]
+
+    def fits(self, leaves: List[Any], spec: Any) -> bool:
+        if spec != self.spec or len(leaves) != len(self.leaves):
+            return False
+        for want, leaf in zip(self.leaves, leaves):
+            if want["kind"] == "tensor":
+                if not isinstance(leaf, torch.Tensor):
+                    return False
+                if str(leaf.dtype)[6:] != want["dtype"] or leaf.device.type != want["device"]:
+                    return False
+                dims = want["dims"]
+                if leaf.dim() != len(dims):
+                    return False
+                for w, size in zip(dims, leaf.shape):
+                    if (w == "dyn" and size < 2) or (w != "dyn" and w != size):
+                        return False
+            else:
+                if isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
+                    return False
+        return True
+
+    def mismatch(self, inputs: Tuple[tuple, dict]) -> str:
+        """A sentence naming the first input that differs from the extraction call."""
+        return describe_mismatch(self.signature, concrete_signature(inputs), input_names(inputs))
