@@ -1,0 +1,50 @@
+"""Shared tiny-model fixtures. Every model has random weights from a fixed seed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_gpt2(n_layer: int = 2, attn: str = "sdpa", seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=128, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = attn
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(attn: str = "sdpa", seed: int = 0, n_layer: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).eval()
+
+
+def token_inputs(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1, mask: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g), "use_cache": False}
+    if mask:
+        inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+    return inputs
+
+
+@pytest.fixture(scope="session")
+def gpt2_18():
+    """GPT-2 with 18 layers (so the seed path transformer.h_17 exists), and its PatchableGraph."""
+    from graphpatch_cache import PatchableGraph
+
+    model = tiny_gpt2(n_layer=18)
+    inputs = token_inputs()
+    return model, inputs, PatchableGraph(model, **inputs)
