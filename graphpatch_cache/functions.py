@@ -34,6 +34,20 @@ def _spec(text: str) -> Any:
     return spec
 
 
+@register_target
+def set_grad_enabled(mode: bool) -> bool:
+    """Switch grad mode; returns the previous mode (for :func:`restore_grad_enabled`)."""
+    previous = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(mode)
+    return previous
+
+
+@register_target
+def restore_grad_enabled(previous: bool) -> None:
+    """Restore the grad mode that :func:`set_grad_enabled` replaced."""
+    torch._C._set_grad_enabled(previous)
+
+
 class ModuleRef:
     """Holds the live module an opaque graph calls, without registering it as a child."""
 
@@ -69,4 +83,4 @@ def run_opaque(
     return torch.func.functional_call(module, changed, tuple(args), dict(kwargs), strict=False)
 
 
-__all__ = ["ModuleRef", "run_opaque", "tree_build"]
+__all__ = ["ModuleRef", "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]

@@ -12,13 +12,14 @@ Call map::
 from __future__ import annotations
 
 import platform
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION, GraphArtifact
-from ..errors import UnusedSubmoduleError
+from ..errors import SerializationError, UnusedSubmoduleError
 from ..options import ExtractionOptions
 from ..signature import call_signature, canonical_inputs
 from .capture import capture
@@ -99,9 +100,27 @@ def extract(
     """
     options = options or ExtractionOptions()
     inputs = canonical_inputs(model, tuple(args), dict(kwargs or {}))
-    cap = capture(model, inputs[0], inputs[1], options)
-    _check_unused(model, {id(c.module) for c in cap.recorder.calls}, options)
-    root = split(model, cap)
+    opaque: set = set()
+    failures: Dict[str, str] = {}
+    while True:
+        cap = capture(model, inputs[0], inputs[1], options, opaque, failures)
+        _check_unused(model, {id(c.module) for c in cap.recorder.calls}, options)
+        root = split(model, cap, options.custom_extraction_functions)
+        try:
+            data = frame_to_data(root)
+            break
+        except SerializationError as exc:
+            module = getattr(exc, "module", None)
+            if module is None or id(module) in cap.opaque or options.error_on_compilation_failure:
+                raise
+            opaque = set(cap.opaque) | {id(module)}
+            failures = dict(cap.failures)
+            failures[getattr(exc, "module_path", "?")] = exc.message.splitlines()[0]
+            if options.warn_on_compilation_failure:
+                warnings.warn(
+                    f"graphpatch_cache: module {getattr(exc, 'module_path', '?')!r} stays opaque: {exc.message}",
+                    stacklevel=2,
+                )
     if root.hidden:
         from ..errors import ExtractionError
 
@@ -116,14 +135,14 @@ def extract(
     return GraphArtifact(
         schema_version=SCHEMA_VERSION,
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
-        root=frame_to_data(root),
+        root=data,
         signature=signature,
         input_spec=_compat.treespec_dumps(spec),
         extraction={
             "options": options.fingerprint(),
             "devices": devices,
             "training": bool(model.training),
-            "opaque": dict(sorted(cap.failures.items())),
+            "opaque": dict(sorted(failures.items() | cap.failures.items())),
         },
         versions=environment_versions(),
     )

@@ -77,18 +77,27 @@ def _culprit_modules(exc: BaseException, model: torch.nn.Module, opaque: Set[int
 
 
 def capture(
-    model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    options: ExtractionOptions,
+    opaque: Optional[Set[int]] = None,
+    failures: Optional[Dict[str, str]] = None,
 ) -> Capture:
     """Trace ``model(*args, **kwargs)`` into one flat fx graph with module-call markers.
 
     :raises ExtractionError: when tracing fails and no module can be made opaque, or when
         ``options.error_on_compilation_failure`` is set.
     """
-    opaque: Set[int] = set()
-    failures: Dict[str, str] = {}
+    opaque = set(opaque or ())
+    failures = dict(failures or {})
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=True)}
     for module in model.modules():
-        if options.skip_compilation or isinstance(module, options.classes_to_skip_compiling):
+        if (
+            options.skip_compilation
+            or isinstance(module, options.classes_to_skip_compiling)
+            or type(module) in options.custom_extraction_functions
+        ):
             opaque.add(id(module))
     root = _CaptureRoot(model)
     for attempt in range(64):

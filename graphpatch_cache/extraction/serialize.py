@@ -42,6 +42,14 @@ def _source(node: torch.fx.Node) -> str:
     return lines[-1] if lines else ""
 
 
+def _located(frame: Frame, exc: SerializationError) -> SerializationError:
+    """Attach the module whose graph holds the offending node (extraction falls back to
+    making that module opaque)."""
+    exc.module = frame.module  # type: ignore[attr-defined]
+    exc.module_path = frame.path  # type: ignore[attr-defined]
+    return exc
+
+
 def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
     """Encode one frame and its children. ``path`` is the frame's node path (for errors)."""
     nodes = []
@@ -51,15 +59,18 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
             try:
                 target = qualified_name(node.target)
             except SerializationError as exc:
-                raise SerializationError(
+                raise _located(frame, SerializationError(
                     f"node {where!r} calls {node.target!r}, which cannot be stored as data: {exc.message}",
                     node_path=where,
                     target=repr(node.target),
                     hint="register the function with graphpatch_cache.register_target, or keep the "
                     "module opaque with ExtractionOptions(classes_to_skip_compiling=...)",
-                ) from exc
+                )) from exc
         elif node.op == "call_method":
-            target = check_method(node.target, node_path=where)
+            try:
+                target = check_method(node.target, node_path=where)
+            except SerializationError as exc:
+                raise _located(frame, exc) from None
         else:
             target = str(node.target)
 
@@ -70,9 +81,9 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
             args = encode_value(tuple(node.args), name_of, qualified_name)
             kwargs = encode_value(dict(node.kwargs), name_of, qualified_name)
         except SerializationError as exc:
-            raise SerializationError(
+            raise _located(frame, SerializationError(
                 f"node {where!r} has an argument that cannot be stored: {exc.message}", node_path=where
-            ) from exc
+            )) from exc
         meta = describe_value(node.meta.get("example_value"))
         source = _source(node)
         if source:

@@ -39,6 +39,8 @@ RESERVED = frozenset(
      "add_module", "requires_grad_", "load_state_dict", "bfloat16", "ipu", "xpu", "mtia", "compile"}
 )
 _SUFFIX = re.compile(r"^(.*)_(\d+)$")
+#: calls with no effect on values that dynamo records anyway (usage logging); dropped.
+_DROP_TARGETS = frozenset({torch._C._log_api_usage_once})
 
 
 def escape_name(name: str) -> str:
@@ -104,8 +106,9 @@ class Frame:
 class Splitter:
     """Rebuilds the per-call graphs of one :class:`Capture` of ``model``."""
 
-    def __init__(self, model: torch.nn.Module, cap: Capture) -> None:
+    def __init__(self, model: torch.nn.Module, cap: Capture, custom: Optional[Dict[type, Callable]] = None) -> None:
         self.model = model
+        self.custom = dict(custom or {})
         self.cap = cap
         self.calls = cap.recorder.calls
         self.module_names: Dict[int, List[str]] = {}
@@ -124,6 +127,8 @@ class Splitter:
         self.owner: Dict[torch.fx.Node, Frame] = {}
         self.param_ph: Dict[torch.fx.Node, List[str]] = {}
         self.sym_ph: Dict[torch.fx.Node, Any] = {}
+        self._grad_mode_now = True  # capture runs under torch.enable_grad()
+        self._grad_stack: List[Tuple[bool, torch.fx.Node]] = []
 
     # -- naming ------------------------------------------------------------------------------
     def _path_of(self, module: torch.nn.Module, under: str) -> str:
@@ -202,7 +207,11 @@ class Splitter:
                     if root is None:
                         root = frame
                     self._skip_calls(record, call_iter)
-                    self._build_opaque(frame)
+                    custom = self.custom.get(type(record.module))
+                    if custom is not None:
+                        self._build_custom(frame, custom)
+                    else:
+                        self._build_opaque(frame)
                     call = self._close(frame, top)
                     exit_outputs[node] = (frame, call)
                 else:
@@ -224,13 +233,18 @@ class Splitter:
                 frame.env[node] = frame.env[frame.inputs[node.args[1]]]
                 self.owner[node] = frame
                 continue
+            if top is wrapper:
+                continue  # nothing of the wrapper's own survives
             if node.op == "call_function" and node.target is operator.getitem and node.args[0] in exit_outputs:
                 child, call = exit_outputs[node.args[0]]
                 top.env[node] = self._leaf_access(top, child, call, node.args[1], node)
                 self.owner[node] = top
                 continue
-            if top is wrapper:
-                continue  # nothing of the wrapper's own survives
+            if node.op == "call_function" and node.target in _DROP_TARGETS and not node.users:
+                continue
+            if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+                self._grad_mode(top, node)
+                continue
             self._copy(top, node)
         if root is None:
             raise ExtractionError("internal: the model's own call was not captured")
@@ -335,7 +349,8 @@ class Splitter:
             if local in frame.attrs:
                 continue
             node = frame.graph.get_attr(local)
-            node.name = frame.names.exact(local)
+            node.name = local if "." not in name else frame.names.fresh(local)
+            frame.names.used.add(node.name)
             node.meta["example_value"] = tensor
             frame.attrs[local] = f"{frame.path}.{name}" if frame.path else name
             tensors[name] = node
@@ -343,6 +358,59 @@ class Splitter:
         result = frame.graph.call_function(run_opaque, (module_ref, frame.input_spec, record.input_leaves, placeholders, tensors))
         result.name = frame.names.fresh("forward_output")
         frame.graph.output(result)
+
+    def _build_custom(self, frame: Frame, fn: Callable) -> None:
+        """A module graph supplied by ``custom_extraction_functions``: its placeholders are the
+        forward's tensor inputs in order, its ``get_attr`` nodes the module's attributes."""
+        frame.kind = "custom"
+        graph = fn(frame.module)
+        if isinstance(graph, torch.fx.GraphModule):
+            graph = graph.graph
+        if not isinstance(graph, torch.fx.Graph):
+            raise ExtractionError(
+                f"custom extraction function for {type(frame.module).__name__} returned "
+                f"{type(graph).__name__}, not a torch.fx.Graph",
+                module_path=frame.path,
+            )
+        mine = [n for n in frame.graph.nodes if n.op == "placeholder"]
+        theirs = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(mine) != len(theirs):
+            raise ExtractionError(
+                f"custom graph for {frame.path!r} has {len(theirs)} placeholders; the call passes "
+                f"{len(mine)} tensors",
+                module_path=frame.path,
+            )
+        env: Dict[torch.fx.Node, Any] = dict(zip(theirs, mine))
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                out = frame.graph.output(torch.fx.node.map_arg(node.args[0], env.__getitem__))
+                continue
+            if node.op == "get_attr":
+                owner, _, attr = node.target.rpartition(".")
+                tensor_owner = frame.module.get_submodule(owner) if owner else frame.module
+                value = getattr(tensor_owner, attr)
+                local = escape_name(node.target.replace(".", "_"))
+                if local not in frame.attr_nodes:
+                    new = frame.graph.get_attr(local)
+                    new.name = local if local not in frame.names.used or "." not in node.target else frame.names.fresh(local)
+                    frame.names.used.add(new.name)
+                    new.meta["example_value"] = value
+                    frame.attr_nodes[local] = new
+                    frame.attrs[local] = f"{frame.path}.{node.target}" if frame.path else node.target
+                env[node] = frame.attr_nodes[local]
+                continue
+            if node.op == "call_module":
+                raise ExtractionError(f"custom graph for {frame.path!r} calls a module; inline it", module_path=frame.path)
+            new = frame.graph.create_node(
+                node.op, node.target,
+                torch.fx.node.map_arg(node.args, env.__getitem__), torch.fx.node.map_arg(node.kwargs, env.__getitem__),
+            )
+            new.name = frame.names.fresh(_base_name(node))
+            new.meta = dict(node.meta)
+            env[node] = new
+        del out
 
     # -- values --------------------------------------------------------------------------------
     def _local(self, frame: Frame, value: Any) -> Any:
@@ -429,6 +497,30 @@ class Splitter:
                     return node
         return None
 
+    def _grad_mode(self, frame: Frame, node: torch.fx.Node) -> None:
+        """Make grad-mode switches relative to the caller's mode.
+
+        Dynamo records ``with torch.no_grad():`` as ``_set_grad_enabled(False)`` ...
+        ``_set_grad_enabled(True)``, the second one restoring the mode seen while tracing
+        (we trace with grad enabled). Run as is under ``torch.no_grad()`` that would switch
+        grad *on* for the rest of the forward. We turn each switch into "set, remember the
+        previous mode" and each restore into "restore what was remembered".
+        """
+        from ..functions import restore_grad_enabled, set_grad_enabled
+
+        mode = bool(node.args[0])
+        if self._grad_stack and mode == self._grad_stack[-1][0]:
+            _, switch = self._grad_stack.pop()
+            new = frame.graph.call_function(restore_grad_enabled, (self._local(frame, switch),))
+            new.name = frame.names.fresh("restore_grad_enabled")
+        else:
+            new = frame.graph.call_function(set_grad_enabled, (mode,))
+            new.name = frame.names.fresh("set_grad_enabled")
+            self._grad_stack.append((self._grad_mode_now, node))
+        self._grad_mode_now = mode
+        frame.env[node] = new
+        self.owner[node] = frame
+
     def _copy(self, frame: Frame, node: torch.fx.Node) -> None:
         args = torch.fx.node.map_arg(node.args, lambda v: self._local(frame, v))
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda v: self._local(frame, v))
@@ -464,6 +556,8 @@ def _plain_spec(spec: Any) -> bool:
     return all(_plain_spec(spec.child(i)) for i in range(spec.num_children))
 
 
-def split(model: torch.nn.Module, cap: Capture) -> Frame:
-    """Rebuild the per-call graphs; returns the frame of the model's own call."""
-    return Splitter(model, cap).run()
+def split(model: torch.nn.Module, cap: Capture, custom: Optional[Dict[type, Callable]] = None) -> Frame:
+    """Rebuild the per-call graphs; returns the frame of the model's own call.
+
+    ``custom`` maps module classes to functions returning their fx graph."""
+    return Splitter(model, cap, custom).run()

@@ -110,10 +110,11 @@ def bind_graph(
         def resolve(name: str) -> Any:
             return resolve_target(name, node_path=where)
 
+        if nd.op == "call_function":  # refuse a disallowed target before decoding anything else
+            target: Any = resolve_target(nd.target, node_path=where)
         args = decode_value(nd.args, lookup, resolve, map_device)
         kwargs = decode_value(nd.kwargs, lookup, resolve, map_device)
         if nd.op == "call_function":
-            target: Any = resolve_target(nd.target, node_path=where)
             if target is getattr and len(args) > 1 and isinstance(args[1], str) and args[1].startswith("_"):
                 raise SerializationError(f"node {where!r} reads private attribute {args[1]!r}", node_path=where)
         elif nd.op == "call_method":

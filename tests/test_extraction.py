@@ -1,0 +1,99 @@
+"""Extraction options and behaviours that are not about a particular model structure."""
+
+import torch
+import torch.fx
+
+from graphpatch_cache import ExtractionOptions, PatchableGraph, ProbePatch, ReplacePatch
+
+
+class NoGradInside(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = self.lin(x)
+        return self.lin(x) + y
+
+
+def test_grad_mode_switches_are_relative_to_the_caller():
+    torch.manual_seed(0)
+    model = NoGradInside()
+    x = torch.randn(3, 4)
+    pg = PatchableGraph(model, x)
+    with torch.no_grad():
+        out = pg(x)
+        assert not torch.is_grad_enabled()
+        assert not out.requires_grad
+    out = pg(x)
+    expected = model(x)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    grad_pg = model.lin.weight.grad.clone()
+    model.zero_grad()
+    expected.sum().backward()
+    assert torch.equal(grad_pg, model.lin.weight.grad)
+
+
+class Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor([2.0, 3.0]))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = Scale()
+
+    def forward(self, x):
+        return self.scale(x) + 1
+
+
+def _scale_graph(module):
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    w = g.get_attr("weight")
+    prod = g.call_function(torch.mul, (x, w))
+    prod.name = "scaled"
+    g.output(prod)
+    return g
+
+
+def test_custom_extraction_function():
+    model = Outer()
+    x = torch.randn(3, 2)
+    pg = PatchableGraph(model, ExtractionOptions(custom_extraction_functions={Scale: _scale_graph}), x)
+    assert torch.equal(pg(x), model(x))
+    assert "scaled" in dir(pg.graph.scale)
+    with pg.patch({"scale.scaled": ReplacePatch(value=torch.zeros(3, 2))}):
+        assert torch.equal(pg(x), torch.ones(3, 2))
+
+
+def test_skip_compilation_and_classes_to_skip():
+    model = Outer()
+    x = torch.randn(3, 2)
+    pg = PatchableGraph(model, ExtractionOptions(classes_to_skip_compiling=(Scale,)), x)
+    assert pg.artifact.root.children[0].kind == "opaque"
+    assert torch.equal(pg(x), model(x))
+    with pg.patch({"scale.weight": ReplacePatch(value=torch.tensor([10.0, 10.0]))}):
+        assert torch.equal(pg(x), x * 10 + 1)
+    assert torch.equal(model.scale.weight, torch.tensor([2.0, 3.0]))
+    pg_all = PatchableGraph(model, ExtractionOptions(skip_compilation=True), x)
+    assert pg_all.artifact.root.kind == "opaque"
+    assert torch.equal(pg_all(x), model(x))
+    with pg_all.patch({"output": (probe := ProbePatch())}):
+        pg_all(x)
+    assert torch.equal(probe.activation, model(x))
+
+
+def test_postprocessing_function_sees_the_root_graph():
+    seen = []
+    model = Outer()
+    x = torch.randn(3, 2)
+    PatchableGraph(model, ExtractionOptions(postprocessing_function=seen.append), x)
+    assert len(seen) == 1 and isinstance(seen[0], torch.fx.GraphModule)
