@@ -48,6 +48,8 @@ class ModuleGraph:
     :ivar attributes: local attribute name -> qualified name of the model parameter, buffer
         or attribute it binds to.
     :ivar input_spec: for opaque graphs, the pytree spec of the forward's ``(args, kwargs)``.
+    :ivar call_signature: for a graph called by an opaque module (extracted separately), the
+        signature of that call (see :mod:`graphpatch_cache.signature`).
     """
 
     name: str
@@ -59,6 +61,7 @@ class ModuleGraph:
     children: List["ModuleGraph"]
     attributes: Dict[str, str] = field(default_factory=dict)
     input_spec: Optional[str] = None
+    call_signature: Optional[Dict[str, Any]] = None
     code: str = ""
 
     def walk(self):
@@ -144,6 +147,7 @@ def _module_graph_from_dict(data: Dict[str, Any]) -> ModuleGraph:
         children=[_module_graph_from_dict(c) for c in data["children"]],
         attributes=dict(data.get("attributes", {})),
         input_spec=data.get("input_spec"),
+        call_signature=data.get("call_signature"),
         code=data.get("code", ""),
     )
 

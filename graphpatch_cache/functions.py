@@ -6,7 +6,8 @@ stable names, so artifacts can refer to them as data.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -49,15 +50,31 @@ def restore_grad_enabled(previous: bool) -> None:
 
 
 class ModuleRef:
-    """Holds the live module an opaque graph calls, without registering it as a child."""
+    """Holds the live module an opaque graph calls, without registering it as a child, and
+    the routes that send its own calls of its children to their extracted graphs."""
 
-    __slots__ = ("module",)
+    __slots__ = ("module", "routes")
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, routes: Optional[List[Tuple[torch.nn.Module, str, Any]]] = None) -> None:
         self.module = module
+        self.routes = routes or []
 
     def __repr__(self) -> str:
         return f"ModuleRef({type(self.module).__name__})"
+
+
+@contextlib.contextmanager
+def _routed(ref: ModuleRef) -> Iterator[None]:
+    saved = []
+    try:
+        for owner, name, router in ref.routes:
+            saved.append((owner, name, owner._modules[name]))
+            router.reset()
+            owner._modules[name] = router
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            owner._modules[name] = original
 
 
 @register_target
@@ -69,7 +86,8 @@ def run_opaque(
     ``constants`` holds the non-tensor leaves of the ``(args, kwargs)`` the graph was extracted
     with (``None`` where a tensor goes); ``tensors`` the tensor leaves in order. Parameters and
     buffers that differ from the module's own (because a patch replaced them) are substituted
-    for this call only, through :func:`torch.func.functional_call`.
+    for this call only, through :func:`torch.func.functional_call`. While it runs, the
+    module's calls of its children go to their extracted graphs (see ``ModuleRef.routes``).
     """
     module = ref.module
     it = iter(tensors)
@@ -78,9 +96,10 @@ def run_opaque(
     own = dict(module.named_parameters(remove_duplicate=False))
     own.update(module.named_buffers(remove_duplicate=False))
     changed = {name: value for name, value in params.items() if own.get(name) is not value}
-    if not changed:
-        return module(*args, **kwargs)
-    return torch.func.functional_call(module, changed, tuple(args), dict(kwargs), strict=False)
+    with _routed(ref):
+        if not changed:
+            return module(*args, **kwargs)
+        return torch.func.functional_call(module, changed, tuple(args), dict(kwargs), strict=False)
 
 
 __all__ = ["ModuleRef", "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]

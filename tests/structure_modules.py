@@ -1,10 +1,4 @@
-"""Fixture modules for tests/test_structures.py: one small ``nn.Module`` per model structure.
-
-Roots that would naturally return one tensor take ``bare``: ``bare=True`` returns the tensor
-itself, ``bare=False`` (the default) returns it wrapped in a 1-tuple. The tuple form lets the
-structure tests run while extracting a root whose output is a bare tensor fails (see
-``test_bare_tensor_root`` in test_structures.py).
-"""
+"""Fixture modules for tests/test_structures.py: one small ``nn.Module`` per model structure."""
 
 from __future__ import annotations
 
@@ -14,37 +8,28 @@ from torch import nn
 D = 4  # feature size everywhere
 
 
-class _Root(nn.Module):
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__()
-        self.bare = bare
-
-    def _ret(self, value):
-        return value if self.bare else (value,)
-
-
-class WithBuffer(_Root):
+class WithBuffer(nn.Module):
     """A registered buffer used in forward."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         self.lin = nn.Linear(D, D)
         self.register_buffer("offset", torch.arange(D, dtype=torch.float32))
 
     def forward(self, x):
-        return self._ret(self.lin(x) + self.offset)
+        return self.lin(x) + self.offset
 
 
-class WithFloatAttr(_Root):
+class WithFloatAttr(nn.Module):
     """A plain float attribute used in forward."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         self.lin = nn.Linear(D, D)
         self.scale = 0.5
 
     def forward(self, x):
-        return self._ret(self.lin(x) * self.scale)
+        return self.lin(x) * self.scale
 
 
 class KwChild(nn.Module):
@@ -56,55 +41,55 @@ class KwChild(nn.Module):
         return self.lin(x) * y
 
 
-class KwParent(_Root):
+class KwParent(nn.Module):
     """A child called with a keyword argument: ``child(x, y=z)``."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         self.child = KwChild()
         self.proj = nn.Linear(D, D)
 
     def forward(self, x, z):
-        return self._ret(self.proj(self.child(x, y=z)))
+        return self.proj(self.child(x, y=z))
 
 
-class AliasedSequential(_Root):
+class AliasedSequential(nn.Module):
     """One Linear object at two positions of a Sequential."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         lin = nn.Linear(D, D)
         self.seq = nn.Sequential(lin, nn.ReLU(), lin)
 
     def forward(self, x):
-        return self._ret(self.seq(x))
+        return self.seq(x)
 
 
-class AliasedModuleList(_Root):
+class AliasedModuleList(nn.Module):
     """One Linear object twice in a ModuleList, called once per entry."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         lin = nn.Linear(D, D)
         self.layers = nn.ModuleList([lin, lin])
 
     def forward(self, x):
         for layer in self.layers:
             x = torch.relu(layer(x))
-        return self._ret(x)
+        return x
 
 
-class AliasedModuleDict(_Root):
+class AliasedModuleDict(nn.Module):
     """One Linear object under two keys of a ModuleDict."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         lin = nn.Linear(D, D)
         self.blocks = nn.ModuleDict({"first": lin, "second": lin})
 
     def forward(self, x):
         a = self.blocks["first"](x)
-        return self._ret(self.blocks["second"](torch.tanh(a)))
+        return self.blocks["second"](torch.tanh(a))
 
 
 class CalledTwice(nn.Module):
@@ -142,11 +127,11 @@ class NestedOuter(nn.Module):
         return {"first": a + 1, "rest": [b, (d["neg"], d["sq"] - 1)], "plain": x}
 
 
-class VarArgs(_Root):
+class VarArgs(nn.Module):
     """``forward(self, x, *args, flag=3, **kwargs)``."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         self.lin = nn.Linear(D, D)
 
     def forward(self, x, *args, flag=3, **kwargs):
@@ -155,32 +140,34 @@ class VarArgs(_Root):
             h = h + a
         for k in sorted(kwargs):
             h = h * kwargs[k]
-        return self._ret(h)
+        return h
 
 
 class BranchChild(nn.Module):
-    """Data-dependent Python branch: dynamo cannot capture it in one graph."""
+    """Data-dependent Python branch: dynamo cannot capture it in one graph. Has a child and a
+    parameter of its own."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(D, D)
+        self.gain = nn.Parameter(torch.linspace(0.5, 2.0, D))
 
     def forward(self, x):
-        h = self.lin(x)
+        h = self.lin(x) * self.gain
         if h.sum() > 0:
             return h * 2
         return h - 1
 
 
-class BranchParent(_Root):
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+class BranchParent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
         self.pre = nn.Linear(D, D)
         self.breaker = BranchChild()
         self.post = nn.Linear(D, D)
 
     def forward(self, x):
-        return self._ret(self.post(self.breaker(self.pre(x))))
+        return self.post(self.breaker(self.pre(x)))
 
 
 class ExplicitBreakChild(nn.Module):
@@ -194,14 +181,14 @@ class ExplicitBreakChild(nn.Module):
         return h + 1
 
 
-class ExplicitBreakParent(_Root):
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+class ExplicitBreakParent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
         self.breaker = ExplicitBreakChild()
         self.post = nn.Linear(D, D)
 
     def forward(self, x):
-        return self._ret(self.post(self.breaker(x)))
+        return self.post(self.breaker(x))
 
 
 class OpaqueThenReshape(nn.Module):
@@ -213,29 +200,29 @@ class OpaqueThenReshape(nn.Module):
 
     def forward(self, x):
         h = self.breaker(x)
-        return (h.reshape(h.shape[0] * 2, D // 2),)
+        return h.reshape(h.shape[0] * 2, D // 2)
 
 
-class WithUnused(_Root):
+class WithUnused(nn.Module):
     """A submodule with parameters that forward never calls."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         self.used = nn.Linear(D, D)
         self.unused = nn.Linear(D, D)
 
     def forward(self, x):
-        return self._ret(self.used(x))
+        return self.used(x)
 
 
-class WithLayerNorm(_Root):
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+class WithLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
         self.lin = nn.Linear(D, D)
         self.norm = nn.LayerNorm(D)
 
     def forward(self, x):
-        return self._ret(self.norm(self.lin(x)) + x)
+        return self.norm(self.lin(x)) + x
 
 
 class ProtectedChild(nn.Module):
@@ -247,11 +234,11 @@ class ProtectedChild(nn.Module):
         return self.lin(x)
 
 
-class ProtectedNames(_Root):
+class ProtectedNames(nn.Module):
     """Submodules, a parameter, a buffer and inputs named like NodePath/GraphModule members."""
 
-    def __init__(self, bare: bool = False) -> None:
-        super().__init__(bare)
+    def __init__(self) -> None:
+        super().__init__()
         self._code = ProtectedChild()
         self._shape = ProtectedChild()
         self.graph = ProtectedChild()
@@ -264,4 +251,4 @@ class ProtectedNames(_Root):
         h = self._shape(h)
         h = self.graph(h)
         h = getattr(self, "output")(h) * output
-        return self._ret(h * self.code + self.meta)
+        return h * self.code + self.meta

@@ -101,46 +101,26 @@ def tree_paths(node_path):
 
 
 # -- 1. a single Linear as the root -------------------------------------------------------------
-# Extracting a root whose output is one bare tensor fails (see the BUG below), so the Linear
-# root tests are xfail; the other structures wrap their root output in a tuple.
-BARE_ROOT_BUG = (
-    "BUG: extracting a root module that returns a bare tensor raises AttributeError "
-    "('NoneType' object has no attribute 'meta') in split.Splitter._leaf_access"
-)
-
-
 @pytest.fixture(scope="module")
 def linear_root():
     model = make(torch.nn.Linear, sm.D, sm.D)
     x = rand(B0, sm.D)
-    try:
-        pg = PatchableGraph(model, x)
-    except Exception as exc:  # the xfail'd tests below report it
-        pg = exc
-    return model, x, pg
+    return model, x, PatchableGraph(model, x)
 
 
-def _pg(value):
-    if isinstance(value, Exception):
-        raise value
-    return value
-
-
-@pytest.mark.xfail(reason=BARE_ROOT_BUG, strict=True)
 def test_linear_root_exact_and_shape_generic(linear_root):
     model, x, pg = linear_root
-    pg = _pg(pg)
     check_exact(pg, model, x)
     check_exact(pg, model, rand(B1, sm.D, seed=3))
+    check_exact(pg, model, rand(7, sm.D, seed=4))
     assert len(pg.variants) == 1
     assert {"input_", "weight", "bias", "linear", "output"} <= set(dir(pg.graph))
+    assert "Linear" in repr(pg.graph).splitlines()[0]
     assert shares_parameters(pg, model.weight, model.bias)
 
 
-@pytest.mark.xfail(reason=BARE_ROOT_BUG, strict=True)
 def test_linear_root_patches(linear_root):
     model, x, pg = linear_root
-    pg = _pg(pg)
     x5 = rand(B1, sm.D, seed=3)
     with pg.patch({"weight": [wprobe := ProbePatch(), ZeroPatch()], "input_": (iprobe := ProbePatch())}):
         out = pg(x5)
@@ -148,18 +128,25 @@ def test_linear_root_patches(linear_root):
     assert torch.equal(iprobe.activation, x5)
     assert torch.equal(out, model.bias.detach().expand(B1, sm.D))
     assert model.weight.abs().sum() > 0  # the weight itself is untouched
-    with pg.patch({"linear": AddPatch(value=2.0)}):
-        assert torch.equal(pg(x), F.linear(x, model.weight, model.bias).detach() + 2.0)
+    check_exact(pg, model, x5)  # and nothing is left patched
+    with pg.patch({"linear": AddPatch(value=2.0), "output": (oprobe := ProbePatch())}):
+        out = pg(x)
+    assert torch.equal(out, F.linear(x, model.weight, model.bias).detach() + 2.0)
+    assert torch.equal(oprobe.activation, out)
 
 
-# -- bare-tensor roots (the same BUG, on the other structures) -------------------------------------
-@pytest.mark.xfail(reason=BARE_ROOT_BUG, strict=True)
-@pytest.mark.parametrize("cls", [sm.WithBuffer, sm.KwParent, sm.AliasedSequential, sm.WithLayerNorm])
-def test_bare_tensor_root(cls):
-    model = make(cls, bare=True)
-    args = (rand(B0, sm.D),) + ((rand(B0, sm.D, seed=1),) if cls is sm.KwParent else ())
-    pg = PatchableGraph(model, *args)
-    check_exact(pg, model, *args)
+@pytest.mark.parametrize("cls", [sm.WithBuffer, sm.WithFloatAttr, sm.AliasedSequential, sm.WithLayerNorm])
+def test_bare_tensor_root_output_patch(cls):
+    """A root returning one tensor: its ``output`` node is the tensor itself."""
+    model = make(cls)
+    x = rand(B0, sm.D)
+    pg = PatchableGraph(model, x)
+    assert pg.graph.output._shape == pg.graph.x._shape
+    with pg.patch({"output": [probe := ProbePatch(), ZeroPatch(slice=(0, slice(None)))]}):
+        out = pg(x)
+    expected = model(x).detach()
+    assert torch.equal(probe.activation, expected)
+    assert torch.equal(out[1:], expected[1:]) and torch.equal(out[0], torch.zeros(sm.D))
 
 
 # -- 2. a registered buffer ---------------------------------------------------------------------------
@@ -194,14 +181,14 @@ def test_buffer_patch(buffer_model):
     x5 = rand(B1, sm.D, seed=3)
     new = torch.full((sm.D,), -3.0)
     with pg.patch({"offset": ReplacePatch(value=new)}):
-        (out,) = pg(x5)
+        out = pg(x5)
     assert torch.equal(out, (F.linear(x5, model.lin.weight, model.lin.bias) + new).detach())
     assert torch.equal(model.offset, torch.arange(sm.D, dtype=torch.float32))
     hook = hooked(model, model.lin, x5)
     with pg.patch({"lin.output": (probe := ProbePatch()), "add": ZeroPatch(slice=(slice(None), 0))}):
-        (out,) = pg(x5)
+        out = pg(x5)
     assert torch.equal(probe.activation, hook[0][2])
-    (expected,) = model(x5)
+    expected = model(x5)
     assert torch.equal(out[:, 1:], expected[:, 1:].detach())
     assert torch.equal(out[:, 0], torch.zeros(B1))
 
@@ -223,7 +210,7 @@ def test_float_attribute(float_model):
     assert "mul" in dir(pg.graph)
     lin = F.linear(x5, model.lin.weight, model.lin.bias).detach()
     with pg.patch({"lin.output": AddPatch(value=1.0), "mul": (probe := ProbePatch())}):
-        (out,) = pg(x5)
+        out = pg(x5)
     assert torch.equal(probe.activation, (lin + 1.0) * 0.5)
     assert torch.equal(out, (lin + 1.0) * 0.5)
 
@@ -257,12 +244,12 @@ def test_kwargs_child_patch(kw_model):
     model, _, pg = kw_model
     x5, z5 = rand(B1, sm.D, seed=3), rand(B1, sm.D, seed=4)
     with pg.patch({"child.y": ReplacePatch(value=torch.ones(B1, sm.D))}):
-        (out,) = pg(x5, z5)
+        out = pg(x5, z5)
     lin = F.linear(x5, model.child.lin.weight, model.child.lin.bias)
     expected = F.linear(lin, model.proj.weight, model.proj.bias).detach()
     assert torch.equal(out, expected)
     with pg.patch({"child.lin.weight": ZeroPatch()}):
-        (out,) = pg(x5, z5)
+        out = pg(x5, z5)
     inner = model.child.lin.bias.expand(B1, sm.D) * z5
     assert torch.equal(out, F.linear(inner, model.proj.weight, model.proj.bias).detach())
 
@@ -313,7 +300,7 @@ def test_aliased_patch_one_call_only(aliased):
     x5 = rand(B1, sm.D, seed=3)
     calls = hooked(model, lin, x5)
     with pg.patch({f"{second}.weight": ZeroPatch(), f"{first}.output": (o0 := ProbePatch())}):
-        (out,) = pg(x5)
+        out = pg(x5)
     assert torch.equal(o0.activation, calls[0][2])  # the first call is unaffected
     assert torch.equal(out, zeroed_second(model, x5).detach())
     assert lin.weight.abs().sum() > 0
@@ -400,7 +387,7 @@ def test_nested_output_subpath_patches(nested_model):
     # a part of the child's output: only the parent's values computed from it change
     with pg.patch({"child.output|sub_0": AddPatch(value=1.0)}):
         out = pg(x5)
-    assert torch.equal(out["first"], h + 2.0)
+    assert torch.equal(out["first"], (h + 1.0) + 1.0)
     assert_tree_equal(out["rest"], expected["rest"])
     with pg.patch({"child.output|sub_1|sub_1|neg": ZeroPatch()}):
         out = pg(x5)
@@ -442,7 +429,7 @@ def test_var_keyword_only():
     assert len(pg.variants) == 1
     assert {"x", "alpha", "beta"} <= set(dir(pg.graph))
     with pg.patch({"alpha": ReplacePatch(value=torch.ones(B1, sm.D)), "beta": (probe := ProbePatch())}):
-        (out,) = pg(x5, flag=2, alpha=a5, beta=b5)
+        out = pg(x5, flag=2, alpha=a5, beta=b5)
     assert torch.equal(probe.activation, b5)
     assert torch.equal(out, _varargs_expected(model, x5, (), 2, {"alpha": torch.ones(B1, sm.D), "beta": b5}))
     # another flag value is a new Python constant: a new variant, still exact
@@ -464,7 +451,7 @@ def test_var_positional_and_keyword():
     check_exact(pg, model, x5, f1, f2, flag=2, alpha=a5)
     assert len(pg.variants) == 1
     with pg.patch({"lin.output": ZeroPatch()}):
-        (out,) = pg(x5, f1, f2, flag=2, alpha=a5)
+        out = pg(x5, f1, f2, flag=2, alpha=a5)
     assert torch.equal(out, ((f1 + f2) * a5))
 
 
@@ -514,18 +501,18 @@ def test_opaque_module_patches(branch_model):
     assert torch.equal(wp.activation, model.breaker.lin.weight)
     # its parameter: zero the weight of the opaque module's Linear for this call only
     with pg.patch({"breaker.lin_weight": ZeroPatch()}):
-        (got,) = pg(x5)
+        got = pg(x5)
     h = model.breaker.lin.bias.detach().expand(B1, sm.D)
     assert torch.equal(got, lin(model.post, _branch(h)).detach())
     assert model.breaker.lin.weight.abs().sum() > 0
     check_exact(pg, model, x5)
     # its input
     with pg.patch({"breaker.x": AddPatch(value=1.0)}):
-        (got,) = pg(x5)
+        got = pg(x5)
     assert torch.equal(got, lin(model.post, _branch(lin(model.breaker.lin, pre + 1.0))).detach())
     # its output
     with pg.patch({"breaker.output": ZeroPatch()}):
-        (got,) = pg(x5)
+        got = pg(x5)
     assert torch.equal(got, model.post.bias.detach().expand(B1, sm.D))
 
 
@@ -539,7 +526,7 @@ def test_explicit_graph_break():
     x5 = rand(B1, sm.D, seed=3)
     check_exact(pg, model, x5)
     with pg.patch({"breaker.lin_bias": ReplacePatch(value=torch.zeros(sm.D))}):
-        (got,) = pg(x5)
+        got = pg(x5)
     h = F.linear(x5, model.breaker.lin.weight) + 1
     assert torch.equal(got, F.linear(h, model.post.weight, model.post.bias).detach())
 
@@ -584,8 +571,8 @@ def test_unused_submodule():
     check_exact(pg, model, x5)
     assert "unused" not in dir(pg.graph)
     with pg.patch({"used.bias": AddPatch(value=1.0)}):
-        (out,) = pg(x5)
-    assert torch.equal(out, (F.linear(x5, model.used.weight, model.used.bias) + 1.0).detach())
+        out = pg(x5)
+    assert torch.equal(out, F.linear(x5, model.used.weight, model.used.bias + 1.0).detach())
 
 
 # -- 11. LayerNorm -------------------------------------------------------------------------------------------------
@@ -614,7 +601,7 @@ def test_layernorm(layernorm_model):
     assert torch.equal(op.activation, out)
     new_w = torch.linspace(-1, 1, sm.D)
     with pg.patch({"norm.weight": ReplacePatch(value=new_w)}):
-        (got,) = pg(x5)
+        got = pg(x5)
     lin = F.linear(x5, model.lin.weight, model.lin.bias)
     expected = F.layer_norm(lin, (sm.D,), new_w, model.norm.bias, model.norm.eps) + x5
     assert torch.equal(got, expected.detach())
@@ -653,32 +640,31 @@ def test_protected_names_patches(protected_model):
     lin = lambda mod, v: F.linear(v, mod.lin.weight, mod.lin.bias)  # noqa: E731
     calls = {name: hooked(model, getattr(model, name), x5, g5, o5)[0]
              for name in ("_code", "_shape", "graph", "output")}
-    with pg.patch({f"{n}_.output": (p := ProbePatch()) for n in calls} | {}):
-        pass  # validation only
     probes = {n: ProbePatch() for n in calls}
-    with pg.patch({f"{n}_.output": probes[n] for n in calls} | {"code_": (cp := ProbePatch()),
-                                                                  "meta_": (mp := ProbePatch())}):
+    with pg.patch({**{f"{n}_.output": probes[n] for n in calls},
+                   "code_": (cp := ProbePatch()), "meta_": (mp := ProbePatch())}):
         pg(x5, g5, o5)
     for n in calls:
         assert torch.equal(probes[n].activation, calls[n][2]), n
     assert torch.equal(cp.activation, model.code)
     assert torch.equal(mp.activation, model.meta)
-    # the inputs named `graph` and `output` are placeholders of the root graph
-    inputs = [p for p in pg.graph if p._is_value and p._np_node.op == "placeholder"]
-    assert len(inputs) == 3
-    in_probes = {str(p): ProbePatch() for p in inputs}
+    # the inputs named `graph` and `output` are placeholders of the root graph, escaped
+    inputs = [str(p) for p in pg.graph if p._is_value and p._np_node.op == "placeholder"]
+    assert inputs[0] == "x" and len(inputs) == 3
+    assert [n.rstrip("_0123456789") for n in inputs[1:]] == ["graph", "output"]
+    in_probes = {n: ProbePatch() for n in inputs}
     with pg.patch(in_probes):
         pg(x5, g5, o5)
-    assert sorted((tuple(p.activation.flatten()[:2].tolist()) for p in in_probes.values())) == sorted(
-        tuple(t.flatten()[:2].tolist()) for t in (x5, g5, o5))
+    for name, value in zip(inputs, (x5, g5, o5)):
+        assert torch.equal(in_probes[name].activation, value), name
     # zero the weight of the child named `graph` and replace the parameter named `code`
     new_code = torch.full((sm.D,), 2.0)
     with pg.patch({"graph_.lin.weight": ZeroPatch(), "code_": ReplacePatch(value=new_code)}):
-        (got,) = pg(x5, g5, o5)
+        got = pg(x5, g5, o5)
     h = model.graph.lin.bias.expand(B1, sm.D)
     h = lin(model.output, h) * o5
     assert torch.equal(got, (h * new_code + model.meta).detach())
     # and a patch on the child named `output`
     with pg.patch({"output_.output": ZeroPatch(), "_shape_.lin.output": RecordPatch()}):
-        (got,) = pg(x5, g5, o5)
+        got = pg(x5, g5, o5)
     assert torch.equal(got, model.meta.expand(B1, sm.D))

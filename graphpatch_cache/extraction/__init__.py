@@ -11,6 +11,7 @@ Call map::
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import warnings
 from typing import Any, Dict, Optional, Tuple
@@ -18,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .. import _compat
-from ..artifact import SCHEMA_VERSION, GraphArtifact
+from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
 from ..errors import SerializationError, UnusedSubmoduleError
 from ..options import ExtractionOptions
 from ..signature import call_signature, canonical_inputs
@@ -86,6 +87,59 @@ def _count_tensors(inputs: Any) -> int:
     return sum(isinstance(x, torch.Tensor) for x in leaves)
 
 
+def _reroot(graph: ModuleGraph, prefix: str, name: str, signature: Dict[str, Any]) -> ModuleGraph:
+    """A sub-extraction's root graph, renamed and re-pathed to sit inside the full model."""
+
+    def fix(g: ModuleGraph, top: bool) -> ModuleGraph:
+        path = prefix if not g.module_path else (f"{prefix}.{g.module_path}" if prefix else g.module_path)
+        attrs = {k: (f"{prefix}.{v}" if prefix else v) for k, v in g.attributes.items()}
+        return dataclasses.replace(
+            g,
+            name=name if top else g.name,
+            module_path=path,
+            attributes=attrs,
+            children=[fix(c, False) for c in g.children],
+            call_signature=signature if top else g.call_signature,
+        )
+
+    return fix(graph, True)
+
+
+def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph, options: ExtractionOptions) -> ModuleGraph:
+    """Extract the calls an opaque module makes to its children, each on its own, and attach
+    them as the opaque graph's children (so they compile even though their parent cannot)."""
+    frames: Dict[str, Frame] = {}
+
+    def index(frame: Frame, path: str) -> None:
+        frames[path] = frame
+        for child in frame.children:
+            index(child, f"{path}.{child.local_name}" if path else child.local_name)
+
+    index(root, "")
+
+    def visit(g: ModuleGraph, path: str) -> ModuleGraph:
+        frame = frames.get(path)
+        if g.kind != "opaque" or frame is None or frame.record is None:
+            return dataclasses.replace(g, children=[visit(c, f"{path}.{c.name}" if path else c.name) for c in g.children])
+        children = []
+        for child_record, local in frame.opaque_calls:
+            if child_record.inputs is None:
+                continue
+            child_path = _module_path(model, child_record.module, frame.path)
+            sub = extract(child_record.module, child_record.inputs[0], child_record.inputs[1],
+                          dataclasses.replace(options, allow_unused_submodules=True))
+            children.append(_reroot(sub.root, child_path, local, sub.signature))
+        return dataclasses.replace(g, children=children)
+
+    return visit(data, "")
+
+
+def _module_path(model: torch.nn.Module, module: torch.nn.Module, under: str) -> str:
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+    inside = [n for n in names if under and n.startswith(under + ".")]
+    return (inside or names)[0]
+
+
 def extract(
     model: torch.nn.Module,
     args: tuple = (),
@@ -129,6 +183,7 @@ def extract(
             f"buffers: {[n.name for n in root.hidden]}",
             hint="register such tensors as buffers, or pass them as inputs",
         )
+    data = _with_opaque_children(model, root, data, options)
     signature = call_signature(inputs, _dynamic_dims(root, inputs))
     _, spec = _compat.tree_flatten(inputs)
     devices = sorted({str(p.device) for p in list(model.parameters()) + list(model.buffers())})

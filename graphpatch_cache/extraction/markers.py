@@ -90,6 +90,9 @@ class CallRecord:
     output_is_tensor: List[bool] = field(default_factory=list)
     output_meta: List[Optional[TensorMeta]] = field(default_factory=list)
     children: List[int] = field(default_factory=list)
+    #: the actual (args, kwargs), kept only for calls made by an opaque module (they are
+    #: extracted separately, so that an opaque module's children still compile)
+    inputs: Optional[Tuple[tuple, dict]] = None
 
 
 def _key_str(key: Any) -> str:
@@ -302,6 +305,8 @@ class Recorder:
         )
         if record.parent is not None:
             self.calls[record.parent].children.append(record.index)
+            if id(self.calls[record.parent].module) in self.opaque_modules:
+                record.inputs = (args, dict(kwargs))
         self.calls.append(record)
         self._stack.append(record.index)
 

@@ -101,6 +101,8 @@ class Frame:
     inputs: List[torch.fx.Node] = field(default_factory=list)  # flat marker inputs
     children: List["Frame"] = field(default_factory=list)
     input_spec: Optional[str] = None
+    #: for opaque frames: (call record, local name) of each call the module makes itself
+    opaque_calls: List[Tuple[CallRecord, str]] = field(default_factory=list)
 
 
 class Splitter:
@@ -337,13 +339,17 @@ class Splitter:
         from ..functions import run_opaque
 
         frame.kind = "opaque"
+        frame.opaque_calls = [(self.calls[c], self.local_names[c]) for c in frame.record.children]
         record = frame.record
         assert record is not None
         module_ref = frame.graph.get_attr("_graphpatch_module")
         module_ref.name = frame.names.exact("_graphpatch_module")
         tensors = {}
-        for name, tensor in list(frame.module.named_parameters(remove_duplicate=False)) + list(
-            frame.module.named_buffers(remove_duplicate=False)
+        # Children called by the module are extracted on their own and own their tensors;
+        # the opaque graph then exposes only the module's direct parameters and buffers.
+        recurse = not record.children
+        for name, tensor in list(frame.module.named_parameters(remove_duplicate=False, recurse=recurse)) + list(
+            frame.module.named_buffers(remove_duplicate=False, recurse=recurse)
         ):
             local = escape_name(name.replace(".", "_"))
             if local in frame.attrs:

@@ -7,13 +7,15 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
 
 from ..artifact import GraphArtifact, ModuleGraph, decode_value
-from ..errors import ModelStructureError, SerializationError
+from .. import _compat
+from ..errors import ModelStructureError, SerializationError, SignatureMismatchError
+from ..signature import SignatureMatcher, canonical_inputs
 from ..functions import ModuleRef
 from ..targets import check_method, resolve_target
 
@@ -54,6 +56,50 @@ def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> An
             hint="this artifact was extracted from a differently structured model",
         )
     return getattr(owner, name)
+
+
+class CallRouter(torch.nn.Module):
+    """Stands in for a child module while its opaque parent runs: the parent's k-th call of
+    the child goes to the graph extracted for that call."""
+
+    def __init__(self, original: torch.nn.Module, graphs: List[Tuple[ModuleGraphModule, SignatureMatcher]]) -> None:
+        super().__init__()
+        object.__setattr__(self, "original", original)
+        object.__setattr__(self, "graphs", graphs)
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        gm, matcher = self.graphs[min(self.calls, len(self.graphs) - 1)]
+        self.calls += 1
+        inputs = canonical_inputs(self.original, args, kwargs)
+        leaves, spec = _compat.tree_flatten(inputs)
+        if not matcher.fits(leaves, spec):
+            raise SignatureMismatchError(
+                f"the opaque parent calls {gm._graphpatch_node_path!r} differently from the extraction call: "
+                + matcher.mismatch(inputs),
+                hint="extract with example inputs that match how you call the model",
+            )
+        return gm(*[x for x in leaves if isinstance(x, torch.Tensor)])
+
+
+def _routes(data: ModuleGraph, module: torch.nn.Module, children: Dict[str, "ModuleGraphModule"],
+            model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, CallRouter]]:
+    by_path: Dict[str, List[ModuleGraph]] = {}
+    for child in data.children:
+        by_path.setdefault(child.module_path, []).append(child)
+    routes = []
+    for path, graphs in by_path.items():
+        target = model.get_submodule(path)
+        graphs.sort(key=lambda g: g.call_index)
+        router = CallRouter(target, [(children[g.name], SignatureMatcher(g.call_signature or {})) for g in graphs])
+        for name, sub in module.named_modules(remove_duplicate=False):
+            if sub is target and name:
+                owner_name, _, attr = name.rpartition(".")
+                routes.append((module.get_submodule(owner_name) if owner_name else module, attr, router))
+    return routes
 
 
 def bind_graph(
@@ -125,7 +171,7 @@ def bind_graph(
             target = nd.target
         elif nd.op == "get_attr":
             if nd.target == MODULE_REF_ATTR:
-                attrs[MODULE_REF_ATTR] = ModuleRef(module)
+                attrs[MODULE_REF_ATTR] = ModuleRef(module, _routes(data, module, children, model))
             elif nd.target not in data.attributes:
                 raise SerializationError(f"node {where!r} reads undeclared attribute {nd.target!r}", node_path=where)
             target = nd.target
@@ -139,6 +185,9 @@ def bind_graph(
         node.meta["graphpatch"] = nd.meta
         env[nd.name] = node
     gm = ModuleGraphModule(attrs, graph, class_name=type(module).__name__)
+    for name, child in children.items():  # graphs an opaque module calls itself (no call_module node)
+        if not hasattr(gm, name):
+            gm.add_module(name, child)
     gm._graphpatch_data = data
     gm._graphpatch_node_path = node_path
     return gm

@@ -57,9 +57,12 @@ class NodePath:
                     continue
                 child_path = f"{path}.{nd.name}" if path else nd.name
                 if nd.op == "call_module" and nd.target in children:
-                    self._np_children[nd.name] = NodePath(child_path, graph=children[nd.target], index=self._np_index)
+                    self._np_children[nd.name] = NodePath(child_path, graph=children.pop(nd.target), index=self._np_index)
                 else:
                     self._np_children[nd.name] = NodePath(child_path, node=nd, index=self._np_index)
+            for name, child in children.items():  # graphs an opaque module calls itself
+                child_path = f"{path}.{name}" if path else name
+                self._np_children[name] = NodePath(child_path, graph=child, index=self._np_index)
 
     @classmethod
     def from_graph(cls, root: ModuleGraph) -> "NodePath":
