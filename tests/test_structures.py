@@ -467,53 +467,80 @@ def test_graph_break_falls_back_to_opaque(branch_model):
     model, x, pg = branch_model
     assert set(pg.artifact.extraction["opaque"]) == {"breaker"}
     assert "breaker: BranchChild (opaque)" in repr(pg.graph)
-    assert "pre: Linear\n" in repr(pg.graph) and "(opaque)" not in repr(pg.graph.pre)
+    assert "(opaque)" not in repr(pg.graph.pre) and "(opaque)" not in repr(pg.graph.post)
     check_exact(pg, model, x)
     check_exact(pg, model, rand(B1, sm.D, seed=3))
     # the branch the opaque module takes is decided at run time, per call
-    neg = -10 * rand(B1, sm.D, seed=3)
-    pre = F.linear(neg, model.pre.weight, model.pre.bias)
-    branches = {bool(F.linear(pre, model.breaker.lin.weight, model.breaker.lin.bias).sum() > 0)
-                for pre in (pre, F.linear(-neg, model.pre.weight, model.pre.bias))}
-    check_exact(pg, model, neg)
-    check_exact(pg, model, -neg)
-    assert len(branches) == 2, "test inputs should take both branches"
+    big = 10 * rand(B1, sm.D, seed=3)
+    taken = set()
+    for inp in (big, -big):
+        [(_, _, out)] = hooked(model, model.breaker.lin, inp)
+        taken.add(bool((out * model.breaker.gain).sum() > 0))
+        check_exact(pg, model, inp)
+    assert taken == {True, False}, "test inputs should take both branches"
     assert len(pg.variants) == 1
-    assert {"x", "lin_weight", "lin_bias", "output"} <= set(dir(pg.graph.breaker))
-    assert shares_parameters(pg, model.breaker.lin.weight, model.pre.weight, model.post.weight)
+    assert {"x", "gain", "output"} <= set(dir(pg.graph.breaker))
+    assert shares_parameters(pg, model.breaker.gain, model.breaker.lin.weight, model.pre.weight, model.post.weight)
 
 
 def _branch(h):
     return h * 2 if h.sum() > 0 else h - 1
 
 
+def _lin(mod, v):
+    return F.linear(v, mod.weight, mod.bias)
+
+
 def test_opaque_module_patches(branch_model):
     model, _, pg = branch_model
     x5 = rand(B1, sm.D, seed=3)
-    lin = lambda mod, v: F.linear(v, mod.weight, mod.bias)  # noqa: E731
-    pre = lin(model.pre, x5).detach()
-    [(args, _, out)] = hooked(model, model.breaker, x5)
+    brk = model.breaker
+    pre = _lin(model.pre, x5).detach()
+    [(args, _, out)] = hooked(model, brk, x5)
     with pg.patch({"breaker.x": (xp := ProbePatch()), "breaker.output": (op := ProbePatch()),
-                   "breaker.lin_weight": (wp := ProbePatch())}):
+                   "breaker.gain": (gp := ProbePatch())}):
         pg(x5)
     assert torch.equal(xp.activation, args[0])
     assert torch.equal(op.activation, out)
-    assert torch.equal(wp.activation, model.breaker.lin.weight)
-    # its parameter: zero the weight of the opaque module's Linear for this call only
-    with pg.patch({"breaker.lin_weight": ZeroPatch()}):
+    assert torch.equal(gp.activation, brk.gain)
+    # its own parameter, for this call only
+    new_gain = torch.full((sm.D,), -1.0)
+    with pg.patch({"breaker.gain": ReplacePatch(value=new_gain)}):
         got = pg(x5)
-    h = model.breaker.lin.bias.detach().expand(B1, sm.D)
-    assert torch.equal(got, lin(model.post, _branch(h)).detach())
-    assert model.breaker.lin.weight.abs().sum() > 0
+    assert torch.equal(got, _lin(model.post, _branch(_lin(brk.lin, pre) * new_gain)).detach())
+    assert torch.equal(brk.gain, torch.linspace(0.5, 2.0, sm.D))
     check_exact(pg, model, x5)
     # its input
     with pg.patch({"breaker.x": AddPatch(value=1.0)}):
         got = pg(x5)
-    assert torch.equal(got, lin(model.post, _branch(lin(model.breaker.lin, pre + 1.0))).detach())
+    assert torch.equal(got, _lin(model.post, _branch(_lin(brk.lin, pre + 1.0) * brk.gain)).detach())
     # its output
     with pg.patch({"breaker.output": ZeroPatch()}):
         got = pg(x5)
     assert torch.equal(got, model.post.bias.detach().expand(B1, sm.D))
+
+
+def test_opaque_module_child_patches(branch_model):
+    """The opaque module's child compiles; patching its weight changes the opaque call."""
+    model, _, pg = branch_model
+    x5 = rand(B1, sm.D, seed=3)
+    brk = model.breaker
+    pre = _lin(model.pre, x5).detach()
+    child = [str(p) for p in pg.graph.breaker if not p._is_value]
+    assert child == ["breaker.lin"]
+    [(args, _, out)] = hooked(model, brk.lin, x5)
+    with pg.patch({"breaker.lin.output": (op := ProbePatch()), "breaker.lin.weight": (wp := ProbePatch())}):
+        pg(x5)
+    assert torch.equal(op.activation, out)
+    assert torch.equal(wp.activation, brk.lin.weight)
+    with pg.patch({"breaker.lin.weight": ZeroPatch()}):
+        got = pg(x5)
+    h = brk.lin.bias.detach().expand(B1, sm.D) * brk.gain.detach()
+    assert torch.equal(got, _lin(model.post, _branch(h)).detach())
+    assert brk.lin.weight.abs().sum() > 0
+    with pg.patch({"breaker.lin.output": AddPatch(value=3.0)}):
+        got = pg(x5)
+    assert torch.equal(got, _lin(model.post, _branch((_lin(brk.lin, pre) + 3.0) * brk.gain)).detach())
 
 
 def test_explicit_graph_break():
@@ -525,7 +552,7 @@ def test_explicit_graph_break():
     check_exact(pg, model, x)
     x5 = rand(B1, sm.D, seed=3)
     check_exact(pg, model, x5)
-    with pg.patch({"breaker.lin_bias": ReplacePatch(value=torch.zeros(sm.D))}):
+    with pg.patch({"breaker.lin.bias": ReplacePatch(value=torch.zeros(sm.D))}):
         got = pg(x5)
     h = F.linear(x5, model.breaker.lin.weight) + 1
     assert torch.equal(got, F.linear(h, model.post.weight, model.post.bias).detach())
