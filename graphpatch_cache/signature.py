@@ -28,15 +28,22 @@ def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> Tupl
         bound = sig.bind(*args, **kwargs)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{type(module).__name__}.forward() does not accept these inputs: {exc}") from exc
+    # With extra positional arguments (*args), the named parameters before them must stay
+    # positional too; otherwise they become keywords.
+    has_var_args = any(
+        sig.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL and v for n, v in bound.arguments.items()
+    )
     out_args: tuple = ()
     out_kwargs: Dict[str, Any] = {}
     for name, value in bound.arguments.items():
         kind = sig.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            out_args = tuple(value)
+            out_args = out_args + tuple(value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
             out_kwargs.update(value)
-        elif kind is inspect.Parameter.POSITIONAL_ONLY:
+        elif kind is inspect.Parameter.POSITIONAL_ONLY or (
+            has_var_args and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ):
             out_args = out_args + (value,)
         else:
             out_kwargs[name] = value

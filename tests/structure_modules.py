@@ -246,9 +246,20 @@ class ProtectedNames(nn.Module):
         self.register_parameter("code", nn.Parameter(torch.linspace(-1.0, 1.0, D)))
         self.register_buffer("meta", torch.linspace(0.0, 1.0, D))
 
-    def forward(self, x, graph, output):
+    def forward(self, x, graph, output, forward):
         h = self._code(x) + graph
         h = self._shape(h)
         h = self.graph(h)
         h = getattr(self, "output")(h) * output
-        return h * self.code + self.meta
+        return h * self.code + self.meta + forward
+
+
+class ReservedLocals(nn.Module):
+    """Local variables named like reserved names: dynamo names op nodes after them."""
+
+    def forward(self, x):
+        _code = x * 2
+        _shape = _code + 1
+        graph = _shape * 3
+        output = graph - 1
+        return output * 2

@@ -184,7 +184,13 @@ def extract(
             hint="register such tensors as buffers, or pass them as inputs",
         )
     data = _with_opaque_children(model, root, data, options)
-    signature = call_signature(inputs, _dynamic_dims(root, inputs))
+    # An opaque module's outputs are known only at the example's sizes, so graphs that use
+    # them are specialized to those sizes: other sizes get their own (on-demand) variant.
+    specialized = any(g.kind in ("opaque", "custom") for g in data.walk())
+    dims = _dynamic_dims(root, inputs)
+    if specialized:
+        dims = [None if d is None else [False] * len(d) for d in dims]
+    signature = call_signature(inputs, dims)
     _, spec = _compat.tree_flatten(inputs)
     devices = sorted({str(p.device) for p in list(model.parameters()) + list(model.buffers())})
     return GraphArtifact(

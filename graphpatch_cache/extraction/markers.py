@@ -123,11 +123,43 @@ def leaf_names(forward: Any, args: tuple, kwargs: dict) -> List[str]:
     return names
 
 
-def _is_flat(values: Any) -> bool:
-    for i in range(len(values)):
-        if isinstance(values[i], (list, tuple, dict)):
-            return False
-    return True
+def _plain(value: Any) -> bool:
+    """Only tensors, non-containers and plain tuple/list/dict nests (no ModelOutput)."""
+    if type(value) in (tuple, list):
+        for i in range(len(value)):
+            if not _plain(value[i]):
+                return False
+        return True
+    if type(value) is dict:
+        for key in value:
+            if not _plain(value[key]):
+                return False
+        return True
+    return not isinstance(value, (tuple, list, dict))
+
+
+def _collect(value: Any, out: List[Any]) -> None:
+    if isinstance(value, torch.Tensor):
+        out.append(value)
+    elif type(value) in (tuple, list):
+        for i in range(len(value)):
+            _collect(value[i], out)
+    elif type(value) is dict:
+        for key in value:
+            _collect(value[key], out)
+
+
+def _rebuild(value: Any, new: List[Any], pos: List[int]) -> Any:
+    if isinstance(value, torch.Tensor):
+        pos[0] += 1
+        return new[pos[0] - 1]
+    if type(value) is tuple:
+        return tuple([_rebuild(value[i], new, pos) for i in range(len(value))])
+    if type(value) is list:
+        return [_rebuild(value[i], new, pos) for i in range(len(value))]
+    if type(value) is dict:
+        return {key: _rebuild(value[key], new, pos) for key in value}
+    return value
 
 
 def _route(marker: Any, tag: str, value: Any) -> Any:
@@ -135,31 +167,16 @@ def _route(marker: Any, tag: str, value: Any) -> Any:
 
     No tensor is ever bound to a local variable here: dynamo names a node after the first
     variable it is stored in, and the nodes should keep the names the module's own code
-    gives them (``mul_3``, ``attn_output``). The common shapes (a tensor; flat tuples;
-    ``(args, kwargs)`` of flat values) skip pytree, whose tracing costs dynamo much more.
+    gives them (``mul_3``, ``attn_output``). Plain tuple/list/dict nests are walked by index
+    for that reason (and because tracing pytree costs dynamo much more); anything else
+    (``ModelOutput``) goes through pytree. Leaf order is pytree's in both cases.
     """
     if isinstance(value, torch.Tensor):
         return marker(tag, [value])[0]
-    if type(value) is tuple and len(value) == 2 and type(value[0]) is tuple and type(value[1]) is dict \
-            and _is_flat(value[0]) and _is_flat(list(value[1].values())):
-        keys = list(value[1].keys())
-        idx = [i for i in range(len(value[0])) if isinstance(value[0][i], torch.Tensor)]
-        kidx = [k for k in keys if isinstance(value[1][k], torch.Tensor)]
-        new = marker(tag, [value[0][i] for i in idx] + [value[1][k] for k in kidx])
-        args = list(value[0])
-        for j in range(len(idx)):
-            args[idx[j]] = new[j]
-        kwargs = dict(value[1])
-        for j in range(len(kidx)):
-            kwargs[kidx[j]] = new[len(idx) + j]
-        return tuple(args), kwargs
-    if type(value) is tuple and _is_flat(value):
-        idx = [i for i in range(len(value)) if isinstance(value[i], torch.Tensor)]
-        new = marker(tag, [value[i] for i in idx])
-        out = list(value)
-        for j in range(len(idx)):
-            out[idx[j]] = new[j]
-        return tuple(out)
+    if _plain(value):
+        leaves: List[Any] = []
+        _collect(value, leaves)
+        return _rebuild(value, marker(tag, leaves), [0])
     leaves, spec = pytree.tree_flatten(value)
     idx = [i for i in range(len(leaves)) if isinstance(leaves[i], torch.Tensor)]
     new = marker(tag, [leaves[i] for i in idx])

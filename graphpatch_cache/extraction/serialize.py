@@ -13,11 +13,18 @@ from ..targets import check_method, qualified_name
 from .split import Frame
 
 
+def _size(size: Any) -> Any:
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if getattr(expr, "is_number", False) else str(size)
+    return int(size)
+
+
 def describe_value(value: Any) -> Dict[str, Any]:
     """Shape/dtype metadata shown in node reprs; symbolic sizes are written as their symbol."""
     if isinstance(value, torch.Tensor):
         return {
-            "shape": [int(s) if not isinstance(s, torch.SymInt) else str(s) for s in value.shape],
+            "shape": [_size(s) for s in value.shape],
             "dtype": str(value.dtype).removeprefix("torch."),
         }
     if isinstance(value, torch.SymInt):

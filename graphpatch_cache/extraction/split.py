@@ -72,6 +72,8 @@ class _Names:
             candidate = f"_{candidate}"
         match = _SUFFIX.match(candidate)
         base = match.group(1) if match else candidate
+        while base in RESERVED:  # a local variable called `output` or `_code`
+            base = base + "_"
         num = self.counts.get(base, 0)
         name = base
         while name in self.used or name in _ILLEGAL:
