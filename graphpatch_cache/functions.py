@@ -79,19 +79,24 @@ def _routed(ref: ModuleRef) -> Iterator[None]:
 
 @register_target
 def run_opaque(
-    ref: ModuleRef, input_spec: str, constants: List[Any], tensors: List[Any], params: Dict[str, Any]
+    ref: ModuleRef,
+    input_spec: str,
+    constants: List[Any],
+    is_tensor: List[bool],
+    tensors: List[Any],
+    params: Dict[str, Any],
 ) -> Any:
     """Call an opaque module with (possibly patched) inputs and parameters.
 
     ``constants`` holds the non-tensor leaves of the ``(args, kwargs)`` the graph was extracted
-    with (``None`` where a tensor goes); ``tensors`` the tensor leaves in order. Parameters and
+    with, ``is_tensor`` says which leaves are tensors instead; ``tensors`` are those, in order. Parameters and
     buffers that differ from the module's own (because a patch replaced them) are substituted
     for this call only, through :func:`torch.func.functional_call`. While it runs, the
     module's calls of its children go to their extracted graphs (see ``ModuleRef.routes``).
     """
     module = ref.module
     it = iter(tensors)
-    leaves = [next(it) if c is None else c for c in constants]
+    leaves = [next(it) if t else c for c, t in zip(constants, is_tensor)]
     args, kwargs = _compat.tree_unflatten(leaves, _spec(input_spec))
     own = dict(module.named_parameters(remove_duplicate=False))
     own.update(module.named_buffers(remove_duplicate=False))

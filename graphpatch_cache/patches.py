@@ -67,7 +67,9 @@ class ZeroPatch(Patch):
 
     def apply(self, value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
-            return type(value)(0) if self.slice is None else value
+            if self.slice is not None:
+                raise TypeError(f"a slice needs a tensor value, got {type(value).__name__}")
+            return type(value)(0)
         if self.slice is None:
             return torch.zeros_like(value)
         return _write_slice(value, self.slice, torch.zeros_like)
@@ -101,7 +103,8 @@ class ReplacePatch(Patch):
                         f"replacement of shape {tuple(self.value.shape)} for a value of shape "
                         f"{tuple(value.shape)}"
                     )
-            return self.value
+            # a copy, so later in-place ops in the model never write into the caller's tensor
+            return self.value.clone() if isinstance(self.value, torch.Tensor) else self.value
         return _write_slice(value, self.slice, lambda part: torch.as_tensor(self.value).to(part).expand_as(part))
 
 

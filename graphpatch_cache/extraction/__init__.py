@@ -20,7 +20,7 @@ import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
-from ..errors import SerializationError, UnusedSubmoduleError
+from ..errors import GraphPatchCacheError, SerializationError, UnusedSubmoduleError
 from ..options import ExtractionOptions
 from ..signature import call_signature, canonical_inputs
 from .capture import capture
@@ -126,8 +126,17 @@ def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph
             if child_record.inputs is None:
                 continue
             child_path = _module_path(model, child_record.module, frame.path)
-            sub = extract(child_record.module, child_record.inputs[0], child_record.inputs[1],
-                          dataclasses.replace(options, allow_unused_submodules=True))
+            try:
+                sub = extract(child_record.module, child_record.inputs[0], child_record.inputs[1],
+                              dataclasses.replace(options, allow_unused_submodules=True))
+            except (GraphPatchCacheError, TypeError) as exc:
+                # The call cannot be extracted on its own (it reads state its parent passes
+                # in objects we cannot store): it runs inside its opaque parent, unpatchable.
+                if options.error_on_compilation_failure:
+                    raise
+                if options.warn_on_compilation_failure:
+                    warnings.warn(f"graphpatch_cache: {child_path!r} runs inside its opaque parent: {exc}", stacklevel=2)
+                continue
             children.append(_reroot(sub.root, child_path, local, sub.signature))
         return dataclasses.replace(g, children=children)
 

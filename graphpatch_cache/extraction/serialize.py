@@ -43,7 +43,8 @@ def describe_value(value: Any) -> Dict[str, Any]:
 
 def _source(node: torch.fx.Node) -> str:
     trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    # Python 3.11+ adds caret lines (^^^^ / ~~~~) under the source line: skip them.
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip() and set(ln.strip()) - set("^~ ")]
     if len(lines) >= 2 and lines[-2].startswith("File "):
         return f"{lines[-2]}: {lines[-1]}"
     return lines[-1] if lines else ""

@@ -363,7 +363,9 @@ class Splitter:
             frame.attrs[local] = f"{frame.path}.{name}" if frame.path else name
             tensors[name] = node
         placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"]
-        result = frame.graph.call_function(run_opaque, (module_ref, frame.input_spec, record.input_leaves, placeholders, tensors))
+        result = frame.graph.call_function(
+            run_opaque, (module_ref, frame.input_spec, record.input_leaves, record.input_is_tensor, placeholders, tensors)
+        )
         result.name = frame.names.fresh("forward_output")
         frame.graph.output(result)
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import _compat
 from ..artifact import GraphArtifact
-from ..errors import SignatureMismatchError
+from ..errors import NodePathError, NotAValueError, SignatureMismatchError
 from ..options import ExtractionOptions
 from ..patches import Patch
 from ..signature import SignatureMatcher, canonical_inputs, signature_key
@@ -110,11 +110,7 @@ class PatchableGraph(torch.nn.Module):
     @property
     def graph(self) -> NodePath:
         """The root :class:`NodePath` (of the graphs extracted for the example inputs)."""
-        variant = self._variants[0]
-        cached = variant.__dict__.get("_node_path")
-        if cached is None:
-            cached = variant.__dict__["_node_path"] = NodePath.from_graph(variant.artifact.root)
-        return cached
+        return self._node_paths(self._variants[0])
 
     @property
     def artifact(self) -> GraphArtifact:
@@ -157,7 +153,30 @@ class PatchableGraph(torch.nn.Module):
         inputs = self._canonical(args, kwargs)
         leaves, spec = _compat.tree_flatten(inputs)
         variant = self._variant_for(inputs, leaves, spec)
+        if variant.installer.missing:
+            graph_path, node, _ = variant.installer.missing[0]
+            path = f"{graph_path}.{node}" if graph_path else node
+            raise NodePathError(
+                f"node {path!r} is patched, but the graph for this call's signature has no such node "
+                f"(it exists in the graph of another call signature)",
+                node_path=path,
+                hint="patch only nodes of the graph this call uses (look at pg.graph_for(...)), or call "
+                "with inputs of the signature whose graph has the node",
+            )
         return variant.root(*[x for x in leaves if isinstance(x, torch.Tensor)])
+
+    def graph_for(self, *args: Any, **kwargs: Any) -> NodePath:
+        """The node tree of the graph that a call with these inputs uses (extracting it if needed)."""
+        inputs = self._canonical(args, kwargs)
+        leaves, spec = _compat.tree_flatten(inputs)
+        variant = self._variant_for(inputs, leaves, spec)
+        return self._node_paths(variant)
+
+    def _node_paths(self, variant: Variant) -> NodePath:
+        cached = variant.__dict__.get("_node_path")
+        if cached is None:
+            cached = variant.__dict__["_node_path"] = NodePath.from_graph(variant.artifact.root)
+        return cached
 
     # -- patching ------------------------------------------------------------------------------------
     def _active_patches(self) -> Dict[SlotKey, List[Patch]]:
@@ -193,9 +212,22 @@ class PatchableGraph(torch.nn.Module):
             for p in patches:
                 if not isinstance(p, Patch):
                     raise TypeError(f"the value for {path!r} holds {type(p).__name__} {p!r:.60}, which is not a Patch")
-            slot_key = self.graph._np_resolve_value(path)
-            entries.append((slot_key, patches))
+            entries.append((self._resolve(path), patches))
         return entries
+
+    def _resolve(self, path: str) -> SlotKey:
+        """Resolve against the example's graph first, then other variants' graphs."""
+        try:
+            return self.graph._np_resolve_value(path)
+        except NodePathError as first:
+            if isinstance(first, NotAValueError):
+                raise
+            for variant in self._variants[1:]:
+                try:
+                    return self._node_paths(variant)._np_resolve_value(path)
+                except NodePathError:
+                    continue
+            raise
 
     @contextlib.contextmanager
     def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch, Sequence[Patch]]]) -> Iterator["PatchableGraph"]:

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 import torch.fx
 
-from ..errors import NodePathError, PatchError
+from ..errors import PatchError
 from ..patches import Patch
 from .bind import ModuleGraphModule
 
@@ -110,13 +110,13 @@ class PatchInstaller:
         walk(root, "")
         self.slots: Dict[SlotKey, Tuple[PatchSlot, torch.fx.Node]] = {}
         self._counter = 0
+        #: active patch keys whose node this graph variant does not have
+        self.missing: List[SlotKey] = []
 
-    def check(self, key: SlotKey) -> None:
+    def has(self, key: SlotKey) -> bool:
         graph_path, node_name, _ = key
         gm = self.modules.get(graph_path)
-        if gm is None or not any(n.name == node_name for n in gm.graph.nodes):
-            path = f"{graph_path}.{node_name}" if graph_path else node_name
-            raise NodePathError(f"no node at path {path!r} in this graph variant", node_path=path)
+        return gm is not None and any(n.name == node_name for n in gm.graph.nodes)
 
     def apply(self, active: Dict[SlotKey, List[Patch]]) -> None:
         touched = set()
@@ -127,9 +127,11 @@ class PatchInstaller:
             gm.graph.erase_node(node)
             delattr(gm, node.target)
             touched.add(key[0])
+        self.missing = [key for key in active if not self.has(key)]
         for key, patches in active.items():
+            if key in self.missing:
+                continue
             if key not in self.slots:
-                self.check(key)
                 self._insert(key)
                 touched.add(key[0])
             self.slots[key][0].patches = list(patches)
