@@ -41,12 +41,14 @@ def dynamo_capture_config() -> Iterator[None]:
     - specialize_float: since torch 2.6 dynamo lifts Python float attributes (LayerNorm eps,
       attention scaling, math.pi) as graph inputs; we bake them as constants instead, the way
       the module would compute them.
-    - recompile/cache limits: every extraction compiles a fresh frame; we reset dynamo before
-      each capture, so the default limits never matter, but keep them generous.
+    - use_duck_shape (torch.fx.experimental._config, torch >= 2.1): off, see below.
     """
     import torch._dynamo
+    import torch.fx.experimental._config as fx_config
 
-    with torch._dynamo.config.patch(specialize_float=True, specialize_int=True):
+    # use_duck_shape: dynamo gives equal example sizes one symbol ("duck sizing"), so a graph
+    # traced at batch == seq silently assumes they stay equal. We want one symbol per size.
+    with torch._dynamo.config.patch(specialize_float=True, specialize_int=True), fx_config.patch(use_duck_shape=False):
         yield
 
 

@@ -53,6 +53,12 @@ def _check_unused(model: torch.nn.Module, called: set, options: ExtractionOption
     that sdpa attention bypasses) have nothing to patch or bind and are always allowed."""
     if options.allow_unused_submodules:
         return
+    used_tensors = {
+        id(p)
+        for m in model.modules()
+        if id(m) in called
+        for p in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+    }
     unused = [
         name
         for name, module in model.named_modules()
@@ -61,6 +67,8 @@ def _check_unused(model: torch.nn.Module, called: set, options: ExtractionOption
         and not isinstance(module, _CONTAINERS)
         and any(True for _ in module.parameters())
         and not any(id(m) in called for m in module.modules())
+        # a module whose parameters are all tied to called modules' (T5's `shared`) is used
+        and not all(id(p) in used_tensors for p in module.parameters())
     ]
     if unused:
         shown = ", ".join(unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")

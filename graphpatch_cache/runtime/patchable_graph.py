@@ -72,7 +72,8 @@ class PatchableGraph(torch.nn.Module):
         self._extractor = extractor
         self._graphs = torch.nn.ModuleDict()
         self._variants: List[Variant] = []
-        self._patch_stack: List[List[Tuple[SlotKey, List[Patch]]]] = []
+        # each entry: (slot key relative to the origin variant's graph, patches, origin variant)
+        self._patch_stack: List[List[Tuple[SlotKey, List[Patch], "Variant"]]] = []
         self._forward_signature = inspect.signature(module.forward)
 
     @classmethod
@@ -103,7 +104,7 @@ class PatchableGraph(torch.nn.Module):
         self._graphs[f"v_{key}"] = root
         self._variants.append(variant)
         if self._patch_stack:
-            variant.installer.apply(self._active_patches())
+            variant.installer.apply(*self._active_patches(variant))
         return variant
 
     # -- public attributes -----------------------------------------------------------------------
@@ -179,17 +180,28 @@ class PatchableGraph(torch.nn.Module):
         return cached
 
     # -- patching ------------------------------------------------------------------------------------
-    def _active_patches(self) -> Dict[SlotKey, List[Patch]]:
+    def _active_patches(self, variant: Variant) -> Tuple[Dict[SlotKey, List[Patch]], List[SlotKey]]:
+        """The active patches, keyed by ``variant``'s node names, and the keys it lacks.
+
+        Node names come from the model's code and dynamo's numbering, so the same op can have
+        another name in another variant's graph (a mask adds ops before it). A key is moved to
+        the node with the same identity (op, target, source line, occurrence), not the same
+        name; where there is none, the key is missing and calls into that variant refuse.
+        """
         active: Dict[SlotKey, List[Patch]] = {}
+        missing: List[SlotKey] = []
         for entries in self._patch_stack:
-            for key, patches in entries:
-                active.setdefault(key, []).extend(patches)
-        return active
+            for key, patches, origin in entries:
+                local = key if origin is variant else _translate(origin, key, variant)
+                if local is None:
+                    missing.append(key)
+                    continue
+                active.setdefault(local, []).extend(patches)
+        return active, missing
 
     def _sync(self) -> None:
-        active = self._active_patches()
         for variant in self._variants:
-            variant.installer.apply(active)
+            variant.installer.apply(*self._active_patches(variant))
 
     def _validate(self, patch_map: Any) -> List[Tuple[SlotKey, List[Patch]]]:
         if not isinstance(patch_map, Mapping):
@@ -212,19 +224,20 @@ class PatchableGraph(torch.nn.Module):
             for p in patches:
                 if not isinstance(p, Patch):
                     raise TypeError(f"the value for {path!r} holds {type(p).__name__} {p!r:.60}, which is not a Patch")
-            entries.append((self._resolve(path), patches))
+            key, origin = self._resolve(path)
+            entries.append((key, patches, origin))
         return entries
 
-    def _resolve(self, path: str) -> SlotKey:
+    def _resolve(self, path: str) -> Tuple[SlotKey, Variant]:
         """Resolve against the example's graph first, then other variants' graphs."""
         try:
-            return self.graph._np_resolve_value(path)
+            return self.graph._np_resolve_value(path), self._variants[0]
         except NodePathError as first:
             if isinstance(first, NotAValueError):
                 raise
             for variant in self._variants[1:]:
                 try:
-                    return self._node_paths(variant)._np_resolve_value(path)
+                    return self._node_paths(variant)._np_resolve_value(path), variant
                 except NodePathError:
                     continue
             raise
@@ -253,6 +266,45 @@ class PatchableGraph(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"PatchableGraph({type(self._model).__name__}, variants={len(self._variants)})"
+
+
+def _identities(variant: Variant) -> Dict[str, Tuple[Dict[str, tuple], Dict[tuple, str]]]:
+    """Per graph path: node name -> identity, and identity -> node name."""
+    cached = variant.__dict__.get("_identities")
+    if cached is not None:
+        return cached
+    out: Dict[str, Tuple[Dict[str, tuple], Dict[tuple, str]]] = {}
+
+    def walk(graph: Any, path: str) -> None:
+        by_name: Dict[str, tuple] = {}
+        by_id: Dict[tuple, str] = {}
+        seen: Dict[tuple, int] = {}
+        for nd in graph.nodes:
+            if nd.op in ("call_function", "call_method"):
+                base = (nd.op, nd.target, nd.meta.get("source", ""))
+                k = seen.get(base, 0)
+                seen[base] = k + 1
+                ident: tuple = base + (k,)
+            else:
+                ident = (nd.op, nd.name)
+            by_name[nd.name] = ident
+            by_id[ident] = nd.name
+        out[path] = (by_name, by_id)
+        for child in graph.children:
+            walk(child, f"{path}.{child.name}" if path else child.name)
+
+    walk(variant.artifact.root, "")
+    variant.__dict__["_identities"] = out
+    return out
+
+
+def _translate(origin: Variant, key: SlotKey, target: Variant) -> Optional[SlotKey]:
+    graph_path, node, keys = key
+    origin_ids, target_ids = _identities(origin).get(graph_path), _identities(target).get(graph_path)
+    if origin_ids is None or target_ids is None or node not in origin_ids[0]:
+        return None
+    name = target_ids[1].get(origin_ids[0][node])
+    return None if name is None else (graph_path, name, keys)
 
 
 def _split_options(example_args: tuple) -> Tuple[ExtractionOptions, tuple]:

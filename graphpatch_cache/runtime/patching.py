@@ -118,7 +118,8 @@ class PatchInstaller:
         gm = self.modules.get(graph_path)
         return gm is not None and any(n.name == node_name for n in gm.graph.nodes)
 
-    def apply(self, active: Dict[SlotKey, List[Patch]]) -> None:
+    def apply(self, active: Dict[SlotKey, List[Patch]], missing: Sequence[SlotKey] = ()) -> None:
+        """Make the slots match ``active``; ``missing`` are keys known to have no node here."""
         touched = set()
         for key in [k for k in self.slots if k not in active]:
             slot, node = self.slots.pop(key)
@@ -127,7 +128,7 @@ class PatchInstaller:
             gm.graph.erase_node(node)
             delattr(gm, node.target)
             touched.add(key[0])
-        self.missing = [key for key in active if not self.has(key)]
+        self.missing = list(missing) + [key for key in active if not self.has(key)]
         for key, patches in active.items():
             if key in self.missing:
                 continue
