@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 from . import functions as _functions  # noqa: F401  (registers graph helper targets)
 from .artifact import GraphArtifact
 from .errors import (
+    ArtifactFormatError,
+    CacheError,
+    CacheMissError,
     ExtractionError,
     GraphPatchCacheError,
     ModelStructureError,
@@ -24,9 +27,16 @@ from .errors import (
 from .options import ExtractionOptions
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from .runtime import NodePath, PatchableGraph
+from .cache import CacheStore, cache_key, load_cached
 from .targets import register_target
 
 __all__ = [
+    "ArtifactFormatError",
+    "CacheError",
+    "CacheMissError",
+    "CacheStore",
+    "cache_key",
+    "load_cached",
     "AddPatch",
     "CustomPatch",
     "ExtractionError",

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .errors import GraphPatchCacheError, SerializationError
+from .errors import ArtifactFormatError, GraphPatchCacheError, SerializationError
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -153,6 +153,100 @@ def _module_graph_from_dict(data: Dict[str, Any]) -> ModuleGraph:
 
 
 # ----------------------------------------------------------------------------------------------
+# Schema validation
+
+_VALIDATORS: Dict[int, Callable[[Any], Any]] = {}
+
+
+def schema_text(version: int = SCHEMA_VERSION) -> str:
+    """The JSON Schema of ``schema_version`` ``version`` (shipped in the wheel)."""
+    from importlib import resources
+
+    return resources.files("graphpatch_cache.cache_schema").joinpath(f"artifact-v{version}.schema.json").read_text()
+
+
+def validate_artifact(data: Any) -> None:
+    """Validate decoded JSON against the artifact's JSON Schema (``cache_schema/``).
+
+    fastjsonschema compiles *our* schema (never the artifact) into a validator once; it is
+    one to two orders of magnitude faster than jsonschema on large artifacts.
+
+    :raises GraphPatchCacheError: not an artifact, an unsupported version, or invalid data.
+    """
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise GraphPatchCacheError("not a graph artifact: no schema_version field",
+                                   hint="pass a file written by PatchableGraph.save() or the cache")
+    version = data["schema_version"]
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise GraphPatchCacheError(
+            f"artifact schema_version {version!r} is not supported; this release reads {list(SUPPORTED_SCHEMA_VERSIONS)}",
+            hint="rebuild the artifact with this release, or upgrade graphpatch-cache",
+        )
+    validator = _VALIDATORS.get(version)
+    if validator is None:
+        import fastjsonschema
+
+        validator = _VALIDATORS[version] = fastjsonschema.compile(json.loads(schema_text(version)))
+    try:
+        validator(data)
+    except Exception as exc:  # fastjsonschema.JsonSchemaException
+        raise GraphPatchCacheError(f"artifact does not match schema_version {version}: {exc}",
+                                   hint="the file is damaged or not written by graphpatch-cache") from exc
+
+
+PORTABLE_FORMAT = "graphpatch-cache-portable"
+
+
+def artifact_from_bytes(data: bytes, path: str, *, validate: bool = True) -> GraphArtifact:
+    """Parse (and validate against ``cache_schema/``) an artifact read from ``path``.
+
+    :raises ArtifactFormatError: not an artifact, an unsupported ``schema_version``, or data
+        that does not fit the schema; the error names ``path``.
+    """
+    try:
+        payload = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactFormatError(f"{path} is not a graph artifact (invalid JSON: {exc})", path=path,
+                                  hint="pass a file written by graphpatch-cache") from exc
+    return _artifact_from_payload(payload, path, validate)
+
+
+def _artifact_from_payload(payload: Any, path: str, validate: bool) -> GraphArtifact:
+    try:
+        if validate:
+            validate_artifact(payload)
+        return GraphArtifact.from_dict(payload)
+    except ArtifactFormatError:
+        raise
+    except GraphPatchCacheError as exc:
+        raise ArtifactFormatError(f"{path}: {exc.message}", path=path, hint=exc.hint) from exc
+
+
+def portable_to_bytes(artifacts: List[GraphArtifact]) -> bytes:
+    """One file holding artifacts (graph variants of one model; never weights)."""
+    payload = {"format": PORTABLE_FORMAT, "artifacts": [a.to_dict() for a in artifacts]}
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def portable_from_bytes(data: bytes, path: str) -> List[GraphArtifact]:
+    """Inverse of :func:`portable_to_bytes`; also accepts a bare artifact (a cache blob).
+
+    :raises ArtifactFormatError: naming ``path``.
+    """
+    try:
+        payload = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactFormatError(f"{path} is not a graph artifact file (invalid JSON: {exc})", path=path,
+                                  hint="pass a file written by PatchableGraph.save() or `graphpatch-cache export`") from exc
+    if isinstance(payload, dict) and payload.get("format") == PORTABLE_FORMAT:
+        items = payload.get("artifacts")
+        if not isinstance(items, list) or not items:
+            raise ArtifactFormatError(f"{path} holds no artifacts", path=path)
+        return [_artifact_from_payload(item, path, True) for item in items]
+    return [_artifact_from_payload(payload, path, True)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Value codec
 # ----------------------------------------------------------------------------------------------
 
@@ -261,8 +355,14 @@ __all__ = [
     "GraphArtifact",
     "ModuleGraph",
     "NodeData",
+    "PORTABLE_FORMAT",
     "SCHEMA_VERSION",
+    "artifact_from_bytes",
+    "portable_from_bytes",
+    "portable_to_bytes",
     "SUPPORTED_SCHEMA_VERSIONS",
+    "schema_text",
+    "validate_artifact",
     "decode_value",
     "encode_value",
 ]

@@ -112,6 +112,28 @@ class ModelStructureError(GraphPatchCacheError):
         super().__init__(message, hint=hint)
 
 
+class CacheError(GraphPatchCacheError):
+    """A cache operation failed.
+
+    :ivar path: the file or directory concerned.
+    """
+
+    def __init__(self, message: str, *, path: str = "", hint: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class CacheMissError(CacheError, KeyError):
+    """A key, key prefix or file that is not in the cache."""
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
+class ArtifactFormatError(CacheError):
+    """A file is not a graph artifact this release reads (bad JSON, schema, version)."""
+
+
 class SignatureMismatchError(GraphPatchCacheError):
     """A call does not match the inputs the graph was extracted for."""
 
@@ -130,6 +152,9 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]
 
 
 __all__ = [
+    "ArtifactFormatError",
+    "CacheError",
+    "CacheMissError",
     "DisallowedTargetError",
     "ExtractionError",
     "GraphPatchCacheError",

@@ -140,9 +140,21 @@ def bind_graph(
         for child in data.children
     }
     attrs: Dict[str, Any] = dict(children)
+    metas = {nd.target: nd.meta for nd in data.nodes if nd.op == "get_attr"}
     for local, qualified in data.attributes.items():
-        attrs[local] = _lookup_tensor(model, qualified, node_path)
-        # A parameter must bind by identity (a buffer may be a plain tensor attribute).
+        tensor = _lookup_tensor(model, qualified, node_path)
+        meta = metas.get(local, {})
+        if isinstance(tensor, torch.Tensor) and "shape" in meta:
+            want = [int(s) if isinstance(s, int) else s for s in meta["shape"]]
+            if list(tensor.shape) != want or str(tensor.dtype).removeprefix("torch.") != meta.get("dtype"):
+                raise ModelStructureError(
+                    f"graph {node_path or '<root>'!r} was extracted with {qualified} of shape {tuple(want)} and "
+                    f"dtype {meta.get('dtype')}, but this model's is {tuple(tensor.shape)}, "
+                    f"{str(tensor.dtype).removeprefix('torch.')}",
+                    node_path=node_path,
+                    hint="this artifact was extracted from a differently configured model (or another dtype)",
+                )
+        attrs[local] = tensor
     graph = torch.fx.Graph()
     env: Dict[str, torch.fx.Node] = {}
     for nd in data.nodes:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import _compat
-from ..artifact import GraphArtifact
-from ..errors import NodePathError, NotAValueError, SignatureMismatchError
+from ..artifact import GraphArtifact, portable_from_bytes, portable_to_bytes
+from ..errors import CacheMissError, NodePathError, NotAValueError, SignatureMismatchError
 from ..options import ExtractionOptions
 from ..patches import Patch
 from ..signature import SignatureMatcher, canonical_inputs, signature_key
@@ -263,6 +265,51 @@ class PatchableGraph(torch.nn.Module):
         finally:
             self._patch_stack.remove(entries)
             self._sync()
+
+    # -- portable files ----------------------------------------------------------------------------
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write every graph variant to one portable file (pure data, never weights), for
+        :meth:`load` on another machine. The write is atomic."""
+        data = portable_to_bytes([v.artifact for v in self._variants])
+        dest = Path(path)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    @classmethod
+    def load(
+        cls,
+        path: Union[str, "os.PathLike[str]"],
+        model: torch.nn.Module,
+        *,
+        options: Optional[ExtractionOptions] = None,
+    ) -> "PatchableGraph":
+        """Bind the graphs in a file written by :meth:`save` (or ``graphpatch-cache export``)
+        to ``model``.
+
+        :raises CacheMissError: no such file.
+        :raises ArtifactFormatError: not an artifact file (or an unsupported version).
+        :raises ModelStructureError: the graphs belong to a differently structured model;
+            the error names the module or parameter that differs.
+        """
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError as exc:
+            raise CacheMissError(f"no artifact file at {path}", path=str(path),
+                                 hint="write one with pg.save(path) or `graphpatch-cache export`") from exc
+        artifacts = portable_from_bytes(data, str(path))
+        pg = cls.from_artifact(model, artifacts[0], options=options)
+        for artifact in artifacts[1:]:
+            pg._add_variant(artifact)
+        return pg
 
     def __repr__(self) -> str:
         return f"PatchableGraph({type(self._model).__name__}, variants={len(self._variants)})"

@@ -1,0 +1,189 @@
+"""Cache keys: a digest of everything that determines the extracted graphs, nothing more.
+
+What goes in (DESIGN.md, "The artifact and the cache"):
+
+- the environment: schema and package versions; Python, torch and transformers versions;
+  accelerate and bitsandbytes versions when the model uses them;
+- the model's structure: class, training flag, config (without machine-specific fields such
+  as local paths), every module's path and type (8-bit replacements change the structure),
+  every parameter's and buffer's name, shape and dtype and which names are tied (never
+  values), and a digest of the source files of every module class involved;
+- the example inputs' signature: structure, per tensor dtype, rank, device type and whether
+  each size is 0, 1 or larger (larger sizes share graphs); Python constants by value;
+- the extraction options.
+
+Two teammates with the same model on different paths, with different weights, in different
+working directories or cache locations, get the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import platform
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .. import _compat
+from ..artifact import SCHEMA_VERSION
+from ..options import ExtractionOptions
+from ..signature import _const, canonical_inputs
+
+#: config fields that describe the machine or the download, not the model's structure
+_MACHINE_CONFIG_FIELDS = frozenset(
+    {"_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset"}
+)
+
+_FILE_DIGESTS: Dict[Tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: str) -> str:
+    st = os.stat(path)
+    cache_key = (path, st.st_mtime_ns, st.st_size)
+    digest = _FILE_DIGESTS.get(cache_key)
+    if digest is None:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        _FILE_DIGESTS[cache_key] = digest
+    return digest
+
+
+def _uses(model: torch.nn.Module, package: str) -> bool:
+    return any(
+        type(m).__module__.startswith(package) or type(getattr(m, "_hf_hook", None)).__module__.startswith(package)
+        for m in model.modules()
+    )
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        module = __import__(package)
+    except ImportError:
+        return None
+    return getattr(module, "__version__", "unknown")
+
+
+def environment_fingerprint(model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Versions that enter the key (accelerate/bitsandbytes only where ``model`` uses them)."""
+    from .. import __version__
+
+    env: Dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "graphpatch_cache": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+    }
+    if model is not None:
+        for package in ("accelerate", "bitsandbytes"):
+            if _uses(model, package):
+                env[package] = _version(package)
+    return env
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def config_fingerprint(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    data = {k: v for k, v in config.to_dict().items() if k not in _MACHINE_CONFIG_FIELDS}
+    data["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return _jsonable(data)
+
+
+def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
+    """The model's structure: modules, tensor names/shapes/dtypes/ties, sources, config."""
+    modules = [[name, f"{type(m).__module__}.{type(m).__qualname__}"] for name, m in model.named_modules(remove_duplicate=False)]
+    first_name: Dict[int, str] = {}
+    tensors = []
+    for kind, named in (("param", model.named_parameters(remove_duplicate=False)), ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, tensor in named:
+            tied = first_name.setdefault(id(tensor), name)
+            tensors.append([kind, name, list(tensor.shape), str(tensor.dtype), None if tied == name else tied])
+    files = set()
+    for m in model.modules():
+        for cls in type(m).__mro__:
+            if cls in (torch.nn.Module, object):
+                break
+            try:
+                path = inspect.getsourcefile(cls)
+            except (TypeError, OSError):
+                path = None
+            if path and os.path.exists(path):
+                files.add(path)
+    sources = sorted({_file_digest(p) for p in files})
+    return {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "training": bool(model.training),
+        "config": config_fingerprint(model),
+        "modules": modules,
+        "tensors": tensors,
+        "sources": sources,
+    }
+
+
+def input_fingerprint(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
+    """The example inputs' shape class: sizes 0 and 1 are distinct, larger sizes are not."""
+    leaves, spec = _compat.tree_flatten(inputs)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            dims = [s if s < 2 else "n" for s in leaf.shape]
+            out.append(["tensor", str(leaf.dtype), leaf.device.type, dims])
+        else:
+            out.append(["const", _const(leaf)])
+    return {"spec": _compat.treespec_dumps(spec), "leaves": out}
+
+
+def key_material(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    options: Optional[ExtractionOptions] = None,
+    environment: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Everything the key is a digest of (useful to see why two keys differ)."""
+    inputs = canonical_inputs(model, tuple(args), dict(kwargs))
+    return {
+        "environment": environment if environment is not None else environment_fingerprint(model),
+        "model": structure_fingerprint(model),
+        "inputs": input_fingerprint(inputs),
+        "options": (options or ExtractionOptions()).fingerprint(),
+    }
+
+
+def digest_of(material: Dict[str, Any]) -> str:
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_key(
+    model: torch.nn.Module,
+    *example_args: Any,
+    options: Optional[ExtractionOptions] = None,
+    environment: Optional[Dict[str, Any]] = None,
+    **example_kwargs: Any,
+) -> str:
+    """The cache key for ``model`` called with these example inputs, without building anything.
+
+    :param environment: override the environment fingerprint (see
+        :func:`environment_fingerprint`), e.g. to see the key another torch version would use.
+    """
+    return digest_of(key_material(model, example_args, example_kwargs, options, environment))
+
+
+__all__ = ["cache_key", "config_fingerprint", "environment_fingerprint", "input_fingerprint", "key_material", "structure_fingerprint"]

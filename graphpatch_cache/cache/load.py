@@ -1,0 +1,117 @@
+"""load_cached: PatchableGraph with extraction memoized by a :class:`CacheStore`.
+
+``load_cached(model, *inputs)`` is ``PatchableGraph(model, *inputs)`` with the extractor
+replaced by :class:`CachingExtractor`: one code path, so a graph from the cache and a fresh
+one have identical node paths, outputs and patch behaviour. Graph variants that the
+PatchableGraph extracts later (a call with another signature) go through the same extractor
+and are cached under their own keys.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from .. import _compat
+from ..artifact import GraphArtifact
+from ..options import ExtractionOptions
+from ..runtime.patchable_graph import PatchableGraph, default_extractor
+from ..signature import SignatureMatcher, canonical_inputs, concrete_signature
+from .keys import cache_key
+from .store import CacheStore
+
+_WARNED_ROOTS: set = set()
+
+
+@dataclass
+class CacheStats:
+    """What a :class:`CachingExtractor` did: hits, misses (extractions) and failed writes."""
+
+    hits: int = 0
+    misses: int = 0
+    write_failures: int = 0
+    keys: List[str] = field(default_factory=list)
+
+
+class CachingExtractor:
+    """An extractor (see :data:`~graphpatch_cache.runtime.patchable_graph.Extractor`) that
+    looks in ``store`` first and stores what it extracts."""
+
+    def __init__(self, store: CacheStore) -> None:
+        self.store = store
+        self.stats = CacheStats()
+
+    def _lookup(self, key: str, inputs: Any) -> Optional[GraphArtifact]:
+        leaves, spec = _compat.tree_flatten(inputs)
+        for entry in self.store.variants(key):
+            if not entry.signature or not SignatureMatcher(entry.signature).fits(leaves, spec):
+                continue
+            artifact = self.store.load_entry(entry)
+            if artifact is not None:
+                return artifact
+        return None
+
+    def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions) -> GraphArtifact:
+        key = cache_key(model, *args, options=options, **kwargs)
+        self.stats.keys.append(key)
+        inputs = canonical_inputs(model, tuple(args), dict(kwargs))
+        artifact = self._lookup(key, inputs)
+        if artifact is not None:
+            self.stats.hits += 1
+            return artifact
+        with self.store.lock(key):
+            artifact = self._lookup(key, inputs)  # another process may have built it meanwhile
+            if artifact is not None:
+                self.stats.hits += 1
+                return artifact
+            artifact = default_extractor(model, args, kwargs, options)
+            self.stats.misses += 1
+            try:
+                self.store.put(key, artifact)
+            except OSError as exc:
+                self.stats.write_failures += 1
+                root = str(self.store.root)
+                if root not in _WARNED_ROOTS:
+                    _WARNED_ROOTS.add(root)
+                    warnings.warn(
+                        f"graphpatch_cache: cannot write to the cache at {root} ({exc.strerror or exc}); "
+                        "graphs are extracted in memory and not cached",
+                        stacklevel=4,
+                    )
+        return artifact
+
+
+def _store(cache: Union[CacheStore, str, Any, None]) -> CacheStore:
+    if isinstance(cache, CacheStore):
+        return cache
+    return CacheStore(cache)
+
+
+def load_cached(
+    model: torch.nn.Module,
+    *example_args: Any,
+    options: Optional[ExtractionOptions] = None,
+    cache: Union[CacheStore, str, Any, None] = None,
+    **example_kwargs: Any,
+) -> PatchableGraph:
+    """A :class:`PatchableGraph` for ``model``, from the cache when possible.
+
+    On a hit the artifact is rebuilt and bound to ``model``'s own parameters (no copies); on
+    a miss the graphs are extracted, stored and bound. If the cache cannot be written (a
+    read-only or full filesystem) the graph is still returned, with one warning.
+
+    :param cache: a :class:`CacheStore`, a root directory, or ``None`` for the default root
+        (``$GRAPHPATCH_CACHE_DIR`` or the user cache dir).
+    """
+    options = options or ExtractionOptions()
+    extractor = CachingExtractor(_store(cache))
+    artifact = extractor(model, example_args, example_kwargs, options)
+    pg = PatchableGraph.from_artifact(model, artifact, options=options, extractor=extractor)
+    pg.cache_stats = extractor.stats
+    return pg
+
+
+__all__ = ["CacheStats", "CachingExtractor", "load_cached"]

@@ -1,0 +1,63 @@
+"""The per-user local tier: a diskcache in front of a (possibly shared, possibly slow) root.
+
+Blobs are immutable and named by their digest, so the local copy of a blob can never be
+stale: readers still verify its digest, and a bad local copy is simply dropped. Deleting the
+whole local directory is always safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+#: local blobs beyond this many bytes are evicted (least recently used first)
+DEFAULT_SIZE_LIMIT = 2 * 1024**3
+
+
+class LocalTier:
+    """Memoized blob bytes by digest, in a diskcache at ``directory``."""
+
+    def __init__(self, directory: Path, size_limit: int = DEFAULT_SIZE_LIMIT) -> None:
+        self.directory = Path(directory)
+        self.size_limit = size_limit
+        self._cache = None
+
+    def _open(self):
+        if self._cache is None:
+            import diskcache
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._cache = diskcache.Cache(str(self.directory), size_limit=self.size_limit,
+                                          eviction_policy="least-recently-used")
+        return self._cache
+
+    def get_blob(self, digest: str) -> Optional[bytes]:
+        try:
+            value = self._open().get(f"blob:{digest}")
+        except Exception:  # a damaged or deleted local tier is just a miss
+            self._reset()
+            return None
+        return value if isinstance(value, bytes) else None
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        try:
+            self._open().set(f"blob:{digest}", data)
+        except Exception:
+            self._reset()
+
+    def drop_blob(self, digest: str) -> None:
+        with contextlib.suppress(Exception):
+            self._open().delete(f"blob:{digest}")
+
+    def _reset(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._cache is not None:
+                self._cache.close()
+        self._cache = None
+
+    def close(self) -> None:
+        self._reset()
+
+
+__all__ = ["LocalTier"]
