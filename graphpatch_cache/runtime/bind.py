@@ -139,7 +139,9 @@ def bind_graph(
         child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device)
         for child in data.children
     }
-    attrs: Dict[str, Any] = dict(children)
+    # Children go in as empty stand-ins and are swapped in afterwards: GraphModule's graph
+    # setter recompiles every GraphModule child again, which made binding quadratic in depth.
+    attrs: Dict[str, Any] = {name: torch.nn.Module() for name in children}
     metas = {nd.target: nd.meta for nd in data.nodes if nd.op == "get_attr"}
     for local, qualified in data.attributes.items():
         tensor = _lookup_tensor(model, qualified, node_path)
@@ -197,9 +199,8 @@ def bind_graph(
         node.meta["graphpatch"] = nd.meta
         env[nd.name] = node
     gm = ModuleGraphModule(attrs, graph, class_name=type(module).__name__)
-    for name, child in children.items():  # graphs an opaque module calls itself (no call_module node)
-        if not hasattr(gm, name):
-            gm.add_module(name, child)
+    for name, child in children.items():  # (also graphs an opaque module calls itself: no call_module)
+        gm._modules[name] = child
     gm._graphpatch_data = data
     gm._graphpatch_node_path = node_path
     return gm

@@ -1,0 +1,194 @@
+"""Cache benefit: fresh extraction vs a load_cached hit, side by side in one process, on CPU.
+
+Models (random weights, sdpa attention, eval mode):
+
+- ``gpt2_12l``: GPT-2 small shape (12 layers, width 768, 12 heads), real CPU tensors;
+- ``llama_32l_small``: Llama with 32 layers, hidden 64, intermediate 128, 4 heads, vocab 1000;
+- ``llama2_7b_meta``: the Llama-2-7B configuration on the meta device
+  (``accelerate.init_empty_weights(include_buffers=False)``).
+
+Inputs: batch 1, ``--seq`` token ids, ``use_cache=False``. For each model: ``fresh_s``
+(``PatchableGraph(model, **inputs)``), ``miss_s`` (the first ``load_cached`` into a fresh
+temp cache root and local dir), ``hit_s`` (median of ``--hits`` further ``load_cached``
+calls), ``speedup = fresh_s / hit_s``, ``artifact_bytes`` (blob size from
+``store.entries()``) and whether the hit's outputs equal the fresh graph's (on meta: the
+output shape). Prints one JSON object, with ``targets`` and peak RSS.
+
+Run: python scripts/bench_cache.py [--seq 12] [--hits 3] [--only NAME ...]   (not collected by pytest)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from graphpatch_cache import CacheStore, PatchableGraph, load_cached  # noqa: E402
+from graphpatch_cache import __version__ as gpc_version  # noqa: E402
+
+TARGETS = {"speedup_min": 30.0, "llama2_7b_meta_hit_s_max": 1.0}
+
+
+def _gpt2_12l():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config).eval(), config.vocab_size
+
+
+def _llama_32l_small():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval(), config.vocab_size
+
+
+def _llama2_7b_meta():
+    from accelerate import init_empty_weights
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM(config)
+    return model.eval(), config.vocab_size
+
+
+MODELS = {"gpt2_12l": _gpt2_12l, "llama_32l_small": _llama_32l_small, "llama2_7b_meta": _llama2_7b_meta}
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def _warmup() -> float:
+    """One small extraction so one-time costs (dynamo import/initialisation) hit nobody's fresh_s."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64)
+    config._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(config).eval()
+    _, seconds = _timed(lambda: PatchableGraph(model, input_ids=torch.randint(0, 128, (1, 8)), use_cache=False))
+    return seconds
+
+
+def bench(name: str, seq: int, hits: int) -> dict:
+    model, vocab = MODELS[name]()
+    on_meta = any(p.is_meta for p in model.parameters())
+    inputs = {"input_ids": torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(1)),
+              "use_cache": False}
+    n_params = sum(p.numel() for p in model.parameters())
+
+    fresh, fresh_s = _timed(lambda: PatchableGraph(model, **inputs))
+    with tempfile.TemporaryDirectory(prefix="gpc_bench_") as tmp:
+        store = CacheStore(Path(tmp) / "root", local_dir=Path(tmp) / "local")
+        miss, miss_s = _timed(lambda: load_cached(model, cache=store, **inputs))
+        miss_stats = (miss.cache_stats.hits, miss.cache_stats.misses)
+        hit_times, hit_stats = [], []
+        hit = None
+        for _ in range(hits):
+            hit, seconds = _timed(lambda: load_cached(model, cache=store, **inputs))
+            hit_times.append(seconds)
+            hit_stats.append((hit.cache_stats.hits, hit.cache_stats.misses))
+        entries = store.entries()
+        artifact_bytes = sum(e.size for e in entries)
+        blob_bytes = sum(
+            os.path.getsize(store.root / "objects" / e.digest[:2] / e.digest) for e in {e.digest: e for e in entries}.values()
+        )
+
+    with torch.no_grad():
+        out_fresh, out_hit = _logits(fresh(**inputs)), _logits(hit(**inputs))
+        if on_meta:
+            outputs_equal = None
+            compared = "shape"
+            same = tuple(out_fresh.shape) == tuple(out_hit.shape) == (1, seq, vocab)
+        else:
+            compared = "values"
+            out_model = _logits(model(**inputs))
+            outputs_equal = bool(torch.equal(out_fresh, out_hit))
+            same = outputs_equal and bool(torch.equal(out_hit, out_model))
+    hit_s = statistics.median(hit_times)
+    result = {
+        "params": n_params,
+        "device": "meta" if on_meta else "cpu",
+        "fresh_s": round(fresh_s, 4),
+        "miss_s": round(miss_s, 4),
+        "hit_s": round(hit_s, 4),
+        "hit_times_s": [round(t, 4) for t in hit_times],
+        "speedup": round(fresh_s / hit_s, 1),
+        "artifact_bytes": artifact_bytes,
+        "blob_bytes_on_disk": blob_bytes,
+        "entries": len(entries),
+        "miss_stats_hits_misses": list(miss_stats),
+        "hit_stats_hits_misses": [list(s) for s in hit_stats],
+        "compared": compared,
+        "output_shape": list(out_hit.shape),
+        "outputs_equal": same,
+    }
+    del model, fresh, miss, hit
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=12)
+    parser.add_argument("--hits", type=int, default=3)
+    parser.add_argument("--only", nargs="*", choices=sorted(MODELS), default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    report = {
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "graphpatch_cache": gpc_version,
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+        },
+        "inputs": {"batch": 1, "seq": args.seq, "use_cache": False},
+        "warmup_extraction_s": round(_warmup(), 4),
+        "models": {},
+    }
+    for name in args.only or list(MODELS):
+        print(f"[bench_cache] {name} ...", file=sys.stderr, flush=True)
+        report["models"][name] = bench(name, args.seq, args.hits)
+    models = report["models"]
+    checks = {f"{n}_speedup>={TARGETS['speedup_min']:g}": m["speedup"] >= TARGETS["speedup_min"] for n, m in models.items()}
+    if "llama2_7b_meta" in models:
+        checks["llama2_7b_meta_hit_s<=1.0"] = models["llama2_7b_meta"]["hit_s"] <= TARGETS["llama2_7b_meta_hit_s_max"]
+    checks["outputs_equal"] = all(m["outputs_equal"] for m in models.values())
+    report["targets"] = TARGETS
+    report["targets_met"] = checks
+    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
