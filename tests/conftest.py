@@ -11,6 +11,21 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache_dirs(tmp_path_factory):
+    """No test touches the user's real cache: the default roots point into a temp dir."""
+    base = tmp_path_factory.mktemp("default-cache")
+    old = {k: os.environ.get(k) for k in ("GRAPHPATCH_CACHE_DIR", "GRAPHPATCH_CACHE_LOCAL_DIR")}
+    os.environ["GRAPHPATCH_CACHE_DIR"] = str(base / "root")
+    os.environ["GRAPHPATCH_CACHE_LOCAL_DIR"] = str(base / "local")
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def tiny_gpt2(n_layer: int = 2, attn: str = "sdpa", seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
