@@ -2,7 +2,8 @@
 
 Dynamo drops its guards with the graph, so we keep our own. A signature records the
 structure of the canonical ``(args, kwargs)`` (which keyword arguments were given, which were
-None), and per leaf either the tensor's dtype, rank, device type and which dimensions are
+None), and per leaf either the tensor's dtype, rank (and, for information only, device type:
+graphs are device-independent) and which dimensions are
 fixed, or the exact value of a Python constant. Dimensions traced symbolically accept any
 size except that a size of 1 (which dynamo specializes) forms its own signature.
 """
@@ -102,7 +103,7 @@ def _leaf_fits(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
         return False
     if want["kind"] == "const":
         return want["value"] == got["value"]
-    if want["dtype"] != got["dtype"] or want["device"] != got["device"] or len(want["dims"]) != len(got["dims"]):
+    if want["dtype"] != got["dtype"] or len(want["dims"]) != len(got["dims"]):
         return False
     for w, g in zip(want["dims"], got["dims"]):
         if w == "dyn":
@@ -156,7 +157,7 @@ class SignatureMatcher:
             if want["kind"] == "tensor":
                 if not isinstance(leaf, torch.Tensor):
                     return False
-                if str(leaf.dtype)[6:] != want["dtype"] or leaf.device.type != want["device"]:
+                if str(leaf.dtype)[6:] != want["dtype"]:
                     return False
                 dims = want["dims"]
                 if leaf.dim() != len(dims):

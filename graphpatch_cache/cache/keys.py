@@ -8,8 +8,9 @@ What goes in (DESIGN.md, "The artifact and the cache"):
   as local paths), every module's path and type (8-bit replacements change the structure),
   every parameter's and buffer's name, shape and dtype and which names are tied (never
   values), and a digest of the source files of every module class involved;
-- the example inputs' signature: structure, per tensor dtype, rank, device type and whether
-  each size is 0, 1 or larger (larger sizes share graphs); Python constants by value;
+- the example inputs' signature: structure, per tensor dtype, rank and whether each size is
+  0, 1 or larger (larger sizes share graphs); Python constants by value. Not the device:
+  a graph built on a CPU box (or on the meta device) serves a GPU model;
 - the extraction options.
 
 Two teammates with the same model on different paths, with different weights, in different
@@ -34,7 +35,8 @@ from ..signature import _const, canonical_inputs
 
 #: config fields that describe the machine or the download, not the model's structure
 _MACHINE_CONFIG_FIELDS = frozenset(
-    {"_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset"}
+    {"_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset",
+     "architectures"}
 )
 
 _FILE_DIGESTS: Dict[Tuple[str, int, int], str] = {}
@@ -143,7 +145,7 @@ def input_fingerprint(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             dims = [s if s < 2 else "n" for s in leaf.shape]
-            out.append(["tensor", str(leaf.dtype), leaf.device.type, dims])
+            out.append(["tensor", str(leaf.dtype), dims])
         else:
             out.append(["const", _const(leaf)])
     return {"spec": _compat.treespec_dumps(spec), "leaves": out}

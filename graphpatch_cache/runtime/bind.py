@@ -107,6 +107,7 @@ def bind_graph(
     model: torch.nn.Module,
     node_path: str = "",
     device: Optional[torch.device] = None,
+    traced_on: frozenset = frozenset(),
 ) -> ModuleGraphModule:
     """Rebuild one module graph (and its children) bound to ``model``'s tensors.
 
@@ -133,10 +134,14 @@ def bind_graph(
     device = _module_device(module, device)
 
     def map_device(d: torch.device) -> torch.device:
-        return device if d.type == "meta" and device is not None else d
+        # Device constants traced on the meta device (a build from a config) or on the
+        # device the example ran on mean "the module's device" here.
+        if device is not None and (d.type == "meta" or d.type in traced_on) and d != device:
+            return device
+        return d
 
     children = {
-        child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device)
+        child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device, traced_on)
         for child in data.children
     }
     # Children go in as empty stand-ins and are swapped in afterwards: GraphModule's graph
@@ -208,7 +213,8 @@ def bind_graph(
 
 def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
     """Rebuild the artifact's root graph bound to ``model``."""
-    return bind_graph(artifact.root, model)
+    traced_on = frozenset(torch.device(d).type for d in artifact.extraction.get("devices", []))
+    return bind_graph(artifact.root, model, traced_on=traced_on)
 
 
 __all__ = ["MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph"]
