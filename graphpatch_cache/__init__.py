@@ -27,7 +27,7 @@ from .errors import (
 from .options import ExtractionOptions
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from .runtime import NodePath, PatchableGraph
-from .cache import CacheStore, cache_key, load_cached
+from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
 from .targets import register_target
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "CacheError",
     "CacheMissError",
     "CacheStore",
+    "ExampleSignature",
+    "build",
     "cache_key",
     "load_cached",
     "AddPatch",

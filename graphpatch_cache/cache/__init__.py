@@ -8,11 +8,17 @@ Call map::
       -> PatchableGraph.from_artifact(model, artifact, extractor=the same CachingExtractor)
 """
 
+from .build import BuildError, BuildResult, ExampleSignature, build, meta_model
 from .keys import cache_key, environment_fingerprint, key_material
 from .load import CacheStats, CachingExtractor, load_cached
 from .store import CacheEntry, CacheStore, GcReport, Problem, default_local_dir, default_root
 
 __all__ = [
+    "BuildError",
+    "BuildResult",
+    "ExampleSignature",
+    "build",
+    "meta_model",
     "CacheEntry",
     "CacheStats",
     "CacheStore",

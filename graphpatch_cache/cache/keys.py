@@ -33,10 +33,11 @@ from ..artifact import SCHEMA_VERSION
 from ..options import ExtractionOptions
 from ..signature import _const, canonical_inputs
 
-#: config fields that describe the machine or the download, not the model's structure
+#: config fields that describe the machine or the download, not the model's structure, and
+#: fields the tensors already say better (the dtype a config was saved with vs loaded in)
 _MACHINE_CONFIG_FIELDS = frozenset(
     {"_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset",
-     "architectures"}
+     "architectures", "dtype", "torch_dtype"}
 )
 
 _FILE_DIGESTS: Dict[Tuple[str, int, int], str] = {}

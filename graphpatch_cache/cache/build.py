@@ -1,0 +1,182 @@
+"""build: an artifact from a model's configuration alone, on the meta device, no weights.
+
+The model is instantiated under ``accelerate.init_empty_weights`` (parameters on the meta
+device, so a 7B configuration needs no weight memory), extracted with example inputs made
+from a signature description, and stored under the key ``load_cached`` computes later for
+the real model loaded with ``from_pretrained`` in the same dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from ..artifact import GraphArtifact
+from ..errors import GraphPatchCacheError
+from ..options import ExtractionOptions
+from .keys import cache_key
+from .load import CachingExtractor, _store
+from .store import CacheEntry, CacheStore
+
+
+class BuildError(GraphPatchCacheError):
+    """A build request cannot be carried out (unknown config class, missing package...)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExampleSignature:
+    """How build() makes example inputs when none are given.
+
+    Defaults: batch 1, 8 tokens of ``input_ids`` (random ids below the vocabulary size), no
+    ``attention_mask``, ``use_cache=False``; encoder-decoder models also get
+    ``decoder_input_ids`` of the same shape. Graphs are shape-generic, so any batch size and
+    sequence length of at least 2 reuse the same graph (sizes 1 get their own variant: build
+    with ``batch_size=1`` for single-sequence use, the default).
+    """
+
+    batch_size: int = 1
+    seq_len: int = 8
+    attention_mask: bool = False
+    use_cache: bool = False
+
+    def inputs(self, config: Any) -> Dict[str, Any]:
+        vocab = int(getattr(config, "vocab_size", 2) or 2)
+        g = torch.Generator().manual_seed(0)
+        shape = (self.batch_size, self.seq_len)
+        inputs: Dict[str, Any] = {"input_ids": torch.randint(0, vocab, shape, generator=g)}
+        if self.attention_mask:
+            inputs["attention_mask"] = torch.ones(shape, dtype=torch.long)
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = torch.randint(0, vocab, shape, generator=g)
+        if getattr(config, "use_cache", None) is not None or self.use_cache:
+            inputs["use_cache"] = self.use_cache
+        return inputs
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    key: str
+    artifact: GraphArtifact
+    entry: Optional[CacheEntry]
+    seconds: float
+    cached: bool  # True when the artifact was already in the cache
+
+
+def _model_class(config: Any, model_class: Any) -> Any:
+    import transformers
+
+    if model_class is not None:
+        if isinstance(model_class, str):
+            found = getattr(transformers, model_class, None)
+            if found is None:
+                raise BuildError(f"transformers has no model class {model_class!r}",
+                                 hint="pass the class itself, or a name such as 'LlamaForCausalLM'")
+            return found
+        return model_class
+    for name in getattr(config, "architectures", None) or []:
+        found = getattr(transformers, name, None)
+        if found is not None:
+            return found
+    try:
+        transformers.AutoModelForCausalLM._model_mapping[type(config)]
+        return transformers.AutoModelForCausalLM
+    except KeyError:
+        return transformers.AutoModel
+
+
+def meta_model(
+    config: Any,
+    *,
+    model_class: Any = None,
+    dtype: Optional[torch.dtype] = None,
+    quantization: Optional[str] = None,
+    attn_implementation: Optional[str] = None,
+) -> torch.nn.Module:
+    """Instantiate the model for ``config`` on the meta device (no weight memory), as
+    ``from_pretrained`` would lay it out: same class, dtype, attention, tied weights."""
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+    except ImportError as exc:
+        raise BuildError("build() needs transformers and accelerate",
+                         hint="pip install 'graphpatch-cache[transformers]'") from exc
+    if not isinstance(config, transformers.PretrainedConfig):
+        raise BuildError(f"build() takes a transformers config or model class, got {type(config).__name__}",
+                         hint="e.g. build(LlamaConfig(...)) or build('path/to/dir/with/config.json') in the CLI")
+    if quantization not in (None, "8bit"):
+        raise BuildError(f"unknown quantization {quantization!r}", hint="use quantization='8bit' or None")
+    cls = _model_class(config, model_class)
+    kwargs: Dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "from_config"):
+            model = cls.from_config(config, **kwargs)
+        else:
+            model = cls._from_config(config, **kwargs)
+    if quantization == "8bit":
+        from .. import integrations
+
+        model = integrations.quantize_8bit_on_meta(model)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def build(
+    config_or_model_class: Any,
+    *example_args: Any,
+    dtype: Optional[torch.dtype] = None,
+    quantization: Optional[str] = None,
+    cache: Union[CacheStore, str, None] = None,
+    options: Optional[ExtractionOptions] = None,
+    signature: Optional[ExampleSignature] = None,
+    model_class: Any = None,
+    attn_implementation: Optional[str] = None,
+    force: bool = False,
+    **example_kwargs: Any,
+) -> BuildResult:
+    """Build and store the artifact for a model described by its config alone.
+
+    :param config_or_model_class: a ``PretrainedConfig`` (or a model class: its default config).
+    :param example_args: example inputs; without any, ``signature`` describes them.
+    :param dtype: the dtype the real model will be loaded in (``from_pretrained(dtype=...)``).
+    :param quantization: ``"8bit"`` for ``BitsAndBytesConfig(load_in_8bit=True)`` models.
+    :param force: extract even when the cache already has the artifact.
+    :raises BuildError: unknown config class, missing packages; nothing is written then.
+    """
+    config = config_or_model_class
+    if isinstance(config, type):
+        model_class = model_class or config
+        config_class = getattr(config, "config_class", None)
+        if config_class is None:
+            raise BuildError(f"{config.__name__} has no config_class", hint="pass a config instance")
+        config = config_class()
+    start = time.perf_counter()
+    model = meta_model(config, model_class=model_class, dtype=dtype, quantization=quantization,
+                       attn_implementation=attn_implementation)
+    options = options or ExtractionOptions()
+    if not example_args and not example_kwargs:
+        example_kwargs = (signature or ExampleSignature()).inputs(model.config)
+    store = _store(cache)
+    key = cache_key(model, *example_args, options=options, **example_kwargs)
+    extractor = CachingExtractor(store)
+    if force:
+        from ..runtime.patchable_graph import default_extractor
+
+        artifact = default_extractor(model, example_args, example_kwargs, options)
+        store.put(key, artifact)
+        cached = False
+    else:
+        artifact = extractor(model, example_args, example_kwargs, options)
+        cached = extractor.stats.hits > 0
+    entry = next((e for e in store.variants(key) if e.signature == artifact.signature), None)
+    return BuildResult(key=key, artifact=artifact, entry=entry, seconds=time.perf_counter() - start, cached=cached)
+
+
+__all__ = ["BuildError", "BuildResult", "ExampleSignature", "build", "meta_model"]
