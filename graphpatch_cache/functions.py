@@ -49,6 +49,18 @@ def restore_grad_enabled(previous: bool) -> None:
     torch._C._set_grad_enabled(previous)
 
 
+@register_target
+def linear_8bit(ref: "ModuleRef", x: torch.Tensor, weight: Any, bias: Any) -> torch.Tensor:
+    """A bitsandbytes 8-bit linear. With its own weight (the int8 parameter, unpatched) it
+    runs the module itself, exactly; with a patched (dequantized, float) weight it computes
+    ``F.linear`` with that weight."""
+    module = ref.module
+    if weight is module.weight and bias is module.bias:
+        return module(x)
+    out = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return out
+
+
 class ModuleRef:
     """Holds the live module an opaque graph calls, without registering it as a child, and
     the routes that send its own calls of its children to their extracted graphs."""
@@ -107,4 +119,4 @@ def run_opaque(
         return torch.func.functional_call(module, changed, tuple(args), dict(kwargs), strict=False)
 
 
-__all__ = ["ModuleRef", "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]
+__all__ = ["ModuleRef", "linear_8bit", "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]

@@ -30,6 +30,7 @@ import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION
+from ..integrations import stored_dtype
 from ..options import ExtractionOptions
 from ..signature import _const, canonical_inputs
 
@@ -116,7 +117,7 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
     for kind, named in (("param", model.named_parameters(remove_duplicate=False)), ("buffer", model.named_buffers(remove_duplicate=False))):
         for name, tensor in named:
             tied = first_name.setdefault(id(tensor), name)
-            tensors.append([kind, name, list(tensor.shape), str(tensor.dtype), None if tied == name else tied])
+            tensors.append([kind, name, list(tensor.shape), str(stored_dtype(tensor)), None if tied == name else tied])
     files = set()
     for m in model.modules():
         for cls in type(m).__mro__:

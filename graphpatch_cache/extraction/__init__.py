@@ -184,7 +184,8 @@ def extract(
             module = getattr(exc, "module", None)
             if module is None or id(module) in cap.opaque or options.error_on_compilation_failure:
                 raise
-            opaque = set(cap.opaque) | {id(module)}
+            # every module of that class would fail the same way: make them opaque at once
+            opaque = set(cap.opaque) | {id(m) for m in model.modules() if type(m) is type(module)}
             failures = dict(cap.failures)
             failures[getattr(exc, "module_path", "?")] = exc.message.splitlines()[0]
             if options.warn_on_compilation_failure:

@@ -19,6 +19,7 @@ import torch
 from .. import _compat
 from ..errors import ExtractionError
 from ..options import ExtractionOptions
+from ..integrations import leaf_handler
 from .markers import Recorder
 
 
@@ -94,7 +95,8 @@ def capture(
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=True)}
     for module in model.modules():
         if (
-            options.skip_compilation
+            leaf_handler(module) is not None
+            or options.skip_compilation
             or isinstance(module, options.classes_to_skip_compiling)
             or type(module) in options.custom_extraction_functions
         ):

@@ -58,7 +58,7 @@ def _opaque_eager(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:  # pr
 
 
 def _opaque_fake(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-    return _ACTIVE[-1].opaque_outputs(tag)
+    return _ACTIVE[-1].opaque_outputs(tag, xs)
 
 
 _LIB.impl("opaque", _opaque_eager, "CompositeExplicitAutograd")
@@ -249,10 +249,20 @@ class Recorder:
     def _wrapped_forward(self, tag: str, module: torch.nn.Module, forward: Any):
         recorder = self
 
+        from ..integrations import leaf_handler
+
+        handler = leaf_handler(module)
+
         def forward_with_markers(*args: Any, **kwargs: Any) -> Any:
             if not recorder.tracing:
                 recorder._record_enter(tag, module, args, kwargs, forward)
-                output = forward(*args, **kwargs)
+                if handler is not None:
+                    # leaf modules are never traced: the recording needs only their output's
+                    # shape (and a quantized layer cannot run on the meta device)
+                    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+                    output = handler.fake_outputs(module, leaves)[0].zero_()
+                else:
+                    output = forward(*args, **kwargs)
                 recorder._record_exit(tag, output)
                 return output
             if id(module) in recorder.opaque_modules:
@@ -298,10 +308,16 @@ class Recorder:
         self._opaque_counts[tag] = k + 1
         return matches[min(k, len(matches) - 1)]
 
-    def opaque_outputs(self, tag: str) -> List[torch.Tensor]:
-        """Fake outputs for the k-th traced call of an opaque module: empty tensors with the
-        metadata of the k-th eager call."""
+    def opaque_outputs(self, tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Fake outputs for the k-th traced call of an opaque module: from its leaf handler
+        (shape-generic) where it has one, else empty tensors with the metadata of the k-th
+        eager call."""
+        from ..integrations import leaf_handler
+
         record = self._opaque_record(tag)
+        handler = leaf_handler(record.module)
+        if handler is not None:
+            return handler.fake_outputs(record.module, list(xs))
         return [
             torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=m.device)
             for m in record.output_meta

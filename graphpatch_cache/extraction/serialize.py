@@ -9,6 +9,7 @@ import torch.fx
 
 from ..artifact import ModuleGraph, NodeData, encode_value
 from ..errors import SerializationError
+from ..integrations import stored_dtype
 from ..targets import check_method, qualified_name
 from .split import Frame
 
@@ -25,7 +26,7 @@ def describe_value(value: Any) -> Dict[str, Any]:
     if isinstance(value, torch.Tensor):
         return {
             "shape": [_size(s) for s in value.shape],
-            "dtype": str(value.dtype).removeprefix("torch."),
+            "dtype": str(stored_dtype(value)).removeprefix("torch."),
         }
     if isinstance(value, torch.SymInt):
         return {"type": "int"}

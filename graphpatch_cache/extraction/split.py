@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 
 from .. import _compat
 from ..errors import ExtractionError
+from ..integrations import leaf_handler
 from .capture import Capture
 from .markers import ENTER, EXIT, OPAQUE, CallRecord
 
@@ -212,8 +213,11 @@ class Splitter:
                         root = frame
                     self._skip_calls(record, call_iter)
                     custom = self.custom.get(type(record.module))
+                    handler = leaf_handler(record.module)
                     if custom is not None:
                         self._build_custom(frame, custom)
+                    elif handler is not None:
+                        self._build_leaf(frame, handler)
                     else:
                         self._build_opaque(frame)
                     call = self._close(frame, top)
@@ -368,6 +372,30 @@ class Splitter:
         )
         result.name = frame.names.fresh("forward_output")
         frame.graph.output(result)
+
+    def _build_leaf(self, frame: Frame, handler: Any) -> None:
+        """A leaf module's graph: ``fn(module_ref, x, weight, bias)``, weight and bias bound
+        by identity (see :mod:`graphpatch_cache.integrations`)."""
+        frame.kind = "leaf"
+        module_ref = frame.graph.get_attr("_graphpatch_module")
+        module_ref.name = frame.names.exact("_graphpatch_module")
+        tensors = []
+        for name in ("weight", "bias"):
+            value = getattr(frame.module, name, None)
+            if value is None:
+                tensors.append(None)
+                continue
+            node = frame.graph.get_attr(name)
+            node.name = name
+            frame.names.used.add(name)
+            node.meta["example_value"] = value
+            frame.attrs[name] = f"{frame.path}.{name}" if frame.path else name
+            tensors.append(node)
+        placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"]
+        call = frame.graph.call_function(handler.call, (module_ref, placeholders[0], *tensors))
+        call.name = frame.names.fresh("linear")
+        out = frame.graph.output(call)
+        out.meta["example_value"] = None
 
     def _build_custom(self, frame: Frame, fn: Callable) -> None:
         """A module graph supplied by ``custom_extraction_functions``: its placeholders are the

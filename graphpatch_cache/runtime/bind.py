@@ -17,6 +17,7 @@ from .. import _compat
 from ..errors import ModelStructureError, SerializationError, SignatureMismatchError
 from ..signature import SignatureMatcher, canonical_inputs
 from ..functions import ModuleRef
+from ..integrations import register_quantized_owner
 from ..targets import check_method, resolve_target
 
 MODULE_REF_ATTR = "_graphpatch_module"
@@ -203,6 +204,8 @@ def bind_graph(
             raise SerializationError(f"node name {nd.name!r} is not valid in graph {node_path!r}", node_path=where)
         node.meta["graphpatch"] = nd.meta
         env[nd.name] = node
+    if data.kind == "leaf":
+        register_quantized_owner(module)
     gm = ModuleGraphModule(attrs, graph, class_name=type(module).__name__)
     for name, child in children.items():  # (also graphs an opaque module calls itself: no call_module)
         gm._modules[name] = child

@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from ..errors import PatchError
+from ..integrations import patch_view
 from ..patches import Patch
 from .bind import ModuleGraphModule
 
@@ -92,7 +93,10 @@ class PatchSlot(torch.nn.Module):
         self.patches: List[Patch] = []
 
     def forward(self, value: Any) -> Any:
-        return apply_patches(value, self.patches, self.keys, self.node_path)
+        view = patch_view(value) if not self.keys else value
+        out = apply_patches(view, self.patches, self.keys, self.node_path)
+        # patches that only looked (probes) leave a quantized weight on its exact 8-bit path
+        return value if out is view else out
 
 
 class PatchInstaller:

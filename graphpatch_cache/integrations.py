@@ -1,0 +1,114 @@
+"""Optional integrations, detected at run time: bitsandbytes quantized linears (leaf graphs)
+and accelerate hooks. Nothing here imports bitsandbytes or accelerate unless the model uses
+them.
+
+A *leaf handler* describes a module class that extraction never traces into: dynamo's graph
+of a bitsandbytes ``Linear8bitLt`` holds local functions and in-place state updates that
+cannot be stored as data. The handler gives the module a small graph of its own (input,
+the quantized weight bound by identity, bias, one call) and output shapes computed from the
+input's (symbolic) shape, so the graphs around it stay shape-generic.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class LeafHandler:
+    #: fake outputs (a list of tensors) from the module and its fake tensor inputs
+    fake_outputs: Callable[[torch.nn.Module, List[torch.Tensor]], List[torch.Tensor]]
+    #: the registered function the leaf graph calls: fn(module_ref, x, weight, bias)
+    call: Callable[..., Any]
+
+
+def _linear_fake(module: torch.nn.Module, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+    x = xs[0]
+    return [x.new_empty((*x.shape[:-1], module.out_features))]
+
+
+def leaf_handler(module: torch.nn.Module) -> Optional[LeafHandler]:
+    """The handler for ``module``'s class, if it is one extraction keeps as a leaf."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    import bitsandbytes as bnb
+
+    from .functions import linear_8bit
+
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return LeafHandler(fake_outputs=_linear_fake, call=linear_8bit)
+    return None
+
+
+#: id(int8 weight) -> its module (bitsandbytes moves the row scales to ``module.state.SCB``
+#: once the layer has run, so the weight alone cannot be dequantized)
+_OWNERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+
+def register_quantized_owner(module: torch.nn.Module) -> None:
+    weight = getattr(module, "weight", None)
+    if weight is not None and type(weight).__name__ == "Int8Params":
+        _OWNERS[id(weight)] = module
+
+
+def _row_scales(value: Any) -> Any:
+    scales = getattr(value, "SCB", None)
+    if scales is None:
+        owner = _OWNERS.get(id(value))
+        if owner is not None and getattr(owner, "weight", None) is value:
+            scales = getattr(getattr(owner, "state", None), "SCB", None)
+    return scales
+
+
+def stored_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a parameter has once loaded: an 8-bit weight built on the meta device is
+    still float until bitsandbytes quantizes it, but is int8 in every loaded model."""
+    if type(tensor).__name__ == "Int8Params":
+        return torch.int8
+    return tensor.dtype
+
+
+def is_quantized_weight(value: Any) -> bool:
+    return type(value).__name__ == "Int8Params" and value.dtype == torch.int8 and _row_scales(value) is not None
+
+
+def patch_view(value: Any) -> Any:
+    """What patches see for a value: an 8-bit weight is shown dequantized (float32)."""
+    if is_quantized_weight(value):
+        import bitsandbytes.functional as F
+
+        return F.int8_vectorwise_dequant(value.data, _row_scales(value))
+    return value
+
+
+def quantize_8bit_on_meta(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap linears for bitsandbytes 8-bit ones on a meta model, as
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True))`` does."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    except ImportError as exc:
+        from .errors import GraphPatchCacheError
+
+        raise GraphPatchCacheError("8-bit needs bitsandbytes (>= 0.46 runs on CPU)",
+                                   hint="pip install bitsandbytes") from exc
+    config = BitsAndBytesConfig(load_in_8bit=True)
+    skip = ["lm_head"] + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    import inspect
+
+    params = inspect.signature(replace_with_bnb_linear).parameters
+    kwargs = {"modules_to_not_convert": skip, "quantization_config": config}
+    if "pre_quantized" in params:
+        kwargs["pre_quantized"] = False
+    model = replace_with_bnb_linear(model, **{k: v for k, v in kwargs.items() if k in params})
+    model.config.quantization_config = config
+    return model
+
+
+__all__ = ["LeafHandler", "stored_dtype", "is_quantized_weight", "register_quantized_owner", "leaf_handler", "patch_view", "quantize_8bit_on_meta"]
