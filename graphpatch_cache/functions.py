@@ -61,6 +61,15 @@ def linear_8bit(ref: "ModuleRef", x: torch.Tensor, weight: Any, bias: Any) -> to
     return out
 
 
+@register_target
+def live_attr(ref: "ModuleRef", path: str) -> Any:
+    """A module attribute read at call time: accelerate's offload hooks replace parameters
+    while the module runs, so graphs of hooked modules must not hold them from bind time."""
+    owner, _, name = path.rpartition(".")
+    module = ref.module.get_submodule(owner) if owner else ref.module
+    return getattr(module, name)
+
+
 class ModuleRef:
     """Holds the live module an opaque graph calls, without registering it as a child, and
     the routes that send its own calls of its children to their extracted graphs."""
@@ -119,4 +128,4 @@ def run_opaque(
         return torch.func.functional_call(module, changed, tuple(args), dict(kwargs), strict=False)
 
 
-__all__ = ["ModuleRef", "linear_8bit", "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]
+__all__ = ["ModuleRef", "linear_8bit", "live_attr", "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]

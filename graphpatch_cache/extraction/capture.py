@@ -9,10 +9,11 @@ recording.
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import torch
 
@@ -43,6 +44,57 @@ class Capture:
     recorder: Recorder
     opaque: Set[int]  # ids of modules traced as opaque calls
     failures: Dict[str, str]  # module path -> why it is opaque
+    #: id of each tensor dynamo saw -> its qualified names (the meta stand-ins while a
+    #: hooked model is traced on the meta device)
+    tensor_names: Dict[int, List[str]]
+
+
+def _tensor_names(model: torch.nn.Module) -> Dict[int, List[str]]:
+    names: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        names.setdefault(id(b), []).append(name)
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not attr.startswith("__"):
+                names.setdefault(id(value), []).append(f"{mname}.{attr}" if mname else attr)
+    return names
+
+
+def is_hooked(model: torch.nn.Module) -> bool:
+    """Whether accelerate has hooked any module (dispatch, offloading)."""
+    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
+
+
+@contextlib.contextmanager
+def _meta_view(model: torch.nn.Module) -> Iterator[None]:
+    """Temporarily give every parameter and buffer a meta-device stand-in (restored after).
+
+    An accelerate-dispatched model has offloaded weights on the meta device and the rest on
+    real devices, which fake tensors refuse to mix. Its structure is traced entirely on the
+    meta device instead; the runtime runs the hooks (and reads the real weights) later.
+    """
+    saved = []
+    try:
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for name, value in list(store.items()):
+                    if value is None:
+                        continue
+                    saved.append((store, name, value))
+                    meta = value.detach().to("meta")
+                    store[name] = torch.nn.Parameter(meta, requires_grad=value.requires_grad) if isinstance(
+                        value, torch.nn.Parameter) else meta
+        yield
+    finally:
+        for store, name, value in reversed(saved):
+            store[name] = value
+
+
+def _to_meta(value: Any) -> Any:
+    leaves, spec = _compat.tree_flatten(value)
+    return _compat.tree_unflatten([x.to("meta") if isinstance(x, torch.Tensor) else x for x in leaves], spec)
 
 
 def _module_forward_spans(model: torch.nn.Module) -> Dict[tuple, List[torch.nn.Module]]:
@@ -124,10 +176,17 @@ def capture(
             _compat.reset_dynamo()
             compiled = torch.compile(root, backend=backend, fullgraph=True, dynamic=True)
             error: Optional[BaseException] = None
+            hooked = is_hooked(model)
             try:
-                with _compat.dynamo_capture_config(), torch.enable_grad(), warnings.catch_warnings():
+                with _compat.dynamo_capture_config(), torch.enable_grad(), warnings.catch_warnings(), (
+                    _meta_view(model) if hooked else contextlib.nullcontext()
+                ):
                     warnings.simplefilter("ignore")
-                    compiled(args, kwargs)
+                    tensor_names = _tensor_names(model)
+                    if hooked:
+                        compiled(_to_meta(args), _to_meta(kwargs))
+                    else:
+                        compiled(args, kwargs)
             except _StopAfterCapture:
                 pass
             except Exception as exc:  # dynamo raises many exception types
@@ -139,7 +198,7 @@ def capture(
                     error = ExtractionError(f"dynamo produced {len(captured)} graphs instead of one")
                 else:
                     gm, example_inputs = captured[0]
-                    return Capture(gm.graph, example_inputs, recorder, opaque, failures)
+                    return Capture(gm.graph, example_inputs, recorder, opaque, failures, tensor_names)
         culprits = _culprit_modules(error, model, opaque)
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if options.error_on_compilation_failure or not culprits:

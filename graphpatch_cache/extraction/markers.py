@@ -252,6 +252,9 @@ class Recorder:
         from ..integrations import leaf_handler
 
         handler = leaf_handler(module)
+        # accelerate hooks (offloading, device alignment) cannot be traced: dynamo sees the
+        # module's own forward, and the runtime runs the hooks around the module's graph
+        traced_forward = module.__dict__.get("_old_forward", forward) if hasattr(module, "_hf_hook") else forward
 
         def forward_with_markers(*args: Any, **kwargs: Any) -> Any:
             if not recorder.tracing:
@@ -268,7 +271,7 @@ class Recorder:
             if id(module) in recorder.opaque_modules:
                 return recorder._opaque_call(tag, args, kwargs)
             args, kwargs = _route(ENTER, tag, (args, kwargs))
-            return _route(EXIT, tag, forward(*args, **kwargs))
+            return _route(EXIT, tag, traced_forward(*args, **kwargs))
 
         return forward_with_markers
 

@@ -119,15 +119,7 @@ class Splitter:
         self.module_names: Dict[int, List[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             self.module_names.setdefault(id(module), []).append(name)
-        self.tensor_names: Dict[int, List[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            self.tensor_names.setdefault(id(p), []).append(name)
-        for name, b in model.named_buffers(remove_duplicate=False):
-            self.tensor_names.setdefault(id(b), []).append(name)
-        for mname, module in model.named_modules(remove_duplicate=False):
-            for attr, value in vars(module).items():
-                if isinstance(value, torch.Tensor) and not attr.startswith("__"):
-                    self.tensor_names.setdefault(id(value), []).append(f"{mname}.{attr}" if mname else attr)
+        self.tensor_names: Dict[int, List[str]] = cap.tensor_names
         self.local_names = self._assign_local_names()
         self.owner: Dict[torch.fx.Node, Frame] = {}
         self.param_ph: Dict[torch.fx.Node, List[str]] = {}

@@ -16,7 +16,7 @@ from ..artifact import GraphArtifact, ModuleGraph, decode_value
 from .. import _compat
 from ..errors import ModelStructureError, SerializationError, SignatureMismatchError
 from ..signature import SignatureMatcher, canonical_inputs
-from ..functions import ModuleRef
+from ..functions import ModuleRef, live_attr
 from ..integrations import register_quantized_owner
 from ..targets import check_method, resolve_target
 
@@ -57,6 +57,27 @@ def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> An
             hint="this artifact was extracted from a differently structured model",
         )
     return getattr(owner, name)
+
+
+class HookedGraph(torch.nn.Module):
+    """Runs a module's accelerate hook around its graph, as the module itself would:
+    ``pre_forward`` (moves inputs, loads offloaded weights), the graph, ``post_forward``
+    (offloads them again)."""
+
+    def __init__(self, graph_module: "ModuleGraphModule", module: torch.nn.Module) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        object.__setattr__(self, "module", module)
+
+    def forward(self, *args: Any) -> Any:
+        hook = self.module._hf_hook
+        args, kwargs = hook.pre_forward(self.module, *args)
+        output = self.graph_module(*args, **kwargs)
+        return hook.post_forward(self.module, output)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.graph_module if isinstance(module, HookedGraph) else module
 
 
 class CallRouter(torch.nn.Module):
@@ -165,6 +186,9 @@ def bind_graph(
         attrs[local] = tensor
     graph = torch.fx.Graph()
     env: Dict[str, torch.fx.Node] = {}
+    # attributes of accelerate-hooked modules are read at call time (see live_attr)
+    live = dict(data.attributes) if _model_hooked(model) else {}
+    module_ref_node: Optional[torch.fx.Node] = None
     for nd in data.nodes:
         where = f"{node_path}.{nd.name}" if node_path else nd.name
 
@@ -199,7 +223,17 @@ def bind_graph(
             target = nd.target
         else:
             raise SerializationError(f"node {where!r} has unknown op {nd.op!r}", node_path=where)
-        node = graph.create_node(nd.op, target, tuple(args), dict(kwargs), name=nd.name)
+        if nd.op == "get_attr" and nd.target in live:
+            if module_ref_node is None:
+                with graph.inserting_before(next(iter(graph.nodes), None)) if len(graph.nodes) else _null():
+                    module_ref_node = graph.get_attr(MODULE_REF_ATTR)
+                attrs.setdefault(MODULE_REF_ATTR, ModuleRef(module))
+            prefix = data.module_path + "." if data.module_path else ""
+            rel = live[nd.target][len(prefix):] if live[nd.target].startswith(prefix) else live[nd.target]
+            ref_node = env.get(MODULE_REF_ATTR, module_ref_node)
+            node = graph.create_node("call_function", live_attr, (ref_node, rel), {}, name=nd.name)
+        else:
+            node = graph.create_node(nd.op, target, tuple(args), dict(kwargs), name=nd.name)
         if node.name != nd.name:
             raise SerializationError(f"node name {nd.name!r} is not valid in graph {node_path!r}", node_path=where)
         node.meta["graphpatch"] = nd.meta
@@ -211,7 +245,26 @@ def bind_graph(
         gm._modules[name] = child
     gm._graphpatch_data = data
     gm._graphpatch_node_path = node_path
+    if getattr(module, "_hf_hook", None) is not None:
+        return HookedGraph(gm, module)  # type: ignore[return-value]
     return gm
+
+
+def _model_hooked(model: torch.nn.Module) -> bool:
+    """accelerate hooks replace parameters of a module *and its submodules* while it runs, so
+    in a hooked model every graph reads its tensors at call time."""
+    cached = model.__dict__.get("_graphpatch_hooked")
+    if cached is None:
+        cached = any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
+    return cached
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
@@ -220,4 +273,4 @@ def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
     return bind_graph(artifact.root, model, traced_on=traced_on)
 
 
-__all__ = ["MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph"]
+__all__ = ["HookedGraph", "unwrap", "MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph"]

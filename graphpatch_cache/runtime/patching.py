@@ -15,7 +15,7 @@ import torch.fx
 from ..errors import PatchError
 from ..integrations import patch_view
 from ..patches import Patch
-from .bind import ModuleGraphModule
+from .bind import ModuleGraphModule, unwrap
 
 SlotKey = Tuple[str, str, Tuple[Any, ...]]  # (graph path, node name, sub-path keys)
 _SLOT_PREFIX = "_graphpatch_slot_"
@@ -108,10 +108,11 @@ class PatchInstaller:
         def walk(gm: ModuleGraphModule, path: str) -> None:
             self.modules[path] = gm
             for name, child in gm.named_children():
+                child = unwrap(child)
                 if isinstance(child, ModuleGraphModule):
                     walk(child, f"{path}.{name}" if path else name)
 
-        walk(root, "")
+        walk(unwrap(root), "")
         self.slots: Dict[SlotKey, Tuple[PatchSlot, torch.fx.Node]] = {}
         self._counter = 0
         #: active patch keys whose node this graph variant does not have
