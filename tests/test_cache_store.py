@@ -166,27 +166,47 @@ def test_hit_patches_like_a_fresh_graph_and_like_a_hook(m1, primed):
 
 CONCURRENT_SCRIPT = textwrap.dedent(
     """
-    import hashlib, json, os, sys, time
+    # A launcher process imports everything and builds the model once, then forks N workers
+    # (separate processes: own memory, own fds, own CacheStore and file locks) that all call
+    # load_cached on the same root at the same moment. Forking keeps 8 workers affordable on
+    # 2 cores: importing transformers' GPT-2 costs seconds of CPU per interpreter.
+    import hashlib, json, os, sys
     sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
     from conftest import tiny_gpt2, token_inputs
     from graphpatch_cache import CacheStore, load_cached
+    import graphpatch_cache.extraction  # noqa: F401
 
-    root, local, go, locking = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+    root, local_base, results, n, locking = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+    digest = lambda t: hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
     model = tiny_gpt2(n_layer=1, seed=0)
     inputs = token_inputs()
-    print("READY", flush=True)
-    while not os.path.exists(go):
-        time.sleep(0.005)
-    pg = load_cached(model, cache=CacheStore(root, local_dir=local, locking=locking), **inputs)
-    digest = lambda t: hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
-    with torch.no_grad():
-        out = digest(pg(**inputs).logits)
-        own = digest(model(**inputs).logits)
-    s = pg.cache_stats
-    print(json.dumps({{"misses": s.misses, "hits": s.hits, "failures": s.write_failures,
-                       "out": out, "own": own}}), flush=True)
+    go_r, go_w = os.pipe()
+    pids = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.read(go_r, 1)  # returns when the launcher closes its end: all start together
+            try:
+                store = CacheStore(root, local_dir=f"{{local_base}}-{{i}}", locking=locking)
+                pg = load_cached(model, cache=store, **inputs)
+                with torch.no_grad():
+                    out, own = digest(pg(**inputs).logits), digest(model(**inputs).logits)
+                s = pg.cache_stats
+                res = {{"pid": os.getpid(), "misses": s.misses, "hits": s.hits, "failures": s.write_failures,
+                        "out": out, "own": own}}
+            except BaseException as exc:
+                res = {{"error": repr(exc)}}
+            with open(os.path.join(results, f"{{i}}.json"), "w") as f:
+                json.dump(res, f)
+            os._exit(0)
+        pids.append(pid)
+    os.close(go_r)
+    os.close(go_w)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    print(json.dumps(codes))
     """
 ).format(tests=TESTS_DIR)
 
@@ -195,39 +215,25 @@ def _subprocess_env(tmp_path: Path) -> dict:
     env = dict(os.environ)
     env["GRAPHPATCH_CACHE_DIR"] = str(tmp_path / "default-root-unused")
     env["GRAPHPATCH_CACHE_LOCAL_DIR"] = str(tmp_path / "default-local-unused")
-    env["PYTHONPATH"] = TESTS_DIR + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
 def _run_concurrently(tmp_path: Path, root: Path, n: int, locking: bool) -> list:
-    script = tmp_path / "worker.py"
+    script = tmp_path / "launcher.py"
     script.write_text(CONCURRENT_SCRIPT)
-    go = tmp_path / f"go-{locking}"
-    env = _subprocess_env(tmp_path)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(root), str(tmp_path / f"local-{locking}-{i}"), str(go),
-             "1" if locking else "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=TESTS_DIR,
-        )
-        for i in range(n)
-    ]
-    try:
-        for p in procs:  # every worker has imported and built its model
-            line = p.stdout.readline()
-            assert line.strip() == "READY", p.stderr.read()
-        go.touch()
-        results = []
-        for p in procs:
-            out, err = p.communicate(timeout=240)
-            assert p.returncode == 0, err
-            results.append(json.loads(out.strip().splitlines()[-1]))
-        return results
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = tmp_path / "results"
+    results.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(script), str(root), str(tmp_path / "local"), str(results), str(n),
+         "1" if locking else "0"],
+        capture_output=True, text=True, env=_subprocess_env(tmp_path), cwd=TESTS_DIR, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0] * n
+    out = [json.loads((results / f"{i}.json").read_text()) for i in range(n)]
+    assert not [r for r in out if "error" in r], out
+    assert len({r["pid"] for r in out}) == n
+    return out
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -344,11 +350,13 @@ def test_sigkill_mid_write_leaves_nothing_valid_looking(m1, tmp_path, stall_at):
     for blob in blobs(root):  # and any blob it published is whole
         assert sha256_file(blob) == blob.name
     assert len(blobs(root)) == stall_at
-    s = store(root, tmp_path / "local")
+    s = store(root, tmp_path / "local", lock_timeout=120)
     assert s.entries() == [] and not s.contains(cache_key(model, **inputs))
+    started = time.monotonic()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         pg = load_cached(model, cache=s, **inputs)
+    assert time.monotonic() - started < 60  # the dead writer's lock did not hold us up
     assert not cache_warnings(record)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
     assert torch.equal(logits(pg, inputs), expected)
@@ -421,12 +429,12 @@ def test_corrupt_local_copy_is_dropped_and_the_shared_blob_used(m1, primed):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         pg = load_cached(model, cache=s, **inputs)
-    assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1 - 1, 1)
+    assert not cache_warnings(record)
+    assert (pg.cache_stats.misses, pg.cache_stats.hits) == (0, 1)
     assert torch.equal(logits(pg, inputs), expected)
     assert not (root / "quarantine").exists()  # the shared blob is fine
     assert sha256_file(blob) == blob.name
     assert s.local.get_blob(blob.name) == blob.read_bytes()  # the local copy was replaced
-    del record
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,10 +557,10 @@ def test_root_that_is_a_file(m1, tmp_path):
     assert root.read_bytes() == b"a file"
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["full", "read-only"])
-def test_full_or_read_only_filesystem_leaves_nothing_half_written(m1, tmp_path, monkeypatch, code):
+def test_full_disk_leaves_nothing_half_written(m1, tmp_path, monkeypatch):
     model, inputs, expected, *_ = m1
     root = tmp_path / "root"
+    code = errno.ENOSPC
     real_open = open
 
     class Failing:
@@ -583,16 +591,49 @@ def test_full_or_read_only_filesystem_leaves_nothing_half_written(m1, tmp_path, 
     assert not blobs(root) and not refs(root)
 
 
-def test_atomic_write_raising_is_one_warning(m1, tmp_path, monkeypatch):
+def _refuse(self, dest, data):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dest))
+
+
+def test_read_only_filesystem_is_one_warning(m1, tmp_path, monkeypatch):
     model, inputs, expected, *_ = m1
     root = tmp_path / "root"
-
-    def refuse(self, dest, data):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dest))
-
-    monkeypatch.setattr(CacheStore, "_atomic_write", refuse)
+    monkeypatch.setattr(CacheStore, "_atomic_write", _refuse)
     message = _two_loads(model, inputs, expected, lambda: store(root, tmp_path / "local"))
-    assert str(root) in message
+    assert str(root) in message and os.strerror(errno.EROFS) in message
+
+
+def test_read_only_root_still_serves_hits(m1, primed, monkeypatch):
+    model, inputs, expected, *_ = m1
+    root, _ = primed
+    monkeypatch.setattr(CacheStore, "_atomic_write", _refuse)
+    before = {p: p.read_bytes() for p in files_under(root)}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        pg = load_cached(model, cache=store(root, False), **inputs)
+    assert not cache_warnings(record)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses, pg.cache_stats.write_failures) == (1, 0, 0)
+    assert torch.equal(logits(pg, inputs), expected)
+    assert {p: p.read_bytes() for p in files_under(root)} == before
+
+
+def test_a_lock_that_is_never_released_only_delays(m1, tmp_path):
+    """Correctness never depends on the lock: on timeout the caller extracts anyway."""
+    import fcntl
+
+    model, inputs, expected, *_ = m1
+    root = tmp_path / "root"
+    key = cache_key(model, **inputs)
+    (root / "locks").mkdir(parents=True)
+    with open(root / "locks" / f"{key}.lock", "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as if a hung process held it
+        started = time.monotonic()
+        pg = load_cached(model, cache=store(root, False, lock_timeout=0.5), **inputs)
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.5
+    assert (pg.cache_stats.misses, pg.cache_stats.write_failures) == (1, 0)
+    assert torch.equal(logits(pg, inputs), expected)
+    assert len(refs(root)) == 1 and store(root, False).verify() == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,10 +659,14 @@ def test_setgid_root_makes_group_writable_files(m1, tmp_path, umask_022):
     pg = load_cached(model, cache=store(root, tmp_path / "local"), **inputs)
     assert pg.cache_stats.misses == 1
     (blob,) = blobs(root)
-    _corrupt(blob, "flip")  # also creates quarantine/ and rewrites the blob
+    good = blob.read_bytes()
+    _corrupt(blob, "flip")
+    s = store(root, False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        load_cached(model, cache=store(root, False), **inputs)
+        assert s.read_blob(blob.name) is None  # creates quarantine/
+    s.put(cache_key(model, **inputs), pg.artifact)  # rewrites the blob
+    assert blob.read_bytes() == good
     dirs = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
     files = files_under(root)
     assert {d.name for d in dirs} >= {"objects", "refs", "tmp", "quarantine", blob.name[:2]}
@@ -633,9 +678,6 @@ def test_setgid_root_makes_group_writable_files(m1, tmp_path, umask_022):
     assert not bad_files
 
 
-@pytest.mark.xfail(reason="BUG: lock files in a setgid (group-shared) root are created 0o644, so other "
-                   "group members cannot take the lock (filelock opens O_RDWR); CacheStore.lock does not "
-                   "pass mode=0o664 to filelock.FileLock", strict=True)
 def test_setgid_root_lock_files_are_group_writable(m1, tmp_path, umask_022):
     model, inputs, expected, *_ = m1
     root = tmp_path / "shared"
@@ -643,7 +685,8 @@ def test_setgid_root_lock_files_are_group_writable(m1, tmp_path, umask_022):
     os.chmod(root, 0o2775)
     if not root.stat().st_mode & stat.S_ISGID:
         pytest.skip("this filesystem drops the setgid bit")
-    load_cached(model, cache=store(root, tmp_path / "local"), **inputs)
+    with store(root, False).lock(cache_key(model, **inputs)) as acquired:
+        assert acquired
     locks = files_under(root / "locks")
     assert locks
     assert all(f.stat().st_mode & 0o060 == 0o060 for f in locks), [oct(f.stat().st_mode) for f in locks]
@@ -765,9 +808,8 @@ def test_resolve(m1, primed):
     assert s.resolve(twin[:5]) == twin
     with pytest.raises(CacheMissError, match="ambiguous"):
         s.resolve(key[:4])
-    missing = "g" if True else ""
     with pytest.raises(CacheMissError):
-        s.resolve(missing)
+        s.resolve("g")
     with pytest.raises(CacheMissError):
         s.resolve("")
     with pytest.raises(CacheMissError):
@@ -786,12 +828,10 @@ def test_verify_finds_a_flipped_byte_and_fix_quarantines(m1, primed):
     assert problem.path == str(blob) and problem.key == ref.parent.name
     assert "digest" in problem.message
     assert blob.read_bytes() == bad and ref.exists()  # without fix nothing moves
+    ref_bytes = ref.read_bytes()
     (problem,) = s.verify(fix=True)
     assert not blob.exists() and not ref.exists()
-    assert sorted(q.read_bytes() for q in files_under(root / "quarantine")) == sorted([bad, ref.read_bytes()
-                                                                                       if ref.exists() else
-                                                                                       (root / "quarantine" /
-                                                                                        f"{problem.key}.{ref.stem}.json").read_bytes()])
+    assert sorted(q.read_bytes() for q in files_under(root / "quarantine")) == sorted([bad, ref_bytes])
     assert s.verify() == [] and s.entries() == []
     pg = load_cached(model, cache=s, **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
@@ -959,8 +999,6 @@ def test_load_onto_a_model_with_fewer_layers_names_the_module(tmp_path):
     assert "transformer.h.1" in str(info.value)
 
 
-@pytest.mark.xfail(reason="BUG: bind() only checks what the artifact uses, so a 1-layer artifact binds to a "
-                   "2-layer model silently and computes a 1-layer model (wrong output, no error)", strict=True)
 def test_load_onto_a_model_with_more_layers_is_refused(m1, tmp_path):
     model, inputs, _, _, _, fresh = m1
     path = tmp_path / "graph.json"
@@ -1029,11 +1067,14 @@ def test_hit_does_not_copy_parameters(tmp_path):
     own_ptrs = {p.data_ptr() for p in params}
     assert {id(p) for p in used.values()} == own_ids
     assert {p.data_ptr() for p in used.values()} == own_ptrs
-    for gm in pg.modules():
-        for node in getattr(gm, "graph", None).nodes if isinstance(gm, torch.fx.GraphModule) else ():
+    own_buffers = {id(b) for b in model.buffers()}
+    graph_modules = [m for m in pg.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert graph_modules
+    for gm in graph_modules:
+        for node in gm.graph.nodes:
             if node.op == "get_attr":
                 value = getattr(gm, node.target)
                 if isinstance(value, torch.Tensor):
-                    assert id(value) in own_ids or any(value is b for b in model.buffers()), node.target
+                    assert id(value) in own_ids | own_buffers, node.target
     with torch.no_grad():
         assert torch.equal(pg(**inputs).logits, model(**inputs).logits)

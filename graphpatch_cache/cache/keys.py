@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import marshal
 import os
 import platform
 from typing import Any, Dict, Optional, Tuple
@@ -30,7 +31,7 @@ import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION
-from ..integrations import stored_dtype
+from ..fingerprint import module_list, tensor_list
 from ..options import ExtractionOptions
 from ..signature import _const, canonical_inputs
 
@@ -53,6 +54,18 @@ def _file_digest(path: str) -> str:
             digest = hashlib.sha256(f.read()).hexdigest()
         _FILE_DIGESTS[cache_key] = digest
     return digest
+
+
+def _code_digest(cls: type) -> str:
+    """For a class with no source file (a notebook cell, exec'd code): a digest of its
+    functions' bytecode and constants."""
+    h = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode())
+    for name, value in sorted(vars(cls).items()):
+        code = getattr(value, "__code__", None)
+        if code is not None:
+            h.update(name.encode())
+            h.update(marshal.dumps(code.replace(co_filename="", co_firstlineno=1)))
+    return "code:" + h.hexdigest()
 
 
 def _uses(model: torch.nn.Module, package: str) -> bool:
@@ -111,14 +124,10 @@ def config_fingerprint(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
 
 def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
     """The model's structure: modules, tensor names/shapes/dtypes/ties, sources, config."""
-    modules = [[name, f"{type(m).__module__}.{type(m).__qualname__}"] for name, m in model.named_modules(remove_duplicate=False)]
-    first_name: Dict[int, str] = {}
-    tensors = []
-    for kind, named in (("param", model.named_parameters(remove_duplicate=False)), ("buffer", model.named_buffers(remove_duplicate=False))):
-        for name, tensor in named:
-            tied = first_name.setdefault(id(tensor), name)
-            tensors.append([kind, name, list(tensor.shape), str(stored_dtype(tensor)), None if tied == name else tied])
+    modules = module_list(model)
+    tensors = tensor_list(model)
     files = set()
+    code_digests: set = set()
     for m in model.modules():
         for cls in type(m).__mro__:
             if cls in (torch.nn.Module, object):
@@ -129,7 +138,9 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
                 path = None
             if path and os.path.exists(path):
                 files.add(path)
-    sources = sorted({_file_digest(p) for p in files})
+            else:
+                code_digests.add(_code_digest(cls))
+    sources = sorted({_file_digest(p) for p in files} | code_digests)
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "training": bool(model.training),

@@ -17,6 +17,7 @@ import torch
 
 from .. import _compat
 from ..artifact import GraphArtifact
+from ..cache_support import sources_unchanged
 from ..options import ExtractionOptions
 from ..runtime.patchable_graph import PatchableGraph, default_extractor
 from ..signature import SignatureMatcher, canonical_inputs, concrete_signature
@@ -50,8 +51,11 @@ class CachingExtractor:
             if not entry.signature or not SignatureMatcher(entry.signature).fits(leaves, spec):
                 continue
             artifact = self.store.load_entry(entry)
-            if artifact is not None:
-                return artifact
+            if artifact is None:
+                continue
+            if not sources_unchanged(artifact.extraction.get("sources", {})):
+                continue  # a traced file changed since: the graph may be stale, extract anew
+            return artifact
         return None
 
     def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions) -> GraphArtifact:

@@ -475,7 +475,14 @@ class CacheStore:
 
         try:
             self._mkdir(self.root / "locks")
-            lock = filelock.FileLock(str(self.root / "locks" / f"{key}.lock"), timeout=self.lock_timeout)
+            # group-writable in a shared (setgid) root, so teammates can take the lock too;
+            # a lock held longer than the timeout (a killed process) counts as stale
+            lock = filelock.FileLock(
+                str(self.root / "locks" / f"{key}.lock"),
+                timeout=self.lock_timeout,
+                mode=0o664 if self._shared_mode() else -1,
+                lifetime=max(self.lock_timeout, 60.0),
+            )
             lock.acquire()
         except (filelock.Timeout, OSError):
             yield False

@@ -21,6 +21,7 @@ import torch
 from .. import _compat
 from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
 from ..errors import GraphPatchCacheError, SerializationError, UnusedSubmoduleError
+from ..fingerprint import structure
 from ..options import ExtractionOptions
 from ..signature import call_signature, canonical_inputs
 from .capture import capture
@@ -157,6 +158,30 @@ def _module_path(model: torch.nn.Module, module: torch.nn.Module, under: str) ->
     return (inside or names)[0]
 
 
+_FILE_RE = __import__("re").compile(r'File "([^"]+)", line')
+
+
+def traced_sources(graph: torch.fx.Graph) -> Dict[str, str]:
+    """``{module name: sha256 of its file}`` for every Python module dynamo traced code from
+    (the model's own files, and helpers they call in other files), except torch and this
+    package (their versions are in the key). A cache hit re-checks them, so editing any
+    traced file makes the old graph a miss."""
+    from ..cache_support import module_file_digest, module_name_for_file
+
+    paths = set()
+    for node in graph.nodes:
+        paths.update(_FILE_RE.findall(node.meta.get("stack_trace") or ""))
+    out: Dict[str, str] = {}
+    for path in sorted(paths):
+        name = module_name_for_file(path)
+        if name is None or name == "torch" or name.startswith(("torch.", "graphpatch_cache")):
+            continue
+        digest = module_file_digest(path)
+        if digest is not None:
+            out[name] = digest
+    return out
+
+
 def extract(
     model: torch.nn.Module,
     args: tuple = (),
@@ -222,6 +247,8 @@ def extract(
             "devices": devices,
             "training": bool(model.training),
             "opaque": dict(sorted(failures.items() | cap.failures.items())),
+            "structure": structure(model),
+            "sources": traced_sources(cap.graph),
         },
         versions=environment_versions(),
     )

@@ -16,6 +16,7 @@ from ..artifact import GraphArtifact, ModuleGraph, decode_value
 from .. import _compat
 from ..errors import ModelStructureError, SerializationError, SignatureMismatchError
 from ..signature import SignatureMatcher, canonical_inputs
+from ..fingerprint import first_difference, structure
 from ..functions import ModuleRef, live_attr
 from ..integrations import register_quantized_owner
 from ..targets import check_method, resolve_target
@@ -269,6 +270,15 @@ class _null:
 
 def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
     """Rebuild the artifact's root graph bound to ``model``."""
+    recorded = artifact.extraction.get("structure")
+    if recorded is not None:
+        difference = first_difference(recorded, structure(model))
+        if difference is not None:
+            raise ModelStructureError(
+                f"these graphs were extracted from a differently structured {artifact.model_class.rpartition('.')[2]}: "
+                + difference,
+                hint="load them onto the model they were extracted from (same config and dtype), or extract anew",
+            )
     traced_on = frozenset(torch.device(d).type for d in artifact.extraction.get("devices", []))
     return bind_graph(artifact.root, model, traced_on=traced_on)
 
