@@ -266,6 +266,67 @@ class PatchableGraph(torch.nn.Module):
             self._patch_stack.remove(entries)
             self._sync()
 
+    # -- generation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        max_new_tokens: int = 20,
+        use_cache: bool = False,
+        do_sample: bool = False,
+        eos_token_id: Any = None,
+        pad_token_id: Optional[int] = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Greedy generation through the graph, so active patches apply at every step.
+
+        Equals ``model.generate(input_ids, attention_mask=..., max_new_tokens=N,
+        do_sample=False, use_cache=False)``: each step runs the full sequence through the
+        graph (every step after the first reuses one shape-generic graph variant).
+
+        :raises SignatureMismatchError: for ``use_cache=True`` (KV-cache generation through
+            the graph is not supported yet: the cache object is updated as a side effect that
+            the stored graphs do not capture) or for sampling.
+        """
+        if use_cache:
+            raise SignatureMismatchError(
+                f"generation with use_cache=True is not supported through the graph yet for "
+                f"{type(self._model).__name__}",
+                hint="call pg.generate(..., use_cache=False): every step then runs the whole sequence "
+                "(slower, same tokens), and patches apply at every step",
+            )
+        if do_sample:
+            raise SignatureMismatchError("pg.generate() decodes greedily", hint="pass do_sample=False")
+        config = getattr(self._model, "generation_config", None)
+        if eos_token_id is None and config is not None:
+            eos_token_id = config.eos_token_id
+        if pad_token_id is None and config is not None:
+            pad_token_id = config.pad_token_id
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        if pad_token_id is None and eos:
+            pad_token_id = min(eos)
+        ids = input_ids
+        mask = attention_mask
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            kwargs = dict(model_kwargs, use_cache=False)
+            if mask is not None:
+                kwargs["attention_mask"] = mask
+            logits = self(input_ids=ids, **kwargs).logits[:, -1, :]
+            token = logits.argmax(dim=-1)
+            if eos and pad_token_id is not None:
+                token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            ids = torch.cat([ids, token[:, None]], dim=-1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            if eos:
+                done = done | torch.isin(token, torch.tensor(sorted(eos), device=token.device))
+                if bool(done.all()):
+                    break
+        return ids
+
     # -- portable files ----------------------------------------------------------------------------
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
         """Write every graph variant to one portable file (pure data, never weights), for

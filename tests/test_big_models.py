@@ -1,0 +1,212 @@
+"""Big-model paths on tiny models: builds from a config on the meta device, bitsandbytes
+8-bit layers, accelerate offloading, and generation through the graph."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from conftest import tiny_gpt2, tiny_llama, token_inputs
+from graphpatch_cache import (
+    CacheStore,
+    CustomPatch,
+    ExampleSignature,
+    PatchableGraph,
+    ProbePatch,
+    SignatureMismatchError,
+    ZeroPatch,
+    build,
+    load_cached,
+)
+from graphpatch_cache.cache.build import BuildError, meta_model
+
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    model = tiny_llama()
+    model.save_pretrained(d)
+    return d, model
+
+
+def _store(tmp_path):
+    return CacheStore(tmp_path / "root", local_dir=tmp_path / "local")
+
+
+# -- build from a config ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_build_from_config_is_a_hit_for_from_pretrained(saved_llama, tmp_path, dtype):
+    path, _ = saved_llama
+    store = _store(tmp_path)
+    config = LlamaConfig.from_pretrained(path)
+    result = build(config, cache=store, dtype=dtype)
+    assert not result.cached and result.entry is not None
+    meta = meta_model(config, dtype=dtype)  # what build traced: no weight memory at all
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    real = LlamaForCausalLM.from_pretrained(path, **kwargs).eval()
+    inputs = ExampleSignature().inputs(real.config)
+    pg = load_cached(real, cache=store, **inputs)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
+    assert torch.equal(pg(**inputs).logits, real(**inputs).logits)
+    more = {"input_ids": torch.randint(0, 128, (1, 13)), "use_cache": False}
+    assert torch.equal(pg(**more).logits, real(**more).logits)
+    assert build(config, cache=store, dtype=dtype).cached  # a second build finds it
+
+
+def test_build_bad_input_writes_nothing(tmp_path):
+    store = _store(tmp_path)
+    with pytest.raises(BuildError, match="config"):
+        build(object(), cache=store)
+    with pytest.raises(BuildError, match="quantization"):
+        build(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                          vocab_size=64), cache=store, quantization="3bit")
+    assert store.entries() == []
+
+
+# -- bitsandbytes 8-bit -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_8bit(saved_llama):
+    path, _ = saved_llama
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
+    inputs = token_inputs()
+    return model, inputs, PatchableGraph(model, **inputs)
+
+
+def test_8bit_exact_identity_and_shape_generic(llama_8bit):
+    import bitsandbytes as bnb
+
+    model, inputs, pg = llama_8bit
+    assert pg.artifact.extraction["opaque"] == {}
+    assert torch.equal(pg(**inputs).logits, model(**inputs).logits)
+    other = token_inputs(3, 5)
+    assert torch.equal(pg(**other).logits, model(**other).logits)
+    assert len(pg.variants) == 1
+    lin = model.model.layers[0].mlp.gate_proj
+    assert isinstance(lin, bnb.nn.Linear8bitLt)
+    bound = pg._variants[0].root.model.layers_0.mlp.gate_proj.weight
+    assert bound is lin.weight and bound.dtype == torch.int8 and bound.data_ptr() == lin.weight.data_ptr()
+
+
+def test_8bit_weight_probe_is_dequantized_and_patch_matches_oracle(llama_8bit):
+    import bitsandbytes.functional as F
+
+    model, inputs, pg = llama_8bit
+    lin = model.model.layers[0].mlp.gate_proj
+    expected_w = F.int8_vectorwise_dequant(lin.weight.data, lin.state.SCB)
+    reference = model(**inputs).logits
+    with pg.patch({"model.layers_0.mlp.gate_proj.weight": (probe := ProbePatch())}):
+        probed = pg(**inputs).logits
+    assert torch.equal(probe.activation, expected_w)
+    assert torch.equal(probed, reference)  # looking does not leave the int8 path
+    seen = {}
+    handle = lin.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+    model(**inputs)
+    handle.remove()
+    delta = torch.full_like(expected_w, 0.01)
+    with pg.patch({"model.layers_0.mlp.gate_proj.weight": CustomPatch(custom_op=lambda w: w + delta),
+                   "model.layers_0.mlp.gate_proj.output": (out := ProbePatch())}):
+        pg(**inputs)
+    oracle = torch.nn.functional.linear(seen["x"], expected_w + delta)
+    assert torch.equal(out.activation, oracle)
+    assert torch.equal(lin.weight.data, lin.weight.data)  # unchanged int8 data
+    assert torch.equal(pg(**inputs).logits, reference)
+
+
+def test_8bit_load_cached_and_meta_build_hit(saved_llama, llama_8bit, tmp_path):
+    path, _ = saved_llama
+    model, inputs, _ = llama_8bit
+    store = _store(tmp_path)
+    config = LlamaConfig.from_pretrained(path)
+    build(config, cache=store, quantization="8bit")
+    example = ExampleSignature().inputs(model.config)
+    pg = load_cached(model, cache=store, **example)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
+    assert torch.equal(pg(**example).logits, model(**example).logits)
+    assert pg._variants[0].root.model.layers_1.mlp.up_proj.weight is model.model.layers[1].mlp.up_proj.weight
+
+
+# -- accelerate ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def offloaded(saved_llama, tmp_path_factory):
+    path, original = saved_llama
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = LlamaForCausalLM.from_pretrained(path, device_map=device_map,
+                                             offload_folder=str(tmp_path_factory.mktemp("offload"))).eval()
+    return model, original
+
+
+def test_offloaded_model_exact_and_weights_stay_offloaded(offloaded, tmp_path):
+    model, original = offloaded
+    inputs = token_inputs()
+    gate = model.model.layers[1].mlp.gate_proj
+    assert gate.weight.device.type == "meta"  # offloaded to disk
+    pg = load_cached(model, cache=_store(tmp_path), **inputs)
+    assert gate.weight.device.type == "meta"  # binding did not load it
+    assert pg.artifact.extraction["opaque"] == {}
+    assert torch.equal(pg(**inputs).logits, original(**inputs).logits)
+    assert gate.weight.device.type == "meta"  # and the hooks offloaded it again after the forward
+    other = token_inputs(3, 5)
+    assert torch.equal(pg(**other).logits, original(**other).logits)
+    again = load_cached(model, cache=_store(tmp_path), **inputs)
+    assert again.cache_stats.hits == 1 and torch.equal(again(**inputs).logits, original(**inputs).logits)
+
+
+def test_offloaded_probes_and_patches(offloaded, tmp_path):
+    model, original = offloaded
+    inputs = token_inputs()
+    pg = PatchableGraph(model, **inputs)
+    seen = {}
+    handle = original.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, o: seen.update(o=o.detach()))
+    original(**inputs)
+    handle.remove()
+    with pg.patch({"model.layers_1.mlp.down_proj.output": (probe := ProbePatch()),
+                   "model.layers_1.mlp.gate_proj.weight": (weight := ProbePatch())}):
+        pg(**inputs)
+    assert torch.equal(probe.activation, seen["o"])
+    assert torch.equal(weight.activation, original.model.layers[1].mlp.gate_proj.weight)
+    handle = original.model.layers[1].mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+    expected = original(**inputs).logits
+    handle.remove()
+    with pg.patch({"model.layers_1.mlp.output": ZeroPatch()}):
+        assert torch.equal(pg(**inputs).logits, expected)
+
+
+# -- generate -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_generate_equals_model_generate_and_patches_every_step(make):
+    model = make()
+    inputs = token_inputs()
+    pg = PatchableGraph(model, **inputs)
+    ids, mask = inputs["input_ids"], torch.ones_like(inputs["input_ids"])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(pg.generate(ids, attention_mask=mask, max_new_tokens=6), expected)
+    banned = int(expected[0, ids.shape[1]])
+
+    def ban(logits):
+        logits = logits.clone()
+        logits[..., banned] = float("-inf")
+        return logits
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return ban(scores)
+
+    with pg.patch({"output|logits": CustomPatch(custom_op=ban)}):
+        patched = pg.generate(ids, attention_mask=mask, max_new_tokens=6)
+    oracle = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False,
+                            logits_processor=LogitsProcessorList([Ban()]))
+    assert torch.equal(patched, oracle)
+    assert banned not in patched[:, ids.shape[1]:].flatten().tolist()
+    with pytest.raises(SignatureMismatchError, match="use_cache=False"):
+        pg.generate(ids, max_new_tokens=2, use_cache=True)
