@@ -34,9 +34,9 @@ def _linear_fake(module: torch.nn.Module, xs: List[torch.Tensor]) -> List[torch.
 
 def leaf_handler(module: torch.nn.Module) -> Optional[LeafHandler]:
     """The handler for ``module``'s class, if it is one extraction keeps as a leaf."""
-    if "bitsandbytes" not in sys.modules:
+    bnb = sys.modules.get("bitsandbytes")  # only models built with it can hold its layers
+    if bnb is None or not hasattr(bnb, "nn"):
         return None
-    import bitsandbytes as bnb
 
     from .functions import linear_8bit
 

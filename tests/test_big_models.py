@@ -67,6 +67,26 @@ def test_build_bad_input_writes_nothing(tmp_path):
     with pytest.raises(BuildError, match="quantization"):
         build(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                           vocab_size=64), cache=store, quantization="3bit")
+    from transformers import PretrainedConfig
+
+    class UnknownConfig(PretrainedConfig):
+        model_type = "graphpatch-unknown"
+
+    with pytest.raises(BuildError, match="UnknownConfig") as info:
+        build(UnknownConfig(), cache=store)
+    assert info.value.hint
+    assert store.entries() == []
+
+
+def test_8bit_build_without_bitsandbytes_is_a_typed_error(tmp_path, monkeypatch):
+    import sys
+
+    store = _store(tmp_path)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64)
+    with pytest.raises(BuildError, match="bitsandbytes") as info:
+        build(config, cache=store, quantization="8bit")
+    assert "pip install" in info.value.hint
     assert store.entries() == []
 
 

@@ -114,15 +114,25 @@ def meta_model(
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    with init_empty_weights(include_buffers=False):
-        if hasattr(cls, "from_config"):
-            model = cls.from_config(config, **kwargs)
-        else:
-            model = cls._from_config(config, **kwargs)
+    try:
+        with init_empty_weights(include_buffers=False):
+            if hasattr(cls, "from_config"):
+                model = cls.from_config(config, **kwargs)
+            else:
+                model = cls._from_config(config, **kwargs)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildError(
+            f"transformers cannot build a model for {type(config).__name__} ({exc})".splitlines()[0],
+            hint="pass model_class= (a transformers model class for this config), or register the config "
+            "with the transformers Auto classes",
+        ) from exc
     if quantization == "8bit":
         from .. import integrations
 
-        model = integrations.quantize_8bit_on_meta(model)
+        try:
+            model = integrations.quantize_8bit_on_meta(model)
+        except GraphPatchCacheError as exc:
+            raise BuildError(exc.message, hint=exc.hint) from exc
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
