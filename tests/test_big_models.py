@@ -230,3 +230,21 @@ def test_generate_equals_model_generate_and_patches_every_step(make):
     assert banned not in patched[:, ids.shape[1]:].flatten().tolist()
     with pytest.raises(SignatureMismatchError, match="use_cache=False"):
         pg.generate(ids, max_new_tokens=2, use_cache=True)
+
+
+def test_gpt2_8bit_exact_and_meta_build_hit(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2",
+                                            quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
+    store = _store(tmp_path)
+    build(GPT2Config.from_pretrained(tmp_path / "gpt2"), cache=store, quantization="8bit")
+    inputs = ExampleSignature().inputs(model.config)
+    pg = load_cached(model, cache=store, **inputs)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
+    assert torch.equal(pg(**inputs).logits, model(**inputs).logits)
+    other = token_inputs(3, 5)
+    assert torch.equal(pg(**other).logits, model(**other).logits)
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert pg._variants[0].root.transformer.h_0.mlp.c_fc.weight is c_fc.weight
