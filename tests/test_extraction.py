@@ -97,3 +97,30 @@ def test_postprocessing_function_sees_the_root_graph():
     x = torch.randn(3, 2)
     PatchableGraph(model, ExtractionOptions(postprocessing_function=seen.append), x)
     assert len(seen) == 1 and isinstance(seen[0], torch.fx.GraphModule)
+
+
+def test_values_collected_by_output_recorders_are_returned():
+    """transformers 5 collects hidden states and attention weights with hooks, so they leave
+    module calls without being returned; they become extra outputs of those calls."""
+    import sys
+
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    from conftest import tiny_llama, token_inputs
+
+    model = tiny_llama(attn="eager")
+    inputs = dict(token_inputs(), output_hidden_states=True, output_attentions=True)
+    pg = PatchableGraph(model, **inputs)
+    assert pg.artifact.extraction["opaque"] == {}
+    for call in (inputs, dict(token_inputs(3, 5), output_hidden_states=True, output_attentions=True)):
+        got, expected = pg(**call), model(**call)
+        assert torch.equal(got.logits, expected.logits)
+        assert len(got.hidden_states) == len(expected.hidden_states) == 3
+        assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states))
+        assert all(torch.equal(a, b) for a, b in zip(got.attentions, expected.attentions))
+    seen = {}
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, o: seen.update(out=o))
+    model(**inputs)
+    handle.remove()
+    with pg.patch({"model.layers_0.output": (probe := ProbePatch())}):
+        pg(**inputs)
+    assert torch.equal(probe.activation, seen["out"])  # the module's own output, not the extras

@@ -94,6 +94,8 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
                 f"node {where!r} has an argument that cannot be stored: {exc.message}", node_path=where
             )) from exc
         meta = describe_value(node.meta.get("example_value"))
+        if node.op == "output" and node.meta.get("graphpatch_extras"):
+            meta["extras"] = node.meta["graphpatch_extras"]  # output is (value, extra values)
         source = _source(node)
         if source:
             meta["source"] = source

@@ -104,6 +104,10 @@ class Frame:
     inputs: List[torch.fx.Node] = field(default_factory=list)  # flat marker inputs
     children: List["Frame"] = field(default_factory=list)
     input_spec: Optional[str] = None
+    #: the call_module node in the parent graph, once the call has returned
+    call_node: Optional[torch.fx.Node] = None
+    #: values returned besides the module's own output (see Splitter._export)
+    extras: List[torch.fx.Node] = field(default_factory=list)
     #: for opaque frames: (call record, local name) of each call the module makes itself
     opaque_calls: List[Tuple[CallRecord, str]] = field(default_factory=list)
 
@@ -285,6 +289,8 @@ class Splitter:
     def _finish_output(self, frame: Frame, flat_outputs: List[torch.fx.Node]) -> None:
         record = frame.record
         assert record is not None
+        for v in flat_outputs:  # first pass: any exports happen before we hold local nodes
+            self._local(frame, v)
         values = iter([self._local(frame, v) for v in flat_outputs])
         leaves = [next(values) if is_t else leaf for leaf, is_t in zip(record.output_leaves, record.output_is_tensor)]
         fakes = iter([_compat.fake_value(v) for v in flat_outputs])
@@ -307,9 +313,12 @@ class Splitter:
         if parent.record is None:
             return None  # the model's own call: nothing to call it from
         parent.children.append(frame)
+        for v in list(frame.inputs) + list(frame.hidden):
+            self._local(parent, v)
         args = [self._local(parent, v) for v in frame.inputs] + [self._local(parent, h) for h in frame.hidden]
         call = parent.graph.call_module(frame.local_name, tuple(args))
         call.name = frame.local_name  # reserved when the parent frame was opened
+        frame.call_node = call
         return call
 
     def _leaf_access(self, frame: Frame, child: Frame, call: torch.fx.Node, index: int, flat: torch.fx.Node) -> torch.fx.Node:
@@ -461,13 +470,63 @@ class Splitter:
         while f is not None:
             ancestors.append(f)
             f = f.parent
-        if owner is not None and owner not in ancestors and value not in self.sym_ph:
+        if owner is not None and owner not in ancestors and owner is not frame and value not in self.sym_ph:
+            self._export(owner, value, frame, ancestors)
+            if value in frame.env:
+                return frame.env[value]
+        return self._hidden(frame, value)
+
+    def _export(self, owner: Frame, value: torch.fx.Node, frame: Frame, ancestors: List[Frame]) -> None:
+        """``value`` was computed inside a module call that has returned, and is used outside
+        it without having been returned (transformers' output recorders collect hidden states
+        and attention weights this way). Make it an extra output of each closed call on the
+        way up to the nearest frame that ``frame`` can reach."""
+        chain = []
+        f: Optional[Frame] = owner
+        while f is not None and f not in ancestors and f is not frame:
+            chain.append(f)
+            f = f.parent
+        if f is None or any(c.call_node is None for c in chain):
             raise ExtractionError(
                 f"value {value.name!r} used in module {frame.path!r} escapes the module call that "
-                "computed it without being returned",
+                "computed it in a way we cannot follow",
                 module_path=frame.path,
             )
-        return self._hidden(frame, value)
+        for closed in chain:
+            self._add_extra_output(closed, value)
+
+    def _add_extra_output(self, child: Frame, value: torch.fx.Node) -> None:
+        parent = child.parent
+        assert parent is not None and child.call_node is not None
+        local = self._local(child, value)
+        out = next(n for n in child.graph.nodes if n.op == "output")
+        if not child.extras:
+            call = child.call_node
+            with parent.graph.inserting_after(call):
+                main = parent.graph.call_function(operator.getitem, (call, 0))
+            main.name = parent.names.fresh("getitem")
+            main.meta = dict(call.meta)
+            call.replace_all_uses_with(main, delete_user_cb=lambda user: user is not main)
+            for key, mapped in list(parent.env.items()):  # a bare-tensor output is the call itself
+                if mapped is call:
+                    parent.env[key] = main
+            out.args = ((out.args[0], ()),)
+            child.extras_node = main  # type: ignore[attr-defined]
+        child.extras.append(value)
+        structure, extras = out.args[0]
+        out.args = ((structure, tuple(extras) + (local,)),)
+        out.meta["graphpatch_extras"] = len(child.extras)
+        anchor = child.call_node
+        last = max((u for u in anchor.users), key=lambda n: list(parent.graph.nodes).index(n), default=anchor)
+        with parent.graph.inserting_after(last):
+            pack = parent.graph.call_function(operator.getitem, (anchor, 1))
+        pack.name = parent.names.fresh("getitem")
+        with parent.graph.inserting_after(pack):
+            item = parent.graph.call_function(operator.getitem, (pack, len(child.extras) - 1))
+        item.name = parent.names.fresh("getitem")
+        item.meta["example_value"] = _compat.fake_value(value)
+        parent.env[value] = item
+        self.owner[value] = parent
 
     def _attr(self, frame: Frame, value: torch.fx.Node) -> torch.fx.Node:
         names = self.param_ph[value]
@@ -552,6 +611,9 @@ class Splitter:
         self.owner[node] = frame
 
     def _copy(self, frame: Frame, node: torch.fx.Node) -> None:
+        # twice: the first pass may export values out of returned calls, which re-points the
+        # nodes that earlier arguments resolved to
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda v: self._local(frame, v))
         args = torch.fx.node.map_arg(node.args, lambda v: self._local(frame, v))
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda v: self._local(frame, v))
         new = frame.graph.create_node(node.op, node.target, args, kwargs)

@@ -130,6 +130,8 @@ class PatchInstaller:
             slot, node = self.slots.pop(key)
             gm = self.modules[key[0]]
             node.replace_all_uses_with(node.args[0])
+            for user in list(node.users):  # an output with extras holds the slot in a tuple
+                user.args = torch.fx.node.map_arg(user.args, lambda n: node.args[0] if n is node else n)
             gm.graph.erase_node(node)
             delattr(gm, node.target)
             touched.add(key[0])
@@ -154,7 +156,13 @@ class PatchInstaller:
         attr = f"{_SLOT_PREFIX}{self._counter}"
         gm.add_module(attr, slot)
         graph = gm.graph
-        if target.op == "output":
+        if target.op == "output" and target.meta.get("graphpatch", {}).get("extras"):
+            # (the module's output, values returned for its parent only): patch the former
+            value, extras = target.args[0]
+            with graph.inserting_before(target):
+                node = graph.call_module(attr, (value,))
+            target.args = ((node, extras),)
+        elif target.op == "output":
             with graph.inserting_before(target):
                 node = graph.call_module(attr, (target.args[0],))
             target.args = (node,)
