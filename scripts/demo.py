@@ -1,47 +1,60 @@
-"""The main job on the embedded default model: a tiny GPT-2, extracted (or loaded from the
-cache), patched, and the effect shown.
+"""The main job on the embedded default model, end to end:
 
-Run: python scripts/demo.py   (random weights, no downloads; the graph cache lives in
-$GRAPHPATCH_CACHE_DIR or the user cache dir, so a second run is a cache hit)
+1. ``graphpatch-cache build tiny-gpt2`` into a fresh cache (from the preset's config alone,
+   on the meta device: no weights),
+2. a tiny GPT-2 with random weights, loaded with ``load_cached`` (a cache hit),
+3. probe and zero a node, and show what changed.
+
+Run: python scripts/demo.py   (no downloads; the fresh cache lives in a temp dir)
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
-from graphpatch_cache import ProbePatch, ZeroPatch, load_cached
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=18, n_embd=64, n_head=4, vocab_size=512, n_positions=128,
-                        bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config).eval()
-    inputs = {"input_ids": torch.randint(0, 512, (2, 16)), "use_cache": False}
+    from transformers import GPT2LMHeadModel
 
-    start = time.perf_counter()
-    pg = load_cached(model, **inputs)
-    load_s = time.perf_counter() - start
-    how = "cache hit" if pg.cache_stats.hits else "extracted and cached"
+    from graphpatch_cache import CacheStore, ExampleSignature, ProbePatch, ZeroPatch, load_cached
+    from graphpatch_cache.cli.presets import PRESETS, preset_config
 
-    with torch.no_grad():
-        original = model(**inputs).logits
-        unpatched = pg(**inputs).logits
-        node = "transformer.h_17.mlp.act.mul_3"
-        with pg.patch({node: [probe := ProbePatch(), ZeroPatch()]}):
-            patched = pg(**inputs).logits
+    with tempfile.TemporaryDirectory() as tmp:
+        root, local = Path(tmp) / "cache", Path(tmp) / "local"
+        print("$ graphpatch-cache build tiny-gpt2 --cache-dir", root)
+        subprocess.run([sys.executable, "-m", "graphpatch_cache", "build", "tiny-gpt2", "--cache-dir", str(root)],
+                       check=True, env={**__import__("os").environ, "GRAPHPATCH_CACHE_LOCAL_DIR": str(local)})
 
-    print(f"model: GPT-2, {config.n_layer} layers, width {config.n_embd} (random weights)")
-    print(f"graph: {how} in {load_s:.2f} s (key {pg.cache_stats.keys[0][:12]}), {len(pg.graph._np_index)} node paths")
-    print(f"unpatched graph equals the model exactly: {torch.equal(original, unpatched)}")
-    print(f"probe at {node}: shape {tuple(probe.activation.shape)}, mean |value| {probe.activation.abs().mean():.4f}")
-    delta = (patched - unpatched).abs()
-    print(f"zeroing it changes the logits: max |delta| {delta.max():.4f}, mean |delta| {delta.mean():.4f}")
-    print("the patched MLP's graph:")
-    print(repr(pg.graph.transformer.h_17.mlp))
+        torch.manual_seed(0)
+        config = preset_config(PRESETS["tiny-gpt2"])
+        model = GPT2LMHeadModel(config).eval()  # random weights: any weights share the graph
+        inputs = ExampleSignature().inputs(model.config)
+        start = time.perf_counter()
+        pg = load_cached(model, cache=CacheStore(root, local_dir=local), **inputs)
+        load_s = time.perf_counter() - start
+        print(f"\nload_cached: {'cache hit' if pg.cache_stats.hits else 'extracted'} in {load_s:.2f} s, "
+              f"{len(pg.graph._np_index)} node paths")
+
+        inputs = {"input_ids": torch.randint(0, config.vocab_size, (1, 12)), "use_cache": False}
+        node = "transformer.h_1.mlp.act.mul_3"
+        with torch.no_grad():
+            original = model(**inputs).logits
+            unpatched = pg(**inputs).logits
+            with pg.patch({node: [probe := ProbePatch(), ZeroPatch()]}):
+                patched = pg(**inputs).logits
+        print(f"unpatched graph equals the model exactly (12 tokens, not the 8 it was built with): {torch.equal(original, unpatched)}")
+        print(f"probe at {node}: shape {tuple(probe.activation.shape)}, mean |value| {probe.activation.abs().mean():.4f}")
+        delta = (patched - unpatched).abs()
+        print(f"zeroing it changes the logits: max |delta| {delta.max():.4f}, mean |delta| {delta.mean():.4f}")
+        print("\nthe patched MLP's graph:")
+        print(repr(pg.graph.transformer.h_1.mlp.act))
+        print(f"graph variants used: {len(pg.variants)} (no extraction after the build)")
 
 
 if __name__ == "__main__":

@@ -475,13 +475,13 @@ class CacheStore:
 
         try:
             self._mkdir(self.root / "locks")
-            # group-writable in a shared (setgid) root, so teammates can take the lock too;
-            # a lock held longer than the timeout (a killed process) counts as stale
+            # group-writable in a shared (setgid) root, so teammates can take the lock too.
+            # An OS lock dies with its process, so a killed extraction leaves no stale lock;
+            # where locks are fake or never granted, the timeout lets the caller proceed.
             lock = filelock.FileLock(
                 str(self.root / "locks" / f"{key}.lock"),
                 timeout=self.lock_timeout,
                 mode=0o664 if self._shared_mode() else -1,
-                lifetime=max(self.lock_timeout, 60.0),
             )
             lock.acquire()
         except (filelock.Timeout, OSError):

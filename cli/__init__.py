@@ -1,0 +1,17 @@
+"""The ``graphpatch-cache`` command line (click), installed as ``graphpatch_cache.cli``.
+
+Call map::
+
+    main() -> cli (main.Group: warnings to stderr, library errors -> exit 1 in one place)
+      build  (build.py)   MODEL -> presets.resolve_model -> graphpatch_cache.build()
+      ls     (ls.py)      CacheStore.entries()
+      show   (show.py)    key or MODEL -> CacheStore.load_entry -> NodePath.from_graph
+      verify (verify.py)  CacheStore.verify(rebuild_check=...)
+      gc     (gc.py)      CacheStore.gc()
+      rm     (rm.py)      CacheStore.remove()
+      export, import (export.py)  portable_to_bytes / portable_from_bytes + the key
+      info   (info.py)    environment_fingerprint(), cache roots
+
+Shared options live in ``options.py``, printing (JSON, tables, progress) in ``output.py``.
+The CLI holds no logic the library lacks: it parses, calls the public API and prints.
+"""

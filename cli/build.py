@@ -1,0 +1,135 @@
+"""``graphpatch-cache build MODEL``: extract a model's graphs from its config and cache them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .options import common_options, is_verbose, model_options, open_store
+from .output import artifact_summary, emit_json, human_size, progress_enabled, short_class, spinner
+from .presets import PRESETS
+
+
+def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int) -> dict:
+    """The config, meta-model arguments and example signature for MODEL and the model options
+    (shared with ``show MODEL``)."""
+    import torch
+    from graphpatch_cache import ExampleSignature
+
+    from .presets import resolve_model
+
+    if not is_verbose():  # transformers' and bitsandbytes' advice is noise here; -v shows it
+        import logging
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    resolved = resolve_model(model)
+    if dtype == "auto":
+        torch_dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
+        if isinstance(torch_dtype, str):
+            torch_dtype = getattr(torch, torch_dtype, None)
+        torch_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    return {
+        "resolved": resolved,
+        "dtype": torch_dtype,
+        "quantization": "8bit" if load_in_8bit else None,
+        "signature": ExampleSignature(batch_size=batch_size, seq_len=seq_len),
+    }
+
+
+def model_key(spec: dict) -> str:
+    """The key ``build`` stores MODEL's graph under, computed without extracting."""
+    from graphpatch_cache import cache_key
+    from graphpatch_cache.cache import meta_model
+
+    model = meta_model(spec["resolved"].config, dtype=spec["dtype"], quantization=spec["quantization"])
+    return cache_key(model, **spec["signature"].inputs(model.config))
+
+
+@click.command(epilog=f"""\b
+Presets: {", ".join(PRESETS)}.
+
+\b
+--json prints:
+  {{"model": MODEL, "source": "preset" | "directory" | "hub",
+   "model_class": qualified class name, "dtype": "float16", "quantization": null | "8bit",
+   "key": 64 hex digits, "variant": str, "digest": sha256 of the artifact,
+   "size": artifact bytes, "graphs": module graphs, "nodes": nodes in all graphs,
+   "modules": modules in the model, "seconds": float, "cached": bool (already there),
+   "root": cache root}}
+
+\b
+Examples:
+  graphpatch-cache build llama-7b
+  graphpatch-cache build gpt2 --dtype float16 --batch-size 2
+  graphpatch-cache build ./my-model-dir --load-in-8bit
+  graphpatch-cache build Qwen/Qwen2-0.5B --json
+""")
+@click.argument("model")
+@model_options
+@click.option("--force", is_flag=True, help="Extract again even when the cache has the graph.")
+@common_options
+def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int, force: bool,
+          cache_dir: Optional[Path], as_json: bool) -> None:
+    """Extract MODEL's graphs from its config alone (meta device, no weights) and cache them.
+
+    MODEL is a preset name, a directory with config.json, or a Hugging Face Hub id whose
+    config is already in the local Hugging Face cache (nothing is downloaded). The graph is
+    stored under the key load_cached() computes for the real model loaded with
+    from_pretrained() in the same dtype, with inputs of the same shape class.
+    """
+    from graphpatch_cache import build as build_graph
+
+    spec = model_spec(model, dtype, load_in_8bit, batch_size, seq_len)
+    store = open_store(cache_dir)
+    resolved = spec["resolved"]
+    with spinner(f"extracting {model}", progress_enabled(as_json)):
+        result = build_graph(resolved.config, dtype=spec["dtype"], quantization=spec["quantization"],
+                             cache=store, signature=spec["signature"], force=force)
+    entry = result.entry
+    if entry is None:
+        from graphpatch_cache import CacheError
+
+        raise CacheError(f"the graph was extracted but could not be stored in {store.root}", path=str(store.root),
+                         hint="check that the cache directory is writable, or pass --cache-dir")
+    summary = artifact_summary(result.artifact)
+    size = entry.size
+    dtype_name = str(spec["dtype"]).removeprefix("torch.")
+    if as_json:
+        emit_json({
+            "model": model,
+            "source": resolved.source,
+            "model_class": result.artifact.model_class,
+            "dtype": dtype_name,
+            "quantization": spec["quantization"],
+            "key": result.key,
+            "variant": entry.variant,
+            "digest": entry.digest,
+            "size": size,
+            "graphs": summary["graphs"],
+            "nodes": summary["nodes"],
+            "modules": summary["modules"],
+            "seconds": round(result.seconds, 3),
+            "cached": result.cached,
+            "root": str(store.root),
+        })
+        return
+    what = f"{short_class(result.artifact.model_class)}, {dtype_name}" + (", 8-bit" if spec["quantization"] else "")
+    if result.cached:
+        click.echo(f"{model} ({what}) is already cached (--force extracts again)")
+    else:
+        click.echo(f"built {model} ({what}) in {result.seconds:.1f} s")
+    click.echo(f"key      {result.key}")
+    click.echo(f"size     {human_size(size)}")
+    modules = f", {summary['modules']} modules in the model" if summary["modules"] else ""
+    click.echo(f"graphs   {summary['graphs']} module graphs, {summary['nodes']} nodes{modules}")
+    click.echo(f"cache    {store.root}")
+
+
+__all__ = ["build", "model_key", "model_spec"]

@@ -1,0 +1,124 @@
+"""Options shared by several commands, defined once (pip-tools' ``options.py`` style).
+
+Every command takes ``--cache-dir``, ``--json`` and ``-v``; ``build`` and ``show`` share the
+options that pick a model's graph (``--dtype``, ``--load-in-8bit``, ``--batch-size``,
+``--seq-len``), so ``show MODEL`` finds exactly the key ``build MODEL`` wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+VERBOSE_KEY = "graphpatch_cache.verbose"
+JSON_KEY = "graphpatch_cache.json"
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _remember(key: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value:  # ctx.meta is shared by the whole context tree: main.py reads it on errors
+            ctx.meta[key] = value
+        return value
+
+    return callback
+
+
+verbose_option = click.option(
+    "-v", "--verbose", count=True, expose_value=False, callback=_remember(VERBOSE_KEY), is_eager=True,
+    help="Show tracebacks on errors, and warnings from other libraries.",
+)
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, callback=_remember(JSON_KEY),
+    help="Print one JSON document on stdout (format in this help); no progress output.",
+)
+
+cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Cache root. Default: $GRAPHPATCH_CACHE_DIR, else the user cache directory.",
+)
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--cache-dir``, ``--json`` and ``-v``."""
+    return cache_dir_option(json_option(verbose_option(fn)))
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that, with MODEL, determine a graph's key."""
+    options = [
+        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                     help="The dtype the real model is loaded in. auto: the config's dtype, else float32 "
+                          "(what from_pretrained does)."),
+        click.option("--load-in-8bit", is_flag=True,
+                     help="For models loaded with BitsAndBytesConfig(load_in_8bit=True)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Example batch size. 1 gets its own graph; any size >= 2 shares one."),
+        click.option("--seq-len", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Example sequence length. 1 gets its own graph; any length >= 2 shares one."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+class Duration(click.ParamType):
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` -> seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        from graphpatch_cache.cache.store import parse_duration
+
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Size(click.ParamType):
+    """``5GB``, ``500MB``, ``2GiB``, ``1024`` -> bytes (powers of 1024)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
+        from graphpatch_cache.cache.store import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+SIZE = Size()
+
+
+def open_store(cache_dir: Optional[Path]) -> Any:
+    """The :class:`~graphpatch_cache.CacheStore` at ``cache_dir`` (or the default root)."""
+    from graphpatch_cache import CacheStore
+
+    return CacheStore(cache_dir)
+
+
+def resolve_keys(store: Any, prefixes: Any) -> list:
+    """Full keys for key prefixes (each must match exactly one key)."""
+    out = []
+    for prefix in prefixes:
+        key = store.resolve(prefix)
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def is_verbose(ctx: Optional[click.Context] = None) -> bool:
+    ctx = ctx or click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(VERBOSE_KEY))
+
+
+__all__ = ["DTYPES", "DURATION", "SIZE", "cache_dir_option", "common_options", "is_verbose", "json_option",
+           "model_options", "open_store", "resolve_keys", "verbose_option"]

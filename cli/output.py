@@ -1,0 +1,158 @@
+"""How commands print: JSON documents, tables, sizes, times, and progress on a terminal.
+
+Results go to stdout; progress, notes and warnings go to stderr, so ``--json`` output and
+pipes stay clean. Progress is drawn only when stderr is a terminal and ``--json`` is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import itertools
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import click
+
+
+def emit_json(data: Any) -> None:
+    """One JSON document on stdout: 2-space indent, sorted keys."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def note(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def human_size(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
+
+
+def iso_time(timestamp: float) -> str:
+    """UTC, second precision: ``2025-01-31T12:00:00Z``."""
+    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def local_time(timestamp: float) -> str:
+    return _dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+
+
+def table(headers: Sequence[str], rows: List[Sequence[str]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def short_class(qualified: str) -> str:
+    return qualified.rpartition(".")[2]
+
+
+def artifact_summary(artifact: Any) -> Dict[str, Any]:
+    """Counts and dtype of an artifact (or of its decoded JSON payload)."""
+    data = artifact if isinstance(artifact, dict) else artifact.to_dict()
+    graphs = nodes = 0
+    stack = [data["root"]]
+    while stack:
+        graph = stack.pop()
+        graphs += 1
+        nodes += len(graph["nodes"])
+        stack.extend(graph["children"])
+    structure = data.get("extraction", {}).get("structure") or {}
+    dtype, quantization = model_dtype(structure)
+    return {"graphs": graphs, "nodes": nodes, "modules": len(structure.get("modules", [])) or None,
+            "dtype": dtype, "quantization": quantization}
+
+
+def model_dtype(structure: Dict[str, Any]) -> tuple:
+    """(the parameters' dtype, ``"8bit"`` or ``None``) from an artifact's recorded structure."""
+    counts = Counter(t[3] for t in structure.get("tensors", []) if t[0] == "param")
+    quantization = "8bit" if counts.get("torch.int8") else None
+    floats = [(n, d) for d, n in counts.items() if d != "torch.int8"]
+    dtype = max(floats)[1].removeprefix("torch.") if floats else None
+    return dtype, quantization
+
+
+# -- progress ------------------------------------------------------------------------------------
+def progress_enabled(as_json: bool) -> bool:
+    if as_json:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def spinner(message: str, enabled: bool) -> Iterator[None]:
+    """A spinner with the elapsed time on stderr while the block runs (for work that reports
+    no progress of its own, such as one extraction)."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def spin() -> None:
+        for frame in itertools.cycle("|/-\\"):
+            sys.stderr.write(f"\r{frame} {message} {time.perf_counter() - start:5.1f}s")
+            sys.stderr.flush()
+            if stop.wait(0.1):
+                break
+        sys.stderr.write("\r" + " " * (len(message) + 12) + "\r")
+        sys.stderr.flush()
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Progress:
+    """``fn(done, total)`` drawing a click progress bar on stderr once the total is known."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self._bar: Any = None
+        self._done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self._bar.__enter__()
+        self._bar.update(done - self._done)
+        self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+@contextlib.contextmanager
+def progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    bar = Progress(label, enabled)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+__all__ = ["Progress", "artifact_summary", "emit_json", "human_size", "iso_time", "local_time", "model_dtype",
+           "note", "progress", "progress_enabled", "short_class", "spinner", "table"]

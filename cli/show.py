@@ -1,0 +1,139 @@
+"""``graphpatch-cache show KEY-or-MODEL [NODE_PATH]``: a cached graph's node tree, no weights."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import click
+
+from .options import common_options, model_options, open_store
+from .output import emit_json, note
+
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+
+
+def find_entry(store: Any, target: str, model_args: Dict[str, Any]) -> Tuple[Any, Any]:
+    """(entry, artifact) for a key prefix, or for MODEL built with ``model_args``.
+
+    :raises CacheMissError: neither a key in the cache nor a model whose graph is cached.
+    """
+    from graphpatch_cache import CacheMissError, GraphPatchCacheError
+
+    from .build import model_key, model_spec
+
+    key = None
+    if _HEX.match(target):
+        try:
+            key = store.resolve(target)
+        except CacheMissError:
+            key = None
+    if key is None:
+        try:
+            spec = model_spec(target, **model_args)
+        except GraphPatchCacheError as exc:
+            if _HEX.match(target):
+                raise CacheMissError(f"no cache entry with key prefix {target!r} in {store.root}", path=str(store.root),
+                                     hint="list the entries with `graphpatch-cache ls`") from exc
+            raise
+        key = model_key(spec)
+        if not store.variants(key):
+            raise CacheMissError(
+                f"{target} is not in the cache at {store.root} (key {key[:12]})", path=str(store.root),
+                hint=f"build it with `graphpatch-cache build {target}` and the same --dtype/--load-in-8bit/"
+                     "--batch-size/--seq-len options",
+            )
+    entries = store.variants(key)
+    for entry in entries:
+        artifact = store.load_entry(entry)
+        if artifact is not None:
+            if len(entries) > 1:
+                note(f"Note: key {key[:12]} has {len(entries)} graph variants; showing {entry.variant}")
+            return entry, artifact
+    raise CacheMissError(f"the graph under key {key[:12]} is missing or damaged", path=str(store.root),
+                         hint="run `graphpatch-cache verify --fix`, then build it again")
+
+
+def _nodes(node: Any, depth: Optional[int], grep: Optional[str]) -> List[Dict[str, Any]]:
+    """The nodes below ``node`` as ``show --json`` lists them (depth first)."""
+    out: List[Dict[str, Any]] = []
+
+    def paths(n: Any) -> Iterator[str]:
+        yield str(n)
+        for child in n:
+            yield from paths(child)
+
+    def matches(n: Any) -> bool:  # as NodePath._tree: the branch holds a path containing grep
+        return grep is None or any(grep in p for p in paths(n))
+
+    def walk(n: Any, level: int) -> None:
+        if depth is not None and level >= depth:
+            return
+        for child in n:
+            if not matches(child):
+                continue
+            shape = child._shape
+            out.append({"path": str(child), "kind": "value" if child._is_value else "graph",
+                        "shape": list(shape) if isinstance(shape, tuple) else shape})
+            walk(child, level + 1)
+
+    walk(node, 0)
+    return out
+
+
+@click.command(epilog="""\b
+--json prints:
+  {"key": 64 hex digits, "variant": str, "path": NODE_PATH ("" for the root),
+   "kind": "graph" | "value",
+   "nodes": [{"path": node path, "kind": "graph" | "value",
+              "shape": [sizes, symbolic ones as strings] | "description" | null}, ...]}
+  with --code, "code": str instead of "nodes".
+
+\b
+Examples:
+  graphpatch-cache show tiny-gpt2 --depth 2
+  graphpatch-cache show 3fa9c1 transformer.h_0.mlp
+  graphpatch-cache show gpt2 --grep mlp.act
+  graphpatch-cache show gpt2 transformer.h_0.attn --code
+""")
+@click.argument("target", metavar="KEY-or-MODEL")
+@click.argument("node_path", required=False, default="")
+@click.option("--depth", type=click.IntRange(min=0), default=None, help="Levels of the tree to print (default: all).")
+@click.option("--grep", "pattern", default=None, metavar="PATTERN", help="Only branches whose node paths contain PATTERN.")
+@click.option("--code", is_flag=True, help="Print the module's generated code (a value's source line).")
+@model_options
+@common_options
+def show(target: str, node_path: str, depth: Optional[int], pattern: Optional[str], code: bool, dtype: str,
+         load_in_8bit: bool, batch_size: int, seq_len: int, cache_dir: Optional[Path], as_json: bool) -> None:
+    """Print a cached graph's node tree, as pg.graph prints it, without loading weights.
+
+    KEY-or-MODEL is a key (or a unique prefix) or a MODEL as `build` takes it, with the same
+    model options. NODE_PATH (e.g. transformer.h_0.mlp) picks a subtree; the paths printed
+    are the ones pg.patch() takes.
+    """
+    from graphpatch_cache import NodePath
+
+    store = open_store(cache_dir)
+    model_args = {"dtype": dtype, "load_in_8bit": load_in_8bit, "batch_size": batch_size, "seq_len": seq_len}
+    entry, artifact = find_entry(store, target, model_args)
+    root = NodePath.from_graph(artifact.root)
+    node = root[node_path] if node_path else root
+    if code:
+        text = node._code
+        if as_json:
+            emit_json({"key": entry.key, "variant": entry.variant, "path": str(node),
+                       "kind": "value" if node._is_value else "graph", "code": text})
+        elif text:
+            click.echo(text.strip("\n"))
+        else:
+            note(f"{str(node) or '<root>'} has no code")
+        return
+    if as_json:
+        emit_json({"key": entry.key, "variant": entry.variant, "path": str(node),
+                   "kind": "value" if node._is_value else "graph", "nodes": _nodes(node, depth, pattern)})
+        return
+    click.echo(node._tree(depth, pattern))
+
+
+__all__ = ["find_entry", "show"]

@@ -1,0 +1,352 @@
+"""The graphpatch-cache CLI: every command through click's CliRunner, and the installed entry
+point in real subprocesses.
+
+One in-process build of the tiny-gpt2 preset primes a root (module fixture); tests that
+change a root work on a copy. Oracles are the files on disk, the library's own API
+(CacheStore, load_cached on a from_pretrained model) and exit statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from graphpatch_cache import CacheStore
+from graphpatch_cache.cli.main import cli
+from graphpatch_cache.cli.presets import PRESETS, preset_config
+
+COMMANDS = ["build", "ls", "show", "verify", "gc", "rm", "export", "import", "info"]
+
+
+@pytest.fixture(scope="module")
+def local_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli-local")
+
+
+@pytest.fixture(scope="module")
+def runner(local_dir):
+    return CliRunner(env={"GRAPHPATCH_CACHE_LOCAL_DIR": str(local_dir)})
+
+
+def invoke(runner, *args, code=0):
+    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    return result
+
+
+@pytest.fixture(scope="module")
+def built(runner, tmp_path_factory):
+    """A root holding the tiny-gpt2 preset, and build's --json output."""
+    root = tmp_path_factory.mktemp("cli-root") / "root"
+    out = json.loads(invoke(runner, "build", "tiny-gpt2", "--cache-dir", root, "--json").stdout)
+    return root, out
+
+
+@pytest.fixture
+def root(built, tmp_path):
+    copy = tmp_path / "root"
+    shutil.copytree(built[0], copy)
+    return copy
+
+
+# -- build -------------------------------------------------------------------------------------
+def test_build_json_matches_the_store(built, local_dir):
+    root, out = built
+    assert out["model"] == "tiny-gpt2" and out["source"] == "preset" and out["cached"] is False
+    assert out["model_class"].endswith("GPT2LMHeadModel") and out["dtype"] == "float32" and out["quantization"] is None
+    assert out["graphs"] > 10 and out["nodes"] > out["graphs"] and out["modules"] > 10 and out["seconds"] > 0
+    (entry,) = CacheStore(root, local_dir=local_dir).variants(out["key"])
+    assert (entry.digest, entry.size, entry.variant) == (out["digest"], out["size"], out["variant"])
+    blob = root / "objects" / out["digest"][:2] / out["digest"]
+    assert blob.stat().st_size == out["size"]
+
+
+def test_build_again_is_a_hit_and_human_output(runner, root, built):
+    result = invoke(runner, "build", "tiny-gpt2", "--cache-dir", root)
+    assert "already cached" in result.stdout and built[1]["key"] in result.stdout
+    assert "\r" not in result.stderr  # no progress drawn when stderr is not a terminal
+
+
+def test_built_graph_is_what_load_cached_uses_for_from_pretrained(built, local_dir, tmp_path):
+    """The preset's key is the one load_cached computes for the saved-and-reloaded model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from graphpatch_cache import load_cached
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config(PRESETS["tiny-gpt2"])).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    store = CacheStore(built[0], local_dir=local_dir)
+    ids = torch.randint(0, 128, (1, 5))
+    pg = load_cached(model, input_ids=ids, use_cache=False, cache=store)
+    assert pg.cache_stats.hits == 1 and pg.cache_stats.misses == 0
+    assert torch.equal(pg(input_ids=ids, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits)
+
+
+def test_build_from_a_directory_gives_the_preset_key(runner, root, built, tmp_path):
+    preset_config(PRESETS["tiny-gpt2"]).save_pretrained(tmp_path / "cfg")
+    out = json.loads(invoke(runner, "build", tmp_path / "cfg", "--cache-dir", root, "--json").stdout)
+    assert out["source"] == "directory" and out["key"] == built[1]["key"] and out["cached"] is True
+
+
+def test_build_options_change_the_key(runner, root, built):
+    out = json.loads(invoke(runner, "build", "tiny-llama", "--dtype", "bfloat16", "--load-in-8bit",
+                            "--batch-size", "2", "--cache-dir", root, "--json").stdout)
+    assert out["dtype"] == "bfloat16" and out["quantization"] == "8bit" and out["key"] != built[1]["key"]
+    rows = json.loads(invoke(runner, "ls", "--cache-dir", root, "--json").stdout)["entries"]
+    assert {(r["dtype"], r["quantization"]) for r in rows} == {("float32", None), ("bfloat16", "8bit")}
+
+
+def test_build_errors(runner, tmp_path):
+    result = invoke(runner, "build", "tiny-gtp2", "--cache-dir", tmp_path, code=1)
+    assert "Error:" in result.stderr and "did you mean tiny-gpt2" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = invoke(runner, "build", "nobody/no-such-model", "--cache-dir", tmp_path, code=1)
+    assert "local Hugging Face cache" in result.stderr and "hf download nobody/no-such-model" in result.stderr
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in invoke(runner, "build", tmp_path / "empty", code=1).stderr
+    invoke(runner, "build", code=2)  # missing MODEL
+    invoke(runner, "build", "tiny-gpt2", "--dtype", "float8", code=2)
+    invoke(runner, "build", "tiny-gpt2", "--seq-len", "0", code=2)
+    assert not (tmp_path / "refs").exists()
+
+
+def test_verbose_shows_the_traceback(runner, tmp_path):
+    result = invoke(runner, "build", "nosuch-model", "--cache-dir", tmp_path, "-v", code=1)
+    assert "Traceback" in result.stderr and "BuildError" in result.stderr and "Error:" in result.stderr
+    assert "Traceback" in invoke(runner, "-v", "rm", "0000", "--cache-dir", tmp_path, code=1).stderr
+
+
+def test_presets_are_the_hub_configs_as_from_pretrained_reads_them(tmp_path):
+    from transformers import AutoConfig
+
+    assert {"tiny-gpt2", "tiny-llama", "gpt2", "gpt2-xl", "llama-7b", "llama-2-7b", "mistral-7b"} <= set(PRESETS)
+    for name, preset in PRESETS.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(preset.config))
+        want = AutoConfig.from_pretrained(folder).to_dict()
+        have = preset_config(preset).to_dict()
+        want.pop("_name_or_path"), have.pop("_name_or_path")
+        assert have == want, name
+    assert preset_config(PRESETS["llama-7b"]).hidden_size == 4096
+    assert preset_config(PRESETS["mistral-7b"]).num_key_value_heads == 8
+
+
+# -- ls, show ------------------------------------------------------------------------------------
+def test_ls(runner, root, built):
+    key = built[1]["key"]
+    table = invoke(runner, "ls", "--cache-dir", root).stdout
+    header, row = table.splitlines()
+    assert header.split() == ["KEY", "MODEL", "DTYPE", "SIZE", "CREATED", "TORCH", "TRANSFORMERS"]
+    assert row.startswith(key[:12]) and "GPT2LMHeadModel" in row and "float32" in row
+    out = json.loads(invoke(runner, "ls", "--cache-dir", root, "--json").stdout)
+    (entry,) = out["entries"]
+    assert out["root"] == str(root)
+    assert entry["key"] == key and entry["size"] == built[1]["size"] and entry["intact"] is True
+    assert set(entry["versions"]) >= {"torch", "transformers", "python"} and entry["created"].endswith("Z")
+    assert json.loads(invoke(runner, "ls", "--cache-dir", root / "nothing", "--json").stdout)["entries"] == []
+    assert "no entries" in invoke(runner, "ls", "--cache-dir", root / "nothing").stdout
+
+
+def test_show_tree_path_code_and_json(runner, root, built):
+    key = built[1]["key"]
+    tree = invoke(runner, "show", key[:8], "--cache-dir", root).stdout
+    assert tree.startswith("<root>: GPT2LMHeadModel") and "mul_3" in tree
+    assert invoke(runner, "show", "tiny-gpt2", "--cache-dir", root).stdout == tree  # MODEL finds the same key
+    shallow = invoke(runner, "show", key[:8], "--depth", "1", "--cache-dir", root).stdout
+    assert "transformer: GPT2Model" in shallow and "h_0" not in shallow
+    sub = invoke(runner, "show", key[:8], "transformer.h_0.mlp", "--grep", "act.mul_3", "--cache-dir", root).stdout
+    assert sub.splitlines()[0] == "mlp: GPT2MLP" and "mul_3" in sub and "c_proj" not in sub
+    code = invoke(runner, "show", key[:8], "transformer.h_0.mlp", "--code", "--cache-dir", root).stdout
+    assert code.startswith("def forward(self") and "self.act" in code
+    out = json.loads(invoke(runner, "show", key[:8], "transformer.h_0.mlp.act", "--json", "--cache-dir", root).stdout)
+    assert out["key"] == key and out["kind"] == "graph"
+    paths = {n["path"]: n for n in out["nodes"]}
+    assert paths["transformer.h_0.mlp.act.mul_3"]["kind"] == "value"
+    assert paths["transformer.h_0.mlp.act.mul_3"]["shape"][-1] == 128
+
+
+def test_show_errors(runner, root):
+    result = invoke(runner, "show", "tiny-gpt2", "transformer.h_0.mlpx", "--cache-dir", root, code=1)
+    assert "no node at path" in result.stderr and "transformer.h_0.mlp" in result.stderr
+    result = invoke(runner, "show", "tiny-gpt2", "--dtype", "float16", "--cache-dir", root, code=1)
+    assert "not in the cache" in result.stderr and "graphpatch-cache build tiny-gpt2" in result.stderr
+    assert "no cache entry" in invoke(runner, "show", "abcdef", "--cache-dir", root, code=1).stderr
+
+
+# -- verify, gc, rm --------------------------------------------------------------------------------
+def test_verify_ok_then_corrupt_then_fix(runner, root, built):
+    out = json.loads(invoke(runner, "verify", "--cache-dir", root, "--json").stdout)
+    assert out == {"root": str(root), "checked": 1, "fixed": False, "problems": []}
+    assert "1 entries OK" in invoke(runner, "verify", built[1]["key"][:6], "--cache-dir", root).stdout
+    blob = root / "objects" / built[1]["digest"][:2] / built[1]["digest"]
+    blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
+    result = invoke(runner, "verify", "--cache-dir", root, code=1)
+    assert "digest mismatch" in result.stdout
+    out = json.loads(invoke(runner, "verify", "--fix", "--json", "--cache-dir", root, code=1).stdout)
+    assert out["fixed"] and out["problems"][0]["key"] == built[1]["key"]
+    assert not blob.exists() and any((root / "quarantine").iterdir())
+    invoke(runner, "verify", "--cache-dir", root)  # nothing left to fail
+    invoke(runner, "verify", "ffff", "--cache-dir", root, code=1)  # unknown key
+
+
+def test_verify_rejects_a_disallowed_target(runner, root, built, local_dir):
+    """A well-formed artifact (right digest, valid schema) calling os.system fails the rebuild check."""
+    store = CacheStore(root, local_dir=local_dir)
+    (entry,) = store.variants(built[1]["key"])
+    data = json.loads(store.read_blob(entry.digest))
+    for node in data["root"]["nodes"]:
+        if node["op"] == "call_function":
+            node["target"] = "os.system"
+            break
+    from graphpatch_cache import GraphArtifact
+
+    store.put("e" * 64, GraphArtifact.from_dict(data))
+    out = json.loads(invoke(runner, "verify", "eeee", "--json", "--cache-dir", root, code=1).stdout)
+    assert "os.system" in out["problems"][0]["message"]
+
+
+def test_gc(runner, root, built):
+    out = json.loads(invoke(runner, "gc", "--older-than", "30d", "--cache-dir", root, "--json").stdout)
+    assert out["removed"] == [] and out["kept_bytes"] == built[1]["size"]
+    out = json.loads(invoke(runner, "gc", "--max-size", "1KB", "--dry-run", "--cache-dir", root, "--json").stdout)
+    assert out["dry_run"] and out["removed"] == [f"{built[1]['key']}/{built[1]['variant']}"]
+    assert (root / "refs" / built[1]["key"]).exists()
+    assert "removed 1 entries" in invoke(runner, "gc", "--max-size", "0", "--cache-dir", root).stdout
+    assert not (root / "refs" / built[1]["key"]).exists()
+    assert "--older-than" in invoke(runner, "gc", "--older-than", "soon", "--cache-dir", root, code=2).stderr
+    invoke(runner, "gc", "--max-size", "lots", "--cache-dir", root, code=2)
+
+
+def test_rm(runner, root, built):
+    key = built[1]["key"]
+    result = invoke(runner, "rm", "nothere", "--cache-dir", root, code=1)
+    assert "Error: no cache entry" in result.stderr and "Hint:" in result.stderr
+    out = json.loads(invoke(runner, "rm", key[:10], "--cache-dir", root, "--json").stdout)
+    assert out["removed"] == [{"key": key, "variants": 1}]
+    assert not (root / "refs" / key).exists() and not (root / "objects" / built[1]["digest"][:2] / built[1]["digest"]).exists()
+    invoke(runner, "rm", code=2)
+
+
+def test_ambiguous_prefix_is_an_error(runner, root, built, local_dir):
+    store = CacheStore(root, local_dir=local_dir)
+    artifact = store.get(built[1]["key"])
+    store.put(built[1]["key"][:2] + "0" * 62, artifact)
+    store.put(built[1]["key"][:2] + "1" * 62, artifact)
+    assert "ambiguous" in invoke(runner, "rm", built[1]["key"][:2], "--cache-dir", root, code=1).stderr
+
+
+# -- export, import, info ------------------------------------------------------------------------
+def test_export_import_round_trip(runner, root, built, tmp_path, local_dir):
+    key = built[1]["key"]
+    file = tmp_path / "g.json"
+    out = json.loads(invoke(runner, "export", key[:7], "-o", file, "--cache-dir", root, "--json").stdout)
+    assert out == {"key": key, "file": str(file), "variants": 1, "size": file.stat().st_size}
+    payload = json.loads(file.read_bytes())
+    assert payload["format"] == "graphpatch-cache-portable" and payload["key"] == key and len(payload["artifacts"]) == 1
+    other = tmp_path / "other"
+    out = json.loads(invoke(runner, "import", file, "--cache-dir", other, "--json").stdout)
+    assert out["key"] == key and out["matches_environment"] is True
+    assert out["variants"] == [{"variant": built[1]["variant"], "digest": built[1]["digest"], "size": built[1]["size"]}]
+    # byte-identical blob under the same key: the imported entry is the exported one
+    assert (other / "objects" / built[1]["digest"][:2] / built[1]["digest"]).read_bytes() == \
+        (root / "objects" / built[1]["digest"][:2] / built[1]["digest"]).read_bytes()
+    assert "1 entries OK" in invoke(runner, "verify", "--cache-dir", other).stdout
+
+
+def test_import_validates(runner, root, built, tmp_path):
+    key = built[1]["key"]
+    good = tmp_path / "g.json"
+    invoke(runner, "export", key, "-o", good, "--cache-dir", root)
+    payload = json.loads(good.read_bytes())
+    bad = tmp_path / "bad.json"
+    broken = json.loads(json.dumps(payload))
+    del broken["artifacts"][0]["root"]["nodes"]
+    bad.write_text(json.dumps(broken))
+    target = tmp_path / "target"
+    assert "bad.json" in invoke(runner, "import", bad, "--cache-dir", target, code=1).stderr
+    bad.write_text("{not json")
+    assert "not a graph artifact" in invoke(runner, "import", bad, "--cache-dir", target, code=1).stderr
+    newer = json.loads(json.dumps(payload))
+    newer["artifacts"][0]["schema_version"] = 99
+    bad.write_text(json.dumps(newer))
+    assert "schema_version 99" in invoke(runner, "import", bad, "--cache-dir", target, code=1).stderr
+    keyless = dict(payload)
+    del keyless["key"]
+    bad.write_text(json.dumps(keyless))
+    assert "--key" in invoke(runner, "import", bad, "--cache-dir", target, code=1).stderr
+    invoke(runner, "import", bad, "--key", "abc", "--cache-dir", target, code=1)
+    assert not (target / "refs").exists()  # nothing stored from a bad file
+    invoke(runner, "import", bad, "--key", key, "--cache-dir", target)
+    invoke(runner, "import", tmp_path / "missing.json", "--cache-dir", target, code=1)
+
+
+def test_exported_file_loads_with_patchable_graph_load(runner, root, built, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from graphpatch_cache import PatchableGraph
+
+    invoke(runner, "export", built[1]["key"], "-o", tmp_path / "g.json", "--cache-dir", root)
+    model = AutoModelForCausalLM.from_config(preset_config(PRESETS["tiny-gpt2"])).eval()
+    pg = PatchableGraph.load(tmp_path / "g.json", model)
+    ids = torch.randint(0, 128, (1, 4))
+    assert torch.equal(pg(input_ids=ids, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits)
+
+
+def test_info(runner, root, built, local_dir):
+    from graphpatch_cache.cache import environment_fingerprint
+
+    out = json.loads(invoke(runner, "info", "--cache-dir", root, "--json").stdout)
+    assert out["environment"] == environment_fingerprint()
+    assert out["cache"]["root"] == str(root) and out["cache"]["root_from"] == "--cache-dir"
+    assert out["cache"]["local"] == str(local_dir) and out["cache"]["local_from"] == "GRAPHPATCH_CACHE_LOCAL_DIR"
+    assert out["cache"]["entries"] == 1 and out["cache"]["size"] == built[1]["size"]
+    assert 1 in out["supported_schema_versions"]
+    text = invoke(runner, "info", "--cache-dir", root).stdout
+    assert "torch" in text and str(root) in text
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_examples(runner, command):
+    text = invoke(runner, command, "--help").stdout
+    assert "Examples:" in text and "graphpatch-cache " + command in text
+    assert "--json prints:" in text
+
+
+def test_top_level_help_and_version(runner):
+    text = invoke(runner, "--help").stdout
+    assert all(c in text for c in COMMANDS)
+    assert "0.1.0" in invoke(runner, "--version").stdout
+    invoke(runner, "no-such-command", code=2)
+
+
+# -- the installed entry point -------------------------------------------------------------------
+def test_installed_entry_point_in_subprocesses(tmp_path):
+    exe = shutil.which("graphpatch-cache", path=str(Path(sys.executable).parent)) or shutil.which("graphpatch-cache")
+    assert exe, "graphpatch-cache is not installed (pip install -e .)"
+    env = {**os.environ, "GRAPHPATCH_CACHE_DIR": str(tmp_path / "root"),
+           "GRAPHPATCH_CACHE_LOCAL_DIR": str(tmp_path / "local"), "HF_HUB_OFFLINE": "1"}
+    build = subprocess.run([sys.executable, "-m", "graphpatch_cache", "build", "tiny-gpt2", "--json"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    built = json.loads(build.stdout)  # nothing but the JSON document on stdout
+    assert built["root"] == str(tmp_path / "root")
+    listing = subprocess.run([exe, "ls", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    (entry,) = json.loads(listing.stdout)["entries"]
+    assert entry["key"] == built["key"] and entry["digest"] == built["digest"]
+    failing = subprocess.run([exe, "show", "0123"], env=env, capture_output=True, text=True, timeout=120)
+    assert failing.returncode == 1 and failing.stdout == ""
+    assert failing.stderr.startswith("Error: ") and "Traceback" not in failing.stderr
+    usage = subprocess.run([exe, "gc", "--older-than", "x"], env=env, capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2
