@@ -12,15 +12,15 @@ takes a file without a key (from ``pg.save()``) when ``--key`` is given.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import click
+
+from graphpatch_cache.files import write_atomic
 
 from .options import common_options, open_store
 from .output import emit_json, human_size, note
@@ -31,23 +31,7 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 def export_bytes(key: str, artifacts: List[Any]) -> bytes:
     from graphpatch_cache.artifact import portable_to_bytes
 
-    payload = json.loads(portable_to_bytes(artifacts))
-    payload["key"] = key
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    return portable_to_bytes(artifacts, key=key)
 
 
 @click.command(epilog="""\b
@@ -89,7 +73,7 @@ def export(key: str, output: str, cache_dir: Optional[Path], as_json: bool) -> N
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    _write_atomic(Path(output), data)
+    write_atomic(Path(output), data)
     if as_json:
         emit_json({"key": key, "file": output, "variants": len(artifacts), "size": len(data)})
     else:

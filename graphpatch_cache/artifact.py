@@ -222,9 +222,12 @@ def _artifact_from_payload(payload: Any, path: str, validate: bool) -> GraphArti
         raise ArtifactFormatError(f"{path}: {exc.message}", path=path, hint=exc.hint) from exc
 
 
-def portable_to_bytes(artifacts: List[GraphArtifact]) -> bytes:
-    """One file holding artifacts (graph variants of one model; never weights)."""
-    payload = {"format": PORTABLE_FORMAT, "artifacts": [a.to_dict() for a in artifacts]}
+def portable_to_bytes(artifacts: List[GraphArtifact], key: Optional[str] = None) -> bytes:
+    """One file holding artifacts (graph variants of one model; never weights), with the
+    cache key they belong under when ``key`` is given (``graphpatch-cache export``)."""
+    payload: Dict[str, Any] = {"format": PORTABLE_FORMAT, "artifacts": [a.to_dict() for a in artifacts]}
+    if key is not None:
+        payload["key"] = key
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 

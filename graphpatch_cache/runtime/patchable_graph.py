@@ -21,6 +21,7 @@ import torch
 
 from .. import _compat
 from ..artifact import GraphArtifact, portable_from_bytes, portable_to_bytes
+from ..files import write_atomic
 from ..errors import CacheMissError, NodePathError, NotAValueError, SignatureMismatchError
 from ..options import ExtractionOptions
 from ..patches import Patch
@@ -331,19 +332,7 @@ class PatchableGraph(torch.nn.Module):
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
         """Write every graph variant to one portable file (pure data, never weights), for
         :meth:`load` on another machine. The write is atomic."""
-        data = portable_to_bytes([v.artifact for v in self._variants])
-        dest = Path(path)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        write_atomic(path, portable_to_bytes([v.artifact for v in self._variants]))
 
     @classmethod
     def load(
