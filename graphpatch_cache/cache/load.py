@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
 
@@ -20,7 +20,7 @@ from ..artifact import GraphArtifact
 from ..cache_support import sources_unchanged
 from ..options import ExtractionOptions
 from ..runtime.patchable_graph import PatchableGraph, default_extractor
-from ..signature import SignatureMatcher, canonical_inputs, concrete_signature
+from ..signature import SignatureMatcher, canonical_inputs
 from .keys import cache_key
 from .store import CacheStore
 

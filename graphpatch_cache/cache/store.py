@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
 from ..artifact import GraphArtifact, artifact_from_bytes as load_artifact_bytes
-from ..errors import ArtifactFormatError, CacheError, CacheMissError
+from ..errors import CacheError, CacheMissError
 from ..signature import signature_key
 from .local import LocalTier
 

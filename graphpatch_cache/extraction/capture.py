@@ -10,7 +10,6 @@ recording.
 from __future__ import annotations
 
 import contextlib
-import linecache
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Set
@@ -104,7 +103,6 @@ def _module_forward_spans(model: torch.nn.Module) -> Dict[tuple, List[torch.nn.M
         fn = getattr(type(module).forward, "__code__", None)
         if fn is None:
             continue
-        lines = linecache.getlines(fn.co_filename)
         first = fn.co_firstlineno
         last = max((ln for _, _, ln in fn.co_lines() if ln is not None), default=first)
         spans.setdefault((fn.co_filename, first, last), []).append(module)
