@@ -131,6 +131,7 @@ def bind_graph(
     node_path: str = "",
     device: Optional[torch.device] = None,
     traced_on: frozenset = frozenset(),
+    hooked: Optional[bool] = None,
 ) -> ModuleGraphModule:
     """Rebuild one module graph (and its children) bound to ``model``'s tensors.
 
@@ -164,7 +165,8 @@ def bind_graph(
         return d
 
     children = {
-        child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device, traced_on)
+        child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device, traced_on,
+                               hooked)
         for child in data.children
     }
     # Children go in as empty stand-ins and are swapped in afterwards: GraphModule's graph
@@ -188,7 +190,9 @@ def bind_graph(
     graph = torch.fx.Graph()
     env: Dict[str, torch.fx.Node] = {}
     # attributes of accelerate-hooked modules are read at call time (see live_attr)
-    live = dict(data.attributes) if _model_hooked(model) else {}
+    if hooked is None:
+        hooked = _model_hooked(model)
+    live = dict(data.attributes) if hooked else {}
     module_ref_node: Optional[torch.fx.Node] = None
     for nd in data.nodes:
         where = f"{node_path}.{nd.name}" if node_path else nd.name
@@ -254,10 +258,7 @@ def bind_graph(
 def _model_hooked(model: torch.nn.Module) -> bool:
     """accelerate hooks replace parameters of a module *and its submodules* while it runs, so
     in a hooked model every graph reads its tensors at call time."""
-    cached = model.__dict__.get("_graphpatch_hooked")
-    if cached is None:
-        cached = any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
-    return cached
+    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
 
 
 class _null:
@@ -280,7 +281,7 @@ def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
                 hint="load them onto the model they were extracted from (same config and dtype), or extract anew",
             )
     traced_on = frozenset(torch.device(d).type for d in artifact.extraction.get("devices", []))
-    return bind_graph(artifact.root, model, traced_on=traced_on)
+    return bind_graph(artifact.root, model, traced_on=traced_on, hooked=_model_hooked(model))
 
 
 __all__ = ["HookedGraph", "unwrap", "MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph"]
