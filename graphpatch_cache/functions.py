@@ -119,9 +119,11 @@ def run_opaque(
     it = iter(tensors)
     leaves = [next(it) if t else c for c, t in zip(constants, is_tensor)]
     args, kwargs = _compat.tree_unflatten(leaves, _spec(input_spec))
-    own = dict(module.named_parameters(remove_duplicate=False))
-    own.update(module.named_buffers(remove_duplicate=False))
-    changed = {name: value for name, value in params.items() if own.get(name) is not value}
+    changed: Dict[str, Any] = {}
+    if params:  # only opaque graphs with exposed tensors pay for the comparison
+        own = dict(module.named_parameters(remove_duplicate=False))
+        own.update(module.named_buffers(remove_duplicate=False))
+        changed = {name: value for name, value in params.items() if own.get(name) is not value}
     with _routed(ref):
         if not changed:
             return module(*args, **kwargs)

@@ -31,6 +31,7 @@ import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION
+from ..cache_support import module_file_digest
 from ..fingerprint import module_list, tensor_list
 from ..options import ExtractionOptions
 from ..signature import _const, canonical_inputs
@@ -41,20 +42,6 @@ _MACHINE_CONFIG_FIELDS = frozenset(
     {"_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset",
      "architectures", "dtype", "torch_dtype"}
 )
-
-_FILE_DIGESTS: Dict[Tuple[str, int, int], str] = {}
-
-
-def _file_digest(path: str) -> str:
-    st = os.stat(path)
-    cache_key = (path, st.st_mtime_ns, st.st_size)
-    digest = _FILE_DIGESTS.get(cache_key)
-    if digest is None:
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        _FILE_DIGESTS[cache_key] = digest
-    return digest
-
 
 def _code_digest(cls: type) -> str:
     """For a class with no source file (a notebook cell, exec'd code): a digest of its
@@ -140,7 +127,7 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
                 files.add(path)
             else:
                 code_digests.add(_code_digest(cls))
-    sources = sorted({_file_digest(p) for p in files} | code_digests)
+    sources = sorted({module_file_digest(p) or "unreadable:" + p for p in files} | code_digests)
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "training": bool(model.training),

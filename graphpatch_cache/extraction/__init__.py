@@ -131,10 +131,9 @@ def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph
         if g.kind != "opaque" or frame is None or frame.record is None:
             return dataclasses.replace(g, children=[visit(c, f"{path}.{c.name}" if path else c.name) for c in g.children])
         children = []
-        for child_record, local in frame.opaque_calls:
+        for child_record, local, child_path in frame.opaque_calls:
             if child_record.inputs is None:
                 continue
-            child_path = _module_path(model, child_record.module, frame.path)
             try:
                 sub = extract(child_record.module, child_record.inputs[0], child_record.inputs[1],
                               dataclasses.replace(options, allow_unused_submodules=True))
@@ -150,12 +149,6 @@ def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph
         return dataclasses.replace(g, children=children)
 
     return visit(data, "")
-
-
-def _module_path(model: torch.nn.Module, module: torch.nn.Module, under: str) -> str:
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
-    inside = [n for n in names if under and n.startswith(under + ".")]
-    return (inside or names)[0]
 
 
 _FILE_RE = __import__("re").compile(r'File "([^"]+)", line')

@@ -12,6 +12,7 @@ the frame's own inputs, so every graph stays shape-generic and self-contained.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import keyword
 import operator
 import re
@@ -108,8 +109,8 @@ class Frame:
     call_node: Optional[torch.fx.Node] = None
     #: values returned besides the module's own output (see Splitter._export)
     extras: List[torch.fx.Node] = field(default_factory=list)
-    #: for opaque frames: (call record, local name) of each call the module makes itself
-    opaque_calls: List[Tuple[CallRecord, str]] = field(default_factory=list)
+    #: for opaque frames: (call record, local name, module path) of each call the module makes itself
+    opaque_calls: List[Tuple[CallRecord, str, str]] = field(default_factory=list)
 
 
 class Splitter:
@@ -346,7 +347,10 @@ class Splitter:
         from ..functions import run_opaque
 
         frame.kind = "opaque"
-        frame.opaque_calls = [(self.calls[c], self.local_names[c]) for c in frame.record.children]
+        frame.opaque_calls = [
+            (self.calls[c], self.local_names[c], self._path_of(self.calls[c].module, frame.path))
+            for c in frame.record.children
+        ]
         record = frame.record
         assert record is not None
         module_ref = frame.graph.get_attr("_graphpatch_module")
@@ -540,7 +544,7 @@ class Splitter:
         local = escape_name(rel.replace(".", "_"))
         if local not in frame.attr_nodes:
             first = next((n for n in frame.graph.nodes if n.op not in ("placeholder", "get_attr")), None)
-            ctx = frame.graph.inserting_before(first) if first is not None else _nullcontext()
+            ctx = frame.graph.inserting_before(first) if first is not None else contextlib.nullcontext()
             with ctx:
                 node = frame.graph.get_attr(local)
             node.name = local if "." not in rel else frame.names.fresh(local)
@@ -554,7 +558,7 @@ class Splitter:
 
     def _hidden(self, frame: Frame, value: torch.fx.Node) -> torch.fx.Node:
         first = next((n for n in frame.graph.nodes if n.op != "placeholder"), None)
-        ctx = frame.graph.inserting_before(first) if first is not None else _nullcontext()
+        ctx = frame.graph.inserting_before(first) if first is not None else contextlib.nullcontext()
         with ctx:
             ph = frame.graph.placeholder("_tmp")
         ph.name = ph.target = frame.names.fresh(escape_name(_base_name(value)))
@@ -577,7 +581,7 @@ class Splitter:
                 if isinstance(size, torch.SymInt) and size.node.expr == expr:
                     heads = [n for n in frame.graph.nodes if n.op in ("placeholder", "get_attr")
                              or (n.op == "call_method" and n.target == "size" and n.meta.get("graphpatch_size"))]
-                    ctx = frame.graph.inserting_after(heads[-1]) if heads else _nullcontext()
+                    ctx = frame.graph.inserting_after(heads[-1]) if heads else contextlib.nullcontext()
                     with ctx:
                         node = frame.graph.call_method("size", (ph, dim))
                     node.name = frame.names.fresh("size")
@@ -621,14 +625,6 @@ class Splitter:
         new.meta = {k: node.meta[k] for k in ("example_value", "stack_trace") if k in node.meta}
         frame.env[node] = new
         self.owner[node] = frame
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _base_name(node: torch.fx.Node) -> str:

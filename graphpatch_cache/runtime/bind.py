@@ -230,7 +230,7 @@ def bind_graph(
             raise SerializationError(f"node {where!r} has unknown op {nd.op!r}", node_path=where)
         if nd.op == "get_attr" and nd.target in live:
             if module_ref_node is None:
-                with graph.inserting_before(next(iter(graph.nodes), None)) if len(graph.nodes) else _null():
+                with graph.inserting_before(next(iter(graph.nodes), None)):  # None: at the start
                     module_ref_node = graph.get_attr(MODULE_REF_ATTR)
                 attrs.setdefault(MODULE_REF_ATTR, ModuleRef(module))
             prefix = data.module_path + "." if data.module_path else ""
@@ -259,14 +259,6 @@ def _model_hooked(model: torch.nn.Module) -> bool:
     """accelerate hooks replace parameters of a module *and its submodules* while it runs, so
     in a hooked model every graph reads its tensors at call time."""
     return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
