@@ -120,7 +120,11 @@ def test_8bit_weight_probe_is_dequantized_and_patch_matches_oracle(llama_8bit):
 
     model, inputs, pg = llama_8bit
     lin = model.model.layers[0].mlp.gate_proj
-    expected_w = F.int8_vectorwise_dequant(lin.weight.data, lin.state.SCB)
+    # bitsandbytes keeps the row scales on the weight until the layer first runs, then moves
+    # them to lin.state: read them wherever they are now (the graph must do the same)
+    scales = lin.weight.SCB if getattr(lin.weight, "SCB", None) is not None else lin.state.SCB
+    expected_w = F.int8_vectorwise_dequant(lin.weight.data, scales)
+    int8_before = lin.weight.data.clone()
     reference = model(**inputs).logits
     with pg.patch({"model.layers_0.mlp.gate_proj.weight": (probe := ProbePatch())}):
         probed = pg(**inputs).logits
@@ -136,7 +140,7 @@ def test_8bit_weight_probe_is_dequantized_and_patch_matches_oracle(llama_8bit):
         pg(**inputs)
     oracle = torch.nn.functional.linear(seen["x"], expected_w + delta)
     assert torch.equal(out.activation, oracle)
-    assert torch.equal(lin.weight.data, lin.weight.data)  # unchanged int8 data
+    assert torch.equal(lin.weight.data, int8_before)  # the patch left the int8 data alone
     assert torch.equal(pg(**inputs).logits, reference)
 
 
