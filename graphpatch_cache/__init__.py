@@ -22,6 +22,7 @@ from .errors import (
     PatchError,
     SerializationError,
     SignatureMismatchError,
+    UnsupportedCacheError,
     UnusedSubmoduleError,
 )
 from .options import ExtractionOptions
@@ -57,6 +58,7 @@ __all__ = [
     "ReplacePatch",
     "SerializationError",
     "SignatureMismatchError",
+    "UnsupportedCacheError",
     "UnusedSubmoduleError",
     "ZeroPatch",
     "register_target",

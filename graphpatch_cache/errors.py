@@ -138,6 +138,17 @@ class SignatureMismatchError(GraphPatchCacheError):
     """A call does not match the inputs the graph was extracted for."""
 
 
+class UnsupportedCacheError(SignatureMismatchError):
+    """A key/value cache of a kind that cannot go through an extracted graph.
+
+    :ivar cache_class: the class of the cache (or cache layer) that is not supported.
+    """
+
+    def __init__(self, message: str, *, cache_class: str = "", hint: str | None = None) -> None:
+        self.cache_class = cache_class
+        super().__init__(message, hint=hint)
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The ``n`` candidates closest to ``word``, best first (also substring matches)."""
     pool = list(candidates)
@@ -164,6 +175,7 @@ __all__ = [
     "PatchError",
     "SerializationError",
     "SignatureMismatchError",
+    "UnsupportedCacheError",
     "UnusedSubmoduleError",
     "close_matches",
 ]

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import _compat
+from . import _compat, kv_cache  # noqa: F401  kv_cache registers CacheState, which tree_build specs name
 from .targets import register_target
 
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _compat
+from . import _compat, kv_cache
 from .artifact import encode_value
 
 
@@ -51,6 +51,12 @@ def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> Tupl
     return out_args, out_kwargs
 
 
+def flat_inputs(inputs: Tuple[tuple, dict]) -> Tuple[List[Any], Any]:
+    """Leaves and spec of canonical inputs as graphs take them: a key/value cache argument
+    counts as its tensors (see :mod:`graphpatch_cache.kv_cache`)."""
+    return _compat.tree_flatten(kv_cache.as_states(inputs))
+
+
 def _const(value: Any) -> Any:
     try:
         return encode_value(value, lambda v: None, lambda f: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}")
@@ -61,7 +67,7 @@ def _const(value: Any) -> Any:
 def call_signature(inputs: Tuple[tuple, dict], dynamic_dims: Optional[List[Optional[List[bool]]]] = None) -> Dict[str, Any]:
     """The signature of canonical inputs. ``dynamic_dims[i][d]`` says whether dim ``d`` of
     tensor leaf ``i`` was traced symbolically (default: all dims dynamic)."""
-    leaves, spec = _compat.tree_flatten(inputs)
+    leaves, spec = flat_inputs(inputs)
     out: List[Dict[str, Any]] = []
     t = 0
     for leaf in leaves:
@@ -93,7 +99,7 @@ def signature_key(signature: Dict[str, Any]) -> str:
 
 def concrete_signature(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
     """The signature of an actual call: every dimension concrete."""
-    leaves, _ = _compat.tree_flatten(inputs)
+    leaves, _ = flat_inputs(inputs)
     n = sum(isinstance(x, torch.Tensor) for x in leaves)
     return call_signature(inputs, [[False] * x.dim() for x in leaves if isinstance(x, torch.Tensor)][:n])
 
@@ -135,7 +141,7 @@ def describe_mismatch(signature: Dict[str, Any], candidate: Dict[str, Any], name
 def input_names(inputs: Tuple[tuple, dict]) -> List[str]:
     """Readable names of the leaves of canonical inputs (``attention_mask``, ``args[0]``)."""
     out = []
-    for path, _ in _compat.tree_flatten_with_path(inputs)[0]:
+    for path, _ in _compat.tree_flatten_with_path(kv_cache.as_states(inputs))[0]:
         keys = [getattr(k, "idx", getattr(k, "key", getattr(k, "name", k))) for k in path]
         head = f"args[{keys[1]}]" if keys[0] == 0 else str(keys[1])
         out.append(head + "".join(f"[{k!r}]" for k in keys[2:]))

@@ -34,7 +34,7 @@ from ..artifact import SCHEMA_VERSION
 from ..cache_support import module_file_digest
 from ..fingerprint import module_list, tensor_list
 from ..options import ExtractionOptions
-from ..signature import _const, canonical_inputs
+from ..signature import _const, canonical_inputs, flat_inputs
 
 #: config fields that describe the machine or the download, not the model's structure, and
 #: fields the tensors already say better (the dtype a config was saved with vs loaded in)
@@ -140,7 +140,7 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
 
 def input_fingerprint(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
     """The example inputs' shape class: sizes 0 and 1 are distinct, larger sizes are not."""
-    leaves, spec = _compat.tree_flatten(inputs)
+    leaves, spec = flat_inputs(inputs)
     out = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):

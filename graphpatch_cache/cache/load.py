@@ -15,12 +15,11 @@ from typing import Any, List, Optional, Union
 
 import torch
 
-from .. import _compat
 from ..artifact import GraphArtifact
 from ..cache_support import sources_unchanged
 from ..options import ExtractionOptions
 from ..runtime.patchable_graph import PatchableGraph, default_extractor
-from ..signature import SignatureMatcher, canonical_inputs
+from ..signature import SignatureMatcher, canonical_inputs, flat_inputs
 from .keys import cache_key
 from .store import CacheStore
 
@@ -46,7 +45,7 @@ class CachingExtractor:
         self.stats = CacheStats()
 
     def _lookup(self, key: str, inputs: Any) -> Optional[GraphArtifact]:
-        leaves, spec = _compat.tree_flatten(inputs)
+        leaves, spec = flat_inputs(inputs)
         for entry in self.store.variants(key):
             if not entry.signature or not SignatureMatcher(entry.signature).fits(leaves, spec):
                 continue

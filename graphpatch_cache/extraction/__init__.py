@@ -23,7 +23,7 @@ from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
 from ..errors import GraphPatchCacheError, SerializationError, UnusedSubmoduleError
 from ..fingerprint import structure
 from ..options import ExtractionOptions
-from ..signature import call_signature, canonical_inputs
+from ..signature import call_signature, canonical_inputs, flat_inputs
 from .capture import capture
 from .serialize import frame_to_data
 from .split import Frame, split
@@ -92,7 +92,7 @@ def _dynamic_dims(root: Frame, inputs: Tuple[tuple, dict]) -> list:
 
 
 def _count_tensors(inputs: Any) -> int:
-    leaves, _ = _compat.tree_flatten(inputs)
+    leaves, _ = flat_inputs(inputs)
     return sum(isinstance(x, torch.Tensor) for x in leaves)
 
 
@@ -227,7 +227,7 @@ def extract(
     if specialized:
         dims = [None if d is None else [False] * len(d) for d in dims]
     signature = call_signature(inputs, dims)
-    _, spec = _compat.tree_flatten(inputs)
+    _, spec = flat_inputs(inputs)
     devices = sorted({str(p.device) for p in list(model.parameters()) + list(model.buffers())})
     return GraphArtifact(
         schema_version=SCHEMA_VERSION,

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 
 import torch
 
-from .. import _compat
+from .. import _compat, kv_cache
 from ..errors import ExtractionError
 from ..options import ExtractionOptions
 from ..integrations import leaf_handler
@@ -154,8 +154,10 @@ def capture(
     root = _CaptureRoot(model)
     for attempt in range(64):
         with Recorder(model, frozenset(opaque)) as recorder:
+            # each pass gets its own copy of a key/value cache: the model grows it in place
+            eager_args, eager_kwargs = kv_cache.copy_caches((args, kwargs))
             with torch.no_grad(), _compat.pretend_compiling():
-                model(*args, **kwargs)
+                model(*eager_args, **eager_kwargs)
             calls = list(recorder.calls)
             recorder.prepare_opaque()
             recorder.reset_calls()
@@ -182,9 +184,10 @@ def capture(
                     warnings.simplefilter("ignore")
                     tensor_names = _tensor_names(model)
                     if hooked:
-                        compiled(_to_meta(args), _to_meta(kwargs))
+                        meta_args, meta_kwargs = kv_cache.copy_caches((args, kwargs), lambda t: t.to("meta"))
+                        compiled(_to_meta(meta_args), _to_meta(meta_kwargs))
                     else:
-                        compiled(args, kwargs)
+                        compiled(*kv_cache.copy_caches((args, kwargs)))
             except _StopAfterCapture:
                 pass
             except Exception as exc:  # dynamo raises many exception types

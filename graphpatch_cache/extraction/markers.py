@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.utils._pytree as pytree
 
-from .. import _compat
+from .. import _compat, kv_cache
 
 _LIB = torch.library.Library("graphpatch_cache", "DEF")
 _LIB.define("enter(str tag, Tensor[] xs) -> Tensor[]")
@@ -162,15 +162,65 @@ def _rebuild(value: Any, new: List[Any], pos: List[int]) -> Any:
     return value
 
 
-def _route(marker: Any, tag: str, value: Any) -> Any:
+def _route_caches(marker: Any, tag: str, value: Any) -> Any:
+    """:func:`_route` for a value holding key/value cache objects: the caches' tensors go
+    through ``marker`` in the order of :func:`kv_cache.as_states` and the marker's outputs are
+    written back into the same cache objects (the model mutates them in place, so the objects
+    must stay the same)."""
+    leaves, spec = pytree.tree_flatten(value)
+    flat: List[Any] = []
+    for i in range(len(leaves)):
+        if isinstance(leaves[i], torch.Tensor):
+            flat.append(leaves[i])
+        elif kv_cache.is_cache(leaves[i]):
+            for layer in leaves[i].layers:
+                if layer.is_initialized:
+                    flat.append(layer.keys)
+                    flat.append(layer.values)
+    new = marker(tag, flat)
+    j = 0
+    for i in range(len(leaves)):
+        if isinstance(leaves[i], torch.Tensor):
+            leaves[i] = new[j]
+            j += 1
+        elif kv_cache.is_cache(leaves[i]):
+            for layer in leaves[i].layers:
+                if layer.is_initialized:
+                    layer.keys = new[j]
+                    layer.values = new[j + 1]
+                    j += 2
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _holds(cls: Any, value: Any) -> bool:
+    """Whether an instance of ``cls`` is inside tuple/list/dict nests (ModelOutput included)
+    of ``value``; walked by index, binding no tensor to a local (see :func:`_route`)."""
+    if isinstance(value, (tuple, list)):
+        for i in range(len(value)):
+            if _holds(cls, value[i]):
+                return True
+        return False
+    if isinstance(value, dict):
+        for key in value:
+            if _holds(cls, value[key]):
+                return True
+        return False
+    return isinstance(value, cls)
+
+
+def _route(marker: Any, tag: str, value: Any, caches: Any = None) -> Any:
     """Pass the tensor leaves of ``value`` through ``marker`` (while dynamo traces).
 
     No tensor is ever bound to a local variable here: dynamo names a node after the first
     variable it is stored in, and the nodes should keep the names the module's own code
     gives them (``mul_3``, ``attn_output``). Plain tuple/list/dict nests are walked by index
     for that reason (and because tracing pytree costs dynamo much more); anything else
-    (``ModelOutput``) goes through pytree. Leaf order is pytree's in both cases.
+    (``ModelOutput``) goes through pytree. Leaf order is pytree's in both cases. With
+    ``caches`` (transformers' Cache class), key/value cache objects are routed too (see
+    :func:`_route_caches`).
     """
+    if caches is not None and _holds(caches, value):
+        return _route_caches(marker, tag, value)
     if isinstance(value, torch.Tensor):
         return marker(tag, [value])[0]
     if _plain(value):
@@ -202,6 +252,7 @@ class Recorder:
         self._opaque_counts: Dict[str, int] = {}
         self._saved_forwards: Dict[int, Any] = {}
         self.tracing = False  # False: record eager calls; True: emit markers for dynamo
+        self.cache_class = kv_cache.cache_class()  # key/value caches are routed as tensors
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -270,8 +321,11 @@ class Recorder:
                 return output
             if id(module) in recorder.opaque_modules:
                 return recorder._opaque_call(tag, args, kwargs)
-            args, kwargs = _route(ENTER, tag, (args, kwargs))
-            return _route(EXIT, tag, traced_forward(*args, **kwargs))
+            # A key/value cache enters as tensors at the model's own call only; below it the
+            # cache object is the model's (the splitter threads the tensors it holds). Every
+            # call that returns a cache returns its tensors.
+            args, kwargs = _route(ENTER, tag, (args, kwargs), recorder.cache_class if module is recorder.model else None)
+            return _route(EXIT, tag, traced_forward(*args, **kwargs), recorder.cache_class)
 
         return forward_with_markers
 
@@ -328,6 +382,9 @@ class Recorder:
         ]
 
     def _record_enter(self, tag: str, module: torch.nn.Module, args: tuple, kwargs: dict, forward: Any) -> None:
+        originals = (args, kwargs)
+        if module is self.model:  # the model's own call takes a cache's tensors (see _route)
+            args, kwargs = kv_cache.as_states((args, kwargs))
         leaves, spec = pytree.tree_flatten((args, kwargs))
         record = CallRecord(
             index=len(self.calls),
@@ -342,14 +399,14 @@ class Recorder:
         if record.parent is not None:
             self.calls[record.parent].children.append(record.index)
             if id(self.calls[record.parent].module) in self.opaque_modules:
-                record.inputs = (args, dict(kwargs))
+                record.inputs = (originals[0], dict(originals[1]))
         self.calls.append(record)
         self._stack.append(record.index)
 
     def _record_exit(self, tag: str, output: Any) -> None:
         record = self.calls[self._stack.pop()]
         assert record.tag == tag, "module calls did not nest"
-        leaves, spec = pytree.tree_flatten(output)
+        leaves, spec = pytree.tree_flatten(kv_cache.as_states(output))
         record.output_spec = spec
         record.output_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
         record.output_is_tensor = [isinstance(x, torch.Tensor) for x in leaves]

@@ -561,7 +561,15 @@ class Splitter:
         ctx = frame.graph.inserting_before(first) if first is not None else contextlib.nullcontext()
         with ctx:
             ph = frame.graph.placeholder("_tmp")
-        ph.name = ph.target = frame.names.fresh(escape_name(_base_name(value)))
+        # named as where it comes from: a model input read through a key/value cache object
+        # is `cache_layer0_keys` in the root graph, so also in the graphs that read it
+        owner = self.owner.get(value)
+        source = owner.env.get(value) if owner is not None else None
+        if isinstance(source, torch.fx.Node) and source.op == "placeholder":
+            base = source.name
+        else:
+            base = _base_name(value)
+        ph.name = ph.target = frame.names.fresh(escape_name(base))
         ph.meta["example_value"] = _compat.fake_value(value)
         frame.hidden.append(value)
         frame.env[value] = ph

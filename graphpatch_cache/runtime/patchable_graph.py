@@ -13,19 +13,20 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _compat
+from .. import _compat, kv_cache
 from ..artifact import GraphArtifact, portable_from_bytes, portable_to_bytes
 from ..files import write_atomic
-from ..errors import CacheMissError, NodePathError, NotAValueError, SignatureMismatchError
+from ..errors import CacheMissError, NodePathError, NotAValueError, SignatureMismatchError, UnsupportedCacheError
 from ..options import ExtractionOptions
 from ..patches import Patch
-from ..signature import SignatureMatcher, canonical_inputs, signature_key
+from ..signature import SignatureMatcher, canonical_inputs, flat_inputs, signature_key
 from .bind import ModuleGraphModule, bind
 from .node_path import NodePath
 from .patching import PatchInstaller, SlotKey
@@ -49,6 +50,8 @@ class Variant:
     matcher: SignatureMatcher
     installer: PatchInstaller
     key: str
+    #: whether the root graph returns key/value cache tensors (known after the first call)
+    returns_cache: Optional[bool] = None
 
 
 class PatchableGraph(torch.nn.Module):
@@ -96,7 +99,20 @@ class PatchableGraph(torch.nn.Module):
         return pg
 
     def _extract(self, args: tuple, kwargs: dict) -> GraphArtifact:
-        return self._extractor(self._model, tuple(args), dict(kwargs), self._options)
+        with self._naming_the_model():
+            return self._extractor(self._model, tuple(args), dict(kwargs), self._options)
+
+    @contextlib.contextmanager
+    def _naming_the_model(self) -> Iterator[None]:
+        """Cache errors come from code that does not know the model: name its family."""
+        try:
+            yield
+        except UnsupportedCacheError as exc:
+            family = type(self._model).__name__
+            if exc.message.startswith(family):
+                raise
+            raise UnsupportedCacheError(f"{family}: {exc.message}", cache_class=exc.cache_class,
+                                        hint=exc.hint) from exc
 
     def _add_variant(self, artifact: GraphArtifact) -> Variant:
         root = bind(artifact, self._model)
@@ -141,6 +157,8 @@ class PatchableGraph(torch.nn.Module):
         reason = self._variants[0].matcher.mismatch(inputs)
         try:
             artifact = self._extract(inputs[0], inputs[1])
+        except UnsupportedCacheError:
+            raise
         except Exception as exc:
             raise SignatureMismatchError(
                 f"this call does not match the graphs extracted so far ({reason}), and extracting a "
@@ -155,7 +173,13 @@ class PatchableGraph(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self._canonical(args, kwargs)
-        leaves, spec = _compat.tree_flatten(inputs)
+        caches = kv_cache.given_caches(inputs)
+        if caches:
+            with self._naming_the_model():
+                inputs_as_graphs_take_them = kv_cache.as_states(inputs)
+        else:
+            inputs_as_graphs_take_them = inputs
+        leaves, spec = _compat.tree_flatten(inputs_as_graphs_take_them)
         variant = self._variant_for(inputs, leaves, spec)
         if variant.installer.missing:
             graph_path, node, _ = variant.installer.missing[0]
@@ -167,12 +191,20 @@ class PatchableGraph(torch.nn.Module):
                 hint="patch only nodes of the graph this call uses (look at pg.graph_for(...)), or call "
                 "with inputs of the signature whose graph has the node",
             )
-        return variant.root(*[x for x in leaves if isinstance(x, torch.Tensor)])
+        output = variant.root(*[x for x in leaves if isinstance(x, torch.Tensor)])
+        if variant.returns_cache is False:
+            return output
+        # The graph returns a cache's tensors; like the model, update the caller's cache
+        # object in place (or make a new cache when the call created one).
+        restored = kv_cache.restore_caches(output, caches)
+        if variant.returns_cache is None:
+            variant.returns_cache = restored is not output or bool(caches)
+        return restored
 
     def graph_for(self, *args: Any, **kwargs: Any) -> NodePath:
         """The node tree of the graph that a call with these inputs uses (extracting it if needed)."""
         inputs = self._canonical(args, kwargs)
-        leaves, spec = _compat.tree_flatten(inputs)
+        leaves, spec = flat_inputs(inputs)
         variant = self._variant_for(inputs, leaves, spec)
         return self._node_paths(variant)
 
@@ -275,7 +307,7 @@ class PatchableGraph(torch.nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         *,
         max_new_tokens: int = 20,
-        use_cache: bool = False,
+        use_cache: Optional[bool] = None,
         do_sample: bool = False,
         eos_token_id: Any = None,
         pad_token_id: Optional[int] = None,
@@ -284,22 +316,42 @@ class PatchableGraph(torch.nn.Module):
         """Greedy generation through the graph, so active patches apply at every step.
 
         Equals ``model.generate(input_ids, attention_mask=..., max_new_tokens=N,
-        do_sample=False, use_cache=False)``: each step runs the full sequence through the
-        graph (every step after the first reuses one shape-generic graph variant).
+        do_sample=False, use_cache=...)``. With ``use_cache=True`` the prompt runs once and each later step feeds one token and the model's
+        ``DynamicCache`` through the graph (one graph variant for the prompt, one shape-generic
+        variant for every later step); with ``use_cache=False`` each step runs the whole
+        sequence. The default (None) follows the model's ``generation_config.use_cache``, and
+        steps without a cache (with a warning) for a model whose cache cannot go through a
+        graph. Where ``attention_mask`` has padding, position ids are computed from it as
+        ``model.generate`` does.
 
-        :raises SignatureMismatchError: for ``use_cache=True`` (KV-cache generation through
-            the graph is not supported yet: the cache object is updated as a side effect that
-            the stored graphs do not capture) or for sampling.
+        :raises UnsupportedCacheError: ``use_cache=True`` for a model whose forward takes no
+            cache, or whose cache cannot go through a graph (sliding-window or hybrid caches);
+            the message names the model class; ``use_cache=False`` works for every model.
+        :raises SignatureMismatchError: for sampling (``do_sample=True``).
         """
-        if use_cache:
-            raise SignatureMismatchError(
-                f"generation with use_cache=True is not supported through the graph yet for "
-                f"{type(self._model).__name__}",
-                hint="call pg.generate(..., use_cache=False): every step then runs the whole sequence "
-                "(slower, same tokens), and patches apply at every step",
-            )
         if do_sample:
             raise SignatureMismatchError("pg.generate() decodes greedily", hint="pass do_sample=False")
+        if use_cache is None:
+            try:
+                return self.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                     use_cache=bool(getattr(getattr(self._model, "generation_config", None),
+                                                            "use_cache", True)),
+                                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, **model_kwargs)
+            except UnsupportedCacheError as exc:
+                warnings.warn(f"graphpatch_cache: generating without a key/value cache: {exc.message}", stacklevel=2)
+                return self.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, use_cache=False,
+                                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, **model_kwargs)
+        cache_arg = None
+        if use_cache:
+            params = self._forward_signature.parameters
+            cache_arg = next((n for n in ("cache", "past_key_values") if n in params), None)
+            if cache_arg is None:
+                raise UnsupportedCacheError(
+                    f"{type(self._model).__name__}.forward takes no key/value cache, so "
+                    f"pg.generate(use_cache=True) cannot reuse one",
+                    cache_class=type(self._model).__name__,
+                    hint="call pg.generate(..., use_cache=False): every step then runs the whole sequence",
+                )
         config = getattr(self._model, "generation_config", None)
         if eos_token_id is None and config is not None:
             eos_token_id = config.eos_token_id
@@ -310,12 +362,33 @@ class PatchableGraph(torch.nn.Module):
             pad_token_id = min(eos)
         ids = input_ids
         mask = attention_mask
+        # with padding, positions count real tokens only (as model.generate computes them)
+        padded = mask is not None and "position_ids" in self._forward_signature.parameters and not bool(mask.all())
+        cache = None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
-            kwargs = dict(model_kwargs, use_cache=False)
+            kwargs = dict(model_kwargs, use_cache=bool(use_cache))
+            step_ids = ids
             if mask is not None:
                 kwargs["attention_mask"] = mask
-            logits = self(input_ids=ids, **kwargs).logits[:, -1, :]
+            if padded:
+                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+                kwargs["position_ids"] = positions
+            if cache is not None:
+                kwargs[cache_arg] = cache
+                step_ids = ids[:, -1:]
+                if padded:
+                    kwargs["position_ids"] = kwargs["position_ids"][:, -1:]
+            out = self(input_ids=step_ids, **kwargs)
+            if use_cache:
+                cache = _output_cache(out)
+                if cache is None:
+                    raise UnsupportedCacheError(
+                        f"{type(self._model).__name__} returned no key/value cache for use_cache=True",
+                        cache_class=type(self._model).__name__,
+                        hint="call pg.generate(..., use_cache=False)",
+                    )
+            logits = out.logits[:, -1, :]
             token = logits.argmax(dim=-1)
             if eos and pad_token_id is not None:
                 token = torch.where(done, torch.full_like(token, pad_token_id), token)
@@ -402,6 +475,11 @@ def _translate(origin: Variant, key: SlotKey, target: Variant) -> Optional[SlotK
         return None
     name = target_ids[1].get(origin_ids[0][node])
     return None if name is None else (graph_path, name, keys)
+
+
+def _output_cache(output: Any) -> Any:
+    found = [x for x in _compat.tree_flatten(output)[0] if kv_cache.is_cache(x)]
+    return found[0] if found else None
 
 
 def _split_options(example_args: tuple) -> Tuple[ExtractionOptions, tuple]:
