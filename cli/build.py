@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
@@ -12,7 +12,8 @@ from .output import artifact_summary, emit_json, human_size, progress_enabled, s
 from .presets import PRESETS
 
 
-def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int) -> dict:
+def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int,
+               attention_mask: bool = False, use_cache: bool = False, past_length: int = 0) -> dict:
     """The config, meta-model arguments and example signature for MODEL and the model options
     (shared with ``show MODEL``)."""
     import torch
@@ -39,7 +40,8 @@ def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_
         "resolved": resolved,
         "dtype": torch_dtype,
         "quantization": "8bit" if load_in_8bit else None,
-        "signature": ExampleSignature(batch_size=batch_size, seq_len=seq_len),
+        "signature": ExampleSignature(batch_size=batch_size, seq_len=seq_len, attention_mask=attention_mask,
+                                      use_cache=use_cache, past_length=past_length),
     }
 
 
@@ -49,7 +51,7 @@ def model_key(spec: dict) -> str:
     from graphpatch_cache.cache import meta_model
 
     model = meta_model(spec["resolved"].config, dtype=spec["dtype"], quantization=spec["quantization"])
-    return cache_key(model, **spec["signature"].inputs(model.config))
+    return cache_key(model, **spec["signature"].inputs(model.config, model))
 
 
 @click.command(epilog=f"""\b
@@ -73,9 +75,14 @@ Examples:
 """)
 @click.argument("model")
 @model_options
+@click.option("--device-map", metavar="MAP",
+              help="The device_map you will load the model with (auto, balanced, sequential, a JSON "
+                   "object or a JSON file): checked against the model's modules. Graphs do not depend "
+                   "on it, so the same entry serves every device map.")
 @click.option("--force", is_flag=True, help="Extract again even when the cache has the graph.")
 @common_options
-def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int, force: bool,
+def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int, attention_mask: bool,
+          use_cache: bool, past_length: int, device_map: Optional[str], force: bool,
           cache_dir: Optional[Path], as_json: bool) -> None:
     """Extract MODEL's graphs from its config alone (meta device, no weights) and cache them.
 
@@ -86,12 +93,13 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: 
     """
     from graphpatch_cache import build as build_graph
 
-    spec = model_spec(model, dtype, load_in_8bit, batch_size, seq_len)
+    spec = model_spec(model, dtype, load_in_8bit, batch_size, seq_len, attention_mask, use_cache, past_length)
     store = open_store(cache_dir)
     resolved = spec["resolved"]
     with spinner(f"extracting {model}", progress_enabled(as_json)):
         result = build_graph(resolved.config, dtype=spec["dtype"], quantization=spec["quantization"],
-                             cache=store, signature=spec["signature"], force=force)
+                             cache=store, signature=spec["signature"], force=force,
+                             device_map=_device_map(device_map))
     entry = result.entry
     if entry is None:
         from graphpatch_cache import CacheError
@@ -130,6 +138,28 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: 
     modules = f", {summary['modules']} modules in the model" if summary["modules"] else ""
     click.echo(f"graphs   {summary['graphs']} module graphs, {summary['nodes']} nodes{modules}")
     click.echo(f"cache    {store.root}")
+
+
+def _device_map(text: Optional[str]) -> Any:
+    """--device-map: a strategy name, a JSON object, or a JSON file holding one."""
+    import json
+
+    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise click.BadParameter(f"{text!r} is neither a strategy (auto, balanced, sequential), a JSON "
+                                     "object nor a JSON file", param_hint="--device-map")
+        source = path.read_text()
+    try:
+        value = json.loads(source)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--device-map") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter("a device map is a JSON object {module: device}", param_hint="--device-map")
+    return value
 
 
 __all__ = ["build", "model_key", "model_spec"]

@@ -60,6 +60,14 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Example batch size. 1 gets its own graph; any size >= 2 shares one."),
         click.option("--seq-len", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Example sequence length. 1 gets its own graph; any length >= 2 shares one."),
+        click.option("--attention-mask", is_flag=True,
+                     help="The example passes an attention_mask (as pg.generate(ids, attention_mask=...) does)."),
+        click.option("--use-cache", is_flag=True,
+                     help="The example passes use_cache=True: the graph returns the key/value cache "
+                          "(the prompt step of cached generation)."),
+        click.option("--past-length", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="With --use-cache: the example also passes a key/value cache holding this many "
+                          "positions (>= 2): the per-token graph of cached generation (use --seq-len 1)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -41,8 +41,8 @@ def find_entry(store: Any, target: str, model_args: Dict[str, Any]) -> Tuple[Any
         if not store.variants(key):
             raise CacheMissError(
                 f"{target} is not in the cache at {store.root} (key {key[:12]})", path=str(store.root),
-                hint=f"build it with `graphpatch-cache build {target}` and the same --dtype/--load-in-8bit/"
-                     "--batch-size/--seq-len options",
+                hint=f"build it with `graphpatch-cache build {target}` and the same model options (--dtype, "
+                     "--load-in-8bit, --batch-size, --seq-len, --attention-mask, --use-cache, --past-length)",
             )
     entries = store.variants(key)
     for entry in entries:
@@ -105,7 +105,8 @@ Examples:
 @model_options
 @common_options
 def show(target: str, node_path: str, depth: Optional[int], pattern: Optional[str], code: bool, dtype: str,
-         load_in_8bit: bool, batch_size: int, seq_len: int, cache_dir: Optional[Path], as_json: bool) -> None:
+         load_in_8bit: bool, batch_size: int, seq_len: int, attention_mask: bool, use_cache: bool,
+         past_length: int, cache_dir: Optional[Path], as_json: bool) -> None:
     """Print a cached graph's node tree, as pg.graph prints it, without loading weights.
 
     KEY-or-MODEL is a key (or a unique prefix) or a MODEL as `build` takes it, with the same
@@ -115,7 +116,8 @@ def show(target: str, node_path: str, depth: Optional[int], pattern: Optional[st
     from graphpatch_cache import NodePath
 
     store = open_store(cache_dir)
-    model_args = {"dtype": dtype, "load_in_8bit": load_in_8bit, "batch_size": batch_size, "seq_len": seq_len}
+    model_args = {"dtype": dtype, "load_in_8bit": load_in_8bit, "batch_size": batch_size, "seq_len": seq_len,
+                  "attention_mask": attention_mask, "use_cache": use_cache, "past_length": past_length}
     entry, artifact = find_entry(store, target, model_args)
     root = NodePath.from_graph(artifact.root)
     node = root[node_path] if node_path else root

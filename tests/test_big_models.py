@@ -78,6 +78,29 @@ def test_build_bad_input_writes_nothing(tmp_path):
     assert store.entries() == []
 
 
+def test_build_checks_the_device_map_before_extracting(tmp_path):
+    store = _store(tmp_path)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=64)
+    good = {"model.embed_tokens": "cpu", "model.layers.0": 0, "model.layers.1": "disk", "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with pytest.raises(BuildError, match="model.layers.7") as info:  # a layer this config lacks
+        build(config, cache=store, device_map=dict(good, **{"model.layers.7": "cpu"}))
+    assert "model.layers.1" in info.value.hint  # close matches
+    with pytest.raises(BuildError, match="not a device"):
+        build(config, cache=store, device_map=dict(good, lm_head="gpu-please"))
+    partial = {k: v for k, v in good.items() if k != "model.layers.1"}
+    with pytest.raises(BuildError, match="model.layers.1.*") as info:
+        build(config, cache=store, device_map=partial)
+    assert "add" in info.value.hint
+    assert store.entries() == []  # nothing written for a bad map
+    # a good map (or a strategy) builds the one entry that serves every map
+    first = build(config, cache=store, device_map=good)
+    assert not first.cached
+    assert build(config, cache=store, device_map="auto").cached
+    assert build(config, cache=store).cached and len(store.entries()) == 1
+
+
 def test_8bit_build_without_bitsandbytes_is_a_typed_error(tmp_path, monkeypatch):
     import sys
 

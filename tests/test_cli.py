@@ -105,6 +105,37 @@ def test_build_options_change_the_key(runner, root, built):
     assert {(r["dtype"], r["quantization"]) for r in rows} == {("float32", None), ("bfloat16", "8bit")}
 
 
+def test_build_cached_generation_graphs_are_hits_for_the_real_model(runner, root):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from graphpatch_cache import load_cached
+
+    args = ["--use-cache", "--past-length", "4", "--seq-len", "1", "--batch-size", "2", "--attention-mask"]
+    out = json.loads(invoke(runner, "build", "tiny-llama", *args, "--cache-dir", root, "--json").stdout)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(preset_config(PRESETS["tiny-llama"])).eval()
+    prompt = torch.randint(0, 100, (2, 6))
+    past = model(input_ids=prompt, use_cache=True).cache
+    token = torch.randint(0, 100, (2, 1))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    pg = load_cached(model, store=CacheStore(root), input_ids=token, attention_mask=mask, cache=past,
+                     use_cache=True)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0) and pg.cache_stats.keys == [out["key"]]
+    again = json.loads(invoke(runner, "build", "tiny-llama", *args, "--cache-dir", root, "--json",
+                              "--device-map", '{"": "cpu"}').stdout)
+    assert again["cached"] is True and again["key"] == out["key"]
+
+
+def test_build_checks_the_device_map(runner, tmp_path):
+    result = invoke(runner, "build", "tiny-llama", "--device-map", '{"model.layer.0": 0, "lm_head": "cpu"}',
+                    "--cache-dir", tmp_path, code=1)
+    assert "model.layer.0" in result.stderr and "model.layers.0" in result.stderr  # a close match
+    invoke(runner, "build", "tiny-llama", "--device-map", "{not json", "--cache-dir", tmp_path, code=2)
+    invoke(runner, "build", "tiny-llama", "--device-map", tmp_path / "missing.json", "--cache-dir", tmp_path, code=2)
+    assert not (tmp_path / "refs").exists()
+
+
 def test_build_errors(runner, tmp_path):
     result = invoke(runner, "build", "tiny-gtp2", "--cache-dir", tmp_path, code=1)
     assert "Error:" in result.stderr and "did you mean tiny-gpt2" in result.stderr

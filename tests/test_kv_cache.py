@@ -207,3 +207,26 @@ def test_a_mistral_without_sliding_window_generates_with_its_cache():
         warnings.simplefilter("error", UserWarning)  # no fallback: the cache goes through the graph
         got = pg.generate(ids, max_new_tokens=5)
     assert torch.equal(got, model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True))
+
+
+def test_build_from_config_makes_the_decode_graph_a_hit(tmp_path):
+    from graphpatch_cache import ExampleSignature, build
+
+    model = tiny_llama()
+    store = CacheStore(tmp_path / "root", local_dir=tmp_path / "local")
+    signature = ExampleSignature(batch_size=2, seq_len=1, use_cache=True, past_length=4)
+    result = build(model.config, cache=store, signature=signature)
+    assert not result.cached
+    prefix = _cache_of(model(input_ids=_ids(seq=6), use_cache=True))
+    token = _ids(seq=1, seed=9)
+    pg = load_cached(model, store=store, input_ids=token, cache=_copy(prefix), use_cache=True)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
+    mine, ref = _copy(prefix), _copy(prefix)
+    assert torch.equal(pg(input_ids=token, cache=mine, use_cache=True).logits,
+                       model(input_ids=token, cache=ref, use_cache=True).logits)
+    _same_cache(mine, ref)
+    # without store=, a transformers Cache passed as cache= is the model's argument, not a store
+    default = load_cached(model, input_ids=token, cache=_copy(prefix), use_cache=True)
+    assert default.cache_stats.misses == 1  # the default (isolated) store, not `store`
+    assert torch.equal(default(input_ids=token, cache=_copy(prefix), use_cache=True).logits,
+                       model(input_ids=token, cache=_copy(prefix), use_cache=True).logits)

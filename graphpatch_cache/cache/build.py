@@ -18,7 +18,7 @@ from ..artifact import GraphArtifact
 from ..errors import GraphPatchCacheError
 from ..options import ExtractionOptions
 from .keys import cache_key
-from .load import CachingExtractor, _store
+from .load import CachingExtractor, store_and_inputs
 from .store import CacheEntry, CacheStore
 
 
@@ -32,7 +32,10 @@ class ExampleSignature:
 
     Defaults: batch 1, 8 tokens of ``input_ids`` (random ids below the vocabulary size), no
     ``attention_mask``, ``use_cache=False``; encoder-decoder models also get
-    ``decoder_input_ids`` of the same shape. Graphs are shape-generic, so any batch size and
+    ``decoder_input_ids`` of the same shape. ``past_length=N`` (N >= 2, with
+    ``use_cache=True``) adds a key/value cache already holding N positions: the graph that
+    ``pg.generate(use_cache=True)`` runs for every step after the prompt (build it with
+    ``seq_len=1``, and ``attention_mask=True`` if you generate with a mask). Graphs are shape-generic, so any batch size and
     sequence length of at least 2 reuse the same graph (sizes 1 get their own variant: build
     with ``batch_size=1`` for single-sequence use, the default).
     """
@@ -41,19 +44,46 @@ class ExampleSignature:
     seq_len: int = 8
     attention_mask: bool = False
     use_cache: bool = False
+    past_length: int = 0
 
-    def inputs(self, config: Any) -> Dict[str, Any]:
+    def inputs(self, config: Any, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+        """Example inputs for ``config``; ``model`` (on any device) makes the cache of
+        ``past_length`` (by running it on a prompt of that length)."""
         vocab = int(getattr(config, "vocab_size", 2) or 2)
         g = torch.Generator().manual_seed(0)
         shape = (self.batch_size, self.seq_len)
         inputs: Dict[str, Any] = {"input_ids": torch.randint(0, vocab, shape, generator=g)}
-        if self.attention_mask:
-            inputs["attention_mask"] = torch.ones(shape, dtype=torch.long)
+        if self.attention_mask:  # covers the cached positions too, as in generation
+            inputs["attention_mask"] = torch.ones((self.batch_size, self.past_length + self.seq_len), dtype=torch.long)
         if getattr(config, "is_encoder_decoder", False):
             inputs["decoder_input_ids"] = torch.randint(0, vocab, shape, generator=g)
         if getattr(config, "use_cache", None) is not None or self.use_cache:
             inputs["use_cache"] = self.use_cache
+        if self.past_length:
+            inputs.update(self._cache(config, model, vocab, g))
         return inputs
+
+    def _cache(self, config: Any, model: Optional[torch.nn.Module], vocab: int, g: torch.Generator) -> Dict[str, Any]:
+        import inspect
+
+        if not self.use_cache or self.past_length < 2:
+            raise BuildError(f"past_length={self.past_length} needs use_cache=True and a length of at least 2",
+                             hint="ExampleSignature(use_cache=True, past_length=8, seq_len=1)")
+        if model is None:
+            raise BuildError("an example key/value cache is made by the model: pass it to inputs(config, model)")
+        params = inspect.signature(model.forward).parameters
+        name = next((n for n in ("cache", "past_key_values") if n in params), None)
+        if name is None:
+            raise BuildError(f"{type(model).__name__}.forward takes no key/value cache",
+                             hint="build without past_length")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        prompt = torch.randint(0, vocab, (self.batch_size, self.past_length), generator=g).to(device)
+        with torch.no_grad():
+            out = model(input_ids=prompt, use_cache=True)
+        cache = out[name] if name in out else out.get("past_key_values")
+        if cache is None:
+            raise BuildError(f"{type(model).__name__} returned no key/value cache", hint="build without past_length")
+        return {name: cache}
 
 
 @dataclass(frozen=True)
@@ -138,16 +168,59 @@ def meta_model(
     return model.eval()
 
 
+_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(model: torch.nn.Module, device_map: Any) -> None:
+    """Check a ``device_map`` (as ``from_pretrained`` takes it) against ``model``: every key
+    names a module or tensor of the model ("" for all of it), every value is a device (an
+    index, ``"cpu"``, ``"cuda:1"``, ``"disk"``, ...), and every parameter is placed.
+
+    :raises BuildError: naming the first problem (unknown names come with close matches).
+    """
+    from ..errors import close_matches
+
+    if device_map is None or (isinstance(device_map, str) and device_map in _STRATEGIES):
+        return
+    if not isinstance(device_map, dict):
+        device_map = {"": device_map}
+    modules = {name for name, _ in model.named_modules()}
+    tensors = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    for key, device in device_map.items():
+        if not isinstance(key, str) or (key and key not in modules and key not in tensors):
+            matches = close_matches(str(key), sorted(modules | tensors))
+            raise BuildError(
+                f"device_map names {key!r}, which is not a module or tensor of {type(model).__name__}",
+                hint=("close matches: " + ", ".join(matches)) if matches
+                else "keys are module names as in model.named_modules(), e.g. 'model.layers.0'",
+            )
+        if device == "disk" or (isinstance(device, int) and not isinstance(device, bool) and device >= 0):
+            continue
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise BuildError(f"device_map puts {key or 'the model'!r} on {device!r}, which is not a device",
+                             hint="use a GPU index (0), 'cpu', 'disk', or a device string such as 'cuda:1'") from None
+    placed = sorted(device_map, key=len)
+    for name in sorted({name for name, _ in model.named_parameters()}):
+        if not any(k == "" or name == k or name.startswith(k + ".") for k in placed):
+            owner = name.rpartition(".")[0]
+            raise BuildError(f"device_map places no device for {name!r}",
+                             hint=f"add {owner or name!r} (or a module above it) to the device_map")
+
+
 def build(
     config_or_model_class: Any,
     *example_args: Any,
     dtype: Optional[torch.dtype] = None,
     quantization: Optional[str] = None,
     cache: Union[CacheStore, str, None] = None,
+    store: Union[CacheStore, str, None] = None,
     options: Optional[ExtractionOptions] = None,
     signature: Optional[ExampleSignature] = None,
     model_class: Any = None,
     attn_implementation: Optional[str] = None,
+    device_map: Any = None,
     force: bool = False,
     **example_kwargs: Any,
 ) -> BuildResult:
@@ -157,8 +230,15 @@ def build(
     :param example_args: example inputs; without any, ``signature`` describes them.
     :param dtype: the dtype the real model will be loaded in (``from_pretrained(dtype=...)``).
     :param quantization: ``"8bit"`` for ``BitsAndBytesConfig(load_in_8bit=True)`` models.
+    :param cache: the graph cache (a CacheStore, a root directory, None for the default);
+        see :func:`~graphpatch_cache.load_cached` for ``cache=`` vs. a model's ``cache``.
+    :param store: the graph cache, as ``cache``; with it, ``cache=`` is a model input.
+    :param device_map: the ``device_map`` the real model will be loaded with. Graphs do not
+        depend on devices (one entry serves every map), so it is only checked, early: a map
+        naming a module the model lacks fails here rather than after loading the weights.
     :param force: extract even when the cache already has the artifact.
-    :raises BuildError: unknown config class, missing packages; nothing is written then.
+    :raises BuildError: unknown config class, missing packages, a device_map that does not
+        fit the model; nothing is written then.
     """
     config = config_or_model_class
     if isinstance(config, type):
@@ -170,10 +250,12 @@ def build(
     start = time.perf_counter()
     model = meta_model(config, model_class=model_class, dtype=dtype, quantization=quantization,
                        attn_implementation=attn_implementation)
+    check_device_map(model, device_map)
     options = options or ExtractionOptions()
+    graph_store, example_kwargs = store_and_inputs(cache, store, example_kwargs)
     if not example_args and not example_kwargs:
-        example_kwargs = (signature or ExampleSignature()).inputs(model.config)
-    store = _store(cache)
+        example_kwargs = (signature or ExampleSignature()).inputs(model.config, model)
+    store = graph_store
     key = cache_key(model, *example_args, options=options, **example_kwargs)
     extractor = CachingExtractor(store)
     if force:
@@ -189,4 +271,4 @@ def build(
     return BuildResult(key=key, artifact=artifact, entry=entry, seconds=time.perf_counter() - start, cached=cached)
 
 
-__all__ = ["BuildError", "BuildResult", "ExampleSignature", "build", "meta_model"]
+__all__ = ["BuildError", "BuildResult", "ExampleSignature", "build", "check_device_map", "meta_model"]

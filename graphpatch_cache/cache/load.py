@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
+from .. import kv_cache
 from ..artifact import GraphArtifact
 from ..cache_support import sources_unchanged
 from ..options import ExtractionOptions
@@ -93,11 +94,26 @@ def _store(cache: Union[CacheStore, str, Any, None]) -> CacheStore:
     return CacheStore(cache)
 
 
+def store_and_inputs(cache: Any, store: Any, example_kwargs: dict) -> Tuple[CacheStore, dict]:
+    """Resolve ``cache=``, which names our graph cache *and* (transformers >= 5) a model's
+    key/value cache argument: with ``store=`` given, ``cache=`` is a model input; without
+    it, a transformers ``Cache`` object passed as ``cache=`` is a model input, and anything
+    else (a CacheStore, a path, None) is the graph cache."""
+    if store is not None:
+        if cache is not None:
+            example_kwargs = dict(example_kwargs, cache=cache)
+        return _store(store), example_kwargs
+    if kv_cache.is_cache(cache):
+        return _store(None), dict(example_kwargs, cache=cache)
+    return _store(cache), example_kwargs
+
+
 def load_cached(
     model: torch.nn.Module,
     *example_args: Any,
     options: Optional[ExtractionOptions] = None,
     cache: Union[CacheStore, str, Any, None] = None,
+    store: Union[CacheStore, str, None] = None,
     **example_kwargs: Any,
 ) -> PatchableGraph:
     """A :class:`PatchableGraph` for ``model``, from the cache when possible.
@@ -107,10 +123,14 @@ def load_cached(
     read-only or full filesystem) the graph is still returned, with one warning.
 
     :param cache: a :class:`CacheStore`, a root directory, or ``None`` for the default root
-        (``$GRAPHPATCH_CACHE_DIR`` or the user cache dir).
+        (``$GRAPHPATCH_CACHE_DIR`` or the user cache dir). A transformers ``Cache`` (the
+        model's own ``cache=`` argument) is passed to the model instead.
+    :param store: the graph cache, as ``cache``; with it, ``cache=`` is always a model input
+        (``load_cached(model, store=s, input_ids=ids, cache=kv, use_cache=True)``).
     """
     options = options or ExtractionOptions()
-    extractor = CachingExtractor(_store(cache))
+    graph_store, example_kwargs = store_and_inputs(cache, store, example_kwargs)
+    extractor = CachingExtractor(graph_store)
     artifact = extractor(model, example_args, example_kwargs, options)
     pg = PatchableGraph.from_artifact(model, artifact, options=options, extractor=extractor)
     pg.cache_stats = extractor.stats
