@@ -172,6 +172,28 @@ def new_cache(state: CacheState) -> Any:
     return write_state(cache, state)
 
 
+def empty_cache(dtypes: List[Optional[Tuple[torch.dtype, torch.dtype]]], device: Any) -> Any:
+    """A DynamicCache whose layers are initialized and empty, as the model's first update
+    leaves them before concatenating (``dtypes[i]``: layer i's key and value dtypes).
+
+    Why: dynamo (torch 2.13) folds ``torch.tensor([], device="meta")``, which
+    ``DynamicLayer.lazy_initialization`` calls, into a real meta tensor that fake tensors then
+    refuse; ``torch.empty(0)`` traces fine. Extraction of an accelerate-hooked model (traced
+    on the meta device) hands the model this cache where the model would create its own.
+    """
+    module = _cache_module()
+    cache = module.DynamicCache()
+    for kv in dtypes:
+        layer = module.DynamicLayer()
+        if kv is not None:
+            layer.device = device
+            layer.keys = torch.empty(0, dtype=kv[0], device=device)
+            layer.values = torch.empty(0, dtype=kv[1], device=device)
+            layer.is_initialized = True
+        cache.layers.append(layer)
+    return cache
+
+
 def restore_caches(output: Any, given: List[Any]) -> Any:
     """Replace each :class:`CacheState` in a graph's ``output`` with a cache object: the
     caller's (``given``, in order; updated in place, as the model updates it) while there are

@@ -276,3 +276,46 @@ def test_gpt2_8bit_exact_and_meta_build_hit(tmp_path):
     assert torch.equal(pg(**other).logits, model(**other).logits)
     c_fc = model.transformer.h[0].mlp.c_fc
     assert pg._variants[0].root.transformer.h_0.mlp.c_fc.weight is c_fc.weight
+
+
+def test_offloaded_cached_generation(offloaded, tmp_path):
+    model, original = offloaded
+    ids = token_inputs(2, 5)["input_ids"]
+    mask = torch.ones_like(ids)
+    gate = model.model.layers[1].mlp.gate_proj
+    expected = original.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)
+    pg = load_cached(model, cache=_store(tmp_path), input_ids=ids, attention_mask=mask, use_cache=True)
+    assert torch.equal(pg.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
+    assert gate.weight.device.type == "meta"  # still offloaded after every step
+    with pg.patch({"model.layers_1.mlp.output": CustomPatch(custom_op=lambda t: t * 40)}):
+        patched = pg.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True)
+    handle = original.model.layers[1].mlp.register_forward_hook(lambda m, a, o: o * 40)
+    try:
+        oracle = original.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)
+    finally:
+        handle.remove()
+    assert torch.equal(patched, oracle)
+
+
+def test_8bit_cached_generation(llama_8bit):
+    model = llama_8bit[0]
+    ids = token_inputs(2, 5)["input_ids"]
+    mask = torch.ones_like(ids)
+    pg = PatchableGraph(model, input_ids=ids, attention_mask=mask, use_cache=True)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)
+    assert torch.equal(pg.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
+    # the dequantized weight of an 8-bit linear, patched at every step, against the model
+    # running with that weight zeroed (its own generate, cached)
+    layers = model.model.layers
+    with pg.patch({f"model.layers_{i}.{name}.weight": ZeroPatch()
+                   for i in range(len(layers)) for name in ("mlp.down_proj", "self_attn.o_proj")}):
+        patched = pg.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True)
+    handles = [module.register_forward_hook(lambda m, a, o: torch.zeros_like(o))  # no biases in Llama
+               for layer in layers for module in (layer.mlp.down_proj, layer.self_attn.o_proj)]
+    try:
+        oracle = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(patched, oracle)
+    assert not torch.equal(patched, expected)

@@ -163,6 +163,7 @@ def capture(
             recorder.reset_calls()
             recorder.calls.extend(calls)  # keep the eager records for the opaque outputs
             recorder.tracing = True
+            recorder.inject_cache = is_hooked(model)  # see kv_cache.empty_cache
             captured: List[Any] = []
 
             def backend(gm: torch.fx.GraphModule, example_inputs: List[Any]):

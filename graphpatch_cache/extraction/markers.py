@@ -253,6 +253,11 @@ class Recorder:
         self._saved_forwards: Dict[int, Any] = {}
         self.tracing = False  # False: record eager calls; True: emit markers for dynamo
         self.cache_class = kv_cache.cache_class()  # key/value caches are routed as tensors
+        #: the cache the model's own call created (its layers' key/value dtypes), when it was
+        #: called without one; with ``inject_cache`` the trace hands the model an equal one
+        #: (see :func:`kv_cache.empty_cache`)
+        self.created_cache: Optional[List[Any]] = None
+        self.inject_cache = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -325,9 +330,20 @@ class Recorder:
             # cache object is the model's (the splitter threads the tensors it holds). Every
             # call that returns a cache returns its tensors.
             args, kwargs = _route(ENTER, tag, (args, kwargs), recorder.cache_class if module is recorder.model else None)
+            if module is recorder.model and recorder.inject_cache and recorder.created_cache is not None:
+                kwargs = recorder._with_cache(traced_forward, args, kwargs)
             return _route(EXIT, tag, traced_forward(*args, **kwargs), recorder.cache_class)
 
         return forward_with_markers
+
+    def _with_cache(self, forward: Any, args: tuple, kwargs: dict) -> dict:
+        params = inspect.signature(forward).parameters
+        name = next((n for n in ("cache", "past_key_values") if n in params), None)
+        if name is None or kwargs.get(name) is not None:
+            return kwargs
+        leaves = pytree.tree_leaves((args, kwargs))
+        device = next(leaves[i].device for i in range(len(leaves)) if isinstance(leaves[i], torch.Tensor))
+        return dict(kwargs, **{name: kv_cache.empty_cache(self.created_cache, device)})
 
     # -- opaque modules ---------------------------------------------------------------------
     def prepare_opaque(self) -> None:
@@ -406,6 +422,14 @@ class Recorder:
     def _record_exit(self, tag: str, output: Any) -> None:
         record = self.calls[self._stack.pop()]
         assert record.tag == tag, "module calls did not nest"
+        if record.module is self.model and self.cache_class is not None:
+            made = [x for x in pytree.tree_leaves(output) if isinstance(x, self.cache_class)]
+            given = [x for x in record.input_leaves if isinstance(x, (self.cache_class, kv_cache.CacheState))]
+            if len(made) == 1 and not given:
+                self.created_cache = [
+                    (layer.keys.dtype, layer.values.dtype) if getattr(layer, "is_initialized", False) else None
+                    for layer in made[0].layers
+                ]
         leaves, spec = pytree.tree_flatten(kv_cache.as_states(output))
         record.output_spec = spec
         record.output_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
