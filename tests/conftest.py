@@ -63,3 +63,26 @@ def gpt2_18():
     model = tiny_gpt2(n_layer=18)
     inputs = token_inputs()
     return model, inputs, PatchableGraph(model, **inputs)
+
+
+def generate_with_a_banned_token(pg, model, ids, mask, banned, *, use_cache, max_new_tokens=6):
+    """``(through pg with a patch setting logit `banned` to -inf, the model's own generate
+    with a logits processor doing the same)``, both greedy."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from graphpatch_cache import CustomPatch
+
+    def ban(logits):
+        logits = logits.clone()
+        logits[..., banned] = float("-inf")
+        return logits
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return ban(scores)
+
+    with pg.patch({"output|logits": CustomPatch(custom_op=ban)}):
+        patched = pg.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=use_cache)
+    oracle = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                            use_cache=use_cache, logits_processor=LogitsProcessorList([Ban()]))
+    return patched, oracle

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_gpt2, tiny_llama, token_inputs
+from conftest import generate_with_a_banned_token, tiny_gpt2, tiny_llama, token_inputs
 from graphpatch_cache import (
     CacheStore,
     CustomPatch,
@@ -239,20 +239,7 @@ def test_generate_equals_model_generate_and_patches_every_step(make):
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(pg.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False), expected)
     banned = int(expected[0, ids.shape[1]])
-
-    def ban(logits):
-        logits = logits.clone()
-        logits[..., banned] = float("-inf")
-        return logits
-
-    class Ban(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return ban(scores)
-
-    with pg.patch({"output|logits": CustomPatch(custom_op=ban)}):
-        patched = pg.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False)
-    oracle = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False,
-                            logits_processor=LogitsProcessorList([Ban()]))
+    patched, oracle = generate_with_a_banned_token(pg, model, ids, mask, banned, use_cache=False)
     assert torch.equal(patched, oracle)
     assert banned not in patched[:, ids.shape[1]:].flatten().tolist()
     with pytest.raises(SignatureMismatchError, match="greedily"):

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import generate_with_a_banned_token, tiny_gpt2, tiny_llama
 from graphpatch_cache import (
     CacheStore,
     CustomPatch,
@@ -119,20 +119,7 @@ def test_cached_generate_applies_patches_at_every_step(cached_pg):
     mask = torch.ones_like(ids)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True)
     banned = int(plain[0, -1])  # produced late: the ban must act on a decode step
-
-    def ban(logits):
-        logits = logits.clone()
-        logits[..., banned] = float("-inf")
-        return logits
-
-    class Ban(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return ban(scores)
-
-    with pg.patch({"output|logits": CustomPatch(custom_op=ban)}):
-        patched = pg.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=True)
-    oracle = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True,
-                            logits_processor=LogitsProcessorList([Ban()]))
+    patched, oracle = generate_with_a_banned_token(pg, model, ids, mask, banned, use_cache=True)
     assert torch.equal(patched, oracle)
     assert banned not in patched[:, ids.shape[1]:].flatten().tolist()
 
@@ -230,3 +217,20 @@ def test_build_from_config_makes_the_decode_graph_a_hit(tmp_path):
     assert default.cache_stats.misses == 1  # the default (isolated) store, not `store`
     assert torch.equal(default(input_ids=token, cache=_copy(prefix), use_cache=True).logits,
                        model(input_ids=token, cache=_copy(prefix), use_cache=True).logits)
+
+
+def test_an_opaque_module_taking_the_cache_is_refused_and_generate_falls_back():
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from graphpatch_cache import ExtractionOptions
+
+    model = tiny_llama()
+    ids = _ids(seq=5)
+    options = ExtractionOptions(classes_to_skip_compiling=(LlamaAttention,))
+    with pytest.raises(UnsupportedCacheError, match="model.layers.0.self_attn") as info:
+        PatchableGraph(model, options, input_ids=ids, use_cache=True)
+    assert info.value.cache_class == "LlamaAttention"
+    pg = PatchableGraph(model, options, input_ids=ids, use_cache=False)  # fine without a cache
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    with pytest.warns(UserWarning, match="without a key/value cache"):
+        assert torch.equal(pg.generate(ids, max_new_tokens=4), expected)

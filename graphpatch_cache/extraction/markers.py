@@ -258,6 +258,9 @@ class Recorder:
         #: (see :func:`kv_cache.empty_cache`)
         self.created_cache: Optional[List[Any]] = None
         self.inject_cache = False
+        #: whether the eager recording saw a cache object at all (else the trace skips the
+        #: search for caches in every call's inputs and outputs)
+        self.saw_cache = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -329,10 +332,11 @@ class Recorder:
             # A key/value cache enters as tensors at the model's own call only; below it the
             # cache object is the model's (the splitter threads the tensors it holds). Every
             # call that returns a cache returns its tensors.
-            args, kwargs = _route(ENTER, tag, (args, kwargs), recorder.cache_class if module is recorder.model else None)
+            caches = recorder.cache_class if recorder.saw_cache else None
+            args, kwargs = _route(ENTER, tag, (args, kwargs), caches if module is recorder.model else None)
             if module is recorder.model and recorder.inject_cache and recorder.created_cache is not None:
                 kwargs = recorder._with_cache(traced_forward, args, kwargs)
-            return _route(EXIT, tag, traced_forward(*args, **kwargs), recorder.cache_class)
+            return _route(EXIT, tag, traced_forward(*args, **kwargs), caches)
 
         return forward_with_markers
 
@@ -399,7 +403,9 @@ class Recorder:
 
     def _record_enter(self, tag: str, module: torch.nn.Module, args: tuple, kwargs: dict, forward: Any) -> None:
         originals = (args, kwargs)
-        if module is self.model:  # the model's own call takes a cache's tensors (see _route)
+        if module is self.model and kv_cache.has_cache((args, kwargs)):
+            # the model's own call takes a cache's tensors (see _route)
+            self.saw_cache = True
             args, kwargs = kv_cache.as_states((args, kwargs))
         leaves, spec = pytree.tree_flatten((args, kwargs))
         record = CallRecord(
@@ -430,6 +436,8 @@ class Recorder:
                     (layer.keys.dtype, layer.values.dtype) if getattr(layer, "is_initialized", False) else None
                     for layer in made[0].layers
                 ]
+        if not self.saw_cache and self.cache_class is not None:
+            self.saw_cache = any(isinstance(x, self.cache_class) for x in pytree.tree_leaves(output))
         leaves, spec = pytree.tree_flatten(kv_cache.as_states(output))
         record.output_spec = spec
         record.output_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]

@@ -23,8 +23,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .. import _compat
-from ..errors import ExtractionError
+from .. import _compat, kv_cache
+from ..errors import ExtractionError, UnsupportedCacheError
 from ..integrations import leaf_handler
 from .capture import Capture
 from .markers import ENTER, EXIT, OPAQUE, CallRecord
@@ -347,6 +347,15 @@ class Splitter:
         from ..functions import run_opaque
 
         frame.kind = "opaque"
+        if any(kv_cache.is_cache(x) or isinstance(x, kv_cache.CacheState) for x in frame.record.input_leaves):
+            # the module would grow the cache object recorded at extraction, not the caller's
+            raise UnsupportedCacheError(
+                f"module {frame.path or '(the model)'!r} ({type(frame.module).__name__}) could not be traced "
+                "and takes the key/value cache, which an opaque call cannot pass through a graph",
+                cache_class=type(frame.module).__name__,
+                hint="call with use_cache=False, or make the module traceable (see "
+                "ExtractionOptions(warn_on_compilation_failure=True) for why it is opaque)",
+            )
         frame.opaque_calls = [
             (self.calls[c], self.local_names[c], self._path_of(self.calls[c].module, frame.path))
             for c in frame.record.children
