@@ -212,6 +212,16 @@ def test_build_from_config_makes_the_decode_graph_a_hit(tmp_path):
     assert torch.equal(pg(input_ids=token, cache=mine, use_cache=True).logits,
                        model(input_ids=token, cache=ref, use_cache=True).logits)
     _same_cache(mine, ref)
+    # the prompt's graph (the model makes the cache) built on the meta device: a hit, exact
+    build(model.config, cache=store, signature=ExampleSignature(batch_size=2, seq_len=6, use_cache=True,
+                                                                attention_mask=True))
+    ids, mask = _ids(seq=6), torch.ones(2, 6, dtype=torch.long)
+    prompt = load_cached(model, store=store, input_ids=ids, attention_mask=mask, use_cache=True)
+    assert (prompt.cache_stats.hits, prompt.cache_stats.misses) == (1, 0)
+    ours, theirs = prompt(input_ids=ids, attention_mask=mask, use_cache=True), model(input_ids=ids, attention_mask=mask,
+                                                                                      use_cache=True)
+    assert torch.equal(ours.logits, theirs.logits)
+    _same_cache(_cache_of(ours), _cache_of(theirs))
     # without store=, a transformers Cache passed as cache= is the model's argument, not a store
     default = load_cached(model, input_ids=token, cache=_copy(prefix), use_cache=True)
     assert default.cache_stats.misses == 1  # the default (isolated) store, not `store`

@@ -163,7 +163,8 @@ def capture(
             recorder.reset_calls()
             recorder.calls.extend(calls)  # keep the eager records for the opaque outputs
             recorder.tracing = True
-            recorder.inject_cache = is_hooked(model)  # see kv_cache.empty_cache
+            # traced on the meta device: see kv_cache.empty_cache
+            recorder.inject_cache = is_hooked(model) or any(p.device.type == "meta" for p in model.parameters())
             captured: List[Any] = []
 
             def backend(gm: torch.fx.GraphModule, example_inputs: List[Any]):

@@ -90,6 +90,8 @@ class CallRecord:
     output_is_tensor: List[bool] = field(default_factory=list)
     output_meta: List[Optional[TensorMeta]] = field(default_factory=list)
     children: List[int] = field(default_factory=list)
+    #: whether the output holds a key/value cache object
+    returns_cache: bool = False
     #: the actual (args, kwargs), kept only for calls made by an opaque module (they are
     #: extracted separately, so that an opaque module's children still compile)
     inputs: Optional[Tuple[tuple, dict]] = None
@@ -345,9 +347,8 @@ class Recorder:
         name = next((n for n in ("cache", "past_key_values") if n in params), None)
         if name is None or kwargs.get(name) is not None:
             return kwargs
-        leaves = pytree.tree_leaves((args, kwargs))
-        device = next(leaves[i].device for i in range(len(leaves)) if isinstance(leaves[i], torch.Tensor))
-        return dict(kwargs, **{name: kv_cache.empty_cache(self.created_cache, device)})
+        # only models traced on the meta device get one (see capture)
+        return dict(kwargs, **{name: kv_cache.empty_cache(self.created_cache, torch.device("meta"))})
 
     # -- opaque modules ---------------------------------------------------------------------
     def prepare_opaque(self) -> None:
@@ -436,8 +437,9 @@ class Recorder:
                     (layer.keys.dtype, layer.values.dtype) if getattr(layer, "is_initialized", False) else None
                     for layer in made[0].layers
                 ]
-        if not self.saw_cache and self.cache_class is not None:
-            self.saw_cache = any(isinstance(x, self.cache_class) for x in pytree.tree_leaves(output))
+        if self.cache_class is not None:
+            record.returns_cache = any(isinstance(x, self.cache_class) for x in pytree.tree_leaves(output))
+            self.saw_cache = self.saw_cache or record.returns_cache
         leaves, spec = pytree.tree_flatten(kv_cache.as_states(output))
         record.output_spec = spec
         record.output_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]

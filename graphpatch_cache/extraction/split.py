@@ -347,11 +347,14 @@ class Splitter:
         from ..functions import run_opaque
 
         frame.kind = "opaque"
-        if any(kv_cache.is_cache(x) or isinstance(x, kv_cache.CacheState) for x in frame.record.input_leaves):
-            # the module would grow the cache object recorded at extraction, not the caller's
+        record = frame.record
+        if record.returns_cache or any(kv_cache.is_cache(x) or isinstance(x, kv_cache.CacheState)
+                                       for x in record.input_leaves):
+            # it would grow the cache object recorded at extraction, not the caller's, or
+            # return a live cache object where the graph passes tensors
             raise UnsupportedCacheError(
                 f"module {frame.path or '(the model)'!r} ({type(frame.module).__name__}) could not be traced "
-                "and takes the key/value cache, which an opaque call cannot pass through a graph",
+                "and takes or returns the key/value cache, which an opaque call cannot pass through a graph",
                 cache_class=type(frame.module).__name__,
                 hint="call with use_cache=False, or make the module traceable (see "
                 "ExtractionOptions(warn_on_compilation_failure=True) for why it is opaque)",
