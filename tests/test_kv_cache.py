@@ -244,3 +244,21 @@ def test_an_opaque_module_taking_the_cache_is_refused_and_generate_falls_back():
     expected = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
     with pytest.warns(UserWarning, match="without a key/value cache"):
         assert torch.equal(pg.generate(ids, max_new_tokens=4), expected)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt_neox"])
+def test_cached_generation_in_other_families(family):
+    import transformers
+
+    config_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=128, bos_token_id=0, eos_token_id=0)).eval()
+    ids = _ids(seq=6)
+    mask = torch.ones_like(ids)
+    pg = PatchableGraph(model, input_ids=ids, attention_mask=mask, use_cache=True)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(pg.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=True), expected)
