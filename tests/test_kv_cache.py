@@ -150,6 +150,12 @@ def test_cached_variants_come_from_the_cache_next_session(tmp_path):
     second = load_cached(model, cache=store, input_ids=ids, attention_mask=mask, use_cache=True)
     assert torch.equal(second.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
     assert (second.cache_stats.hits, second.cache_stats.misses) == (2, 0)
+    # and through a portable file: both variants travel, no extraction on the other side
+    second.save(tmp_path / "graphs.json")
+    third = PatchableGraph.load(tmp_path / "graphs.json", model)
+    assert len(third.variants) == 2
+    assert torch.equal(third.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
+    assert len(third.variants) == 2
 
 
 def _tiny_mistral(sliding_window):

@@ -27,3 +27,4 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "torch.Size([2, 16, 256])" in printed
     assert "torch.float32" in printed
+    assert "torch.Size([2, 4, 16, 16]) 17" in printed  # the cached step: cache input, new length
