@@ -240,7 +240,7 @@ def test_an_opaque_module_taking_the_cache_is_refused_and_generate_falls_back():
 
     from graphpatch_cache import ExtractionOptions
 
-    model = tiny_llama()
+    model = tiny_llama(n_layer=1)
     ids = _ids(seq=5)
     options = ExtractionOptions(classes_to_skip_compiling=(LlamaAttention,))
     with pytest.raises(UnsupportedCacheError, match="model.layers.0.self_attn") as info:
