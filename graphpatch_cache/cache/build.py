@@ -68,7 +68,8 @@ class ExampleSignature:
 
         if not self.use_cache or self.past_length < 2:
             raise BuildError(f"past_length={self.past_length} needs use_cache=True and a length of at least 2",
-                             hint="ExampleSignature(use_cache=True, past_length=8, seq_len=1)")
+                             hint="ExampleSignature(use_cache=True, past_length=8, seq_len=1) "
+                                  "(CLI: --use-cache --past-length 8 --seq-len 1)")
         if model is None:
             raise BuildError("an example key/value cache is made by the model: pass it to inputs(config, model)")
         params = inspect.signature(model.forward).parameters
