@@ -144,14 +144,16 @@ def _device_map(text: Optional[str]) -> Any:
     """--device-map: a strategy name, a JSON object, or a JSON file holding one."""
     import json
 
-    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+    from graphpatch_cache.cache.build import DEVICE_MAP_STRATEGIES
+
+    if text is None or text in DEVICE_MAP_STRATEGIES:
         return text
     source = text
     if not text.lstrip().startswith("{"):
         path = Path(text)
         if not path.is_file():
-            raise click.BadParameter(f"{text!r} is neither a strategy (auto, balanced, sequential), a JSON "
-                                     "object nor a JSON file", param_hint="--device-map")
+            raise click.BadParameter(f"{text!r} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}), a "
+                                     "JSON object nor a JSON file", param_hint="--device-map")
         source = path.read_text()
     try:
         value = json.loads(source)

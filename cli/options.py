@@ -74,36 +74,26 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-class Duration(click.ParamType):
-    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` -> seconds."""
+class _Parsed(click.ParamType):
+    """A value read by one of the store's parsers (its ValueError becomes a usage error)."""
 
-    name = "duration"
+    def __init__(self, name: str, parser_name: str) -> None:
+        self.name = name
+        self._parser_name = parser_name
 
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
-        from graphpatch_cache.cache.store import parse_duration
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        from graphpatch_cache.cache import store
 
         try:
-            return parse_duration(value)
+            return getattr(store, self._parser_name)(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class Size(click.ParamType):
-    """``5GB``, ``500MB``, ``2GiB``, ``1024`` -> bytes (powers of 1024)."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
-        from graphpatch_cache.cache.store import parse_size
-
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-DURATION = Duration()
-SIZE = Size()
+#: ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` -> seconds
+DURATION = _Parsed("duration", "parse_duration")
+#: ``5GB``, ``500MB``, ``2GiB``, ``1024`` -> bytes (powers of 1024)
+SIZE = _Parsed("size", "parse_size")
 
 
 def open_store(cache_dir: Optional[Path]) -> Any:

@@ -19,6 +19,7 @@ concatenation, so one shape-generic graph serves every step. Other caches raise
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any, List, Optional, Tuple
 
@@ -131,19 +132,26 @@ def _is_state(value: Any) -> bool:
     return isinstance(value, CacheState)
 
 
-def has_cache(value: Any) -> bool:
-    """Whether a cache object is anywhere inside ``value`` (a pytree)."""
+def caches_in(value: Any) -> List[Any]:
+    """The cache objects anywhere inside ``value`` (a pytree: canonical inputs, an output),
+    in pytree order."""
     cls = cache_class()
     if cls is None:
-        return False
-    leaves = pytree.tree_leaves(value)
-    return any(isinstance(leaves[i], cls) for i in range(len(leaves)))
+        return []
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, cls)]
+
+
+def cache_argument(forward: Any) -> Optional[str]:
+    """The name under which ``forward`` takes a key/value cache (``cache`` since
+    transformers 5, ``past_key_values`` before), or None."""
+    params = inspect.signature(forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def as_states(value: Any) -> Any:
     """``value`` (canonical inputs, a module output) with every cache object in it replaced by
     its :class:`CacheState` (containers are rebuilt; nothing is changed in place)."""
-    if not has_cache(value):
+    if not caches_in(value):
         return value
     leaves, spec = pytree.tree_flatten(value)
     return pytree.tree_unflatten([to_state(x) if is_cache(x) else x for x in leaves], spec)
@@ -210,13 +218,6 @@ def restore_caches(output: Any, given: List[Any]) -> Any:
     return pytree.tree_unflatten(out, spec)
 
 
-def given_caches(inputs: Any) -> List[Any]:
-    """The cache objects among canonical inputs, in pytree order."""
-    if _cache_module() is None:
-        return []
-    return [x for x in pytree.tree_leaves(inputs) if is_cache(x)]
-
-
 def copy_caches(inputs: Tuple[tuple, dict], convert: Optional[Any] = None) -> Tuple[tuple, dict]:
     """``inputs`` with each cache replaced by a fresh DynamicCache holding the same tensors
     (``convert(t)`` of them, if given), so a call that grows it leaves the original alone."""
@@ -238,8 +239,8 @@ __all__ = [
     "CacheState",
     "as_states",
     "copy_caches",
-    "given_caches",
-    "has_cache",
+    "cache_argument",
+    "caches_in",
     "is_cache",
     "new_cache",
     "restore_caches",

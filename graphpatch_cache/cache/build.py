@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from .. import kv_cache
 from ..artifact import GraphArtifact
 from ..errors import GraphPatchCacheError
 from ..options import ExtractionOptions
@@ -64,16 +65,13 @@ class ExampleSignature:
         return inputs
 
     def _cache(self, config: Any, model: Optional[torch.nn.Module], vocab: int, g: torch.Generator) -> Dict[str, Any]:
-        import inspect
-
         if not self.use_cache or self.past_length < 2:
             raise BuildError(f"past_length={self.past_length} needs use_cache=True and a length of at least 2",
                              hint="ExampleSignature(use_cache=True, past_length=8, seq_len=1) "
                                   "(CLI: --use-cache --past-length 8 --seq-len 1)")
         if model is None:
             raise BuildError("an example key/value cache is made by the model: pass it to inputs(config, model)")
-        params = inspect.signature(model.forward).parameters
-        name = next((n for n in ("cache", "past_key_values") if n in params), None)
+        name = kv_cache.cache_argument(model.forward)
         if name is None:
             raise BuildError(f"{type(model).__name__}.forward takes no key/value cache",
                              hint="build without past_length")
@@ -81,7 +79,7 @@ class ExampleSignature:
         prompt = torch.randint(0, vocab, (self.batch_size, self.past_length), generator=g).to(device)
         with torch.no_grad():
             out = model(input_ids=prompt, use_cache=True)
-        cache = out[name] if name in out else out.get("past_key_values")
+        cache = next(iter(kv_cache.caches_in(out)), None)
         if cache is None:
             raise BuildError(f"{type(model).__name__} returned no key/value cache", hint="build without past_length")
         return {name: cache}
@@ -169,7 +167,8 @@ def meta_model(
     return model.eval()
 
 
-_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+#: device_map values that name a placement strategy rather than devices
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def check_device_map(model: torch.nn.Module, device_map: Any) -> None:
@@ -181,7 +180,7 @@ def check_device_map(model: torch.nn.Module, device_map: Any) -> None:
     """
     from ..errors import close_matches
 
-    if device_map is None or (isinstance(device_map, str) and device_map in _STRATEGIES):
+    if device_map is None or (isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES):
         return
     if not isinstance(device_map, dict):
         device_map = {"": device_map}
@@ -272,4 +271,5 @@ def build(
     return BuildResult(key=key, artifact=artifact, entry=entry, seconds=time.perf_counter() - start, cached=cached)
 
 
-__all__ = ["BuildError", "BuildResult", "ExampleSignature", "build", "check_device_map", "meta_model"]
+__all__ = ["BuildError", "BuildResult", "DEVICE_MAP_STRATEGIES", "ExampleSignature", "build", "check_device_map",
+           "meta_model"]

@@ -152,6 +152,9 @@ def capture(
         ):
             opaque.add(id(module))
     root = _CaptureRoot(model)
+    hooked = is_hooked(model)
+    # traced on the meta device (hooked models; builds from a config): see kv_cache.empty_cache
+    on_meta = hooked or any(p.device.type == "meta" for p in model.parameters())
     for attempt in range(64):
         with Recorder(model, frozenset(opaque)) as recorder:
             # each pass gets its own copy of a key/value cache: the model grows it in place
@@ -163,8 +166,7 @@ def capture(
             recorder.reset_calls()
             recorder.calls.extend(calls)  # keep the eager records for the opaque outputs
             recorder.tracing = True
-            # traced on the meta device: see kv_cache.empty_cache
-            recorder.inject_cache = is_hooked(model) or any(p.device.type == "meta" for p in model.parameters())
+            recorder.inject_cache = on_meta
             captured: List[Any] = []
 
             def backend(gm: torch.fx.GraphModule, example_inputs: List[Any]):
@@ -178,7 +180,6 @@ def capture(
             _compat.reset_dynamo()
             compiled = torch.compile(root, backend=backend, fullgraph=True, dynamic=True)
             error: Optional[BaseException] = None
-            hooked = is_hooked(model)
             try:
                 with _compat.dynamo_capture_config(), torch.enable_grad(), warnings.catch_warnings(), (
                     _meta_view(model) if hooked else contextlib.nullcontext()

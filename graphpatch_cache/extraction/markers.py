@@ -164,7 +164,7 @@ def _rebuild(value: Any, new: List[Any], pos: List[int]) -> Any:
     return value
 
 
-def _route_caches(marker: Any, tag: str, value: Any) -> Any:
+def _route_caches(marker: Any, tag: str, value: Any, cls: Any) -> Any:
     """:func:`_route` for a value holding key/value cache objects: the caches' tensors go
     through ``marker`` in the order of :func:`kv_cache.as_states` and the marker's outputs are
     written back into the same cache objects (the model mutates them in place, so the objects
@@ -174,7 +174,7 @@ def _route_caches(marker: Any, tag: str, value: Any) -> Any:
     for i in range(len(leaves)):
         if isinstance(leaves[i], torch.Tensor):
             flat.append(leaves[i])
-        elif kv_cache.is_cache(leaves[i]):
+        elif isinstance(leaves[i], cls):
             for layer in leaves[i].layers:
                 if layer.is_initialized:
                     flat.append(layer.keys)
@@ -185,7 +185,7 @@ def _route_caches(marker: Any, tag: str, value: Any) -> Any:
         if isinstance(leaves[i], torch.Tensor):
             leaves[i] = new[j]
             j += 1
-        elif kv_cache.is_cache(leaves[i]):
+        elif isinstance(leaves[i], cls):
             for layer in leaves[i].layers:
                 if layer.is_initialized:
                     layer.keys = new[j]
@@ -222,7 +222,7 @@ def _route(marker: Any, tag: str, value: Any, caches: Any = None) -> Any:
     :func:`_route_caches`).
     """
     if caches is not None and _holds(caches, value):
-        return _route_caches(marker, tag, value)
+        return _route_caches(marker, tag, value, caches)
     if isinstance(value, torch.Tensor):
         return marker(tag, [value])[0]
     if _plain(value):
@@ -343,8 +343,7 @@ class Recorder:
         return forward_with_markers
 
     def _with_cache(self, forward: Any, args: tuple, kwargs: dict) -> dict:
-        params = inspect.signature(forward).parameters
-        name = next((n for n in ("cache", "past_key_values") if n in params), None)
+        name = kv_cache.cache_argument(forward)
         if name is None or kwargs.get(name) is not None:
             return kwargs
         # only models traced on the meta device get one (see capture)
@@ -404,10 +403,10 @@ class Recorder:
 
     def _record_enter(self, tag: str, module: torch.nn.Module, args: tuple, kwargs: dict, forward: Any) -> None:
         originals = (args, kwargs)
-        if module is self.model and kv_cache.has_cache((args, kwargs)):
-            # the model's own call takes a cache's tensors (see _route)
-            self.saw_cache = True
-            args, kwargs = kv_cache.as_states((args, kwargs))
+        if module is self.model:  # the model's own call takes a cache's tensors (see _route)
+            states = kv_cache.as_states(originals)
+            self.saw_cache = self.saw_cache or states is not originals
+            args, kwargs = states
         leaves, spec = pytree.tree_flatten((args, kwargs))
         record = CallRecord(
             index=len(self.calls),
@@ -429,17 +428,16 @@ class Recorder:
     def _record_exit(self, tag: str, output: Any) -> None:
         record = self.calls[self._stack.pop()]
         assert record.tag == tag, "module calls did not nest"
-        if record.module is self.model and self.cache_class is not None:
-            made = [x for x in pytree.tree_leaves(output) if isinstance(x, self.cache_class)]
+        made = kv_cache.caches_in(output)
+        record.returns_cache = bool(made)
+        self.saw_cache = self.saw_cache or record.returns_cache
+        if record.module is self.model and len(made) == 1:
             given = [x for x in record.input_leaves if isinstance(x, (self.cache_class, kv_cache.CacheState))]
-            if len(made) == 1 and not given:
+            if not given:
                 self.created_cache = [
                     (layer.keys.dtype, layer.values.dtype) if getattr(layer, "is_initialized", False) else None
                     for layer in made[0].layers
                 ]
-        if self.cache_class is not None:
-            record.returns_cache = any(isinstance(x, self.cache_class) for x in pytree.tree_leaves(output))
-            self.saw_cache = self.saw_cache or record.returns_cache
         leaves, spec = pytree.tree_flatten(kv_cache.as_states(output))
         record.output_spec = spec
         record.output_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]

@@ -173,13 +173,12 @@ class PatchableGraph(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self._canonical(args, kwargs)
-        caches = kv_cache.given_caches(inputs)
-        if caches:
+        leaves, spec = _compat.tree_flatten(inputs)
+        cache_class = kv_cache.cache_class()
+        caches = [x for x in leaves if isinstance(x, cache_class)] if cache_class is not None else []
+        if caches:  # graphs take a cache as its tensors
             with self._naming_the_model():
-                inputs_as_graphs_take_them = kv_cache.as_states(inputs)
-        else:
-            inputs_as_graphs_take_them = inputs
-        leaves, spec = _compat.tree_flatten(inputs_as_graphs_take_them)
+                leaves, spec = flat_inputs(inputs)
         variant = self._variant_for(inputs, leaves, spec)
         if variant.installer.missing:
             graph_path, node, _ = variant.installer.missing[0]
@@ -343,8 +342,7 @@ class PatchableGraph(torch.nn.Module):
                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, **model_kwargs)
         cache_arg = None
         if use_cache:
-            params = self._forward_signature.parameters
-            cache_arg = next((n for n in ("cache", "past_key_values") if n in params), None)
+            cache_arg = kv_cache.cache_argument(self._model.forward)
             if cache_arg is None:
                 raise UnsupportedCacheError(
                     f"{type(self._model).__name__}.forward takes no key/value cache, so "
@@ -381,7 +379,7 @@ class PatchableGraph(torch.nn.Module):
                     kwargs["position_ids"] = kwargs["position_ids"][:, -1:]
             out = self(input_ids=step_ids, **kwargs)
             if use_cache:
-                cache = _output_cache(out)
+                cache = next(iter(kv_cache.caches_in(out)), None)
                 if cache is None:
                     raise UnsupportedCacheError(
                         f"{type(self._model).__name__} returned no key/value cache for use_cache=True",
@@ -475,11 +473,6 @@ def _translate(origin: Variant, key: SlotKey, target: Variant) -> Optional[SlotK
         return None
     name = target_ids[1].get(origin_ids[0][node])
     return None if name is None else (graph_path, name, keys)
-
-
-def _output_cache(output: Any) -> Any:
-    found = [x for x in _compat.tree_flatten(output)[0] if kv_cache.is_cache(x)]
-    return found[0] if found else None
 
 
 def _split_options(example_args: tuple) -> Tuple[ExtractionOptions, tuple]:
