@@ -103,12 +103,12 @@ Examples:
 def import_(file: str, key_option: Optional[str], cache_dir: Optional[Path], as_json: bool) -> None:
     """Store the graphs in FILE (written by `export`) in the cache, under its key."""
     from graphpatch_cache import ArtifactFormatError
-    from graphpatch_cache.artifact import portable_from_bytes
+    from graphpatch_cache.validate import read_portable
     from graphpatch_cache.cache import environment_fingerprint
 
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     name = "<stdin>" if file == "-" else file
-    artifacts = portable_from_bytes(data, name)  # validates; raises ArtifactFormatError naming the file
+    artifacts = read_portable(data, name)  # validates; raises ArtifactFormatError naming the file
     key = key_option
     if key is None:
         payload = json.loads(data)

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from ..artifact import GraphArtifact, artifact_from_bytes as load_artifact_bytes
+from ..artifact import GraphArtifact
+from ..validate import read_artifact
 from ..errors import CacheError, CacheMissError
 from ..signature import signature_key
 from .local import LocalTier
@@ -295,7 +296,7 @@ class CacheStore:
         data = self.read_blob(entry.digest, where=f"key {entry.key[:12]}")
         if data is None:
             return None
-        return load_artifact_bytes(data, str(self._blob_path(entry.digest)))
+        return read_artifact(data, str(self._blob_path(entry.digest)))
 
     def get(self, key: str, signature: Optional[Dict[str, Any]] = None) -> Optional[GraphArtifact]:
         """An artifact stored under ``key`` (the variant with ``signature``, if given)."""
@@ -371,7 +372,7 @@ class CacheStore:
                     problem = "digest mismatch"
                 else:
                     try:
-                        artifact = load_artifact_bytes(data, str(blob), validate=True)
+                        artifact = read_artifact(data, str(blob))
                         if rebuild_check is not None:
                             rebuild_check(artifact)
                     except Exception as exc:  # any failure is a problem to report
@@ -524,4 +525,4 @@ def _entry(key: str, variant: str, meta: Dict[str, Any], ref: Path) -> CacheEntr
 
 
 __all__ = ["CacheEntry", "CacheStore", "GcReport", "Problem", "default_local_dir", "default_root",
-           "load_artifact_bytes", "parse_duration", "parse_size"]
+           "parse_duration", "parse_size"]

@@ -21,12 +21,13 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from .. import _compat, kv_cache
-from ..artifact import GraphArtifact, portable_from_bytes, portable_to_bytes
+from ..artifact import GraphArtifact, portable_to_bytes
 from ..files import write_atomic
 from ..errors import CacheMissError, NodePathError, NotAValueError, SignatureMismatchError, UnsupportedCacheError
 from ..options import ExtractionOptions
 from ..patches import Patch
 from ..signature import SignatureMatcher, canonical_inputs, flat_inputs, signature_key
+from ..validate import read_portable
 from .bind import ModuleGraphModule, bind
 from .node_path import NodePath
 from .patching import PatchInstaller, SlotKey
@@ -426,7 +427,7 @@ class PatchableGraph(torch.nn.Module):
         except FileNotFoundError as exc:
             raise CacheMissError(f"no artifact file at {path}", path=str(path),
                                  hint="write one with pg.save(path) or `graphpatch-cache export`") from exc
-        artifacts = portable_from_bytes(data, str(path))
+        artifacts = read_portable(data, str(path))
         pg = cls.from_artifact(model, artifacts[0], options=options)
         for artifact in artifacts[1:]:
             pg._add_variant(artifact)
