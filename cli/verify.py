@@ -19,18 +19,9 @@ def rebuild_check(artifact: Any) -> None:
     :raises GraphPatchCacheError: naming the node.
     """
     from graphpatch_cache import NodePath
-    from graphpatch_cache.targets import check_method, resolve_target
+    from graphpatch_cache.validate import check_artifact
 
-    stack: List[Tuple[Any, str]] = [(artifact.root, "")]
-    while stack:
-        graph, path = stack.pop()
-        for node in graph.nodes:
-            where = f"{path}.{node.name}" if path else node.name
-            if node.op == "call_function":
-                resolve_target(node.target, node_path=where)
-            elif node.op == "call_method":
-                check_method(node.target, node_path=where)
-        stack.extend((child, f"{path}.{child.name}" if path else child.name) for child in graph.children)
+    check_artifact(artifact)
     NodePath.from_graph(artifact.root)
 
 

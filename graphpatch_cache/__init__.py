@@ -29,7 +29,7 @@ from .options import ExtractionOptions
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from .runtime import NodePath, PatchableGraph
 from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
-from .targets import register_target
+from .allowlist import register_target
 
 __all__ = [
     "ArtifactFormatError",

@@ -7,6 +7,7 @@ at import time so an incompatible torch fails with a clear message, not deep in 
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any, Iterator
 
 import torch
@@ -20,10 +21,74 @@ if not hasattr(torch.fx.node, "has_side_effect"):  # pragma: no cover - old torc
 has_side_effect = torch.fx.node.has_side_effect
 
 # torch >= 2.3: pytree spec (de)serialization. Only classes registered with a
-# serialized_type_name (tuples, lists, dicts, transformers' ModelOutput, ...) round-trip;
-# loading never imports or constructs anything else.
+# serialized_type_name (tuples, lists, dicts, transformers' ModelOutput, ...) round-trip.
 treespec_dumps = pytree.treespec_dumps
-treespec_loads = pytree.treespec_loads
+
+#: spec node types a stored spec may name: plain containers, torch.Size, our key/value cache
+#: state, and transformers' ModelOutput classes (checked by class, below)
+_SPEC_TYPES = frozenset({"builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict",
+                         "torch.Size", "graphpatch_cache.CacheState"})
+_MAX_SPEC_DEPTH = 64
+
+
+class UnsafeSpecError(ValueError):
+    """A serialized pytree spec names a type or context a loader must not construct."""
+
+
+def _is_model_output(cls: Any) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" == "transformers.utils.generic.ModelOutput" for c in cls.__mro__)
+
+
+def _check_spec_node(node: Any, depth: int) -> None:
+    if depth > _MAX_SPEC_DEPTH:
+        raise UnsafeSpecError("spec nested too deeply")
+    if not isinstance(node, dict) or set(node) != {"type", "context", "children_spec"}:
+        raise UnsafeSpecError("malformed spec node")
+    typ, context, children = node["type"], node["context"], node["children_spec"]
+    if not isinstance(children, list):
+        raise UnsafeSpecError("malformed spec children")
+    if typ is None:
+        if context is not None or children:
+            raise UnsafeSpecError("malformed spec leaf")
+        return
+    registered = pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(typ) if isinstance(typ, str) else None
+    if registered is None or not (typ in _SPEC_TYPES or _is_model_output(registered)):
+        raise UnsafeSpecError(f"spec names type {typ!r}, which a stored spec may not construct")
+    if not isinstance(context, str) or len(context) > 1 << 20:
+        raise UnsafeSpecError("malformed spec context")
+    # torch's loader decodes contexts with an object hook that imports the module an
+    # "__enum__" entry names: contexts here are null or a flat list of keys, nothing else.
+    value = json.loads(context)
+    if value is not None and not (isinstance(value, list) and all(
+            isinstance(k, (str, int)) and not isinstance(k, bool) for k in value)):
+        if not (typ == "graphpatch_cache.CacheState" and isinstance(value, int) and not isinstance(value, bool)):
+            raise UnsafeSpecError(f"spec context of {typ} is not a list of keys")
+    for child in children:
+        _check_spec_node(child, depth + 1)
+
+
+def treespec_loads(serialized: str) -> Any:
+    """``pytree.treespec_loads`` after refusing anything it would import or construct beyond
+    plain containers and ModelOutput classes.
+
+    Why: torch 2.13's loader imports the module named by an ``"__enum__"`` context and by a
+    ``collections.defaultdict`` node's ``default_factory_module``; a spec is artifact data.
+
+    :raises UnsafeSpecError: (a ValueError) for any other type, context or shape.
+    """
+    try:
+        data = json.loads(serialized)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise UnsafeSpecError(f"spec is not JSON: {exc}") from None
+    if not (isinstance(data, list) and len(data) == 2 and data[0] == 1):
+        raise UnsafeSpecError("spec is not a version-1 pytree spec")
+    _check_spec_node(data[1], 0)
+    try:
+        return pytree.treespec_loads(serialized)
+    except Exception as exc:  # malformed beyond what was checked above
+        raise UnsafeSpecError(f"spec does not load: {exc!s:.200}") from None
+
+
 tree_flatten = pytree.tree_flatten
 tree_unflatten = pytree.tree_unflatten
 tree_flatten_with_path = pytree.tree_flatten_with_path
@@ -97,4 +162,5 @@ __all__ = [
     "tree_unflatten",
     "treespec_dumps",
     "treespec_loads",
+    "UnsafeSpecError",
 ]

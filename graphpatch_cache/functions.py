@@ -1,6 +1,6 @@
 """Functions that extracted graphs call besides torch's own operators.
 
-They are registered in the call-target allowlist (:mod:`graphpatch_cache.targets`) under
+They are registered in the call-target allowlist (:mod:`graphpatch_cache.allowlist`) under
 stable names, so artifacts can refer to them as data.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from . import _compat, kv_cache  # noqa: F401  kv_cache registers CacheState, which tree_build specs name
-from .targets import register_target
+from .allowlist import register_target
 
 
 @register_target
@@ -61,10 +61,10 @@ def linear_8bit(ref: "ModuleRef", x: torch.Tensor, weight: Any, bias: Any) -> to
     return out
 
 
-@register_target
 def live_attr(ref: "ModuleRef", path: str) -> Any:
     """A module attribute read at call time: accelerate's offload hooks replace parameters
-    while the module runs, so graphs of hooked modules must not hold them from bind time."""
+    while the module runs, so graphs of hooked modules must not hold them from bind time.
+    Not a target artifacts may name: binding inserts it, for attributes it has checked."""
     owner, _, name = path.rpartition(".")
     module = ref.module.get_submodule(owner) if owner else ref.module
     return getattr(module, name)

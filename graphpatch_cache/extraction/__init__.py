@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .. import _compat
+from .. import _compat, validate
 from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
 from ..errors import GraphPatchCacheError, SerializationError, UnusedSubmoduleError
 from ..fingerprint import structure
@@ -229,7 +229,7 @@ def extract(
     signature = call_signature(inputs, dims)
     _, spec = flat_inputs(inputs)
     devices = sorted({str(p.device) for p in list(model.parameters()) + list(model.buffers())})
-    return GraphArtifact(
+    artifact = GraphArtifact(
         schema_version=SCHEMA_VERSION,
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
         root=data,
@@ -245,6 +245,9 @@ def extract(
         },
         versions=environment_versions(),
     )
+    # what we store must pass the loader's checks (a refusal here is a bug of ours, loud)
+    validate.check_artifact(artifact)
+    return artifact
 
 
 __all__ = ["environment_versions", "extract"]

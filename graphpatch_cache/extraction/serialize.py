@@ -8,9 +8,10 @@ import torch
 import torch.fx
 
 from ..artifact import ModuleGraph, NodeData, encode_value
-from ..errors import SerializationError
+from ..errors import DisallowedTargetError, SerializationError
 from ..integrations import stored_dtype
-from ..targets import check_method, qualified_name
+from .. import allowlist
+from ..allowlist import check_method, target_name
 from .split import Frame
 
 
@@ -66,7 +67,7 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
         where = f"{path}.{node.name}" if path else node.name
         if node.op == "call_function":
             try:
-                target = qualified_name(node.target)
+                target = target_name(node.target)
             except SerializationError as exc:
                 raise _located(frame, SerializationError(
                     f"node {where!r} calls {node.target!r}, which cannot be stored as data: {exc.message}",
@@ -75,6 +76,13 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
                     hint="register the function with graphpatch_cache.register_target, or keep the "
                     "module opaque with ExtractionOptions(classes_to_skip_compiling=...)",
                 )) from exc
+            if target == "builtins.getattr" and not (len(node.args) == 2 and isinstance(node.args[1], str)
+                                                     and allowlist.attribute_allowed(node.args[1])):
+                raise _located(frame, DisallowedTargetError(
+                    f"node {where!r} reads attribute {node.args[1:]!r}, which graphs may not read",
+                    node_path=where, target="builtins.getattr",
+                    hint="add the attribute to cache_schema/allowlist-v1.json after review, or keep the module "
+                    "opaque with ExtractionOptions(classes_to_skip_compiling=...)"))
         elif node.op == "call_method":
             try:
                 target = check_method(node.target, node_path=where)
@@ -87,8 +95,8 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
             return v.name if isinstance(v, torch.fx.Node) else None
 
         try:
-            args = encode_value(tuple(node.args), name_of, qualified_name)
-            kwargs = encode_value(dict(node.kwargs), name_of, qualified_name)
+            args = encode_value(tuple(node.args), name_of, target_name)
+            kwargs = encode_value(dict(node.kwargs), name_of, target_name)
         except SerializationError as exc:
             raise _located(frame, SerializationError(
                 f"node {where!r} has an argument that cannot be stored: {exc.message}", node_path=where

@@ -1,7 +1,7 @@
 """Binding: artifact + live model -> a tree of ``torch.fx.GraphModule``.
 
 Every graph is rebuilt from node data; every call target goes through the allowlist in
-:mod:`graphpatch_cache.targets`; every ``get_attr`` binds the live model's own tensor object
+:mod:`graphpatch_cache.allowlist`; every ``get_attr`` binds the live model's own tensor object
 (no copy). Nothing in the artifact is executed as text.
 """
 
@@ -19,7 +19,7 @@ from ..signature import SignatureMatcher, canonical_inputs
 from ..fingerprint import first_difference, structure
 from ..functions import ModuleRef, live_attr
 from ..integrations import register_quantized_owner
-from ..targets import check_method, resolve_target
+from ..allowlist import check_method, resolve_function
 
 MODULE_REF_ATTR = "_graphpatch_module"
 
@@ -203,10 +203,10 @@ def bind_graph(
             return env[name]
 
         def resolve(name: str) -> Any:
-            return resolve_target(name, node_path=where)
+            return resolve_function(name, node_path=where)
 
         if nd.op == "call_function":  # refuse a disallowed target before decoding anything else
-            target: Any = resolve_target(nd.target, node_path=where)
+            target: Any = resolve_function(nd.target, node_path=where)
         args = decode_value(nd.args, lookup, resolve, map_device)
         kwargs = decode_value(nd.kwargs, lookup, resolve, map_device)
         if nd.op == "call_function":

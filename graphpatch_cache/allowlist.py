@@ -1,0 +1,222 @@
+"""The closed allowlist: exactly which call targets, Tensor methods and attributes a graph may name.
+
+The list is data, ``cache_schema/allowlist-v1.json``, reviewed like code and shipped in the
+wheel; ``scripts/allowlist_candidates.py`` regenerates a candidate list from the graphs our
+test models produce, so an op that a new transformers release emits is a one-line addition.
+Nothing is ever allowed by module or namespace prefix: a name is on the list, or it is a
+function a user registered with :func:`register_target`, or it is refused.
+
+Names on the list are resolved to callables here, from *our* list, never from an artifact's
+text: resolving a listed name imports only the torch/stdlib module the reviewed entry names.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import json
+import keyword
+import re
+import types
+from importlib import resources
+from typing import Any, Callable, Dict, FrozenSet, Optional
+
+import torch
+
+from .errors import DisallowedTargetError
+
+ALLOWLIST_FILE = "allowlist-v1.json"
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+_REGISTERED: Dict[str, Callable[..., Any]] = {}
+_RESOLVED: Dict[str, Any] = {}
+
+
+def _load() -> Dict[str, Any]:
+    text = resources.files("graphpatch_cache.cache_schema").joinpath(ALLOWLIST_FILE).read_text()
+    data = json.loads(text)
+    if data.get("format") != "graphpatch-cache-allowlist" or data.get("version") != 1:
+        raise ImportError(f"graphpatch_cache: {ALLOWLIST_FILE} is not an allowlist of version 1")
+    return data
+
+
+_DATA = _load()
+#: qualified names of call targets (``call_function``), exactly as artifacts store them
+FUNCTIONS: FrozenSet[str] = frozenset(_DATA["functions"])
+#: ``torch.Tensor`` methods (``call_method``)
+METHODS: FrozenSet[str] = frozenset(_DATA["methods"])
+#: attribute names ``builtins.getattr`` may read, as literal strings only
+ATTRIBUTES: FrozenSet[str] = frozenset(_DATA["attributes"])
+
+
+def is_dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__") and len(name) > 4
+
+
+def valid_dotted(name: Any) -> bool:
+    """A dotted name of identifiers without dunders (``torch.nn.functional.linear``)."""
+    return isinstance(name, str) and bool(_DOTTED.match(name)) and not any(
+        is_dunder(part) or keyword.iskeyword(part) for part in name.split("."))
+
+
+def register_target(fn: Callable[..., Any], name: Optional[str] = None) -> Callable[..., Any]:
+    """Allow graphs to call ``fn`` (also usable as a decorator).
+
+    Register your own functions before loading artifacts that call them; a function that is
+    neither registered nor on the shipped list is refused at load time. Register only
+    functions that are safe for any arguments an artifact may give them: tensors, numbers,
+    strings and containers of those.
+
+    :raises DisallowedTargetError: ``name`` is not a dotted identifier name, or names an
+        entry of the shipped list (which cannot be replaced).
+    """
+    key = name or f"{fn.__module__}.{fn.__qualname__}"
+    if not valid_dotted(key):
+        raise DisallowedTargetError(f"cannot register {fn!r} under {key!r}: not a dotted name of identifiers",
+                                    target=key, hint="pass name='package.module.function'")
+    if key in FUNCTIONS and not key.startswith("graphpatch_cache.") and _resolve_listed(key) is not fn:
+        raise DisallowedTargetError(f"{key!r} is on the shipped allowlist and cannot be re-registered", target=key)
+    _REGISTERED[key] = fn
+    _RESOLVED.pop(key, None)
+    return fn
+
+
+def function_allowed(name: str) -> bool:
+    """Whether artifacts may call ``name`` (on the list, or registered)."""
+    return name in _REGISTERED or (name in FUNCTIONS and not name.startswith("graphpatch_cache."))
+
+
+def method_allowed(name: str) -> bool:
+    return name in METHODS
+
+
+def attribute_allowed(name: str) -> bool:
+    return name in ATTRIBUTES
+
+
+def _refusal(name: str, node_path: str, why: str) -> DisallowedTargetError:
+    where = f" at node {node_path}" if node_path else ""
+    return DisallowedTargetError(
+        f"refusing call target {name!r}{where}: {why}",
+        node_path=node_path,
+        target=str(name),
+        hint="graphs may call only the targets in graphpatch_cache's allowlist (cache_schema/"
+        f"{ALLOWLIST_FILE}) and functions registered with graphpatch_cache.register_target; "
+        "do not load artifacts you do not trust",
+    )
+
+
+def resolve_function(name: Any, *, node_path: str = "") -> Any:
+    """The callable an allowed ``call_function`` target (or ``fn`` value) names.
+
+    :raises DisallowedTargetError: ``name`` is not on the list and not registered; nothing
+        is imported or called.
+    """
+    if not isinstance(name, str) or not name:
+        raise _refusal(str(name), node_path, "not a name")
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if not function_allowed(name):
+        raise _refusal(name, node_path, "not on the allowlist")
+    return _resolve_listed(name)
+
+
+def _resolve_listed(name: str) -> Any:
+    """Resolve a name from the *shipped* list (trusted data): import its torch/stdlib module."""
+    fn = _RESOLVED.get(name)
+    if fn is not None:
+        return fn
+    parts = name.split(".")
+    if parts[:2] == ["torch", "ops"]:
+        obj: Any = torch.ops
+        for part in parts[2:]:
+            obj = getattr(obj, part)
+    else:
+        obj = None
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for part in parts[cut:]:
+                obj = getattr(obj, part)
+            break
+        if obj is None:
+            raise ImportError(name)
+    _RESOLVED[name] = obj
+    return obj
+
+
+def check_method(name: Any, *, node_path: str = "") -> str:
+    """Accept a ``call_method`` name only if it is on the list of Tensor methods.
+
+    :raises DisallowedTargetError: naming the node and the method.
+    """
+    if not isinstance(name, str) or not method_allowed(name):
+        raise DisallowedTargetError(
+            f"refusing method call {name!r} at node {node_path}: not an allowed torch.Tensor method",
+            node_path=node_path,
+            target=str(name),
+            hint=f"graphs may call only the Tensor methods in cache_schema/{ALLOWLIST_FILE}",
+        )
+    return name
+
+
+# -- naming (extraction) -----------------------------------------------------------------------
+_TORCH_HOMES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.linalg", "torch.fft", "torch.special")
+
+
+def _find_torch_home(fn: Any) -> Optional[str]:
+    name = getattr(fn, "__name__", None)
+    for module_name in _TORCH_HOMES:
+        module = importlib.import_module(module_name)
+        if name and getattr(module, name, None) is fn:
+            return module_name
+    return None
+
+
+def candidate_name(fn: Any) -> Optional[str]:
+    """The name under which ``fn`` would be stored (before asking whether it is allowed)."""
+    for key, registered in _REGISTERED.items():
+        if registered is fn:
+            return key
+    if isinstance(fn, torch._ops.OpOverloadPacket):
+        return f"torch.ops.{fn._qualified_op_name.replace('::', '.')}"
+    if isinstance(fn, torch._ops.OpOverload):
+        return f"torch.ops.{fn._schema.name.replace('::', '.')}.{fn._overloadname}"
+    if getattr(fn, "__name__", None) in vars(builtins) and vars(builtins)[fn.__name__] is fn:
+        return f"builtins.{fn.__name__}"
+    module = getattr(fn, "__module__", None)
+    qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        home = _find_torch_home(fn)
+        if home is not None:
+            module, qual = home, fn.__name__
+    if module is None:
+        module = _find_torch_home(fn)  # torch builtins defined in C have no module
+    if module is None or qual is None:
+        return None
+    if module in ("torch._C._VariableFunctions", "torch._C._VariableFunctionsClass"):
+        module = "torch"
+    return f"{module}.{qual}"
+
+
+def target_name(fn: Any) -> str:
+    """The name under which ``fn`` is stored; it must be allowed and resolve back to ``fn``.
+
+    :raises DisallowedTargetError: ``fn`` cannot be named or is not allowed (extraction then
+        keeps the module opaque).
+    """
+    name = candidate_name(fn)
+    if name is None:
+        raise DisallowedTargetError(f"cannot name call target {fn!r}", target=repr(fn))
+    if resolve_function(name) is not fn:
+        raise DisallowedTargetError(f"call target {name} does not resolve back to the same function", target=name)
+    return name
+
+
+__all__ = [
+    "ATTRIBUTES", "FUNCTIONS", "METHODS", "attribute_allowed", "candidate_name", "check_method",
+    "function_allowed", "is_dunder", "method_allowed", "register_target", "resolve_function",
+    "target_name", "valid_dotted",
+]
