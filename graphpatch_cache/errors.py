@@ -65,7 +65,12 @@ class SerializationError(GraphPatchCacheError):
 
 
 class DisallowedTargetError(SerializationError):
-    """An artifact names a call target outside the allowlist; nothing was executed."""
+    """An artifact names a call target, method, attribute or argument outside the allowlist
+    and its rules; nothing was executed."""
+
+
+class ProtectedWriteError(DisallowedTargetError):
+    """A graph tried to write into one of the model's parameters; the write did not happen."""
 
 
 class NodePathError(GraphPatchCacheError, KeyError):
@@ -173,6 +178,7 @@ __all__ = [
     "NodePathError",
     "NotAValueError",
     "PatchError",
+    "ProtectedWriteError",
     "SerializationError",
     "SignatureMismatchError",
     "UnsupportedCacheError",

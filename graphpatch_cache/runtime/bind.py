@@ -14,11 +14,13 @@ import torch.fx
 
 from ..artifact import GraphArtifact, ModuleGraph, decode_value
 from .. import _compat
-from ..errors import ModelStructureError, SerializationError, SignatureMismatchError
+from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructureError, ProtectedWriteError,
+                      SerializationError, SignatureMismatchError)
 from ..signature import SignatureMatcher, canonical_inputs
 from ..fingerprint import first_difference, structure
-from ..functions import ModuleRef, live_attr
+from ..functions import ModuleRef, live_attr, run_opaque
 from ..integrations import register_quantized_owner
+from . import guards
 from ..allowlist import check_method, resolve_function
 
 MODULE_REF_ATTR = "_graphpatch_module"
@@ -41,23 +43,47 @@ def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) ->
     return fallback
 
 
-def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> Any:
+def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``model.get_submodule(path)`` through registered children only (``get_submodule``
+    uses getattr, which would let a stored path reach any attribute).
+
+    :raises AttributeError: no such submodule.
+    """
+    module = model
+    for part in path.split(".") if path else ():
+        child = module._modules.get(part)
+        if child is None:
+            raise AttributeError(f"{type(module).__name__} has no submodule {part!r}")
+        module = child
+    return module
+
+
+def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> Tuple[torch.Tensor, bool]:
+    """The parameter or buffer ``qualified`` names, and whether it is a parameter."""
     module_path, _, name = qualified.rpartition(".")
     try:
-        owner = model.get_submodule(module_path) if module_path else model
+        owner = submodule(model, module_path)
     except AttributeError as exc:
         raise ModelStructureError(
             f"graph {node_path!r} binds {qualified!r}, but the model has no module {module_path!r}",
             node_path=node_path,
             hint="this artifact was extracted from a differently structured model",
         ) from exc
-    if not hasattr(owner, name):
-        raise ModelStructureError(
-            f"graph {node_path!r} binds {qualified!r}, but {type(owner).__name__} has no attribute {name!r}",
-            node_path=node_path,
-            hint="this artifact was extracted from a differently structured model",
-        )
-    return getattr(owner, name)
+    for table, is_param in ((owner._parameters, True), (owner._buffers, False)):
+        tensor = table.get(name)
+        if isinstance(tensor, torch.Tensor):
+            return tensor, is_param
+    if hasattr(owner, name):
+        raise DisallowedTargetError(
+            f"graph {node_path!r} binds {qualified!r}, which is not a parameter or buffer of "
+            f"{type(owner).__name__}: graphs bind only their module's own tensors",
+            node_path=node_path, target=qualified,
+            hint="do not load artifacts you do not trust")
+    raise ModelStructureError(
+        f"graph {node_path!r} binds {qualified!r}, but {type(owner).__name__} has no parameter or buffer {name!r}",
+        node_path=node_path,
+        hint="this artifact was extracted from a differently structured model",
+    )
 
 
 class HookedGraph(torch.nn.Module):
@@ -115,13 +141,13 @@ def _routes(data: ModuleGraph, module: torch.nn.Module, children: Dict[str, "Mod
         by_path.setdefault(child.module_path, []).append(child)
     routes = []
     for path, graphs in by_path.items():
-        target = model.get_submodule(path)
+        target = submodule(model, path)
         graphs.sort(key=lambda g: g.call_index)
         router = CallRouter(target, [(children[g.name], SignatureMatcher(g.call_signature or {})) for g in graphs])
         for name, sub in module.named_modules(remove_duplicate=False):
             if sub is target and name:
                 owner_name, _, attr = name.rpartition(".")
-                routes.append((module.get_submodule(owner_name) if owner_name else module, attr, router))
+                routes.append((submodule(module, owner_name), attr, router))
     return routes
 
 
@@ -139,7 +165,7 @@ def bind_graph(
     :raises ModelStructureError: a module or tensor the graph binds is missing or differs.
     """
     try:
-        module = model.get_submodule(data.module_path) if data.module_path else model
+        module = submodule(model, data.module_path)
     except AttributeError as exc:
         raise ModelStructureError(
             f"graph {node_path or '<root>'!r} belongs to module {data.module_path!r}, which this model lacks",
@@ -173,10 +199,13 @@ def bind_graph(
     # setter recompiles every GraphModule child again, which made binding quadratic in depth.
     attrs: Dict[str, Any] = {name: torch.nn.Module() for name in children}
     metas = {nd.target: nd.meta for nd in data.nodes if nd.op == "get_attr"}
+    params: set = set()  # local names bound to parameters (never written, see guards)
     for local, qualified in data.attributes.items():
-        tensor = _lookup_tensor(model, qualified, node_path)
+        tensor, is_param = _lookup_tensor(model, qualified, node_path)
+        if is_param:
+            params.add(local)
         meta = metas.get(local, {})
-        if isinstance(tensor, torch.Tensor) and "shape" in meta:
+        if "shape" in meta:
             want = [int(s) if isinstance(s, int) else s for s in meta["shape"]]
             if list(tensor.shape) != want or str(tensor.dtype).removeprefix("torch.") != meta.get("dtype"):
                 raise ModelStructureError(
@@ -194,6 +223,7 @@ def bind_graph(
         hooked = _model_hooked(model)
     live = dict(data.attributes) if hooked else {}
     module_ref_node: Optional[torch.fx.Node] = None
+    aliasing: set = set()  # names of nodes whose value may share storage with a parameter
     for nd in data.nodes:
         where = f"{node_path}.{nd.name}" if node_path else nd.name
 
@@ -209,11 +239,11 @@ def bind_graph(
             target: Any = resolve_function(nd.target, node_path=where)
         args = decode_value(nd.args, lookup, resolve, map_device)
         kwargs = decode_value(nd.kwargs, lookup, resolve, map_device)
-        if nd.op == "call_function":
-            if target is getattr and len(args) > 1 and isinstance(args[1], str) and args[1].startswith("_"):
-                raise SerializationError(f"node {where!r} reads private attribute {args[1]!r}", node_path=where)
-        elif nd.op == "call_method":
+        if nd.op == "call_method":
             target = check_method(nd.target, node_path=where)
+        elif nd.op == "call_function":
+            if target is run_opaque:
+                _check_opaque_tensors(module, args, where, nd.target)
         elif nd.op == "call_module":
             if nd.target not in children:
                 raise SerializationError(f"node {where!r} calls unknown child graph {nd.target!r}", node_path=where)
@@ -237,15 +267,29 @@ def bind_graph(
             rel = live[nd.target][len(prefix):] if live[nd.target].startswith(prefix) else live[nd.target]
             ref_node = env.get(MODULE_REF_ATTR, module_ref_node)
             node = graph.create_node("call_function", live_attr, (ref_node, rel), {}, name=nd.name)
+            if nd.target in params:
+                aliasing.add(nd.name)
         else:
-            node = graph.create_node(nd.op, target, tuple(args), dict(kwargs), name=nd.name)
+            op, call = nd.op, target
+            if nd.op in ("call_function", "call_method"):
+                op, call = _checked_writes(nd, target, args, kwargs, aliasing, model, where)
+                if any(n.name in aliasing for n in guards.fx_nodes([args, kwargs])) and guards.may_alias_input(
+                        nd.op, nd.target, target):
+                    aliasing.add(nd.name)
+            elif nd.op == "get_attr" and nd.target in params:
+                aliasing.add(nd.name)
+            node = graph.create_node(op, call, tuple(args), dict(kwargs), name=nd.name)
         if node.name != nd.name:
             raise SerializationError(f"node name {nd.name!r} is not valid in graph {node_path!r}", node_path=where)
         node.meta["graphpatch"] = nd.meta
         env[nd.name] = node
     if data.kind == "leaf":
         register_quantized_owner(module)
-    gm = ModuleGraphModule(attrs, graph, class_name=type(module).__name__)
+    try:
+        gm = ModuleGraphModule(attrs, graph, class_name=type(module).__name__)
+    except (SyntaxError, NameError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise ArtifactFormatError(f"graph {node_path or '<root>'!r} does not compile to code: {exc!s:.200}",
+                                  hint="the artifact is damaged; rebuild it") from exc
     for name, child in children.items():  # (also graphs an opaque module calls itself: no call_module)
         gm._modules[name] = child
     gm._graphpatch_data = data
@@ -253,6 +297,39 @@ def bind_graph(
     if getattr(module, "_hf_hook", None) is not None:
         return HookedGraph(gm, module)  # type: ignore[return-value]
     return gm
+
+
+def _check_opaque_tensors(module: torch.nn.Module, args: Any, where: str, target: str) -> None:
+    """An opaque call substitutes only the module's own parameters and buffers, by name."""
+    own = {n for n, _ in module.named_parameters(remove_duplicate=False)} | {
+        n for n, _ in module.named_buffers(remove_duplicate=False)}
+    stray = sorted(set(args[5]) - own) if len(args) == 6 and isinstance(args[5], dict) else ["<malformed>"]
+    if stray:
+        raise DisallowedTargetError(
+            f"node {where!r} passes {stray[0]!r} as a tensor of {type(module).__name__}, which has no such "
+            "parameter or buffer", node_path=where, target=target, hint="do not load artifacts you do not trust")
+
+
+def _checked_writes(nd: Any, target: Any, args: Any, kwargs: Any, aliasing: set, model: torch.nn.Module,
+                    where: str) -> Tuple[str, Any]:
+    """Refuse a write into a node that may alias a parameter; guard other writing nodes.
+
+    :returns: the (op, target) to create the fx node with.
+    """
+    written = guards.written_inputs(nd.op, nd.target, target, args, kwargs)
+    nodes = [v for v in written if isinstance(v, torch.fx.Node)]
+    if not nodes:
+        return nd.op, target
+    for n in nodes:
+        if n.name in aliasing:
+            raise ProtectedWriteError(
+                f"node {where!r} ({nd.target}) writes into {n.name!r}, which is (a view of) a parameter of the model",
+                node_path=where, target=str(nd.target),
+                hint="graphs may not modify weights; do not load artifacts you do not trust")
+    positions = [i for i, a in enumerate(args) if any(a is n for n in nodes)]
+    keywords = [k for k, v in kwargs.items() if any(v is n for n in nodes)]
+    call = guards.method_call(target) if nd.op == "call_method" else target
+    return "call_function", guards.guarded(call, positions, keywords, model, where, str(nd.target))
 
 
 def _model_hooked(model: torch.nn.Module) -> bool:

@@ -29,6 +29,7 @@ from ..patches import Patch
 from ..signature import SignatureMatcher, canonical_inputs, flat_inputs, signature_key
 from ..validate import read_portable
 from .bind import ModuleGraphModule, bind
+from .guards import preserved_global_state
 from .node_path import NodePath
 from .patching import PatchInstaller, SlotKey
 
@@ -191,7 +192,8 @@ class PatchableGraph(torch.nn.Module):
                 hint="patch only nodes of the graph this call uses (look at pg.graph_for(...)), or call "
                 "with inputs of the signature whose graph has the node",
             )
-        output = variant.root(*[x for x in leaves if isinstance(x, torch.Tensor)])
+        with preserved_global_state():  # whatever the graph did to grad mode, autocast, dtype
+            output = variant.root(*[x for x in leaves if isinstance(x, torch.Tensor)])
         if variant.returns_cache is False:
             return output
         # The graph returns a cache's tensors; like the model, update the caller's cache
