@@ -18,7 +18,7 @@ from .. import kv_cache
 from ..artifact import GraphArtifact
 from ..errors import GraphPatchCacheError
 from ..options import ExtractionOptions
-from .keys import cache_key
+from .keys import digest_of, key_material
 from .load import CachingExtractor, store_and_inputs
 from .store import CacheEntry, CacheStore
 
@@ -256,13 +256,16 @@ def build(
     if not example_args and not example_kwargs:
         example_kwargs = (signature or ExampleSignature()).inputs(model.config, model)
     store = graph_store
-    key = cache_key(model, *example_args, options=options, **example_kwargs)
+    material = key_material(model, example_args, example_kwargs, options)
+    key = digest_of(material)
     extractor = CachingExtractor(store)
     if force:
         from ..runtime.patchable_graph import default_extractor
+        from ..signature import canonical_inputs, concrete_signature
 
         artifact = default_extractor(model, example_args, example_kwargs, options)
-        store.put(key, artifact)
+        inputs = canonical_inputs(model, tuple(example_args), dict(example_kwargs))
+        store.put(key, artifact, material=material, example=concrete_signature(inputs))
         cached = False
     else:
         artifact = extractor(model, example_args, example_kwargs, options)

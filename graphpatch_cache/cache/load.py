@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -20,11 +20,19 @@ from ..artifact import GraphArtifact
 from ..cache_support import sources_unchanged
 from ..options import ExtractionOptions
 from ..runtime.patchable_graph import PatchableGraph, default_extractor
-from ..signature import SignatureMatcher, canonical_inputs, flat_inputs
-from .keys import cache_key
+from ..signature import SignatureMatcher, canonical_inputs, concrete_signature, flat_inputs
+from .keys import digest_of, key_material
+from .proof import canonical, disagreement, live_disagreement, recorded_material
 from .store import CacheStore
 
 _WARNED_ROOTS: set = set()
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)
 
 
 @dataclass
@@ -45,13 +53,20 @@ class CachingExtractor:
         self.store = store
         self.stats = CacheStats()
 
-    def _lookup(self, key: str, inputs: Any) -> Optional[GraphArtifact]:
+    def _lookup(self, key: str, material: Dict[str, Any], inputs: Any) -> Optional[GraphArtifact]:
         leaves, spec = flat_inputs(inputs)
-        for entry in self.store.variants(key):
+        recorded_text: Optional[str] = None
+        for entry in self.store.variants(key, repair=True):
             if not entry.signature or not SignatureMatcher(entry.signature).fits(leaves, spec):
                 continue
             artifact = self.store.load_entry(entry)
             if artifact is None:
+                continue
+            if recorded_text is None:
+                recorded_text = canonical(recorded_material(material))
+            why = live_disagreement(material, recorded_text, entry.ref(), entry.variant, artifact)
+            if why is not None:  # a bug or a hostile write: like a damaged entry, never a failure
+                self.store.quarantine_ref(entry, f"an entry that does not belong to key {key[:12]} ({why})")
                 continue
             if not sources_unchanged(artifact.extraction.get("sources", {})):
                 continue  # a traced file changed since: the graph may be stale, extract anew
@@ -59,22 +74,29 @@ class CachingExtractor:
         return None
 
     def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions) -> GraphArtifact:
-        key = cache_key(model, *args, options=options, **kwargs)
+        material = key_material(model, tuple(args), dict(kwargs), options)
+        key = digest_of(material)
         self.stats.keys.append(key)
         inputs = canonical_inputs(model, tuple(args), dict(kwargs))
-        artifact = self._lookup(key, inputs)
+        artifact = self._lookup(key, material, inputs)
         if artifact is not None:
             self.stats.hits += 1
             return artifact
         with self.store.lock(key):
-            artifact = self._lookup(key, inputs)  # another process may have built it meanwhile
+            artifact = self._lookup(key, material, inputs)  # another process may have built it meanwhile
             if artifact is not None:
                 self.stats.hits += 1
                 return artifact
             artifact = default_extractor(model, args, kwargs, options)
             self.stats.misses += 1
+            why = disagreement(material, artifact)
+            if why is not None:  # never store an entry that every later hit would refuse
+                self.stats.write_failures += 1
+                _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {why} "
+                           "(a bug in graphpatch-cache; please report it)")
+                return artifact
             try:
-                self.store.put(key, artifact)
+                self.store.put(key, artifact, material=material, example=concrete_signature(inputs))
             except OSError as exc:
                 self.stats.write_failures += 1
                 root = str(self.store.root)

@@ -13,6 +13,13 @@ the ref that names it. Readers verify every blob's digest: a corrupt or missing 
 miss (quarantined, warned about once), never a wrong graph. Correctness never depends on the
 locks, because some network filesystems only pretend to lock.
 
+A ref records what its key was computed from (the key material, less the module/tensor
+lists the artifact holds) and the example inputs the graphs were extracted with, so an entry
+can prove it belongs to its key (:mod:`graphpatch_cache.cache.proof`) and be rebuilt
+(:mod:`graphpatch_cache.cache.rebuild`). Reads change nothing on disk, except the loader's
+(``variants(repair=True)``, :meth:`CacheStore.read_blob`), which quarantines what it cannot
+use; :meth:`CacheStore.check` without ``fix`` is read-only.
+
 A per-user local tier (:class:`~graphpatch_cache.cache.local.LocalTier`, diskcache) sits in
 front of the shared root and memoizes blobs by digest; it never lives under the root.
 """
@@ -31,13 +38,14 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ..artifact import GraphArtifact
-from ..validate import read_artifact
 from ..errors import CacheError, CacheMissError
 from ..signature import signature_key
+from ..validate import read_artifact
 from .local import LocalTier
+from .proof import entry_disagreement, recorded_material
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -99,15 +107,39 @@ class CacheEntry:
     versions: Dict[str, str]
     signature: Dict[str, Any] = field(repr=False, default_factory=dict)
     ref_path: str = ""
+    #: the key material the ref records (less the module/tensor lists); None in refs of older releases
+    material: Optional[Dict[str, Any]] = field(repr=False, default=None)
+    #: the concrete signature of the example inputs the graphs were extracted with
+    example: Optional[Dict[str, Any]] = field(repr=False, default=None)
+
+    def ref(self) -> Dict[str, Any]:
+        """The ref's fields that the proof (:mod:`~graphpatch_cache.cache.proof`) reads."""
+        return {"material": self.material, "signature": self.signature, "example": self.example}
 
 
 @dataclass(frozen=True)
 class Problem:
-    """Something :meth:`CacheStore.verify` found wrong."""
+    """Something :meth:`CacheStore.check` found wrong.
+
+    :ivar kind: ``malformed-ref``, ``missing-blob``, ``corrupt-blob``, ``invalid-artifact``,
+        ``wrong-key`` (the entry does not prove it belongs to its key), ``rebuild-differs``
+        or ``cannot-rebuild`` (``verify --rebuild``).
+    """
 
     path: str
     key: str
     message: str
+    variant: str = ""
+    kind: str = ""
+
+
+@dataclass
+class CheckReport:
+    """What :meth:`CacheStore.check` looked at and found."""
+
+    checked: int = 0
+    problems: List[Problem] = field(default_factory=list)
+    fixed: bool = False
 
 
 @dataclass
@@ -209,19 +241,34 @@ class CacheStore:
             finally:
                 os.close(fd)
 
-    def put(self, key: str, artifact: GraphArtifact) -> CacheEntry:
+    def put(
+        self,
+        key: str,
+        artifact: GraphArtifact,
+        *,
+        material: Optional[Dict[str, Any]] = None,
+        example: Optional[Dict[str, Any]] = None,
+        recorded: Optional[Dict[str, Any]] = None,
+    ) -> CacheEntry:
         """Store ``artifact`` as a variant of ``key``: blob first, then the ref naming it.
 
+        :param material: the key material ``key`` is the digest of
+            (:func:`~graphpatch_cache.cache.keys.key_material`); the ref records it, less the
+            module/tensor lists, so the entry can prove it belongs to ``key``. Without it (or
+            ``recorded``) the entry is unproven: ``load_cached`` still checks it against the
+            live model, ``verify`` reports it.
+        :param example: the concrete signature of the example inputs
+            (:func:`~graphpatch_cache.signature.concrete_signature`), for ``verify --rebuild``.
+        :param recorded: the material as a ref records it (``import``: from another ref).
+        :raises CacheError: the material does not prove that ``artifact`` belongs to ``key``
+            (nothing is written).
         :raises OSError: the root is read-only or full (nothing half-written stays behind).
         """
         self._check_key(key)
         data = artifact.to_json().encode()
         digest = hashlib.sha256(data).hexdigest()
-        blob = self._blob_path(digest)
-        if not blob.exists() or _digest_file(blob) != digest:
-            self._atomic_write(blob, data)
         variant = signature_key(artifact.signature)
-        meta = {
+        meta: Dict[str, Any] = {
             "digest": digest,
             "size": len(data),
             "created": time.time(),
@@ -230,6 +277,20 @@ class CacheStore:
             "versions": artifact.versions,
             "signature": artifact.signature,
         }
+        if material is not None:
+            recorded = recorded_material(material)
+        if recorded is not None:
+            meta["material"] = recorded
+            if example is not None:
+                meta["example"] = example
+            why = entry_disagreement(key, variant, meta, artifact)
+            if why is not None:
+                raise CacheError(f"not storing the artifact under key {key[:12]}: {why}", path=str(self.root),
+                                 hint="the key material does not describe this artifact; compute both from the "
+                                      "same model and inputs")
+        blob = self._blob_path(digest)
+        if not blob.exists() or _digest_file(blob) != digest:
+            self._atomic_write(blob, data)
         ref = self._ref_dir(key) / f"{variant}.json"
         self._atomic_write(ref, json.dumps(meta, sort_keys=True).encode())
         if self.local is not None:
@@ -237,35 +298,43 @@ class CacheStore:
         return _entry(key, variant, meta, ref)
 
     # -- reading ---------------------------------------------------------------------------------
-    def _read_ref(self, ref: Path) -> Optional[Dict[str, Any]]:
-        try:
-            meta = json.loads(ref.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            self._quarantine(ref, "unreadable ref")
-            return None
-        if not isinstance(meta, dict) or not isinstance(meta.get("digest"), str):
-            self._quarantine(ref, "malformed ref")
-            return None
-        return meta
-
-    def variants(self, key: str) -> List[CacheEntry]:
-        """The variants stored under ``key`` (their refs; blobs are not read)."""
-        self._check_key(key)
+    def _scan(self, key: str) -> Tuple[List[CacheEntry], List[Tuple[Path, str]]]:
+        """The parsed refs of ``key`` and the ones that are not (path, why). Changes nothing."""
         folder = self._ref_dir(key)
-        out = []
         try:
             refs = sorted(folder.iterdir())
         except (FileNotFoundError, NotADirectoryError):
-            return []
+            return [], []
+        entries, bad = [], []
         for ref in refs:
             if ref.suffix != ".json":
                 continue
-            meta = self._read_ref(ref)
-            if meta is not None:
-                out.append(_entry(key, ref.stem, meta, ref))
-        return out
+            try:
+                meta = json.loads(ref.read_bytes())
+            except FileNotFoundError:
+                continue  # removed meanwhile (gc, another process's repair)
+            except (OSError, ValueError, RecursionError):
+                bad.append((ref, "unreadable ref"))
+                continue
+            entry = _parse_ref(key, ref, meta)
+            if entry is None:
+                bad.append((ref, "malformed ref"))
+            else:
+                entries.append(entry)
+        return entries, bad
+
+    def variants(self, key: str, *, repair: bool = False) -> List[CacheEntry]:
+        """The variants stored under ``key`` (their refs; blobs are not read).
+
+        :param repair: quarantine refs that are unreadable or malformed (warned about once);
+            by default nothing on disk changes and such refs are skipped.
+        """
+        self._check_key(key)
+        entries, bad = self._scan(key)
+        if repair:
+            for ref, why in bad:
+                self._quarantine(ref, why, name=f"{key}.{ref.name}")
+        return entries
 
     def read_blob(self, digest: str, *, where: str = "") -> Optional[bytes]:
         """The verified bytes of a blob, or ``None`` (missing or corrupt: quarantined, warned)."""
@@ -286,6 +355,19 @@ class CacheStore:
         if self.local is not None:
             self.local.put_blob(digest, data)
         return data
+
+    def _read_shared(self, digest: str) -> Tuple[Optional[bytes], str]:
+        """The shared blob's bytes and ``""``, or ``None`` and why (``missing``/``corrupt``).
+        Changes nothing (not even the local tier)."""
+        try:
+            data = self._blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None, "missing"
+        except OSError as exc:
+            return None, f"unreadable ({exc.strerror or exc})"
+        if hashlib.sha256(data).hexdigest() != digest:
+            return None, "corrupt"
+        return data, ""
 
     def load_entry(self, entry: CacheEntry) -> Optional[GraphArtifact]:
         """The artifact of one entry, or ``None`` when its blob is missing or corrupt.
@@ -341,52 +423,90 @@ class CacheStore:
         return out
 
     # -- maintenance -----------------------------------------------------------------------------
-    def _quarantine(self, path: Path, why: str) -> None:
-        dest_dir = self.root / "quarantine"
-        with contextlib.suppress(OSError):
-            self._mkdir(dest_dir)
-            os.replace(path, dest_dir / f"{path.name}.{uuid.uuid4().hex[:8]}")
+    def _move_to_quarantine(self, path: Path, name: str = "") -> bool:
+        try:
+            self._mkdir(self.root / "quarantine")
+            os.replace(path, self.root / "quarantine" / f"{name or path.name}.{uuid.uuid4().hex[:8]}")
+            return True
+        except OSError:
+            return False
+
+    def _quarantine(self, path: Path, why: str, *, name: str = "") -> None:
+        self._move_to_quarantine(path, name)
         message = f"graphpatch_cache: {why}: {path} (moved to quarantine; it will be rebuilt)"
         if str(path) not in self._warned:
             self._warned.add(str(path))
             warnings.warn(message, stacklevel=3)
 
-    def verify(self, keys: Optional[List[str]] = None, *, fix: bool = False, rebuild_check: Any = None) -> List[Problem]:
-        """Check digests, schema and (optionally) that each artifact rebuilds.
+    def quarantine_ref(self, entry: CacheEntry, why: str) -> None:
+        """Move ``entry``'s ref to ``quarantine/`` (its key becomes a miss for that variant)
+        and warn once. Its blob stays: another key's ref may name it legitimately (``gc``
+        removes it once nothing does)."""
+        self._quarantine(Path(entry.ref_path), f"{why}; ref", name=f"{entry.key}.{Path(entry.ref_path).name}")
 
-        :param fix: quarantine bad entries (their keys become misses).
-        :param rebuild_check: ``fn(artifact)`` raising on failure (the CLI binds a meta model).
-        :returns: the problems found; an empty list means everything is intact.
+    def check(self, keys: Optional[List[str]] = None, *, fix: bool = False, rebuild_check: Any = None) -> CheckReport:
+        """Check every ref (of ``keys``, or of the whole store) the way the loader would:
+        the ref parses, its blob is present with the right digest, the artifact passes
+        :func:`~graphpatch_cache.validate.read_artifact` (schema, allowlist, argument and
+        structure rules), and the entry proves it belongs to its key
+        (:func:`~graphpatch_cache.cache.proof.entry_disagreement`).
+
+        Without ``fix`` nothing on disk changes. With ``fix`` each bad ref is quarantined,
+        and so is its blob where the blob itself is bad (corrupt, or not a loadable artifact);
+        an intact blob that is merely under the wrong key stays (another key may name it).
+
+        :param rebuild_check: ``fn(artifact)`` raising on failure, for extra checks.
         """
-        problems: List[Problem] = []
-        entries = self.entries() if keys is None else [e for k in keys for e in self.variants(self._check_key(k))]
-        for entry in entries:
-            blob = self._blob_path(entry.digest)
-            problem = None
-            try:
-                data = blob.read_bytes()
-            except FileNotFoundError:
-                problem = "blob missing"
-            else:
-                if hashlib.sha256(data).hexdigest() != entry.digest:
-                    problem = "digest mismatch"
-                else:
-                    try:
-                        artifact = read_artifact(data, str(blob))
-                        if rebuild_check is not None:
-                            rebuild_check(artifact)
-                    except Exception as exc:  # any failure is a problem to report
-                        problem = f"invalid artifact: {exc}"
-            if problem is None:
-                continue
-            problems.append(Problem(path=str(blob), key=entry.key, message=problem))
-            if fix:
-                with contextlib.suppress(OSError):
-                    self._mkdir(self.root / "quarantine")
-                    if blob.exists():
-                        os.replace(blob, self.root / "quarantine" / f"{blob.name}.{uuid.uuid4().hex[:8]}")
-                    os.replace(entry.ref_path, self.root / "quarantine" / f"{entry.key}.{entry.variant}.json")
-        return problems
+        report = CheckReport(fixed=fix)
+        if keys is None:
+            folder = self.root / "refs"
+            keys = sorted(p.name for p in folder.iterdir() if _KEY_RE.match(p.name)) if folder.is_dir() else []
+        for key in keys:
+            entries, bad = self._scan(self._check_key(key))
+            report.checked += len(entries) + len(bad)
+            for ref, why in bad:
+                report.problems.append(Problem(path=str(ref), key=key, message=why, variant=ref.stem, kind="malformed-ref"))
+                if fix:
+                    self._move_to_quarantine(ref, f"{key}.{ref.name}")
+            for entry in entries:
+                problem, blob_too = self._check_entry(entry, rebuild_check)
+                if problem is None:
+                    continue
+                report.problems.append(problem)
+                if fix:
+                    if blob_too:
+                        self._move_to_quarantine(self._blob_path(entry.digest))
+                    self._move_to_quarantine(Path(entry.ref_path), f"{entry.key}.{Path(entry.ref_path).name}")
+        return report
+
+    def _check_entry(self, entry: CacheEntry, rebuild_check: Any) -> Tuple[Optional[Problem], bool]:
+        """(the entry's problem or None, whether its blob is bad too)."""
+        blob = str(self._blob_path(entry.digest))
+
+        def problem(kind: str, message: str, path: str = blob) -> Problem:
+            return Problem(path=path, key=entry.key, message=message, variant=entry.variant, kind=kind)
+
+        data, why = self._read_shared(entry.digest)
+        if data is None:
+            if why == "missing":
+                return problem("missing-blob", "blob missing"), False
+            if why == "corrupt":
+                return problem("corrupt-blob", "digest mismatch: the blob is damaged"), True
+            return problem("missing-blob", f"blob {why}"), False
+        try:
+            artifact = read_artifact(data, blob)
+            if rebuild_check is not None:
+                rebuild_check(artifact)
+        except Exception as exc:  # any refusal is a problem to report, never a crash of verify
+            return problem("invalid-artifact", f"invalid artifact: {exc}"), True
+        why = entry_disagreement(entry.key, entry.variant, entry.ref(), artifact)
+        if why is not None:
+            return problem("wrong-key", f"does not belong to its key: {why}", entry.ref_path), False
+        return None, False
+
+    def verify(self, keys: Optional[List[str]] = None, *, fix: bool = False, rebuild_check: Any = None) -> List[Problem]:
+        """The problems :meth:`check` finds (an empty list: everything is intact)."""
+        return self.check(keys, fix=fix, rebuild_check=rebuild_check).problems
 
     def remove(self, key: str) -> int:
         """Remove every variant of ``key`` (blobs other keys share are kept). Returns the
@@ -521,8 +641,25 @@ def _entry(key: str, variant: str, meta: Dict[str, Any], ref: Path) -> CacheEntr
         versions=dict(meta.get("versions", {})),
         signature=dict(meta.get("signature", {})),
         ref_path=str(ref),
+        material=meta.get("material"),
+        example=meta.get("example"),
     )
 
 
-__all__ = ["CacheEntry", "CacheStore", "GcReport", "Problem", "default_local_dir", "default_root",
+_REF_TYPES = {"size": int, "created": (int, float), "model_class": str, "versions": dict, "signature": dict,
+              "material": dict, "example": dict}
+
+
+def _parse_ref(key: str, ref: Path, meta: Any) -> Optional[CacheEntry]:
+    """A ref's entry, or None when it is not a well-formed ref (a digest of 64 hex digits,
+    fields of the types ``put`` writes)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("digest"), str) or not _KEY_RE.match(meta["digest"]):
+        return None
+    for name, types in _REF_TYPES.items():
+        if name in meta and (not isinstance(meta[name], types) or isinstance(meta[name], bool)):
+            return None
+    return _entry(key, ref.stem, meta, ref)
+
+
+__all__ = ["CacheEntry", "CacheStore", "CheckReport", "GcReport", "Problem", "default_local_dir", "default_root",
            "parse_duration", "parse_size"]
