@@ -11,6 +11,7 @@ the caller through ``lookup``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -222,31 +223,81 @@ def _artifact_from_payload(payload: Any, path: str, validate: bool) -> GraphArti
         raise ArtifactFormatError(f"{path}: {exc.message}", path=path, hint=exc.hint) from exc
 
 
-def portable_to_bytes(artifacts: List[GraphArtifact], key: Optional[str] = None) -> bytes:
-    """One file holding artifacts (graph variants of one model; never weights), with the
-    cache key they belong under when ``key`` is given (``graphpatch-cache export``)."""
-    payload: Dict[str, Any] = {"format": PORTABLE_FORMAT, "artifacts": [a.to_dict() for a in artifacts]}
+def portable_digest(items: Any) -> str:
+    """The ``sha256`` field of a portable file: of the canonical JSON of its ``artifacts``
+    list (sorted keys, no whitespace, no NaN), so any change to a graph changes it."""
+    return hashlib.sha256(json.dumps(items, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
+def portable_to_bytes(
+    artifacts: List[GraphArtifact],
+    key: Optional[str] = None,
+    provenance: Optional[List[Dict[str, Any]]] = None,
+) -> bytes:
+    """One file holding artifacts (graph variants of one model; never weights) and the
+    ``sha256`` of their content; with the cache key they belong under when ``key`` is given,
+    and what each entry's ref records (``provenance``, one per artifact) when given
+    (``graphpatch-cache export``)."""
+    items = [a.to_dict() for a in artifacts]
+    payload: Dict[str, Any] = {"format": PORTABLE_FORMAT, "artifacts": items, "sha256": portable_digest(items)}
     if key is not None:
         payload["key"] = key
+    if provenance is not None:
+        if len(provenance) != len(artifacts):
+            raise ValueError("provenance needs one entry per artifact")
+        payload["provenance"] = provenance
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def portable_from_bytes(data: bytes, path: str) -> List[GraphArtifact]:
-    """Inverse of :func:`portable_to_bytes`; also accepts a bare artifact (a cache blob).
+_REEXPORT = ("write it again with this release: pg.save(path), or `graphpatch-cache export KEY -o FILE` from a "
+             "cache holding the graphs")
 
-    :raises ArtifactFormatError: naming ``path``.
+
+def portable_payload(data: bytes, path: str) -> Dict[str, Any]:
+    """The checked top level of a portable file: the wrapper, with an ``artifacts`` list
+    whose content matches the file's ``sha256`` (artifacts are not yet validated).
+
+    :raises ArtifactFormatError: naming ``path``: not JSON, not a portable file (a bare
+        artifact carries no digest), no ``sha256`` (an older release wrote it), or content
+        that does not match it (the file is damaged).
     """
     try:
         payload = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ArtifactFormatError(f"{path} is not a graph artifact file (invalid JSON: {exc})", path=path,
                                   hint="pass a file written by PatchableGraph.save() or `graphpatch-cache export`") from exc
-    if isinstance(payload, dict) and payload.get("format") == PORTABLE_FORMAT:
-        items = payload.get("artifacts")
-        if not isinstance(items, list) or not items:
-            raise ArtifactFormatError(f"{path} holds no artifacts", path=path)
-        return [_artifact_from_payload(item, path, True) for item in items]
-    return [_artifact_from_payload(payload, path, True)]
+    if not isinstance(payload, dict) or payload.get("format") != PORTABLE_FORMAT:
+        if isinstance(payload, dict) and "schema_version" in payload:
+            raise ArtifactFormatError(f"{path} is a bare graph artifact (a cache blob), not a portable file: it "
+                                      "carries no digest, so damage to it could not be detected", path=path,
+                                      hint=_REEXPORT)
+        raise ArtifactFormatError(f"{path} is not a graph artifact file", path=path,
+                                  hint="pass a file written by PatchableGraph.save() or `graphpatch-cache export`")
+    items = payload.get("artifacts")
+    if not isinstance(items, list) or not items:
+        raise ArtifactFormatError(f"{path} holds no artifacts", path=path)
+    recorded = payload.get("sha256")
+    if recorded is None:
+        raise ArtifactFormatError(f"{path} carries no sha256 of its content (written by an older release)", path=path,
+                                  hint=_REEXPORT)
+    try:
+        actual = portable_digest(items)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ArtifactFormatError(f"{path} is not a well-formed graph artifact file ({type(exc).__name__})",
+                                  path=path, hint="the file is damaged") from exc
+    if not isinstance(recorded, str) or recorded != actual:
+        raise ArtifactFormatError(f"{path} is damaged: its content does not match its sha256", path=path,
+                                  hint="copy the file again from its source, or " + _REEXPORT)
+    return payload
+
+
+def portable_from_bytes(data: bytes, path: str) -> List[GraphArtifact]:
+    """Inverse of :func:`portable_to_bytes` (see :func:`portable_payload` for what is refused).
+
+    :raises ArtifactFormatError: naming ``path``.
+    """
+    payload = portable_payload(data, path)
+    return [_artifact_from_payload(item, path, True) for item in payload["artifacts"]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +412,9 @@ __all__ = [
     "PORTABLE_FORMAT",
     "SCHEMA_VERSION",
     "artifact_from_bytes",
+    "portable_digest",
     "portable_from_bytes",
+    "portable_payload",
     "portable_to_bytes",
     "SUPPORTED_SCHEMA_VERSIONS",
     "schema_text",
