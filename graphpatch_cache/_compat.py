@@ -39,7 +39,7 @@ def _is_model_output(cls: Any) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" == "transformers.utils.generic.ModelOutput" for c in cls.__mro__)
 
 
-def _check_spec_node(node: Any, depth: int) -> None:
+def _check_spec_node(node: Any, depth: int, strict: bool) -> None:
     if depth > _MAX_SPEC_DEPTH:
         raise UnsafeSpecError("spec nested too deeply")
     if not isinstance(node, dict) or set(node) != {"type", "context", "children_spec"}:
@@ -52,7 +52,10 @@ def _check_spec_node(node: Any, depth: int) -> None:
             raise UnsafeSpecError("malformed spec leaf")
         return
     registered = pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(typ) if isinstance(typ, str) else None
-    if registered is None or not (typ in _SPEC_TYPES or _is_model_output(registered)):
+    if registered is None and not strict and isinstance(typ, str) and typ.startswith("transformers.") and all(
+            part.isidentifier() and not part.startswith("__") for part in typ.split(".")):
+        pass  # a ModelOutput class of a transformers module not imported here; loading refuses it
+    elif registered is None or not (typ in _SPEC_TYPES or _is_model_output(registered)):
         raise UnsafeSpecError(f"spec names type {typ!r}, which a stored spec may not construct")
     if not isinstance(context, str) or len(context) > 1 << 20:
         raise UnsafeSpecError("malformed spec context")
@@ -64,7 +67,24 @@ def _check_spec_node(node: Any, depth: int) -> None:
         if not (typ == "graphpatch_cache.CacheState" and isinstance(value, int) and not isinstance(value, bool)):
             raise UnsafeSpecError(f"spec context of {typ} is not a list of keys")
     for child in children:
-        _check_spec_node(child, depth + 1)
+        _check_spec_node(child, depth + 1, strict)
+
+
+def check_spec(serialized: str, *, strict: bool = True) -> Any:
+    """Refuse a serialized spec naming anything beyond plain containers and ModelOutput classes;
+    returns its parsed JSON. ``strict=False`` also passes transformers classes not registered
+    in this process (a check without the model; loading the spec still refuses them).
+
+    :raises UnsafeSpecError: (a ValueError) for any other type, context or shape.
+    """
+    try:
+        data = json.loads(serialized)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise UnsafeSpecError(f"spec is not JSON: {exc}") from None
+    if not (isinstance(data, list) and len(data) == 2 and data[0] == 1):
+        raise UnsafeSpecError("spec is not a version-1 pytree spec")
+    _check_spec_node(data[1], 0, strict)
+    return data
 
 
 def treespec_loads(serialized: str) -> Any:
@@ -76,13 +96,7 @@ def treespec_loads(serialized: str) -> Any:
 
     :raises UnsafeSpecError: (a ValueError) for any other type, context or shape.
     """
-    try:
-        data = json.loads(serialized)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise UnsafeSpecError(f"spec is not JSON: {exc}") from None
-    if not (isinstance(data, list) and len(data) == 2 and data[0] == 1):
-        raise UnsafeSpecError("spec is not a version-1 pytree spec")
-    _check_spec_node(data[1], 0)
+    check_spec(serialized)
     try:
         return pytree.treespec_loads(serialized)
     except Exception as exc:  # malformed beyond what was checked above
@@ -162,5 +176,6 @@ __all__ = [
     "tree_unflatten",
     "treespec_dumps",
     "treespec_loads",
+    "check_spec",
     "UnsafeSpecError",
 ]

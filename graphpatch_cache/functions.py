@@ -22,13 +22,15 @@ def tree_build(spec: str, leaves: List[Any]) -> Any:
     ``spec`` is a serialized pytree spec; only classes registered with pytree under a
     serialized name can appear in it, so nothing else is ever constructed.
     """
-    return _compat.tree_unflatten(list(leaves), _spec(spec))
+    return _compat.tree_unflatten(list(leaves), spec_of(spec))
 
 
 _SPECS: Dict[str, Any] = {}
 
 
-def _spec(text: str) -> Any:
+def spec_of(text: str) -> Any:
+    """A serialized spec, loaded once (through :func:`_compat.treespec_loads`, which refuses
+    anything beyond containers and ModelOutput classes)."""
     spec = _SPECS.get(text)
     if spec is None:
         spec = _SPECS[text] = _compat.treespec_loads(text)
@@ -118,7 +120,7 @@ def run_opaque(
     module = ref.module
     it = iter(tensors)
     leaves = [next(it) if t else c for c, t in zip(constants, is_tensor)]
-    args, kwargs = _compat.tree_unflatten(leaves, _spec(input_spec))
+    args, kwargs = _compat.tree_unflatten(leaves, spec_of(input_spec))
     changed: Dict[str, Any] = {}
     if params:  # only opaque graphs with exposed tensors pay for the comparison
         own = dict(module.named_parameters(remove_duplicate=False))

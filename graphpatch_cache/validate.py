@@ -60,6 +60,9 @@ _CALLS_KEY = frozenset({"builtins.max", "builtins.min", "builtins.sorted"})
 _TAGS = frozenset({"n", "f", "size", "t", "l", "d", "s", "e", "dtype", "device", "mf", "layout", "c", "fn"})
 
 _CHECKED: Dict[str, GraphArtifact] = {}
+_SPECS_OK: Set[str] = set()  # specs already checked
+_IDENTIFIERS: Set[str] = set()  # names already found to be identifiers (layers repeat them)
+_FITS: Dict[Tuple[str, int, Tuple[str, ...]], bool] = {}  # (target, #args, keywords) -> fits its schema
 
 
 # -- doors -------------------------------------------------------------------------------------
@@ -142,10 +145,14 @@ class _Checker:
     def spec(self, text: Any, where: str) -> None:
         if not isinstance(text, str):
             raise self.malformed(where, "a pytree spec is not a string")
+        if text in _SPECS_OK:
+            return
         try:
-            _compat.treespec_loads(text)
+            _compat.check_spec(text, strict=False)
         except _compat.UnsafeSpecError as exc:
             raise self.refuse(where, "pytree spec", str(exc)) from None
+        if len(_SPECS_OK) < 10_000:
+            _SPECS_OK.add(text)
 
     def signature(self, sig: Any, where: str) -> None:
         if not isinstance(sig, dict) or not isinstance(sig.get("leaves"), list):
@@ -190,8 +197,13 @@ class _Checker:
 
     @staticmethod
     def identifier(name: Any) -> bool:
-        return isinstance(name, str) and bool(_IDENTIFIER.match(name)) and not keyword.iskeyword(name) \
+        if name in _IDENTIFIERS:
+            return True
+        ok = isinstance(name, str) and bool(_IDENTIFIER.match(name)) and not keyword.iskeyword(name) \
             and not is_dunder(name)
+        if ok and len(_IDENTIFIERS) < 100_000:
+            _IDENTIFIERS.add(name)
+        return ok
 
     def nodes_of(self, g: ModuleGraph, gpath: str, children: Dict[str, ModuleGraph],
                  placeholders: Optional[int]) -> Dict[str, Optional[int]]:
@@ -288,13 +300,20 @@ class _Checker:
     def arity(self, where: str, target: str, signatures: Optional[List[Any]], nargs: int, kwnames: List[str]) -> None:
         if signatures is None:  # no schema known (a few C builtins): the argument rules still hold
             return
-        if not any(_fits(sig, nargs, tuple(kwnames)) for sig in signatures):
+        key = (target, nargs, tuple(kwnames))
+        fits = _FITS.get(key)
+        if fits is None:
+            fits = _FITS[key] = any(_fits(sig, nargs, key[2]) for sig in signatures)
+        if not fits:
             raise self.malformed(where, f"{nargs} positional arguments and keywords {kwnames} do not fit {target}")
 
     def value(self, v: Any, where: str, target: Any, depth: int, refs: Set[str]) -> None:
         if depth > MAX_VALUE_DEPTH:
             raise self.malformed(where, "an argument nested too deeply")
-        if v is None or isinstance(v, bool):
+        if v is None or v is True or v is False:
+            return
+        if type(v) is dict and len(v) == 1 and "n" in v and type(v["n"]) is str:  # the common case: a reference
+            refs.add(v["n"])
             return
         if isinstance(v, int):
             if not -MAX_INT <= v < MAX_INT:

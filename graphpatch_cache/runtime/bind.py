@@ -18,7 +18,7 @@ from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructure
                       SerializationError, SignatureMismatchError)
 from ..signature import SignatureMatcher, canonical_inputs
 from ..fingerprint import first_difference, structure
-from ..functions import ModuleRef, live_attr, run_opaque
+from ..functions import ModuleRef, live_attr, run_opaque, spec_of, tree_build
 from ..integrations import register_quantized_owner
 from . import guards
 from ..allowlist import check_method, resolve_function
@@ -244,6 +244,8 @@ def bind_graph(
         elif nd.op == "call_function":
             if target is run_opaque:
                 _check_opaque_tensors(module, args, where, nd.target)
+            if target is run_opaque or target is tree_build:
+                _load_spec(args[1] if target is run_opaque else args[0], where, nd.target)
         elif nd.op == "call_module":
             if nd.target not in children:
                 raise SerializationError(f"node {where!r} calls unknown child graph {nd.target!r}", node_path=where)
@@ -297,6 +299,18 @@ def bind_graph(
     if getattr(module, "_hf_hook", None) is not None:
         return HookedGraph(gm, module)  # type: ignore[return-value]
     return gm
+
+
+def _load_spec(text: Any, where: str, target: str) -> None:
+    """Load a structure spec now (strictly: only classes registered in this process), so a
+    spec that cannot be built fails at load, not at the first call."""
+    try:
+        spec_of(text)
+    except (_compat.UnsafeSpecError, TypeError) as exc:
+        raise DisallowedTargetError(f"node {where!r} ({target}) builds a structure this process may not: {exc}",
+                                    node_path=where, target=target,
+                                    hint="import the model's module before loading; do not load artifacts you "
+                                    "do not trust") from None
 
 
 def _check_opaque_tensors(module: torch.nn.Module, args: Any, where: str, target: str) -> None:
