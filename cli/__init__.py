@@ -6,10 +6,10 @@ Call map::
       build  (build.py)   MODEL -> presets.resolve_model -> graphpatch_cache.build()
       ls     (ls.py)      CacheStore.entries()
       show   (show.py)    key or MODEL -> CacheStore.load_entry -> NodePath.from_graph
-      verify (verify.py)  CacheStore.verify(rebuild_check=...)
+      verify (verify.py)  CacheStore.check(fix=...), --rebuild: cache.verify_rebuild()
       gc     (gc.py)      CacheStore.gc()
       rm     (rm.py)      CacheStore.remove()
-      export, import (export.py)  portable_to_bytes / portable_from_bytes + the key
+      export, import (export.py)  cache.transfer.export_portable / import_portable
       info   (info.py)    environment_fingerprint(), cache roots
 
 Shared options live in ``options.py``, printing (JSON, tables, progress) in ``output.py``.

@@ -1,4 +1,4 @@
-"""``graphpatch-cache verify [KEY...]``: digest, schema and rebuild checks."""
+"""``graphpatch-cache verify [KEY...]``: the loader's checks, the key proof, and rebuilds."""
 
 from __future__ import annotations
 
@@ -11,66 +11,114 @@ from .options import common_options, open_store, resolve_keys
 from .output import emit_json, progress, progress_enabled
 
 
-def rebuild_check(artifact: Any) -> None:
-    """What loading the artifact would refuse, short of binding a model (the artifact does
-    not hold the config a meta model needs): every call target resolves through the
-    allowlist, every method is a public Tensor method, and the node-path tree builds.
+def tree_check(artifact: Any) -> None:
+    """The node-path tree builds (what ``show`` and patching need), beyond what the loader's
+    :func:`~graphpatch_cache.validate.read_artifact` already checked.
 
     :raises GraphPatchCacheError: naming the node.
     """
     from graphpatch_cache import NodePath
-    from graphpatch_cache.validate import check_artifact
 
-    check_artifact(artifact)
     NodePath.from_graph(artifact.root)
 
 
 @click.command(epilog="""\b
-Checks each entry's blob: present, sha256 digest matches, JSON valid against the artifact
-schema (cache_schema/), every call target allowed, node tree builds.
+Checks every ref (of the given KEYs, or of the whole cache) as load_cached would: the ref
+parses; its blob is present and has its sha256 digest; the artifact passes the loader's
+checks (JSON Schema, closed allowlist, argument and structure rules); and the entry proves
+it belongs to its key (the key material the ref records, with the artifact's model
+structure, digests to the key, and the artifact agrees with it: model class, options,
+signature, versions). Without --fix nothing on disk changes.
+
+\b
+--rebuild also extracts each variant again on the meta device (from the model config,
+example signature and options the ref records; transformers models only, no weights) and
+compares the digests: a well-formed entry that computes something else fails here.
 Exit status 1 when any entry fails, also with --fix (the entries were quarantined).
 
 \b
 --json prints:
-  {"root": cache root, "checked": entries checked, "fixed": bool (--fix),
-   "problems": [{"key": 64 hex digits, "path": file, "message": str}, ...]}
+  {"root": cache root, "checked": refs checked, "fixed": bool (--fix),
+   "problems": [{"key": 64 hex digits, "variant": str, "kind": str, "path": file,
+                 "message": str}, ...],
+   "rebuilt": [{"key", "variant", "digest", "rebuilt_digest", "status": "match" |
+                "differs" | "cannot-rebuild" | "invalid", "message", "seconds"}, ...]}
+  (problem kinds: malformed-ref, missing-blob, corrupt-blob, invalid-artifact,
+   wrong-key, rebuild-differs, cannot-rebuild)
 
 \b
 Examples:
   graphpatch-cache verify
   graphpatch-cache verify 3fa9c1 --fix
+  graphpatch-cache verify --rebuild 3fa9c1
 """)
 @click.argument("keys", nargs=-1, metavar="[KEY]...")
 @click.option("--fix", is_flag=True, help="Quarantine bad entries (their keys become misses, rebuilt on use).")
+@click.option("--rebuild", is_flag=True,
+              help="Also extract each variant again (meta device) and compare digests (seconds per variant).")
 @common_options
-def verify(keys: Tuple[str, ...], fix: bool, cache_dir: Optional[Path], as_json: bool) -> None:
-    """Check every entry (or the given KEYs): digest, schema, rebuild."""
+def verify(keys: Tuple[str, ...], fix: bool, rebuild: bool, cache_dir: Optional[Path], as_json: bool) -> None:
+    """Check every entry (or the given KEYs): refs, digests, loader checks, key proof."""
     store = open_store(cache_dir)
     if keys:
         todo = resolve_keys(store, keys)
     else:
-        todo = sorted({e.key for e in store.entries()})
+        todo = store.keys()
     problems: List[Any] = []
+    rebuilt: List[Any] = []
     checked = 0
-    with progress("verifying", progress_enabled(as_json) and len(todo) > 1) as bar:
+    with progress("verifying", progress_enabled(as_json) and (len(todo) > 1 or rebuild)) as bar:
         for i, key in enumerate(todo):
-            checked += len(store.variants(key))
-            problems += store.verify([key], fix=fix, rebuild_check=rebuild_check)
+            report = store.check([key], fix=fix, rebuild_check=tree_check)
+            checked += report.checked
+            problems += report.problems
+            if rebuild:
+                rebuilt += _rebuild(store, key, report.problems, fix, problems)
             bar(i + 1, len(todo))
+    failed = len({(p.key, p.variant) for p in problems})
     if as_json:
-        report: Dict[str, Any] = {"root": str(store.root), "checked": checked, "fixed": fix,
-                                  "problems": [{"key": p.key, "path": p.path, "message": p.message} for p in problems]}
-        emit_json(report)
+        out: Dict[str, Any] = {
+            "root": str(store.root), "checked": checked, "fixed": fix,
+            "problems": [{"key": p.key, "variant": p.variant, "kind": p.kind, "path": p.path, "message": p.message}
+                         for p in problems]}
+        if rebuild:
+            out["rebuilt"] = [{"key": r.key, "variant": r.variant, "digest": r.digest, "rebuilt_digest": r.rebuilt_digest,
+                               "status": r.status, "message": r.message, "seconds": round(r.seconds, 3)}
+                              for r in rebuilt]
+        emit_json(out)
     else:
+        for r in rebuilt:
+            if r.ok:
+                click.echo(f"{r.key[:12]}  {r.variant}  rebuilt: digest matches ({r.seconds:.1f} s)")
         for p in problems:
             click.echo(f"{p.key[:12]}  {p.message}  ({p.path})")
         if problems:
             action = "quarantined" if fix else "run `graphpatch-cache verify --fix` to quarantine them"
-            click.echo(f"{len(problems)} of {checked} entries failed; {action}")
+            if fix and any(p.kind == "cannot-rebuild" for p in problems):
+                action = "quarantined those found bad (entries that cannot be rebuilt here are kept)"
+            click.echo(f"{failed} of {checked} entries failed; {action}")
         else:
-            click.echo(f"{checked} entries OK")
+            click.echo(f"{checked} entries OK" + (", each rebuilt with the stored digest" if rebuild else ""))
     if problems:
         click.get_current_context().exit(1)
 
 
-__all__ = ["rebuild_check", "verify"]
+def _rebuild(store: Any, key: str, found: List[Any], fix: bool, problems: List[Any]) -> List[Any]:
+    """Rebuild the variants of ``key`` that passed the other checks; a digest that differs
+    (or an entry that cannot be rebuilt) becomes a problem."""
+    from graphpatch_cache.cache import Problem, verify_rebuild
+
+    bad = {p.variant for p in found}
+    reports = [r for r in verify_rebuild(store, key) if r.variant not in bad]
+    for r in reports:
+        if r.ok:
+            continue
+        kind = "rebuild-differs" if r.status == "differs" else "cannot-rebuild"
+        ref = store.root / "refs" / r.key / f"{r.variant}.json"
+        problems.append(Problem(path=str(ref), key=r.key, message=r.message, variant=r.variant, kind=kind))
+        if fix and kind == "rebuild-differs":
+            store.quarantine_variant(r.key, r.variant)
+    return reports
+
+
+__all__ = ["tree_check", "verify"]

@@ -294,6 +294,13 @@ def test_export_import_round_trip(runner, root, built, tmp_path, local_dir):
     assert "1 entries OK" in invoke(runner, "verify", "--cache-dir", other).stdout
 
 
+def redigested(payload: dict) -> str:
+    """A portable file whose sha256 matches its (edited) artifacts: well-formed, not damaged."""
+    from graphpatch_cache.artifact import portable_digest
+
+    return json.dumps(dict(payload, sha256=portable_digest(payload["artifacts"])))
+
+
 def test_import_validates(runner, root, built, tmp_path):
     key = built[1]["key"]
     good = tmp_path / "g.json"
@@ -302,14 +309,16 @@ def test_import_validates(runner, root, built, tmp_path):
     bad = tmp_path / "bad.json"
     broken = json.loads(json.dumps(payload))
     del broken["artifacts"][0]["root"]["nodes"]
-    bad.write_text(json.dumps(broken))
+    bad.write_text(redigested(broken))
     target = tmp_path / "target"
     assert "bad.json" in invoke(runner, "import", bad, "--cache-dir", target, code=1).stderr
+    bad.write_text(json.dumps(broken))  # the same edit without a new digest: a damaged file
+    assert "does not match its sha256" in invoke(runner, "import", bad, "--cache-dir", target, code=1).stderr
     bad.write_text("{not json")
     assert "not a graph artifact" in invoke(runner, "import", bad, "--cache-dir", target, code=1).stderr
     newer = json.loads(json.dumps(payload))
     newer["artifacts"][0]["schema_version"] = 99
-    bad.write_text(json.dumps(newer))
+    bad.write_text(redigested(newer))
     assert "schema_version 99" in invoke(runner, "import", bad, "--cache-dir", target, code=1).stderr
     keyless = dict(payload)
     del keyless["key"]

@@ -57,7 +57,12 @@ class CachingExtractor:
         leaves, spec = flat_inputs(inputs)
         recorded_text: Optional[str] = None
         for entry in self.store.variants(key, repair=True):
-            if not entry.signature or not SignatureMatcher(entry.signature).fits(leaves, spec):
+            try:
+                fits = bool(entry.signature) and SignatureMatcher(entry.signature).fits(leaves, spec)
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):
+                self.store.quarantine_ref(entry, "malformed signature")  # a ref's spec is data from the root
+                continue
+            if not fits:
                 continue
             artifact = self.store.load_entry(entry)
             if artifact is None:

@@ -411,6 +411,11 @@ class CacheStore:
         raise CacheMissError(f"key prefix {prefix!r} is ambiguous: {', '.join(k[:12] for k in found[:5])}",
                              path=str(self.root), hint="give more digits")
 
+    def keys(self) -> List[str]:
+        """Every key with a ref folder (also one whose refs are all malformed)."""
+        refs = self.root / "refs"
+        return sorted(p.name for p in refs.iterdir() if _KEY_RE.match(p.name)) if refs.is_dir() else []
+
     def entries(self) -> List[CacheEntry]:
         """Every variant in the store (reads refs only)."""
         refs = self.root / "refs"
@@ -444,6 +449,15 @@ class CacheStore:
         removes it once nothing does)."""
         self._quarantine(Path(entry.ref_path), f"{why}; ref", name=f"{entry.key}.{Path(entry.ref_path).name}")
 
+    def quarantine_variant(self, key: str, variant: str) -> bool:
+        """Move the ref of ``key``'s ``variant`` to ``quarantine/`` (no warning: for
+        ``verify --fix``). Returns whether a ref was moved."""
+        self._check_key(key)
+        ref = self._ref_dir(key) / f"{variant}.json"
+        if ref.parent != self._ref_dir(key) or not ref.is_file():
+            return False
+        return self._move_to_quarantine(ref, f"{key}.{ref.name}")
+
     def check(self, keys: Optional[List[str]] = None, *, fix: bool = False, rebuild_check: Any = None) -> CheckReport:
         """Check every ref (of ``keys``, or of the whole store) the way the loader would:
         the ref parses, its blob is present with the right digest, the artifact passes
@@ -458,10 +472,7 @@ class CacheStore:
         :param rebuild_check: ``fn(artifact)`` raising on failure, for extra checks.
         """
         report = CheckReport(fixed=fix)
-        if keys is None:
-            folder = self.root / "refs"
-            keys = sorted(p.name for p in folder.iterdir() if _KEY_RE.match(p.name)) if folder.is_dir() else []
-        for key in keys:
+        for key in self.keys() if keys is None else keys:
             entries, bad = self._scan(self._check_key(key))
             report.checked += len(entries) + len(bad)
             for ref, why in bad:
