@@ -108,6 +108,8 @@ def check_artifact(artifact: GraphArtifact, *, path: str = "") -> None:
         the allowlist and its argument rules; the error names the node path and the target.
     :raises ArtifactFormatError: the graphs are malformed (references, arity, bounds).
     """
+    if artifact.__dict__.get("_graphpatch_checked"):
+        return
     checker = _Checker(path)
     try:
         checker.spec(artifact.input_spec, "input_spec")
@@ -116,6 +118,7 @@ def check_artifact(artifact: GraphArtifact, *, path: str = "") -> None:
             raise checker.malformed("", "the root is not a module graph")
         tensors = sum(1 for leaf in artifact.signature.get("leaves", []) if leaf.get("kind") == "tensor")
         checker.graph(artifact.root, "", 0, placeholders=tensors)
+        object.__setattr__(artifact, "_graphpatch_checked", True)  # frozen dataclass: checked once
     except (GraphPatchCacheError, _compat.UnsafeSpecError):
         raise
     except (RecursionError, ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
@@ -161,8 +164,20 @@ class _Checker:
         for leaf in sig["leaves"]:
             if not isinstance(leaf, dict):
                 raise self.malformed(where, "malformed signature leaf")
-            if leaf.get("kind") == "const":
-                self.value(leaf.get("value"), where, "signature", 0, set())
+            if leaf.get("kind") == "const":  # compared with the call's constants, never decoded
+                self.inert(leaf.get("value"), where, 0)
+
+    def inert(self, v: Any, where: str, depth: int) -> None:
+        """Data that is only compared: bounded JSON."""
+        if depth > MAX_VALUE_DEPTH:
+            raise self.malformed(where, "a signature constant nested too deeply")
+        if isinstance(v, (list, dict)):
+            if len(v) > MAX_CONTAINER:
+                raise self.malformed(where, "a signature constant too large")
+            for item in (v.values() if isinstance(v, dict) else v):
+                self.inert(item, where, depth + 1)
+        elif isinstance(v, str) and len(v) > MAX_STRING:
+            raise self.malformed(where, "a signature constant too long")
 
     def graph(self, g: ModuleGraph, where: str, depth: int, placeholders: Optional[int]) -> None:
         self.graphs += 1

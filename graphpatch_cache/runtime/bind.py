@@ -21,6 +21,7 @@ from ..fingerprint import first_difference, structure
 from ..functions import ModuleRef, live_attr, run_opaque, spec_of, tree_build
 from ..integrations import register_quantized_owner
 from . import guards
+from ..validate import check_artifact
 from ..allowlist import check_method, resolve_function
 
 MODULE_REF_ATTR = "_graphpatch_module"
@@ -353,7 +354,12 @@ def _model_hooked(model: torch.nn.Module) -> bool:
 
 
 def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
-    """Rebuild the artifact's root graph bound to ``model``."""
+    """Rebuild the artifact's root graph bound to ``model``.
+
+    An artifact that did not come through :mod:`graphpatch_cache.validate`'s doors (built in
+    memory, ``GraphArtifact.from_json``) is checked here first; checked ones are not again.
+    """
+    check_artifact(artifact)
     recorded = artifact.extraction.get("structure")
     if recorded is not None:
         difference = first_difference(recorded, structure(model))
