@@ -246,6 +246,67 @@ def test_verify_rejects_a_disallowed_target(runner, root, built, local_dir):
     assert "os.system" in out["problems"][0]["message"]
 
 
+def _tree(root) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_verify_rebuild_matches_a_built_preset_and_flags_a_changed_constant(runner, root, built, local_dir, tmp_path):
+    """Built with the CLI, rebuilt byte for byte; then one float literal changed (re-digested,
+    the ref pointed at it): a well-formed entry of the right structure that computes
+    something else. Only --rebuild tells."""
+    import hashlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from graphpatch_cache import load_cached
+
+    key, digest = built[1]["key"], built[1]["digest"]
+    before = _tree(root)
+    out = json.loads(invoke(runner, "verify", "--rebuild", key[:8], "--json", "--cache-dir", root).stdout)
+    (rebuilt,) = out["rebuilt"]
+    assert rebuilt["status"] == "match" and rebuilt["digest"] == rebuilt["rebuilt_digest"] == digest
+    assert _tree(root) == before
+
+    blob = root / "objects" / digest[:2] / digest
+    gelu = b'{"f":"0x1.6e4e26d4801f7p-5"}'  # NewGELU's 0.044715, in both layers
+    data = blob.read_bytes()
+    assert data.count(gelu) == 2
+    changed = data.replace(gelu, b'{"f":"0x1.7e4e26d4801f7p-5"}', 1)
+    new_digest = hashlib.sha256(changed).hexdigest()
+    (root / "objects" / new_digest[:2]).mkdir(exist_ok=True)
+    (root / "objects" / new_digest[:2] / new_digest).write_bytes(changed)
+    ref = root / "refs" / key / f"{built[1]['variant']}.json"
+    meta = json.loads(ref.read_bytes())
+    meta.update(digest=new_digest, size=len(changed))
+    ref.write_text(json.dumps(meta))
+
+    assert "1 entries OK" in invoke(runner, "verify", "--cache-dir", root).stdout  # well-formed, right key
+    model = AutoModelForCausalLM.from_config(preset_config(PRESETS["tiny-gpt2"])).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    pg = load_cached(model, input_ids=ids, use_cache=False, store=CacheStore(root, local_dir=tmp_path / "local"))
+    assert pg.cache_stats.hits == 1  # served, and wrong: the oracle is the model itself
+    assert not torch.equal(pg(input_ids=ids, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits)
+
+    before = _tree(root)
+    result = invoke(runner, "verify", "--rebuild", key, "--cache-dir", root, code=1)
+    assert "differs from the rebuild" in result.stdout and "1 of 1 entries failed" in result.stdout
+    assert _tree(root) == before
+    out = json.loads(invoke(runner, "verify", "--rebuild", "--fix", key, "--json", "--cache-dir", root, code=1).stdout)
+    (rebuilt,) = out["rebuilt"]
+    assert rebuilt["status"] == "differs" and rebuilt["digest"] == new_digest and rebuilt["rebuilt_digest"] == digest
+    assert [p["kind"] for p in out["problems"]] == ["rebuild-differs"]
+    assert not ref.exists() and [p.read_bytes() for p in (root / "quarantine").iterdir()] == [ref_bytes(meta)]
+    assert (root / "objects" / new_digest[:2] / new_digest).exists()  # the blob may be another key's
+
+
+def ref_bytes(meta: dict) -> bytes:
+    return json.dumps(meta).encode()
+
+
 def test_gc(runner, root, built):
     out = json.loads(invoke(runner, "gc", "--older-than", "30d", "--cache-dir", root, "--json").stdout)
     assert out["removed"] == [] and out["kept_bytes"] == built[1]["size"]
