@@ -381,6 +381,17 @@ class _Custom(torch.nn.Module):
         return torch.relu(self.lin(x))
 
 
+def test_rebuild_of_an_entry_load_cached_stored_from_a_cpu_model_matches(primed):
+    """Not only `build` entries (meta device): a teammate's load_cached on a real CPU model
+    rebuilds byte for byte too (zero weights on the CPU, buffers with their values)."""
+    a = primed["a"]
+    before = tree(a["root"])
+    (report,) = verify_rebuild(store(a["root"]), a["key"])
+    assert report.ok, report.message
+    assert report.rebuilt_digest == report.digest == json.loads(only_ref(a["root"], a["key"]).read_bytes())["digest"]
+    assert tree(a["root"]) == before
+
+
 def test_rebuild_refuses_a_model_that_is_not_a_transformers_model(tmp_path):
     s = store(tmp_path / "root")
     x = torch.randn(2, 4)

@@ -150,9 +150,7 @@ def rebuild_artifact(material: Optional[Dict[str, Any]], example: Optional[Dict[
         raise RebuildError(f"cannot rebuild: transformers cannot build {cls.__name__} from the recorded config "
                            f"({type(exc).__name__}: {exc!s:.200})") from exc
     if device.type != "meta":
-        model = model.to_empty(device=device)  # uninitialized weights: graphs do not depend on values
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+        _materialize(model, device)
     if material["model"].get("training"):
         model.train()
     args, kwargs = _example(example, model, device)
@@ -165,6 +163,27 @@ def rebuild_artifact(material: Optional[Dict[str, Any]], example: Optional[Dict[
     from ..runtime.patchable_graph import default_extractor
 
     return default_extractor(model, args, kwargs, options)
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give the meta parameters zeros on ``device`` (ties kept: one new tensor per old one)
+    and move the buffers there with their values (position ids, rotary frequencies: graphs
+    index with them). Graphs do not depend on parameter values."""
+    made: Dict[int, torch.nn.Parameter] = {}
+    moved: Dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:
+                made[id(param)] = torch.nn.Parameter(torch.zeros(param.shape, dtype=param.dtype, device=device),
+                                                     requires_grad=param.requires_grad)
+            module._parameters[name] = made[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device != device:
+                if id(buffer) not in moved:
+                    moved[id(buffer)] = buffer.to(device)
+                module._buffers[name] = moved[id(buffer)]
 
 
 # -- the model ------------------------------------------------------------------------------------
