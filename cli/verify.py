@@ -31,9 +31,10 @@ structure, digests to the key, and the artifact agrees with it: model class, opt
 signature, versions). Without --fix nothing on disk changes.
 
 \b
---rebuild also extracts each variant again on the meta device (from the model config,
-example signature and options the ref records; transformers models only, no weights) and
-compares the digests: a well-formed entry that computes something else fails here.
+--rebuild also extracts each variant again from the model config, example signature and
+options its ref records (transformers models only; on the meta device, no weights, or on
+the one CPU/GPU it was traced on) and compares the digests: a well-formed entry that
+computes something else fails here. Nothing named by an entry is imported.
 Exit status 1 when any entry fails, also with --fix (the entries were quarantined).
 
 \b

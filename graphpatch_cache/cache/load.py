@@ -18,6 +18,7 @@ import torch
 from .. import kv_cache
 from ..artifact import GraphArtifact
 from ..cache_support import sources_unchanged
+from ..errors import CacheError
 from ..options import ExtractionOptions
 from ..runtime.patchable_graph import PatchableGraph, default_extractor
 from ..signature import SignatureMatcher, canonical_inputs, concrete_signature, flat_inputs
@@ -102,6 +103,10 @@ class CachingExtractor:
                 return artifact
             try:
                 self.store.put(key, artifact, material=material, example=concrete_signature(inputs))
+            except CacheError as exc:  # the entry would not prove its key: keep it out of the cache
+                self.stats.write_failures += 1
+                _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {exc.message} "
+                           "(a bug in graphpatch-cache; please report it)")
             except OSError as exc:
                 self.stats.write_failures += 1
                 root = str(self.store.root)

@@ -122,9 +122,6 @@ def _stored_artifact(store: CacheStore, entry: CacheEntry) -> GraphArtifact:
     problem = entry_disagreement(entry.key, entry.variant, entry.ref(), artifact)
     if problem is not None:
         raise RebuildError(f"does not belong to its key: {problem}")
-    if entry.example is None:
-        raise RebuildError("the ref records no example inputs (written by an older release)",
-                           hint="build the entry again with this release")
     return artifact
 
 
@@ -137,7 +134,8 @@ def rebuild_artifact(material: Optional[Dict[str, Any]], example: Optional[Dict[
     :raises RebuildError: it cannot be rebuilt here (the message says why).
     """
     if material is None or example is None:
-        raise RebuildError("cannot rebuild: the entry records no key material or example inputs")
+        raise RebuildError("cannot rebuild: the entry records no key material or example inputs",
+                           hint="build it again with this release (graphpatch-cache build, or load_cached)")
     config, cls, attn = _model_plan(material)
     dtype, quantization = _dtype_and_quantization(material["model"])
     device = _device(extraction, quantization)
