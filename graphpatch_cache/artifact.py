@@ -204,12 +204,43 @@ def artifact_from_bytes(data: bytes, path: str, *, validate: bool = True) -> Gra
     :raises ArtifactFormatError: not an artifact, an unsupported ``schema_version``, or data
         that does not fit the schema; the error names ``path``.
     """
-    try:
-        payload = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactFormatError(f"{path} is not a graph artifact (invalid JSON: {exc})", path=path,
-                                  hint="pass a file written by graphpatch-cache") from exc
+    payload = parse_json(data, path)
     return _artifact_from_payload(payload, path, validate)
+
+
+#: no container in an artifact file is longer (a 7B model's structure lists hold ~600 entries;
+#: the largest MoE configs stay well below), and none is nested deeper than the parser allows
+MAX_JSON_CONTAINER = 500_000
+MAX_JSON_ITEMS = 50_000_000
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (writers use allow_nan=False)")
+
+
+def parse_json(data: bytes, path: str) -> Any:
+    """JSON text of an artifact file, refused quickly when it is not plausibly one: invalid
+    JSON, ``NaN``/``Infinity`` tokens, nesting past the parser's limit, or a container longer
+    than :data:`MAX_JSON_CONTAINER` (checked before any slower validation walks it).
+
+    :raises ArtifactFormatError: naming ``path``.
+    """
+    try:
+        payload = json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
+        raise ArtifactFormatError(f"{path} is not a graph artifact file (invalid JSON: {exc!s:.200})", path=path,
+                                  hint="pass a file written by PatchableGraph.save(), `graphpatch-cache export` "
+                                  "or the cache") from None
+    stack, items = [payload], 0
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (list, dict)):
+            if len(value) > MAX_JSON_CONTAINER or items > MAX_JSON_ITEMS:
+                raise ArtifactFormatError(f"{path} holds a container of {len(value)} elements, more than any "
+                                          "artifact", path=path, hint="the file is damaged or hostile")
+            items += len(value)
+            stack.extend(value.values() if isinstance(value, dict) else value)
+    return payload
 
 
 def _artifact_from_payload(payload: Any, path: str, validate: bool) -> GraphArtifact:
@@ -261,11 +292,7 @@ def portable_payload(data: bytes, path: str) -> Dict[str, Any]:
         artifact carries no digest), no ``sha256`` (an older release wrote it), or content
         that does not match it (the file is damaged).
     """
-    try:
-        payload = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactFormatError(f"{path} is not a graph artifact file (invalid JSON: {exc})", path=path,
-                                  hint="pass a file written by PatchableGraph.save() or `graphpatch-cache export`") from exc
+    payload = parse_json(data, path)
     if not isinstance(payload, dict) or payload.get("format") != PORTABLE_FORMAT:
         if isinstance(payload, dict) and "schema_version" in payload:
             raise ArtifactFormatError(f"{path} is a bare graph artifact (a cache blob), not a portable file: it "

@@ -29,14 +29,14 @@ import inspect
 import keyword
 import math
 import re
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import torch
 
 from . import _compat, functions
 from .allowlist import attribute_allowed, check_method, is_dunder, resolve_function, valid_dotted
 from .artifact import GraphArtifact, ModuleGraph, artifact_from_bytes, portable_from_bytes
-from .errors import ArtifactFormatError, DisallowedTargetError, GraphPatchCacheError
+from .errors import ArtifactFormatError, DisallowedTargetError, GraphPatchCacheError, ProtectedWriteError
 
 #: bounds that no real graph comes near; past them an artifact is refused quickly
 MAX_NODES = 500_000  # per artifact
@@ -52,17 +52,13 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_]+$")
 _DUNDER_PART = re.compile(r"(^|\.)__\w+__($|\.)")
 _DEVICE = re.compile(r"^(cpu|cuda|meta|mps|xpu|hpu|npu|xla|privateuseone)(:[0-9]{1,4})?$")
-_INPLACE_OPERATORS = frozenset({"_operator.iadd", "_operator.isub", "_operator.imul", "_operator.itruediv",
-                                "_operator.ifloordiv", "_operator.imod", "_operator.ipow", "_operator.iand",
-                                "_operator.ior", "_operator.ixor", "_operator.ilshift", "_operator.irshift",
-                                "_operator.imatmul", "_operator.setitem"})
 _CALLS_KEY = frozenset({"builtins.max", "builtins.min", "builtins.sorted"})
 _TAGS = frozenset({"n", "f", "size", "t", "l", "d", "s", "e", "dtype", "device", "mf", "layout", "c", "fn"})
 
 _CHECKED: Dict[str, GraphArtifact] = {}
 _SPECS_OK: Set[str] = set()  # specs already checked
 _IDENTIFIERS: Set[str] = set()  # names already found to be identifiers (layers repeat them)
-_FITS: Dict[Tuple[str, int, Tuple[str, ...]], bool] = {}  # (target, #args, keywords) -> fits its schema
+_FITS: Dict[Tuple[Any, ...], bool] = {}  # (target, argument kinds, keyword kinds) -> fits its schema
 
 
 # -- doors -------------------------------------------------------------------------------------
@@ -116,6 +112,7 @@ def check_artifact(artifact: GraphArtifact, *, path: str = "") -> None:
         checker.signature(artifact.signature, "signature")
         if not isinstance(artifact.root, ModuleGraph):
             raise checker.malformed("", "the root is not a module graph")
+        checker.params = checker.structure(artifact.extraction.get("structure"))
         tensors = sum(1 for leaf in artifact.signature.get("leaves", []) if leaf.get("kind") == "tensor")
         checker.graph(artifact.root, "", 0, placeholders=tensors)
         object.__setattr__(artifact, "_graphpatch_checked", True)  # frozen dataclass: checked once
@@ -131,6 +128,22 @@ class _Checker:
         self.path = path
         self.nodes = 0
         self.graphs = 0
+        #: qualified names of the model's parameters (None: unknown, every attribute counts)
+        self.params: Optional[Set[str]] = None
+
+    def structure(self, s: Any) -> Optional[Set[str]]:
+        """The recorded model structure (binding compares it with the live model): its shape,
+        and the parameter names it lists."""
+        if s is None:
+            return None
+        ok = isinstance(s, dict) and isinstance(s.get("modules"), list) and isinstance(s.get("tensors"), list) and all(
+            isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in s["modules"]) and all(
+            isinstance(t, list) and len(t) == 5 and t[0] in ("param", "buffer") and isinstance(t[1], str)
+            and isinstance(t[2], list) and all(type(d) is int for d in t[2]) and isinstance(t[3], str)
+            and (t[4] is None or isinstance(t[4], str)) for t in s["tensors"])
+        if not ok:
+            raise self.malformed("extraction.structure", "the recorded model structure is malformed")
+        return {t[1] for t in s["tensors"] if t[0] == "param"}
 
     # errors
     def malformed(self, where: str, why: str) -> ArtifactFormatError:
@@ -198,6 +211,10 @@ class _Checker:
                 raise self.refuse(f"{where}.{local}" if where else local, qualified,
                                   "an attribute must name a tensor of the graph's own module (dotted names, "
                                   "no dunders)")
+            base = re.sub(r"\W", "_", qualified[len(prefix):])
+            if not re.fullmatch(rf"(sub_)?{re.escape(base)}(_\d+)?_*", local):
+                raise self.refuse(f"{where}.{local}" if where else local, qualified,
+                                  f"attribute {local!r} binds {qualified!r}: a local name is its tensor's name")
         if g.input_spec is not None:
             self.spec(g.input_spec, where)
         if g.call_signature is not None:
@@ -224,6 +241,8 @@ class _Checker:
                  placeholders: Optional[int]) -> Dict[str, Optional[int]]:
         """Check one graph's nodes; returns child name -> number of inputs its calls pass."""
         seen: Dict[str, str] = {}  # node name -> op
+        aliasing: Set[str] = set()  # nodes whose value may share storage with a parameter
+        prefix = g.module_path + "." if g.module_path else ""
         calls: Dict[str, Optional[int]] = {}
         outputs = 0
         n_placeholders = 0
@@ -274,6 +293,9 @@ class _Checker:
                         raise self.refuse(where, nd.target, "only opaque and 8-bit leaf graphs reference their module")
                 elif nd.target not in g.attributes:
                     raise self.refuse(where, nd.target, "get_attr of an undeclared attribute")
+                elif self.params is None or g.attributes[nd.target] in self.params:
+                    aliasing.add(nd.name)
+                self.meta_shape(nd.meta, where)
             elif nd.op == "call_module":
                 if nd.target not in children:
                     raise self.malformed(where, f"call of unknown child graph {nd.target!r}")
@@ -281,16 +303,20 @@ class _Checker:
                 if calls.setdefault(nd.target, n) != n:
                     raise self.malformed(where, "calls of one child graph pass different numbers of inputs")
             elif nd.op == "call_function":
-                self.call_function(nd, where, args, kwnames)
+                self.call_function(nd, where, args, kwnames, kwargs)
+                self.writes(nd, where, resolve_function(nd.target), args, kwargs, refs, aliasing)
             elif nd.op == "call_method":
                 check_method(nd.target, node_path=where)
                 if not args or _ref(args[0]) is None:
                     raise self.refuse(where, nd.target, "a method call needs a node as its object")
-                self.arity(where, nd.target, _method_signatures(nd.target), len(args), kwnames)
+                self.arity(where, nd.target, _method_signatures(nd.target), args, kwargs)
+                self.writes(nd, where, None, args, kwargs, refs, aliasing)
             elif nd.op == "output":
                 outputs += 1
                 if len(args) != 1 or kwargs:
                     raise self.malformed(where, "the output node takes exactly one value")
+                if nd.meta.get("extras") and not (isinstance(args[0], dict) and len(args[0].get("t", ())) == 2):
+                    raise self.malformed(where, "an output with extras must be a (value, extras) pair")
             else:
                 raise self.malformed(where, f"unknown op {nd.op!r}")
             seen[nd.name] = nd.op
@@ -300,7 +326,7 @@ class _Checker:
             raise self.malformed(gpath, f"the graph has {n_placeholders} inputs but is called with {placeholders}")
         return calls
 
-    def call_function(self, nd: Any, where: str, args: List[Any], kwnames: List[str]) -> None:
+    def call_function(self, nd: Any, where: str, args: List[Any], kwnames: List[str], kwargs: List[Any]) -> None:
         target = nd.target
         fn = resolve_function(target, node_path=where)
         if target in _CALLS_KEY and "key" in kwnames:
@@ -310,17 +336,41 @@ class _Checker:
         rule = _RULES.get(target)
         if rule is not None:
             rule(self, where, target, args, kwnames)
-        self.arity(where, target, _function_signatures(target, fn), len(args), kwnames)
+        self.arity(where, target, _function_signatures(target, fn), args, kwargs)
 
-    def arity(self, where: str, target: str, signatures: Optional[List[Any]], nargs: int, kwnames: List[str]) -> None:
+    def writes(self, nd: Any, where: str, fn: Any, args: List[Any], kwargs: List[Any], refs: Set[str],
+               aliasing: Set[str]) -> None:
+        """Refuse a write into (a view of) a parameter; track what may alias one."""
+        written = written_inputs(nd.op, nd.target, fn, args, dict(kwargs))
+        for value in written:
+            if _ref(value) in aliasing:
+                raise ProtectedWriteError(
+                    f"node {where!r} ({nd.target}) writes into {_ref(value)!r}, which is (a view of) a parameter",
+                    node_path=where, target=str(nd.target),
+                    hint="graphs may not modify weights; do not load artifacts you do not trust")
+        if refs & aliasing and may_alias_input(nd.op, nd.target, fn):
+            aliasing.add(nd.name)
+
+    def meta_shape(self, meta: Any, where: str) -> None:
+        """Binding compares a get_attr's recorded shape and dtype with the live tensor's."""
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if shape is not None and not (isinstance(shape, list) and len(shape) <= 64 and all(
+                type(d) is int or isinstance(d, str) for d in shape)):
+            raise self.malformed(where, "a malformed recorded shape")
+        if isinstance(meta, dict) and "dtype" in meta and not isinstance(meta["dtype"], str):
+            raise self.malformed(where, "a malformed recorded dtype")
+
+    def arity(self, where: str, target: str, signatures: Optional[List[Any]], args: List[Any],
+              kwargs: List[Any]) -> None:
         if signatures is None:  # no schema known (a few C builtins): the argument rules still hold
             return
-        key = (target, nargs, tuple(kwnames))
+        key = (target, tuple(_kind(a) for a in args), tuple((k, _kind(v)) for k, v in kwargs))
         fits = _FITS.get(key)
         if fits is None:
-            fits = _FITS[key] = any(_fits(sig, nargs, key[2]) for sig in signatures)
+            fits = _FITS[key] = any(_fits(sig, key[1], key[2]) for sig in signatures)
         if not fits:
-            raise self.malformed(where, f"{nargs} positional arguments and keywords {kwnames} do not fit {target}")
+            raise self.malformed(where, f"{len(args)} positional arguments and keywords {[k for k, _ in kwargs]} "
+                                 f"(or their types) do not fit {target}")
 
     def value(self, v: Any, where: str, target: Any, depth: int, refs: Set[str]) -> None:
         if depth > MAX_VALUE_DEPTH:
@@ -495,33 +545,56 @@ class _Sig:
     """What a call may pass: positional names (in order), keyword-only names, required names,
     and whether one list parameter accepts its elements as varargs (``x.view(2, 3)``)."""
 
-    __slots__ = ("positional", "keyword_only", "required", "varargs_at", "var_positional", "var_keyword")
+    __slots__ = ("positional", "keyword_only", "required", "varargs_at", "var_positional", "var_keyword", "ints")
 
     def __init__(self, positional: List[str], keyword_only: List[str], required: Set[str],
-                 varargs_at: Optional[int] = None, var_positional: bool = False, var_keyword: bool = False) -> None:
+                 varargs_at: Optional[int] = None, var_positional: bool = False, var_keyword: bool = False,
+                 ints: FrozenSet[str] = frozenset()) -> None:
         self.positional, self.keyword_only, self.required = positional, keyword_only, required
         self.varargs_at, self.var_positional, self.var_keyword = varargs_at, var_positional, var_keyword
+        self.ints = ints  # parameters torch parses as integers (sizes, dims; also dtypes): no float or str
 
 
-def _fits(sig: _Sig, nargs: int, kwnames: Tuple[str, ...]) -> bool:
+def _kind(v: Any) -> str:
+    """``"x"`` for a literal that no integer parameter takes (a float, complex or string, or a
+    list holding one), ``"."`` for anything else (ints, nodes, dtypes, None...)."""
+    if isinstance(v, str):
+        return "x"
+    if isinstance(v, dict) and len(v) == 1:
+        (tag, x), = v.items()
+        if tag in ("f", "c"):
+            return "x"
+        if tag in ("t", "l", "size") and isinstance(x, list) and any(_kind(i) == "x" for i in x):
+            return "x"
+    return "."
+
+
+def _fits(sig: _Sig, kinds: Tuple[str, ...], kwkinds: Tuple[Tuple[str, str], ...]) -> bool:
+    nargs = len(kinds)
     if nargs <= len(sig.positional):
-        given = set(sig.positional[:nargs])
+        given = list(zip(sig.positional, kinds))
     elif sig.var_positional or sig.varargs_at is not None:
-        given = set(sig.positional)  # the extra positionals are the list's elements (or *args)
+        # the extra positionals are the list's elements (or *args)
+        given = list(zip(sig.positional, kinds))
+        if sig.varargs_at is not None and sig.positional[sig.varargs_at] in sig.ints and "x" in kinds[len(sig.positional):]:
+            return False
     else:
         return False
     names = set(sig.positional) | set(sig.keyword_only)
-    for k in kwnames:
-        if k in given or (k not in names and not sig.var_keyword):
+    taken = {name for name, _ in given}
+    for k, kind in kwkinds:
+        if k in taken or (k not in names and not sig.var_keyword):
             return False
-    return sig.required <= given | set(kwnames)
+    if any(kind == "x" and name in sig.ints for name, kind in given + list(kwkinds)):
+        return False
+    return sig.required <= taken | {k for k, _ in kwkinds}
 
 
 _SIGS: Dict[Tuple[str, str], Optional[List[_Sig]]] = {}
 
 
 def _from_schema(schema: Any) -> _Sig:
-    positional, keyword_only, required = [], [], set()
+    positional, keyword_only, required, ints = [], [], set(), set()
     varargs_at = None
     for arg in schema.arguments:
         (keyword_only if arg.kwarg_only else positional).append(arg.name)
@@ -530,10 +603,16 @@ def _from_schema(schema: Any) -> _Sig:
         type_text = str(arg.type)
         if varargs_at is None and not arg.kwarg_only and (type_text.endswith("[]") or type_text.startswith("List[")):
             varargs_at = len(positional) - 1
+        if type_text in _INT_TYPES:
+            ints.add(arg.name)
     # Python's argument parser lets the last positional int list take varargs
     if varargs_at is not None and varargs_at != len(positional) - 1:
         varargs_at = None
-    return _Sig(positional, keyword_only, required, varargs_at)
+    return _Sig(positional, keyword_only, required, varargs_at, ints=frozenset(ints))
+
+
+_INT_TYPES = frozenset({"int", "SymInt", "Optional[int]", "List[int]", "Optional[List[int]]", "int[]", "SymInt[]",
+                        "int?", "SymInt?", "int[]?", "SymInt[]?"})
 
 
 def _from_inspect(sig: inspect.Signature) -> _Sig:
@@ -555,8 +634,7 @@ def _from_inspect(sig: inspect.Signature) -> _Sig:
 
 def _aten_schemas(name: str) -> List[_Sig]:
     # ".out" overloads take out=, which is refused anyway
-    return [_from_schema(s) for s in torch._C._jit_get_schemas_for_operator(f"aten::{name}")
-            if not s.overload_name.endswith("out")]
+    return [_from_schema(s) for s in _schemas_for(name) if not s.overload_name.endswith("out")]
 
 
 def _method_signatures(name: str) -> Optional[List[_Sig]]:
@@ -580,14 +658,27 @@ def _function_signatures(name: str, fn: Any) -> Optional[List[_Sig]]:
         try:
             sigs = [_from_inspect(inspect.signature(fn))]
         except (TypeError, ValueError):
-            builtin = _builtin_name(fn)
+            builtin = _aten_name(fn)
             sigs = _aten_schemas(builtin) if builtin else None
             sigs = sigs or None
     _SIGS[key] = sigs
     return sigs
 
 
-def _builtin_name(fn: Any) -> Optional[str]:
+# -- writes and aliasing (shared with runtime/guards.py) ------------------------------------
+_INPLACE_OPERATORS = frozenset({"_operator.iadd", "_operator.isub", "_operator.imul", "_operator.itruediv",
+                                "_operator.ifloordiv", "_operator.imod", "_operator.ipow", "_operator.iand",
+                                "_operator.ior", "_operator.ixor", "_operator.ilshift", "_operator.irshift",
+                                "_operator.imatmul", "_operator.setitem"})
+#: ops that return (part of) their input: their results may alias a parameter
+_ALIASING_FUNCTIONS = frozenset({"_operator.getitem", "builtins.getattr", "graphpatch_cache.functions.tree_build"})
+
+
+def _schemas_for(name: str) -> List[Any]:
+    return list(torch._C._jit_get_schemas_for_operator(f"aten::{name}"))
+
+
+def _aten_name(fn: Any) -> Optional[str]:
     try:
         from torch.jit._builtins import _find_builtin
     except ImportError:  # pragma: no cover - other torch versions
@@ -596,4 +687,69 @@ def _builtin_name(fn: Any) -> Optional[str]:
     return found.split("::", 1)[1] if isinstance(found, str) and found.startswith("aten::") else None
 
 
-__all__ = ["MAX_NODES", "check_artifact", "read_artifact", "read_portable"]
+def _op_schemas(op: str, name: str, fn: Any) -> Optional[List[Any]]:
+    """Torch schemas of a node's target, or None when none are known (a Python function)."""
+    if op == "call_method":
+        return _schemas_for(name) or None
+    if isinstance(fn, torch._ops.OpOverload):
+        return [fn._schema]
+    if isinstance(fn, torch._ops.OpOverloadPacket):
+        return [getattr(fn, o)._schema for o in fn.overloads()]
+    aten = _aten_name(fn)
+    return (_schemas_for(aten) or None) if aten else None
+
+
+def may_alias_input(op: str, name: str, fn: Any) -> bool:
+    """Whether the node's result may share storage with one of its inputs."""
+    if op == "call_function" and name in _ALIASING_FUNCTIONS:
+        return True
+    if op == "call_function" and name.startswith(("_operator.", "math.", "builtins.")):
+        return False  # arithmetic creates new values; getitem/getattr are listed above
+    schemas = _op_schemas(op, name, fn)
+    if schemas is None:
+        return True  # unknown: assume it may (x.float() returns x itself when already float)
+    return any(ret.alias_info is not None for s in schemas for ret in s.returns)
+
+
+def written_inputs(op: str, name: str, fn: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Any]:
+    """The argument values a node writes into (the fx nodes among them matter)."""
+    out: List[Any] = []
+    if op == "call_method":
+        if name.endswith("_") and not name.startswith("_") and args:
+            out.append(args[0])
+        return out
+    if op != "call_function":
+        return out
+    short = name.rsplit(".", 1)[-1]
+    if name in _INPLACE_OPERATORS or (short.endswith("_") and not short.startswith("_")):
+        if args:
+            out.append(args[0])
+    if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        for schema in _op_schemas(op, name, fn) or []:
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    if arg.kwarg_only and arg.name in kwargs:
+                        out.append(kwargs[arg.name])
+                    elif not arg.kwarg_only and i < len(args):
+                        out.append(args[i])
+    inplace = kwargs.get("inplace", _positional(fn, "inplace", args))
+    if inplace is not None and inplace is not False:
+        out.append(args[0] if args else kwargs.get("input"))
+    if name == "torch.nn.functional.embedding":
+        max_norm = kwargs.get("max_norm", _positional(fn, "max_norm", args))
+        if max_norm is not None:  # renormalizes the weight rows it reads, in place
+            out.append(kwargs.get("weight", args[1] if len(args) > 1 else None))
+    return out
+
+
+def _positional(fn: Any, param: str, args: Sequence[Any]) -> Any:
+    """The value passed positionally for ``param`` of a Python function (None if not)."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return args[names.index(param)] if param in names and names.index(param) < len(args) else None
+
+
+
+__all__ = ["MAX_NODES", "check_artifact", "may_alias_input", "read_artifact", "read_portable", "written_inputs"]
