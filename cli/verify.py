@@ -45,7 +45,7 @@ Exit status 1 when any entry fails, also with --fix (the entries were quarantine
    "rebuilt": [{"key", "variant", "digest", "rebuilt_digest", "status": "match" |
                 "differs" | "cannot-rebuild" | "invalid", "message", "seconds"}, ...]}
   (problem kinds: malformed-ref, missing-blob, corrupt-blob, invalid-artifact,
-   wrong-key, rebuild-differs, cannot-rebuild)
+   wrong-key, unproven (no key material recorded), rebuild-differs, cannot-rebuild)
 
 \b
 Examples:

@@ -122,8 +122,9 @@ class Problem:
     """Something :meth:`CacheStore.check` found wrong.
 
     :ivar kind: ``malformed-ref``, ``missing-blob``, ``corrupt-blob``, ``invalid-artifact``,
-        ``wrong-key`` (the entry does not prove it belongs to its key), ``rebuild-differs``
-        or ``cannot-rebuild`` (``verify --rebuild``).
+        ``wrong-key`` (the entry does not belong to its key), ``unproven`` (its ref records
+        no key material: written by an older release, or ``import --key`` of a ``pg.save()``
+        file), ``rebuild-differs`` or ``cannot-rebuild`` (``verify --rebuild``).
     """
 
     path: str
@@ -512,7 +513,8 @@ class CacheStore:
             return problem("invalid-artifact", f"invalid artifact: {exc}"), True
         why = entry_disagreement(entry.key, entry.variant, entry.ref(), artifact)
         if why is not None:
-            return problem("wrong-key", f"does not belong to its key: {why}", entry.ref_path), False
+            kind = "unproven" if entry.material is None else "wrong-key"
+            return problem(kind, f"does not belong to its key: {why}", entry.ref_path), False
         return None, False
 
     def verify(self, keys: Optional[List[str]] = None, *, fix: bool = False, rebuild_check: Any = None) -> List[Problem]:
