@@ -93,8 +93,8 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return "nan"
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return repr(value)  # "nan", "inf", "-inf": key material stays strict JSON (refs, portable files)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
