@@ -687,8 +687,19 @@ def _aten_name(fn: Any) -> Optional[str]:
     return found.split("::", 1)[1] if isinstance(found, str) and found.startswith("aten::") else None
 
 
+_OP_SCHEMAS: Dict[Tuple[str, str], Optional[List[Any]]] = {}
+_ALIASES: Dict[Tuple[str, str], bool] = {}
+
+
 def _op_schemas(op: str, name: str, fn: Any) -> Optional[List[Any]]:
     """Torch schemas of a node's target, or None when none are known (a Python function)."""
+    key = (op, name)
+    if key not in _OP_SCHEMAS:
+        _OP_SCHEMAS[key] = _find_op_schemas(op, name, fn)
+    return _OP_SCHEMAS[key]
+
+
+def _find_op_schemas(op: str, name: str, fn: Any) -> Optional[List[Any]]:
     if op == "call_method":
         return _schemas_for(name) or None
     if isinstance(fn, torch._ops.OpOverload):
@@ -701,6 +712,13 @@ def _op_schemas(op: str, name: str, fn: Any) -> Optional[List[Any]]:
 
 def may_alias_input(op: str, name: str, fn: Any) -> bool:
     """Whether the node's result may share storage with one of its inputs."""
+    key = (op, name)
+    if key not in _ALIASES:
+        _ALIASES[key] = _may_alias_input(op, name, fn)
+    return _ALIASES[key]
+
+
+def _may_alias_input(op: str, name: str, fn: Any) -> bool:
     if op == "call_function" and name in _ALIASING_FUNCTIONS:
         return True
     if op == "call_function" and name.startswith(("_operator.", "math.", "builtins.")):
@@ -742,12 +760,23 @@ def written_inputs(op: str, name: str, fn: Any, args: Sequence[Any], kwargs: Dic
     return out
 
 
+_PARAM_NAMES: Dict[Any, List[str]] = {}
+
+
 def _positional(fn: Any, param: str, args: Sequence[Any]) -> Any:
     """The value passed positionally for ``param`` of a Python function (None if not)."""
-    try:
-        names = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
+    if fn is None or not args:
         return None
+    try:
+        names = _PARAM_NAMES.get(fn)
+    except TypeError:  # unhashable
+        return None
+    if names is None:
+        try:
+            names = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            names = []
+        _PARAM_NAMES[fn] = names
     return args[names.index(param)] if param in names and names.index(param) < len(args) else None
 
 
