@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import keyword
 import math
 import re
@@ -130,6 +131,7 @@ class _Checker:
         self.graphs = 0
         #: qualified names of the model's parameters (None: unknown, every attribute counts)
         self.params: Optional[Set[str]] = None
+        self.checked_graphs: Dict[Tuple[Any, ...], Dict[str, Optional[int]]] = {}
 
     def structure(self, s: Any) -> Optional[Set[str]]:
         """The recorded model structure (binding compares it with the live model): its shape,
@@ -223,7 +225,7 @@ class _Checker:
         children = {c.name: c for c in g.children}
         if len(children) != len(g.children):
             raise self.malformed(where, "two child graphs share a name")
-        calls = self.nodes_of(g, where, children, placeholders)
+        calls = self.nodes_of_once(g, where, children, placeholders)
         for child in g.children:
             self.graph(child, f"{where}.{child.name}" if where else child.name, depth + 1, calls.get(child.name))
 
@@ -236,6 +238,26 @@ class _Checker:
         if ok and len(_IDENTIFIERS) < 100_000:
             _IDENTIFIERS.add(name)
         return ok
+
+    def nodes_of_once(self, g: ModuleGraph, gpath: str, children: Dict[str, ModuleGraph],
+                      placeholders: Optional[int]) -> Dict[str, Optional[int]]:
+        """:meth:`nodes_of`, once per distinct graph content: a model's repeated layers have
+        identical node lists (only their attributes' module paths differ), so each is checked
+        once per artifact. Everything the node checks depend on is in the key."""
+        try:
+            key = (g.kind, placeholders, tuple(children), tuple(sorted(
+                (local, self.params is None or q in self.params) for local, q in g.attributes.items())),
+                json.dumps([[n.name, n.op, n.target, n.args, n.kwargs, n.meta] for n in g.nodes], sort_keys=True))
+        except (TypeError, ValueError):  # not JSON data: check it the long way
+            return self.nodes_of(g, gpath, children, placeholders)
+        calls = self.checked_graphs.get(key)
+        if calls is None:
+            calls = self.checked_graphs[key] = self.nodes_of(g, gpath, children, placeholders)
+        else:
+            self.nodes += len(g.nodes)
+            if self.nodes > MAX_NODES:
+                raise self.malformed(gpath, "too many nodes")
+        return calls
 
     def nodes_of(self, g: ModuleGraph, gpath: str, children: Dict[str, ModuleGraph],
                  placeholders: Optional[int]) -> Dict[str, Optional[int]]:

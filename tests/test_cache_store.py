@@ -530,21 +530,35 @@ def _two_loads(model, inputs, expected, make_store):
     return str(found[0].message)
 
 
+def _writable(path) -> bool:
+    try:
+        (path / "probe").write_bytes(b"")
+    except OSError:
+        return False
+    (path / "probe").unlink()
+    return True
+
+
 def test_read_only_root_chmod(m1, tmp_path):
+    """A root nobody may write: chmod 0555, and where that does not stop this user (root
+    ignores modes) a read-only bind mount of it, which stops root too."""
     model, inputs, expected, *_ = m1
     root = tmp_path / "ro"
     root.mkdir()
     os.chmod(root, 0o555)
+    mounted = False
     try:
-        try:
-            (root / "probe").write_bytes(b"")
-        except OSError:
-            pass
-        else:
-            pytest.skip("chmod does not stop this user (root) from writing")
+        if _writable(root):
+            mount = subprocess.run(f"mount --bind {root} {root} && mount -o remount,bind,ro {root}", shell=True,
+                                   capture_output=True, text=True)
+            mounted = mount.returncode == 0
+            if not mounted or _writable(root):
+                pytest.skip(f"neither chmod nor a read-only bind mount stops this user from writing: {mount.stderr}")
         message = _two_loads(model, inputs, expected, lambda: store(root, tmp_path / "local"))
         assert str(root) in message
     finally:
+        if mounted:
+            subprocess.run(["umount", str(root)], check=True)
         os.chmod(root, 0o755)
 
 
