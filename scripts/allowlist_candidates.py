@@ -7,7 +7,8 @@ compares with the shipped list ``cache_schema/allowlist-v1.json``. Prints one JS
 ``observed`` (names seen, by kind), ``new`` (seen but not on the list: review each, then add
 it), ``unseen`` (on the list, never seen by these tests). ``--write`` adds the new names to
 the list file (sorted, one per line) for review in ``git diff``; nothing is ever added
-without that review.
+without that review. The recorded test run is expected to report failures: with every name
+accepted, the tests that check refusals fail; ``run`` shows its summary for information.
 
 Run: python scripts/allowlist_candidates.py [--tests tests/test_hf_models.py ...] [--from RECORD.jsonl] [--write]
 (not collected by pytest)
