@@ -104,6 +104,7 @@ def treespec_loads(serialized: str) -> Any:
 
 
 tree_flatten = pytree.tree_flatten
+tree_map = pytree.tree_map
 tree_unflatten = pytree.tree_unflatten
 tree_flatten_with_path = pytree.tree_flatten_with_path
 
@@ -172,6 +173,7 @@ __all__ = [
     "pretend_compiling",
     "reset_dynamo",
     "tree_flatten",
+    "tree_map",
     "tree_flatten_with_path",
     "tree_unflatten",
     "treespec_dumps",
