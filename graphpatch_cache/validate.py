@@ -28,13 +28,12 @@ import hashlib
 import inspect
 import json
 import keyword
-import math
 import re
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from . import _compat, functions
+from . import _compat, functions  # noqa: F401  (functions registers the graph helpers checked here)
 from .allowlist import attribute_allowed, check_method, is_dunder, resolve_function, valid_dotted
 from .artifact import GraphArtifact, ModuleGraph, artifact_from_bytes, portable_from_bytes
 from .errors import ArtifactFormatError, DisallowedTargetError, GraphPatchCacheError, ProtectedWriteError
@@ -264,7 +263,6 @@ class _Checker:
         """Check one graph's nodes; returns child name -> number of inputs its calls pass."""
         seen: Dict[str, str] = {}  # node name -> op
         aliasing: Set[str] = set()  # nodes whose value may share storage with a parameter
-        prefix = g.module_path + "." if g.module_path else ""
         calls: Dict[str, Optional[int]] = {}
         outputs = 0
         n_placeholders = 0

@@ -14,7 +14,7 @@ import torch.fx
 
 from ..artifact import GraphArtifact, ModuleGraph, decode_value
 from .. import _compat
-from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructureError, ProtectedWriteError,
+from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructureError,
                       SerializationError, SignatureMismatchError)
 from ..signature import SignatureMatcher, canonical_inputs
 from ..fingerprint import first_difference, structure
@@ -59,8 +59,8 @@ def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
-def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> Tuple[torch.Tensor, bool]:
-    """The parameter or buffer ``qualified`` names, and whether it is a parameter."""
+def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> torch.Tensor:
+    """The parameter or buffer ``qualified`` names."""
     module_path, _, name = qualified.rpartition(".")
     try:
         owner = submodule(model, module_path)
@@ -70,10 +70,10 @@ def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> Tu
             node_path=node_path,
             hint="this artifact was extracted from a differently structured model",
         ) from exc
-    for table, is_param in ((owner._parameters, True), (owner._buffers, False)):
+    for table in (owner._parameters, owner._buffers):
         tensor = table.get(name)
         if isinstance(tensor, torch.Tensor):
-            return tensor, is_param
+            return tensor
     if hasattr(owner, name):
         raise DisallowedTargetError(
             f"graph {node_path!r} binds {qualified!r}, which is not a parameter or buffer of "
@@ -200,11 +200,8 @@ def bind_graph(
     # setter recompiles every GraphModule child again, which made binding quadratic in depth.
     attrs: Dict[str, Any] = {name: torch.nn.Module() for name in children}
     metas = {nd.target: nd.meta for nd in data.nodes if nd.op == "get_attr"}
-    params: set = set()  # local names bound to parameters (never written, see guards)
     for local, qualified in data.attributes.items():
-        tensor, is_param = _lookup_tensor(model, qualified, node_path)
-        if is_param:
-            params.add(local)
+        tensor = _lookup_tensor(model, qualified, node_path)
         meta = metas.get(local, {})
         if "shape" in meta:
             want = [int(s) if isinstance(s, int) else s for s in meta["shape"]]
@@ -224,7 +221,6 @@ def bind_graph(
         hooked = _model_hooked(model)
     live = dict(data.attributes) if hooked else {}
     module_ref_node: Optional[torch.fx.Node] = None
-    aliasing: set = set()  # names of nodes whose value may share storage with a parameter
     for nd in data.nodes:
         where = f"{node_path}.{nd.name}" if node_path else nd.name
 
@@ -270,17 +266,10 @@ def bind_graph(
             rel = live[nd.target][len(prefix):] if live[nd.target].startswith(prefix) else live[nd.target]
             ref_node = env.get(MODULE_REF_ATTR, module_ref_node)
             node = graph.create_node("call_function", live_attr, (ref_node, rel), {}, name=nd.name)
-            if nd.target in params:
-                aliasing.add(nd.name)
         else:
             op, call = nd.op, target
             if nd.op in ("call_function", "call_method"):
-                op, call = _checked_writes(nd, target, args, kwargs, aliasing, model, where)
-                if any(n.name in aliasing for n in guards.fx_nodes([args, kwargs])) and guards.may_alias_input(
-                        nd.op, nd.target, target):
-                    aliasing.add(nd.name)
-            elif nd.op == "get_attr" and nd.target in params:
-                aliasing.add(nd.name)
+                op, call = _guarded_writes(nd, target, args, kwargs, model, where)
             node = graph.create_node(op, call, tuple(args), dict(kwargs), name=nd.name)
         if node.name != nd.name:
             raise SerializationError(f"node name {nd.name!r} is not valid in graph {node_path!r}", node_path=where)
@@ -325,9 +314,11 @@ def _check_opaque_tensors(module: torch.nn.Module, args: Any, where: str, target
             "parameter or buffer", node_path=where, target=target, hint="do not load artifacts you do not trust")
 
 
-def _checked_writes(nd: Any, target: Any, args: Any, kwargs: Any, aliasing: set, model: torch.nn.Module,
+def _guarded_writes(nd: Any, target: Any, args: Any, kwargs: Any, model: torch.nn.Module,
                     where: str) -> Tuple[str, Any]:
-    """Refuse a write into a node that may alias a parameter; guard other writing nodes.
+    """Guard a node that writes one of its inputs (a write into what may statically alias a
+    parameter was already refused by :func:`check_artifact`, from the recorded structure,
+    which binding has matched against the live model).
 
     :returns: the (op, target) to create the fx node with.
     """
@@ -335,12 +326,6 @@ def _checked_writes(nd: Any, target: Any, args: Any, kwargs: Any, aliasing: set,
     nodes = [v for v in written if isinstance(v, torch.fx.Node)]
     if not nodes:
         return nd.op, target
-    for n in nodes:
-        if n.name in aliasing:
-            raise ProtectedWriteError(
-                f"node {where!r} ({nd.target}) writes into {n.name!r}, which is (a view of) a parameter of the model",
-                node_path=where, target=str(nd.target),
-                hint="graphs may not modify weights; do not load artifacts you do not trust")
     positions = [i for i, a in enumerate(args) if any(a is n for n in nodes)]
     keywords = [k for k, v in kwargs.items() if any(v is n for n in nodes)]
     call = guards.method_call(target) if nd.op == "call_method" else target

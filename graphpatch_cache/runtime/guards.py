@@ -1,12 +1,12 @@
 """What a bound graph may not do to the live model or the process, enforced at bind and call time.
 
-- **No write into a parameter.** Binding finds every node that writes one of its inputs
-  (in-place Tensor methods such as ``add_``, ``operator.iadd``/``setitem``, ops whose torch
-  schema marks an argument as written, ``inplace=True``, ``F.embedding(max_norm=...)``). A
-  write into a node that may alias a parameter (the parameter itself, or a view of it through
-  any op not known to return a fresh tensor) is refused at bind with
-  :class:`~graphpatch_cache.errors.ProtectedWriteError`. Every remaining writing node is
-  wrapped so that, at call time, a write into a tensor sharing storage with any of the
+- **No write into a parameter.** A node that writes one of its inputs (in-place Tensor
+  methods such as ``add_``, ``operator.iadd``/``setitem``, ops whose torch schema marks an
+  argument as written, ``inplace=True``, ``F.embedding(max_norm=...)``: the rules are
+  :func:`graphpatch_cache.validate.written_inputs`) into a node that may alias a parameter
+  is refused at load by :func:`~graphpatch_cache.validate.check_artifact`, with
+  :class:`~graphpatch_cache.errors.ProtectedWriteError`. Binding wraps every remaining
+  writing node so that, at call time, a write into a tensor sharing storage with any of the
   model's parameters raises the same error *before* the write happens. Graphs without
   writing nodes (most models) carry no guard at all.
 - **Global state is the same after every call.** :func:`preserved_global_state` restores
@@ -19,13 +19,12 @@ Buffers are not protected: models update their own (BatchNorm running statistics
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Callable, Iterator, Sequence, Set
 
 import torch
-import torch.fx
 
 from ..errors import ProtectedWriteError
-from ..validate import may_alias_input, written_inputs  # noqa: F401  (the rules, shared with the loader)
+from ..validate import written_inputs  # noqa: F401  (the rules, shared with the loader)
 
 def param_storages(model: torch.nn.Module) -> Set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"} - {0}
@@ -85,11 +84,4 @@ def preserved_global_state() -> Iterator[None]:
                 torch.set_autocast_dtype(device, adtype)
 
 
-def fx_nodes(values: Sequence[Any]) -> List[torch.fx.Node]:
-    found: List[torch.fx.Node] = []
-    torch.fx.node.map_arg(list(values), lambda n: found.append(n) or n)
-    return found
-
-
-__all__ = ["fx_nodes", "guarded", "may_alias_input", "method_call", "param_storages", "preserved_global_state",
-           "written_inputs"]
+__all__ = ["guarded", "method_call", "param_storages", "preserved_global_state", "written_inputs"]
