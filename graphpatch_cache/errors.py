@@ -73,8 +73,11 @@ class ProtectedWriteError(DisallowedTargetError):
     """A graph tried to write into one of the model's parameters; the write did not happen."""
 
 
-class NodePathError(GraphPatchCacheError, KeyError):
+class NodePathError(GraphPatchCacheError, KeyError, ValueError):
     """An unknown node path. Lists the closest existing paths.
+
+    A ``KeyError`` (what graphpatch raises for an unknown path) and a ``ValueError`` (what it
+    raises for a bad patch map), so graphpatch users' ``except`` clauses keep working.
 
     :ivar node_path: the path that was asked for.
     :ivar suggestions: close matches, best first.
@@ -95,14 +98,49 @@ class NotAValueError(NodePathError):
     """A node path stops at a module graph instead of a value."""
 
 
-class PatchError(GraphPatchCacheError):
-    """A patch could not be applied to the value at its node.
+class PatchError(GraphPatchCacheError, ValueError):
+    """A patch could not be applied to the value at its node. A ``ValueError``, so code
+    written for graphpatch (``except ValueError``) keeps catching it.
 
     :ivar node_path: where the patch was applied.
     """
 
     def __init__(self, message: str, *, node_path: str, hint: str | None = None) -> None:
         self.node_path = node_path
+        super().__init__(message, hint=hint)
+
+
+class PatchMapError(GraphPatchCacheError, TypeError, ValueError):
+    """``pg.patch()`` got something other than ``{node path: Patch or list of Patches}``.
+
+    A ``TypeError`` (what this library raised before) and a ``ValueError`` (what graphpatch
+    raises for the same mistake).
+
+    :ivar node_path: the key whose value is wrong ("" where the map itself is).
+    """
+
+    def __init__(self, message: str, *, node_path: str = "", hint: str | None = None) -> None:
+        self.node_path = node_path
+        super().__init__(message, hint=hint)
+
+
+class NotPicklableError(GraphPatchCacheError, TypeError):
+    """A :class:`~graphpatch_cache.PatchableGraph` was pickled (``torch.save(pg)``,
+    ``pickle.dumps(pg)``, ``copy.copy(pg)``). It holds generated code bound to a live model,
+    so it is saved as pure data with ``pg.save(file)`` and bound again with
+    ``PatchableGraph.load(file, model)``. A ``TypeError``, as pickle raises for objects it
+    cannot pickle."""
+
+
+class NoEquivalentError(GraphPatchCacheError, NotImplementedError):
+    """A name from graphpatch's API that has no equivalent here; the message names what to
+    use instead.
+
+    :ivar name: the graphpatch name that was used.
+    """
+
+    def __init__(self, message: str, *, name: str = "", hint: str | None = None) -> None:
+        self.name = name
         super().__init__(message, hint=hint)
 
 
@@ -175,9 +213,12 @@ __all__ = [
     "ExtractionError",
     "GraphPatchCacheError",
     "ModelStructureError",
+    "NoEquivalentError",
     "NodePathError",
     "NotAValueError",
+    "NotPicklableError",
     "PatchError",
+    "PatchMapError",
     "ProtectedWriteError",
     "SerializationError",
     "SignatureMismatchError",

@@ -1,40 +1,72 @@
-"""Extraction options. Frozen and keyword-only: every field is part of the cache key."""
+"""Extraction options. Frozen and keyword-only: every field that shapes the extracted graphs
+is part of the cache key (:meth:`ExtractionOptions.fingerprint`)."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Tuple, Type
 
 import torch
 
 
+def _postprocessing_arity(fn: Callable[..., Any]) -> int:
+    """2 for graphpatch's ``fn(graph_module, module)``, 1 for this library's older
+    ``fn(graph_module)``; a callable that takes both forms gets graphpatch's."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: assume graphpatch's form
+        return 2
+    for count in (2, 1):
+        try:
+            signature.bind(*range(count))
+        except TypeError:
+            continue
+        return count
+    raise TypeError(
+        f"postprocessing_function {fn!r} must take (graph_module, module), as in graphpatch, or "
+        f"(graph_module); its signature is {signature}"
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExtractionOptions:
-    """How a model's graphs are extracted.
+    """How a model's graphs are extracted (graphpatch's ``ExtractionOptions``, same fields and
+    defaults).
 
     :ivar error_on_compilation_failure: raise :class:`~graphpatch_cache.errors.ExtractionError`
         instead of falling back to an opaque module.
     :ivar warn_on_compilation_failure: warn when a module falls back to opaque.
     :ivar skip_compilation: make every module opaque (its inputs, outputs, parameters and
         attributes stay patchable).
-    :ivar classes_to_skip_compiling: module classes that stay opaque.
+    :ivar classes_to_skip_compiling: module classes that stay opaque (a class, or a tuple, list
+        or set of them).
     :ivar allow_unused_submodules: a submodule with parameters that the example inputs never
         call is not an error (parameterless ones, such as a dropout that sdpa attention
-        bypasses, never are).
+        bypasses, never are). Default (None): ``not error_on_compilation_failure``, as in
+        graphpatch; the resolved value is what the field holds and what enters the cache key.
+    :ivar copy_transformers_generation_config: for a transformers model, ``pg.config`` and
+        ``pg.generation_config`` are copies of the model's (``pg.generate`` reads the latter);
+        False leaves them None. Acts after binding, so it is not part of the cache key.
     :ivar custom_extraction_functions: ``{module class: fn(module) -> torch.fx.Graph}`` for
         modules dynamo cannot handle; the graph's placeholders are the forward's tensor inputs.
-    :ivar postprocessing_function: called with the finished root ``torch.fx.GraphModule``.
+    :ivar postprocessing_function: called with the bound root ``torch.fx.GraphModule`` and the
+        wrapped model, ``fn(graph_module, module)`` as in graphpatch (a function taking only
+        ``fn(graph_module)``, this library's older form, is still called with that). It runs
+        each time graphs are bound (each call signature, each load from the cache or a
+        file), so its edits apply to every graph; nodes it adds are not node paths.
     """
 
     error_on_compilation_failure: bool = False
     warn_on_compilation_failure: bool = False
     skip_compilation: bool = False
     classes_to_skip_compiling: Tuple[Type[torch.nn.Module], ...] = ()
-    allow_unused_submodules: bool = False
+    allow_unused_submodules: Optional[bool] = None
+    copy_transformers_generation_config: bool = True
     custom_extraction_functions: Mapping[Type[torch.nn.Module], Callable[[torch.nn.Module], torch.fx.Graph]] = field(
         default_factory=dict
     )
-    postprocessing_function: Optional[Callable[[Any], None]] = None
+    postprocessing_function: Optional[Callable[..., None]] = None
 
     def __post_init__(self) -> None:
         classes = self.classes_to_skip_compiling
@@ -47,12 +79,32 @@ class ExtractionOptions:
         if not isinstance(self.custom_extraction_functions, Mapping):
             raise TypeError("custom_extraction_functions must be a mapping {module class: function}")
         object.__setattr__(self, "custom_extraction_functions", dict(self.custom_extraction_functions))
+        if self.allow_unused_submodules is None:
+            # graphpatch's default: strict mode (errors on failures) also refuses unused modules
+            object.__setattr__(self, "allow_unused_submodules", not self.error_on_compilation_failure)
+        if self.postprocessing_function is not None:
+            if not callable(self.postprocessing_function):
+                raise TypeError(f"postprocessing_function must be callable, got {self.postprocessing_function!r}")
+            _postprocessing_arity(self.postprocessing_function)  # refuse a wrong signature now
 
     def __hash__(self) -> int:
         return hash(self.fingerprint())
 
+    def run_postprocessing(self, graph_module: torch.fx.GraphModule, module: torch.nn.Module) -> None:
+        """Call :attr:`postprocessing_function` (if any) in the form it takes."""
+        fn = self.postprocessing_function
+        if fn is None:
+            return
+        if _postprocessing_arity(fn) == 2:
+            fn(graph_module, module)
+        else:
+            fn(graph_module)
+
     def fingerprint(self) -> dict:
-        """A JSON-able description of the options (the part of the cache key they make)."""
+        """A JSON-able description of the options (the part of the cache key they make).
+
+        ``copy_transformers_generation_config`` is left out: it never changes a graph.
+        """
 
         def qual(obj: Any) -> str:
             return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"

@@ -1,24 +1,63 @@
 """Patches: small callables that see (and may replace) the value at one graph node.
 
 A patch receives the current value and returns the value the graph continues with. Patches
-never mutate their input: the built-in ones clone before writing, and a patch with
+never mutate their input: the built-in ones write only into copies, and a patch with
 ``requires_clone=True`` (the default for :class:`CustomPatch` and for your own subclasses)
 receives a clone of the value, so an in-place op inside it never writes into the model's
 weights or the caller's tensors, with grad on or off; autograd flows through the clone.
 
-Subclass :class:`Patch` and implement :meth:`Patch.apply` for your own patches.
+Write your own patch as a keyword-only dataclass deriving from :class:`Patch` and override
+:meth:`Patch.op` (graphpatch's name) or :meth:`Patch.apply` (ours); both work::
+
+    @dataclass(kw_only=True)
+    class ScalePatch(Patch[torch.Tensor]):
+        scale: float
+
+        def op(self, value):
+            return value * self.scale
+
+Which one runs: the one that the most derived class defining either of them defines; a
+class that defines both runs ``apply`` (which may call ``self.op``). So a subclass of a
+built-in patch that overrides ``op`` or ``apply`` replaces the built-in behaviour, and
+``super().op(value)`` / ``super().apply(value)`` reach the built-in one.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Generic, List, Optional, Tuple, TypeVar, Union
 
 import torch
 
 from . import _compat
 
-SliceSpec = Any  # anything valid inside ``tensor[...]``: int, slice, tuple of those, Ellipsis
+PatchTarget = TypeVar("PatchTarget")
+#: one index element (graphpatch's ``TensorSliceElement``)
+SliceElement = Union[int, slice, torch.Tensor, None, "ellipsis"]  # noqa: F821
+#: anything valid inside ``tensor[...]``: an element, a tuple of them, or a list (see
+#: :func:`tensor_index` for what a list means)
+SliceSpec = Any
+#: the values the built-in patches handle
+PatchableValue = Union[torch.Tensor, float, int, bool]
+
+# torch (< 2.9 at least, with a deprecation warning since 2.x) reads a list that holds a slice,
+# Ellipsis, None, a tensor or a sequence as a tuple of indices, and a list of plain ints as
+# one advanced index. graphpatch passes a slice list straight to torch, so that legacy rule is
+# what a graphpatch user's `slice=[slice(None), 0]` means; apply it ourselves so the meaning
+# does not change when torch drops it. torch only applies it to lists shorter than 32.
+_LEGACY_SEQUENCE_LIMIT = 32
+
+
+def tensor_index(index: SliceSpec) -> SliceSpec:
+    """``index`` as torch should see it: a list of index elements (``[slice(None), 0]``)
+    becomes a tuple (``t[:, 0]``), as graphpatch users' list-form slices mean; a list of
+    plain ints stays a list (advanced indexing: ``t[[0, 2]]`` picks rows 0 and 2)."""
+    if isinstance(index, list) and len(index) < _LEGACY_SEQUENCE_LIMIT:
+        if any(item is None or item is Ellipsis or isinstance(item, (slice, torch.Tensor, list, tuple))
+               for item in index):
+            return tuple(index)
+    return index
 
 
 def clone_tensors(value: Any) -> Any:
@@ -28,62 +67,121 @@ def clone_tensors(value: Any) -> Any:
     return _compat.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
 
 
-@dataclass(kw_only=True)
-class Patch:
-    """Base class. ``apply(value)`` returns the replacement value.
+def _detached_copy(value: Any) -> Any:
+    """What the recording patches keep: every tensor detached and copied."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return _compat.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
-    :ivar requires_clone: give ``apply`` a clone of the value (every tensor in it), so it may
+
+@functools.lru_cache(maxsize=None)
+def _entry_point(cls: type) -> Optional[str]:
+    """``"apply"`` or ``"op"``: the method the most derived class defining one of them defines
+    (``apply`` where a class defines both); None where no class below Patch defines either."""
+    for klass in cls.__mro__:
+        if klass is Patch:
+            return None
+        if "apply" in klass.__dict__:
+            return "apply"
+        if "op" in klass.__dict__:
+            return "op"
+    return None
+
+
+@dataclass(kw_only=True)
+class Patch(Generic[PatchTarget]):
+    """Base class of patches; generic in the value type (``Patch[torch.Tensor]``).
+
+    Derive a keyword-only dataclass and override :meth:`op` (graphpatch's override point) or
+    :meth:`apply`; see the module docstring for which runs when a class hierarchy defines both.
+
+    :ivar requires_clone: give the patch a clone of the value (every tensor in it), so it may
         write in place without touching weights or the caller's tensors. On by default for
         your subclasses; the built-in patches that never write in place turn it off.
+        (graphpatch accepts it in the constructor of ``CustomPatch`` only; we accept it on
+        every patch.)
     """
 
     requires_clone: bool = True
 
-    def apply(self, value: Any) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def op(self, value: PatchTarget) -> PatchTarget:
+        """The operation: takes the node's value, returns the value the graph continues with."""
+        if _overrides(type(self), "apply"):
+            return self.apply(value)
+        raise NotImplementedError(_abstract_message(self))
+
+    def apply(self, value: PatchTarget) -> PatchTarget:
+        """The same as :meth:`op` (this library's original name for it)."""
+        if _overrides(type(self), "op"):
+            return self.op(value)
+        raise NotImplementedError(_abstract_message(self))
 
     def __call__(self, value: Any) -> Any:
-        return self.apply(clone_tensors(value) if self.requires_clone else value)
+        entry = _entry_point(type(self))
+        if entry is None:
+            raise NotImplementedError(_abstract_message(self))
+        if self.requires_clone:
+            value = clone_tensors(value)
+        return self.apply(value) if entry == "apply" else self.op(value)
+
+
+def _overrides(cls: type, name: str) -> bool:
+    return getattr(cls, name) is not getattr(Patch, name)
+
+
+def _abstract_message(patch: Patch) -> str:
+    return (f"{type(patch).__name__} defines neither op(value) nor apply(value): a patch must override "
+            "one of them (Patch() itself is not a pass-through; use ProbePatch or "
+            "CustomPatch(custom_op=lambda v: v) for one)")
 
 
 def _write_slice(value: torch.Tensor, index: SliceSpec, update: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    index = tensor_index(index)
     out = value.clone()
     out[index] = update(out[index])
     return out
 
 
+def _same_shape_and_dtype(result: torch.Tensor, value: torch.Tensor, what: str) -> torch.Tensor:
+    """Like graphpatch's in-place write: the node keeps its shape and dtype."""
+    if result.shape != value.shape:
+        raise ValueError(f"{what} of shape {tuple(result.shape)} for a value of shape {tuple(value.shape)}: "
+                         "it would change the node's shape")
+    return result.to(value.dtype)
+
+
 @dataclass(kw_only=True)
-class ProbePatch(Patch):
+class ProbePatch(Patch[PatchableValue]):
     """Records a detached copy of the last value seen in ``activation``; passes it through."""
 
     requires_clone: bool = False  # never writes into its input
     activation: Any = field(default=None, repr=False)
 
-    def apply(self, value: Any) -> Any:
-        self.activation = value.detach().clone() if isinstance(value, torch.Tensor) else value
+    def op(self, value: Any) -> Any:
+        self.activation = _detached_copy(value)
         return value
 
 
 @dataclass(kw_only=True)
-class RecordPatch(Patch):
+class RecordPatch(Patch[PatchableValue]):
     """Appends a detached copy of every value seen to ``activations``; passes it through."""
 
     requires_clone: bool = False  # never writes into its input
     activations: List[Any] = field(default_factory=list, repr=False)
 
-    def apply(self, value: Any) -> Any:
-        self.activations.append(value.detach().clone() if isinstance(value, torch.Tensor) else value)
+    def op(self, value: Any) -> Any:
+        self.activations.append(_detached_copy(value))
         return value
 
 
 @dataclass(kw_only=True)
-class ZeroPatch(Patch):
+class ZeroPatch(Patch[PatchableValue]):
     """Replaces the value (or ``value[slice]``) with zeros."""
 
     requires_clone: bool = False  # never writes into its input
     slice: Optional[SliceSpec] = None
 
-    def apply(self, value: Any) -> Any:
+    def op(self, value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             if self.slice is not None:
                 raise TypeError(f"a slice needs a tensor value, got {type(value).__name__}")
@@ -94,50 +192,71 @@ class ZeroPatch(Patch):
 
 
 @dataclass(kw_only=True)
-class AddPatch(Patch):
-    """Adds ``value`` to the node's value (or to ``value[slice]``)."""
+class AddPatch(Patch[PatchableValue]):
+    """Adds ``value`` to the node's value (or to ``value[slice]``); a tensor node keeps its
+    shape and dtype (``value`` broadcasts into it)."""
 
     requires_clone: bool = False  # never writes into its input
     value: Any
     slice: Optional[SliceSpec] = None
 
-    def apply(self, value: Any) -> Any:
+    def op(self, value: Any) -> Any:
         if self.slice is None:
+            if isinstance(value, torch.Tensor):
+                return _same_shape_and_dtype(value + self.value, value, "the sum")
             return value + self.value
         return _write_slice(value, self.slice, lambda part: part + self.value)
 
 
 @dataclass(kw_only=True)
-class ReplacePatch(Patch):
-    """Replaces the node's value (or ``value[slice]``) with ``value``."""
+class ReplacePatch(Patch[PatchableValue]):
+    """Replaces the node's value (or ``value[slice]``) with ``value``. A tensor node keeps its
+    dtype and device; ``value`` may broadcast into its shape (a number fills it), but never
+    changes it."""
 
     requires_clone: bool = False  # never writes into its input
     value: Any
     slice: Optional[SliceSpec] = None
 
-    def apply(self, value: Any) -> Any:
-        if self.slice is None:
-            if isinstance(value, torch.Tensor) and isinstance(self.value, torch.Tensor):
-                if self.value.shape != value.shape:
-                    raise ValueError(
-                        f"replacement of shape {tuple(self.value.shape)} for a value of shape "
-                        f"{tuple(value.shape)}"
-                    )
+    def op(self, value: Any) -> Any:
+        if self.slice is not None:
+            return _write_slice(value, self.slice, lambda part: torch.as_tensor(self.value).to(part).expand_as(part))
+        if not isinstance(value, torch.Tensor):
             # a copy, so later in-place ops in the model never write into the caller's tensor
             return self.value.clone() if isinstance(self.value, torch.Tensor) else self.value
-        return _write_slice(value, self.slice, lambda part: torch.as_tensor(self.value).to(part).expand_as(part))
+        new = torch.as_tensor(self.value, device=value.device)
+        try:
+            expanded = new.expand_as(value)
+        except RuntimeError:
+            raise ValueError(f"replacement of shape {tuple(new.shape)} for a value of shape "
+                             f"{tuple(value.shape)}: it does not broadcast to the node's shape") from None
+        # clone: later in-place ops in the model never write into the caller's tensor
+        return expanded.to(value.dtype).clone()
 
 
 @dataclass(kw_only=True)
-class CustomPatch(Patch):
+class CustomPatch(Patch[PatchTarget]):
     """Calls ``custom_op(value)`` and continues with what it returns. ``custom_op`` gets a
     clone (``requires_clone=True``), so it may modify it in place; pass
     ``requires_clone=False`` for an op that never does, to save the copy."""
 
     custom_op: Callable[[Any], Any]
 
-    def apply(self, value: Any) -> Any:
+    def op(self, value: Any) -> Any:
         return self.custom_op(value)
 
 
-__all__ = ["AddPatch", "CustomPatch", "Patch", "clone_tensors", "ProbePatch", "RecordPatch", "ReplacePatch", "ZeroPatch"]
+__all__ = [
+    "AddPatch",
+    "CustomPatch",
+    "Patch",
+    "PatchTarget",
+    "PatchableValue",
+    "ProbePatch",
+    "RecordPatch",
+    "ReplacePatch",
+    "SliceSpec",
+    "ZeroPatch",
+    "clone_tensors",
+    "tensor_index",
+]

@@ -11,19 +11,23 @@ Call map::
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import io
 import os
+import sys
 import warnings
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import _compat, kv_cache
 from ..artifact import GraphArtifact, portable_to_bytes
 from ..files import write_atomic
-from ..errors import CacheMissError, NodePathError, NotAValueError, SignatureMismatchError, UnsupportedCacheError
+from ..errors import (ArtifactFormatError, CacheMissError, NodePathError, NotAValueError, NotPicklableError, SignatureMismatchError,
+                      UnsupportedCacheError)
 from ..options import ExtractionOptions
 from ..patches import Patch
 from ..signature import SignatureMatcher, canonical_inputs, flat_inputs, signature_key
@@ -32,6 +36,9 @@ from .bind import ModuleGraphModule, bind
 from .guards import preserved_global_state
 from .node_path import NodePath
 from .patching import PatchInstaller, SlotKey
+
+#: a path, or an open file (binary or text) to write to / read from
+FileLike = Union[str, "os.PathLike[str]", IO[bytes], IO[str]]
 
 #: ``(model, args, kwargs, options) -> GraphArtifact``; the cache plugs in a memoized one.
 Extractor = Callable[[torch.nn.Module, tuple, dict, ExtractionOptions], GraphArtifact]
@@ -83,6 +90,22 @@ class PatchableGraph(torch.nn.Module):
         # each entry: (slot key relative to the origin variant's graph, patches, origin variant)
         self._patch_stack: List[List[Tuple[SlotKey, List[Patch], "Variant"]]] = []
         self._forward_signature = inspect.signature(module.forward)
+        #: copies of a transformers model's ``config`` and ``generation_config`` (graphpatch's
+        #: attributes; ``generate`` reads this ``generation_config``), else None
+        self.config: Any = None
+        self.generation_config: Any = None
+        if options.copy_transformers_generation_config and _is_generation_model(module):
+            try:
+                self.config = copy.deepcopy(getattr(module, "config", None))
+                self.generation_config = copy.deepcopy(module.generation_config)
+            except Exception as exc:  # an odd config must not stop patching; say what failed
+                self.config = self.generation_config = None
+                warnings.warn(
+                    f"graphpatch_cache: could not copy the model's generation config ({type(exc).__name__}: "
+                    f"{exc}); pg.generation_config is None and pg.generate uses the model's "
+                    "(ExtractionOptions(copy_transformers_generation_config=False) skips the copy)",
+                    stacklevel=3,
+                )
 
     @classmethod
     def from_artifact(
@@ -118,8 +141,7 @@ class PatchableGraph(torch.nn.Module):
 
     def _add_variant(self, artifact: GraphArtifact) -> Variant:
         root = bind(artifact, self._model)
-        if self._options.postprocessing_function is not None:
-            self._options.postprocessing_function(root)
+        self._options.run_postprocessing(root, self._model)
         key = signature_key(artifact.signature)
         variant = Variant(artifact, root, SignatureMatcher(artifact.signature), PatchInstaller(root), key)
         self._graphs[f"v_{key}"] = root
@@ -330,14 +352,19 @@ class PatchableGraph(torch.nn.Module):
             cache, or whose cache cannot go through a graph (sliding-window or hybrid caches);
             the message names the model class; ``use_cache=False`` works for every model.
         :raises SignatureMismatchError: for sampling (``do_sample=True``).
+
+        Defaults (``use_cache``, ``eos_token_id``, ``pad_token_id``) come from
+        ``pg.generation_config`` (a copy of the model's, which you may change), or from the
+        model's when it is None.
         """
         if do_sample:
             raise SignatureMismatchError("pg.generate() decodes greedily", hint="pass do_sample=False")
+        config = self.generation_config if self.generation_config is not None else \
+            getattr(self._model, "generation_config", None)
         if use_cache is None:
             try:
                 return self.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                     use_cache=bool(getattr(getattr(self._model, "generation_config", None),
-                                                            "use_cache", True)),
+                                     use_cache=bool(getattr(config, "use_cache", True)),
                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, **model_kwargs)
             except UnsupportedCacheError as exc:
                 warnings.warn(f"graphpatch_cache: generating without a key/value cache: {exc.message}", stacklevel=2)
@@ -353,7 +380,6 @@ class PatchableGraph(torch.nn.Module):
                     cache_class=type(self._model).__name__,
                     hint="call pg.generate(..., use_cache=False): every step then runs the whole sequence",
                 )
-        config = getattr(self._model, "generation_config", None)
         if eos_token_id is None and config is not None:
             eos_token_id = config.eos_token_id
         if pad_token_id is None and config is not None:
@@ -403,37 +429,96 @@ class PatchableGraph(torch.nn.Module):
         return ids
 
     # -- portable files ----------------------------------------------------------------------------
-    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        """Write every graph variant to one portable file (pure data, never weights), for
-        :meth:`load` on another machine. The write is atomic."""
-        write_atomic(path, portable_to_bytes([v.artifact for v in self._variants]))
+    def save(self, file: FileLike) -> None:
+        """Write every graph variant to one portable file (pure data: JSON text, never
+        weights), for :meth:`load` on another machine.
+
+        :param file: a path (the write is atomic: a reader sees the old file or the new one),
+            or a file object open for writing, binary (``open(p, "wb")``, ``io.BytesIO``) or
+            text (``open(p, "w")``, ``io.StringIO``); it is written at its position and left open.
+        """
+        data = portable_to_bytes([v.artifact for v in self._variants])
+        if hasattr(file, "write"):
+            file.write(data.decode("ascii") if _is_text_stream(file) else data)  # type: ignore[union-attr]
+            return
+        write_atomic(file, data)  # type: ignore[arg-type]
 
     @classmethod
     def load(
         cls,
-        path: Union[str, "os.PathLike[str]"],
-        model: torch.nn.Module,
+        file: FileLike,
+        model: Optional[torch.nn.Module] = None,
         *,
         options: Optional[ExtractionOptions] = None,
     ) -> "PatchableGraph":
         """Bind the graphs in a file written by :meth:`save` (or ``graphpatch-cache export``)
-        to ``model``.
+        to ``model``. ``file`` is a path or a file object open for reading (binary or text),
+        read from its position to its end. Unlike graphpatch's ``load`` (an unpickler), the
+        file holds no weights and runs no code: the model comes from you.
 
+        :raises TypeError: no ``model`` (graphpatch's ``load(file)`` took none).
         :raises CacheMissError: no such file.
-        :raises ArtifactFormatError: not an artifact file (or an unsupported version).
+        :raises ArtifactFormatError: not an artifact file (or an unsupported version), such as
+            a file graphpatch's ``pg.save`` wrote (a pickle).
         :raises ModelStructureError: the graphs belong to a differently structured model;
             the error names the module or parameter that differs.
         """
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError as exc:
-            raise CacheMissError(f"no artifact file at {path}", path=str(path),
-                                 hint="write one with pg.save(path) or `graphpatch-cache export`") from exc
-        artifacts = read_portable(data, str(path))
+        if model is None:
+            raise TypeError(
+                "PatchableGraph.load(file, model) binds the saved graphs to a model you pass: the file "
+                "holds graphs only, never weights (graphpatch's load(file) unpickled both)"
+            )
+        if hasattr(file, "read"):
+            name = str(getattr(file, "name", "<file object>"))
+            data = file.read()  # type: ignore[union-attr]
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+        else:
+            name = str(file)
+            try:
+                data = Path(file).read_bytes()  # type: ignore[arg-type]
+            except FileNotFoundError as exc:
+                raise CacheMissError(f"no artifact file at {file}", path=name,
+                                     hint="write one with pg.save(path) or `graphpatch-cache export`") from exc
+        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+            # torch.save's zip archive, or a bare pickle: what graphpatch's pg.save wrote
+            raise ArtifactFormatError(
+                f"{name} is a pickle (torch.save or graphpatch's pg.save), not a file pg.save writes here; "
+                "it is never unpickled, since unpickling runs code", path=name,
+                hint="build the graph again with PatchableGraph(model, *example_inputs) and write it with pg.save(file)",
+            )
+        artifacts = read_portable(data, name)
         pg = cls.from_artifact(model, artifacts[0], options=options)
         for artifact in artifacts[1:]:
             pg._add_variant(artifact)
         return pg
+
+    # -- copying ---------------------------------------------------------------------------------
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickling (``torch.save(pg)``, ``pickle.dumps(pg)``, ``copy.copy(pg)``) is refused:
+        a pickled graph would hold generated code and the model's weights, and unpickling
+        runs code. graphpatch refused a direct ``torch.save(pg)`` too."""
+        raise NotPicklableError(
+            f"a PatchableGraph of {type(self._model).__name__} cannot be pickled (torch.save, pickle, copy.copy)",
+            hint="save its graphs with pg.save(file) (pure data, no weights) and bind them again with "
+            "PatchableGraph.load(file, model); save weights with torch.save(model.state_dict(), ...); "
+            "copy.deepcopy(pg) copies the model and its graphs",
+        )
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "PatchableGraph":
+        """A PatchableGraph of a deep copy of the model, with the same graphs (every call
+        signature's variant, bound again, no extraction), options, ``config`` and
+        ``generation_config``. Active patches stay with the ``with pg.patch`` blocks of the
+        original: the copy starts unpatched."""
+        model = copy.deepcopy(self._model, memo)
+        new = type(self).from_artifact(model, self._variants[0].artifact, options=self._options,
+                                       extractor=self._extractor)
+        memo[id(self)] = new
+        for variant in self._variants[1:]:
+            new._add_variant(variant.artifact)
+        new.config = copy.deepcopy(self.config, memo)
+        new.generation_config = copy.deepcopy(self.generation_config, memo)
+        return new
 
     def __repr__(self) -> str:
         return f"PatchableGraph({type(self._model).__name__}, variants={len(self._variants)})"
@@ -476,6 +561,23 @@ def _translate(origin: Variant, key: SlotKey, target: Variant) -> Optional[SlotK
         return None
     name = target_ids[1].get(origin_ids[0][node])
     return None if name is None else (graph_path, name, keys)
+
+
+def _is_generation_model(module: torch.nn.Module) -> bool:
+    """A transformers model that can generate (graphpatch's test: a ``GenerationMixin``).
+    transformers is not imported for this: a model of it means it already is."""
+    transformers = sys.modules.get("transformers")
+    mixin = getattr(transformers, "GenerationMixin", None) if transformers is not None else None
+    return mixin is not None and isinstance(module, mixin) and getattr(module, "generation_config", None) is not None
+
+
+def _is_text_stream(file: Any) -> bool:
+    if isinstance(file, io.TextIOBase):
+        return True
+    if isinstance(file, (io.RawIOBase, io.BufferedIOBase)):
+        return False
+    mode = getattr(file, "mode", None)  # other file-likes: trust their mode when they have one
+    return isinstance(mode, str) and "b" not in mode
 
 
 def _split_options(example_args: tuple) -> Tuple[ExtractionOptions, tuple]:
