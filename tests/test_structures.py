@@ -593,10 +593,13 @@ def test_opaque_output_stays_shape_generic():
 def test_unused_submodule():
     model = make(sm.WithUnused)
     x = rand(B0, sm.D)
+    # refused when asked for (graphpatch's default refuses in strict mode only)
     with pytest.raises(UnusedSubmoduleError) as info:
-        PatchableGraph(model, x)
+        PatchableGraph(model, ExtractionOptions(allow_unused_submodules=False), x)
     assert info.value.module_path == "unused"
-    pg = PatchableGraph(model, ExtractionOptions(allow_unused_submodules=True), x)
+    with pytest.raises(UnusedSubmoduleError):
+        PatchableGraph(model, ExtractionOptions(error_on_compilation_failure=True), x)
+    pg = PatchableGraph(model, x)
     check_exact(pg, model, x)
     x5 = rand(B1, sm.D, seed=3)
     check_exact(pg, model, x5)

@@ -1,0 +1,586 @@
+"""What code written for graphpatch 0.2.3 needs from us (issue 10, "Compatibility"): its patch
+override point and dataclass style, list-form slices, ValueError-compatible errors, its
+ExtractionOptions fields and defaults, ``pg.generation_config``, file-like save/load,
+pickling refused, and the ``graphpatch_cache.compat.graphpatch`` import module.
+
+Oracles: the plain model (with the same modification made by hand or by a forward hook),
+files on disk, and values computed from the model's own modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import typing
+import warnings
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_gpt2, token_inputs
+from graphpatch_cache import (
+    AddPatch,
+    ArtifactFormatError,
+    CustomPatch,
+    ExtractionOptions,
+    NodePathError,
+    NotPicklableError,
+    Patch,
+    PatchableGraph,
+    PatchError,
+    PatchMapError,
+    ProbePatch,
+    RecordPatch,
+    ReplacePatch,
+    UnusedSubmoduleError,
+    ZeroPatch,
+    cache_key,
+)
+from graphpatch_cache.errors import GraphPatchCacheError, NoEquivalentError
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.lin(x)))
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.used(x) * 2
+
+
+def small(seed: int = 0) -> Small:
+    torch.manual_seed(seed)
+    return Small().eval()
+
+
+@pytest.fixture(scope="module")
+def small_pg():
+    model = small()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    return model, x, PatchableGraph(model, x)
+
+
+def _hidden(model: Small, x: torch.Tensor) -> torch.Tensor:
+    """The value at node ``relu``, computed from the model's own modules."""
+    return torch.relu(model.lin(x))
+
+
+# -- Patch: op and apply, generic, dataclass subclasses -------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ScalePatch(Patch[torch.Tensor]):
+    """graphpatch's documented way to write a patch: a keyword-only dataclass overriding op."""
+
+    scale: float
+
+    def op(self, original_output):
+        return original_output * self.scale
+
+
+def test_graphpatch_style_dataclass_patch_with_op(small_pg):
+    model, x, pg = small_pg
+    with pg.patch({"relu": ScalePatch(scale=3.0)}):
+        got = pg(x)
+    assert torch.equal(got, model.out(_hidden(model, x) * 3.0))
+    assert torch.equal(pg(x), model(x))  # unpatched again after the block
+
+
+def test_patch_is_generic():
+    assert typing.get_args(Patch[torch.Tensor]) == (torch.Tensor,)
+    assert isinstance(ScalePatch(scale=1.0), Patch)
+    assert typing.Generic in Patch.__mro__
+    with pytest.raises(TypeError):  # keyword-only, as in graphpatch
+        ScalePatch(2.0)
+
+
+def test_op_and_apply_precedence():
+    x = torch.arange(6.0).reshape(2, 3)
+
+    @dataclass(kw_only=True)
+    class ApplyOnly(Patch):
+        def apply(self, value):
+            return value + 1
+
+    class OpBelowApply(ApplyOnly):  # the most derived definition wins: op
+        def op(self, value):
+            return value * 10
+
+    class Both(Patch):  # one class defining both: apply runs (and may call op)
+        def apply(self, value):
+            return self.op(value) + 0.5
+
+        def op(self, value):
+            return -value
+
+    class DoubledZero(ZeroPatch):  # overriding a built-in's op replaces it; super() reaches it
+        def op(self, value):
+            return super().op(value) + 2
+
+    class ApplyOverBuiltin(AddPatch):  # ours: apply; super().apply reaches the built-in op
+        def apply(self, value):
+            return super().apply(value) * 2
+
+    assert torch.equal(ApplyOnly()(x), x + 1)
+    assert torch.equal(ApplyOnly().op(x), x + 1)  # op falls through to an overridden apply
+    assert torch.equal(OpBelowApply()(x), x * 10)
+    assert torch.equal(Both()(x), -x + 0.5)
+    assert torch.equal(DoubledZero(slice=(0,))(x), torch.tensor([[2.0, 2, 2], [5, 6, 7]]))
+    assert torch.equal(ApplyOverBuiltin(value=1.0)(x), (x + 1) * 2)
+    assert torch.equal(ScalePatch(scale=2.0).apply(x), x * 2)  # apply falls through to op
+
+
+def test_patch_overriding_neither_says_so():
+    with pytest.raises(NotImplementedError, match="neither op.*nor apply"):
+        Patch()(torch.ones(2))
+
+    class Nothing(Patch):
+        pass
+
+    with pytest.raises(NotImplementedError, match="Nothing"):
+        Nothing()(torch.ones(2))
+
+
+def test_requires_clone_graphpatch_style(small_pg):
+    """A subclass clones by default, so an in-place op leaves the graph's value alone; a
+    read-only one hides the field (graphpatch's `field(default=False, init=False)`)."""
+    model, x, pg = small_pg
+
+    @dataclass(kw_only=True)
+    class InPlaceDouble(Patch[torch.Tensor]):
+        def op(self, original_output):
+            return original_output.mul_(2)
+
+    @dataclass(kw_only=True)
+    class Peek(Patch[torch.Tensor]):
+        requires_clone: bool = field(default=False, init=False)
+        seen: list = field(default_factory=list)
+
+        def op(self, original_output):
+            self.seen.append(original_output)
+            return original_output
+
+    weight = model.lin.weight.detach().clone()
+    with torch.no_grad(), pg.patch({"lin.weight": InPlaceDouble()}):
+        got = pg(x)
+    assert torch.equal(model.lin.weight, weight)  # the weight was not written
+    assert torch.equal(got, model.out(torch.relu(nn.functional.linear(x, weight * 2, model.lin.bias))))
+
+    value = torch.ones(3)
+    peek = Peek()
+    assert peek(value) is value and peek.seen[0] is value  # no clone
+    with pytest.raises(TypeError):
+        Peek(requires_clone=True)
+    assert InPlaceDouble().requires_clone and not ProbePatch().requires_clone
+    assert CustomPatch(custom_op=lambda v: v).requires_clone
+    assert not CustomPatch(custom_op=lambda v: v, requires_clone=False).requires_clone
+
+
+# -- list-form slices --------------------------------------------------------------------------------------------
+
+
+def test_list_slices_mean_what_they_meant_in_graphpatch():
+    x = torch.arange(12.0).reshape(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torch deprecation warning about sequence indexing
+        zeroed = ZeroPatch(slice=[slice(None), 0])(x)
+        added = AddPatch(value=1.0, slice=[0, slice(1, 3)])(x)
+        replaced = ReplacePatch(value=7.0, slice=[..., 1])(x)
+        rows = ZeroPatch(slice=[0, 2])(x)  # a list of ints: rows 0 and 2 (advanced indexing)
+    expected = x.clone()
+    expected[:, 0] = 0
+    assert torch.equal(zeroed, expected)
+    expected = x.clone()
+    expected[0, 1:3] += 1
+    assert torch.equal(added, expected)
+    expected = x.clone()
+    expected[..., 1] = 7
+    assert torch.equal(replaced, expected)
+    expected = x.clone()
+    expected[[0, 2]] = 0
+    assert torch.equal(rows, expected)
+
+
+def test_list_slice_in_a_graph(small_pg):
+    model, x, pg = small_pg
+    with pg.patch({"relu": AddPatch(value=0.5, slice=[slice(1, 3), 2])}):
+        got = pg(x)
+    hidden = _hidden(model, x)
+    hidden[1:3, 2] += 0.5
+    assert torch.equal(got, model.out(hidden))
+
+
+def test_replace_and_add_keep_the_nodes_shape_and_dtype():
+    x = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(ReplacePatch(value=4)(x), torch.full((2, 3), 4.0))  # graphpatch: fills
+    row = torch.tensor([1, 2, 3], dtype=torch.float64)
+    out = ReplacePatch(value=row)(x)  # broadcasts, keeps float32
+    assert out.dtype == torch.float32 and torch.equal(out, row.float().expand(2, 3))
+    with pytest.raises(ValueError, match="broadcast"):
+        ReplacePatch(value=torch.zeros(4))(x)
+    out = AddPatch(value=torch.ones(3, dtype=torch.float64))(x)
+    assert out.dtype == torch.float32 and torch.equal(out, x + 1)
+    with pytest.raises(ValueError, match="shape"):
+        AddPatch(value=torch.ones(4, 2, 3))(x)
+
+
+# -- errors are ValueErrors (and KeyErrors for paths) ------------------------------------------------------
+
+
+def test_errors_keep_graphpatch_except_clauses_working(small_pg):
+    model, x, pg = small_pg
+    with pytest.raises(ValueError) as info:  # graphpatch: a bad path is a KeyError
+        with pg.patch({"lin.no_such_node": ZeroPatch()}):
+            pass
+    assert isinstance(info.value, KeyError) and isinstance(info.value, NodePathError)
+    with pytest.raises(ValueError) as info:  # a patch that does not fit the value
+        with pg.patch({"relu": ZeroPatch(slice=(slice(None), 9))}):
+            pg(x)
+    assert isinstance(info.value, PatchError) and info.value.node_path == "relu"
+    assert torch.equal(pg(x), model(x))
+    with pytest.raises(TypeError):  # a non-Patch in the map (PatchMapError is a TypeError too)
+        with pg.patch({"relu": 3}):
+            pass
+    assert issubclass(PatchMapError, ValueError) and issubclass(PatchMapError, TypeError)
+    assert issubclass(PatchMapError, GraphPatchCacheError)
+    err = pickle.loads(pickle.dumps(PatchMapError("bad map", node_path="relu")))
+    assert isinstance(err, ValueError) and err.node_path == "relu"
+
+
+# -- ExtractionOptions ------------------------------------------------------------------------------------------
+
+
+def test_allow_unused_submodules_default_is_graphpatchs():
+    assert ExtractionOptions().allow_unused_submodules is True
+    assert ExtractionOptions(error_on_compilation_failure=True).allow_unused_submodules is False
+    assert ExtractionOptions(error_on_compilation_failure=True, allow_unused_submodules=True).allow_unused_submodules
+    assert ExtractionOptions() == ExtractionOptions(allow_unused_submodules=True)
+    assert ExtractionOptions().fingerprint()["allow_unused_submodules"] is True
+    strict = ExtractionOptions(error_on_compilation_failure=True)
+    assert strict.fingerprint()["allow_unused_submodules"] is False
+
+    torch.manual_seed(0)
+    model = WithUnused().eval()
+    x = torch.randn(3, 4)
+    pg = PatchableGraph(model, x)  # graphpatch's default: an unused submodule is normal
+    assert torch.equal(pg(x), model(x))
+    with pytest.raises(UnusedSubmoduleError):
+        PatchableGraph(model, strict, x)
+    # the resolved value is what enters the key
+    assert cache_key(model, x, options=ExtractionOptions()) == \
+        cache_key(model, x, options=ExtractionOptions(allow_unused_submodules=True))
+    assert cache_key(model, x, options=ExtractionOptions()) != \
+        cache_key(model, x, options=ExtractionOptions(allow_unused_submodules=False))
+
+
+def test_copy_generation_config_option_is_not_in_the_key():
+    options = ExtractionOptions(copy_transformers_generation_config=False)
+    assert ExtractionOptions().copy_transformers_generation_config is True
+    assert "copy_transformers_generation_config" not in options.fingerprint()
+    assert options.fingerprint() == ExtractionOptions().fingerprint()
+
+
+def test_options_accept_graphpatch_field_types():
+    options = ExtractionOptions(classes_to_skip_compiling={nn.ReLU, nn.GELU}, skip_compilation=False)
+    assert set(options.classes_to_skip_compiling) == {nn.ReLU, nn.GELU}
+
+
+def test_postprocessing_function_takes_graphpatchs_arguments():
+    model = small()
+    x = torch.randn(5, 4)
+    seen = []
+
+    def double_output(graph_module, module):
+        """graphpatch's documented use: edit the graph in place (here: double the output)."""
+        seen.append((graph_module, module))
+        graph = graph_module.graph
+        out = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(out):
+            doubled = graph.call_function(torch.mul, (out.args[0], 2.0))
+        out.args = (doubled,)
+        graph_module.recompile()
+
+    pg = PatchableGraph(model, ExtractionOptions(postprocessing_function=double_output), x)
+    assert len(seen) == 1 and isinstance(seen[0][0], torch.fx.GraphModule) and seen[0][1] is model
+    assert torch.equal(pg(x), model(x) * 2.0)
+
+    old_form = []  # this library's earlier one-argument form still works
+    PatchableGraph(model, ExtractionOptions(postprocessing_function=old_form.append), x)
+    assert len(old_form) == 1 and isinstance(old_form[0], torch.fx.GraphModule)
+
+    with pytest.raises(TypeError, match="graph_module, module"):
+        ExtractionOptions(postprocessing_function=lambda: None)
+    with pytest.raises(TypeError, match="graph_module, module"):
+        ExtractionOptions(postprocessing_function=lambda a, b, c: None)
+    with pytest.raises(TypeError, match="callable"):
+        ExtractionOptions(postprocessing_function=3)
+
+
+# -- generation_config --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_pg():
+    model = tiny_gpt2(n_layer=1)
+    inputs = token_inputs(batch=1, seq=6)
+    return model, inputs, PatchableGraph(model, **inputs)
+
+
+def test_generation_config_is_a_copy(gpt2_pg):
+    model, inputs, pg = gpt2_pg
+    assert pg.generation_config is not None and pg.generation_config is not model.generation_config
+    assert pg.generation_config.to_dict() == model.generation_config.to_dict()
+    assert pg.config is not model.config and pg.config.to_dict() == model.config.to_dict()
+
+
+def test_generate_reads_the_graphs_generation_config(gpt2_pg):
+    model, inputs, pg = gpt2_pg
+    ids = inputs["input_ids"]
+    first = int(model(ids).logits[0, -1].argmax())
+    second_ids = torch.cat([ids, torch.tensor([[first]])], dim=-1)
+    second = int(model(second_ids).logits[0, -1].argmax())
+    eos_before = pg.generation_config.eos_token_id
+    try:
+        pg.generation_config.eos_token_id = first  # stop right after the first token
+        out = pg.generate(ids, max_new_tokens=4, use_cache=False)
+    finally:
+        pg.generation_config.eos_token_id = eos_before
+    assert out.tolist() == second_ids.tolist()
+    assert model.generation_config.eos_token_id == eos_before  # the model's own is untouched
+    if first != eos_before and second != eos_before:
+        assert pg.generate(ids, max_new_tokens=2, use_cache=False).tolist() == \
+            torch.cat([second_ids, torch.tensor([[second]])], dim=-1).tolist()
+
+
+def test_generation_config_none_when_off_or_not_transformers():
+    model = tiny_gpt2(n_layer=1)
+    inputs = token_inputs(batch=1, seq=4)
+    pg = PatchableGraph.from_artifact(model, PatchableGraph(model, **inputs).artifact,
+                                      options=ExtractionOptions(copy_transformers_generation_config=False))
+    assert pg.generation_config is None and pg.config is None
+    assert PatchableGraph(small(), torch.randn(2, 4)).generation_config is None
+
+
+# -- save / load with file objects; pickling ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["binary", "text"])
+def test_save_and_load_file_objects(small_pg, tmp_path, mode):
+    model, x, pg = small_pg
+    on_disk = tmp_path / "graph.json"
+    pg.save(on_disk)
+    expected = on_disk.read_bytes()
+
+    buffer = io.BytesIO() if mode == "binary" else io.StringIO()
+    pg.save(buffer)
+    written = buffer.getvalue()
+    assert (written if mode == "binary" else written.encode()) == expected
+    buffer.seek(0)
+    loaded = PatchableGraph.load(buffer, model)
+    assert torch.equal(loaded(x), model(x))
+
+    path = tmp_path / f"open-{mode}.json"
+    with open(path, "wb" if mode == "binary" else "w") as f:
+        pg.save(f)
+    assert path.read_bytes() == expected
+    with open(path, "rb" if mode == "binary" else "r") as f:
+        loaded = PatchableGraph.load(f, model)
+    with loaded.patch({"relu": ZeroPatch()}):
+        assert torch.equal(loaded(x), model.out(torch.zeros(5, 3)))
+
+
+def test_load_refuses_pickles_and_wants_the_model(small_pg, tmp_path):
+    model, x, pg = small_pg
+    buffer = io.BytesIO()
+    torch.save({"anything": torch.ones(2)}, buffer)  # what graphpatch's pg.save wrote: a torch pickle
+    buffer.seek(0)
+    with pytest.raises(ArtifactFormatError, match="pickle"):
+        PatchableGraph.load(buffer, model)
+    with pytest.raises(ArtifactFormatError, match="pickle"):
+        PatchableGraph.load(io.BytesIO(pickle.dumps([1, 2])), model)
+    pg.save(tmp_path / "g.json")
+    with pytest.raises(TypeError, match=r"load\(file, model\)"):
+        PatchableGraph.load(tmp_path / "g.json")
+
+
+def test_pickling_is_refused_with_a_pointer_to_save(small_pg):
+    model, x, pg = small_pg
+    for attempt in (lambda: pickle.dumps(pg), lambda: torch.save(pg, io.BytesIO()), lambda: copy.copy(pg)):
+        with pytest.raises(NotPicklableError, match="cannot be pickled") as info:
+            attempt()
+        assert isinstance(info.value, TypeError) and "pg.save(file)" in str(info.value)
+    torch.save(pg.state_dict(), io.BytesIO())  # the weights still save as usual
+
+
+def test_deepcopy_copies_model_and_graphs(small_pg):
+    model, x, pg = small_pg
+    probe = ProbePatch()
+    with pg.patch({"relu": ZeroPatch()}):
+        twin = copy.deepcopy(pg)  # patches belong to the original's block: the copy is unpatched
+        assert torch.equal(twin(x), model(x))
+        assert torch.equal(pg(x), model.out(torch.zeros(5, 3)))
+    assert twin.model is not model and isinstance(twin.model, Small)
+    assert twin.model.lin.weight.data_ptr() != model.lin.weight.data_ptr()
+    assert len(twin.variants) == len(pg.variants)
+    with torch.no_grad():
+        twin.model.lin.weight.mul_(2)  # the copy binds its own model's weights
+    expected = twin.model(x)
+    assert torch.equal(twin(x), expected) and not torch.equal(expected, model(x))
+    with twin.patch({"lin.output": probe}):
+        twin(x)
+    assert torch.equal(probe.activation, twin.model.lin(x))
+    assert torch.equal(pg(x), model(x))
+
+
+def test_deepcopy_keeps_generation_config(gpt2_pg):
+    model, inputs, pg = gpt2_pg
+    twin = copy.deepcopy(pg)
+    assert twin.generation_config is not pg.generation_config
+    assert twin.generation_config.to_dict() == pg.generation_config.to_dict()
+    assert torch.equal(twin(**inputs).logits, model(**inputs).logits)
+
+
+# -- nested contexts ------------------------------------------------------------------------------------------------
+
+
+def test_nested_contexts_run_outer_patches_first(small_pg):
+    """graphpatch extends the outer context's list with the inner one's: outer first."""
+    model, x, pg = small_pg
+    hidden = _hidden(model, x)
+    outer_record, inner_record, after_both = RecordPatch(), RecordPatch(), RecordPatch()
+    with pg.patch({"relu": [outer_record, AddPatch(value=1.0)]}):
+        with pg.patch({"relu": [inner_record, ReplacePatch(value=2.0, slice=(0,)), after_both]}):
+            got = pg(x)
+        pg(x)
+    expected = hidden + 1.0
+    expected[0] = 2.0
+    assert torch.equal(got, model.out(expected))
+    assert len(outer_record.activations) == 2 and len(inner_record.activations) == 1
+    assert torch.equal(outer_record.activations[0], hidden)
+    assert torch.equal(inner_record.activations[0], hidden + 1.0)  # saw the outer AddPatch
+    assert torch.equal(after_both.activations[0], expected)
+    assert torch.equal(pg(x), model(x))
+
+
+# -- the compat module -------------------------------------------------------------------------------------------
+
+
+#: graphpatch 0.2.3's ``graphpatch.__all__`` (from its documented API)
+GRAPHPATCH_NAMES = {
+    "AddPatch", "CompiledGraphModule", "CustomPatch", "MultiplyInvokedModule", "OpaqueGraphModule", "Patch",
+    "ProbePatch", "RecordPatch", "ReplacePatch", "ZeroPatch", "ExtractionOptions", "PatchableGraph",
+}
+
+
+def test_compat_module_has_graphpatchs_names():
+    import graphpatch_cache
+    from graphpatch_cache.compat import graphpatch as gp
+
+    assert set(gp.__all__) == GRAPHPATCH_NAMES
+    for name in GRAPHPATCH_NAMES - {"CompiledGraphModule", "OpaqueGraphModule", "MultiplyInvokedModule"}:
+        assert getattr(gp, name) is getattr(graphpatch_cache, name)  # the same classes, not wrappers
+    namespace: dict = {}
+    exec("from graphpatch_cache.compat.graphpatch import *", namespace)
+    assert GRAPHPATCH_NAMES <= set(namespace)
+
+
+@pytest.mark.parametrize("name", ["CompiledGraphModule", "OpaqueGraphModule", "MultiplyInvokedModule"])
+def test_compat_names_without_equivalent_refuse_every_use(name):
+    from graphpatch_cache.compat import graphpatch as gp
+
+    cls = getattr(gp, name)
+    for use in (lambda: isinstance(nn.Linear(1, 1), cls), lambda: issubclass(nn.Linear, cls), lambda: cls()):
+        with pytest.raises(NoEquivalentError, match=name) as info:
+            use()
+        assert isinstance(info.value, NotImplementedError) and info.value.name == name
+        assert "pg.artifact.root.walk()" in str(info.value)
+
+
+def test_a_graphpatch_user_script_runs_on_the_compat_module():
+    """A short graphpatch-style session, only the import line changed; every result is
+    checked against the plain model with the same change made by forward hooks."""
+    from graphpatch_cache.compat.graphpatch import (AddPatch, CustomPatch, ExtractionOptions, Patch,
+                                                    PatchableGraph, ProbePatch, RecordPatch, ZeroPatch)
+
+    @dataclass(kw_only=True)
+    class NegatePatch(Patch[torch.Tensor]):
+        def op(self, original_output):
+            original_output.neg_()  # in place: fine, patches get a clone
+            return original_output
+
+    model = tiny_gpt2(n_layer=2)
+    inputs = token_inputs(batch=2, seq=5)
+    options = ExtractionOptions(skip_compilation=False, error_on_compilation_failure=False,
+                                classes_to_skip_compiling=set())
+    pg = PatchableGraph(model, options, **inputs)
+
+    # pg.graph: attribute access down the module tree, shapes of values
+    mlp = pg.graph.transformer.h_0.mlp
+    assert str(mlp.output) == "transformer.h_0.mlp.output"
+    assert "h_1" in dir(pg.graph.transformer)
+
+    blocks = model.transformer.h
+
+    def run_plain(hooks):
+        handles = [module.register_forward_hook(hook) for module, hook in hooks]
+        try:
+            return model(**inputs).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # 1. probe: the MLP output of block 0
+    probe = ProbePatch()
+    with pg.patch({"transformer.h_0.mlp.output": probe}):
+        logits = pg(**inputs).logits
+    seen = []
+    plain = run_plain([(blocks[0].mlp, lambda m, i, o: seen.append(o.detach().clone()))])
+    assert torch.equal(logits, plain) and torch.equal(probe.activation, seen[0])
+
+    # 2. zero a slice, add to a slice, a custom op and a user patch, recorded along the way
+    delta = torch.ones(32) * 0.25
+    record = RecordPatch()
+    patches = {
+        "transformer.h_0.mlp.output": [ZeroPatch(slice=[slice(None), 0]), record],
+        "transformer.h_1.mlp.output": AddPatch(value=delta, slice=(slice(None), slice(1, 3))),
+        "transformer.h_0.output": CustomPatch(custom_op=lambda t: t * 0.5),
+        "transformer.ln_f.output": NegatePatch(),
+    }
+    with pg.patch(patches):
+        logits = pg(**inputs).logits
+
+    def zero_first(module, args, out):
+        out = out.clone()
+        out[:, 0] = 0
+        return out
+
+    def add_delta(module, args, out):
+        out = out.clone()
+        out[:, 1:3] += delta
+        return out
+
+    plain = run_plain([
+        (blocks[0].mlp, zero_first),
+        (blocks[1].mlp, add_delta),
+        (blocks[0], lambda m, i, o: (o[0] * 0.5,) + tuple(o[1:]) if isinstance(o, tuple) else o * 0.5),
+        (model.transformer.ln_f, lambda m, i, o: -o),
+    ])
+    assert torch.equal(logits, plain)
+    assert len(record.activations) == 1 and bool((record.activations[0][:, 0] == 0).all())
+
+    # 3. nothing stays patched
+    assert torch.equal(pg(**inputs).logits, model(**inputs).logits)
