@@ -104,22 +104,29 @@ class Patch(Generic[PatchTarget]):
 
     requires_clone: bool = True
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Patch[Any]":
+        # like an abstract class: refuse at construction, so `pg.patch` never sees a patch
+        # that could only fail inside the forward pass
+        if _entry_point(cls) is None:
+            raise NotImplementedError(_abstract_message(cls))
+        return super().__new__(cls)
+
     def op(self, value: PatchTarget) -> PatchTarget:
         """The operation: takes the node's value, returns the value the graph continues with."""
         if _overrides(type(self), "apply"):
             return self.apply(value)
-        raise NotImplementedError(_abstract_message(self))
+        raise NotImplementedError(_abstract_message(type(self)))
 
     def apply(self, value: PatchTarget) -> PatchTarget:
         """The same as :meth:`op` (this library's original name for it)."""
         if _overrides(type(self), "op"):
             return self.op(value)
-        raise NotImplementedError(_abstract_message(self))
+        raise NotImplementedError(_abstract_message(type(self)))
 
     def __call__(self, value: Any) -> Any:
         entry = _entry_point(type(self))
         if entry is None:
-            raise NotImplementedError(_abstract_message(self))
+            raise NotImplementedError(_abstract_message(type(self)))
         if self.requires_clone:
             value = clone_tensors(value)
         return self.apply(value) if entry == "apply" else self.op(value)
@@ -129,8 +136,8 @@ def _overrides(cls: type, name: str) -> bool:
     return getattr(cls, name) is not getattr(Patch, name)
 
 
-def _abstract_message(patch: Patch) -> str:
-    return (f"{type(patch).__name__} defines neither op(value) nor apply(value): a patch must override "
+def _abstract_message(cls: type) -> str:
+    return (f"{cls.__name__} defines neither op(value) nor apply(value): a patch must override "
             "one of them (Patch() itself is not a pass-through; use ProbePatch or "
             "CustomPatch(custom_op=lambda v: v) for one)")
 

@@ -144,15 +144,23 @@ def test_op_and_apply_precedence():
     assert torch.equal(ScalePatch(scale=2.0).apply(x), x * 2)  # apply falls through to op
 
 
-def test_patch_overriding_neither_says_so():
+def test_patch_overriding_neither_is_refused_at_construction():
+    """graphpatch's base op passes the value through; a patch that overrides nothing is a
+    mistake we refuse when it is made, not a silent no-op."""
     with pytest.raises(NotImplementedError, match="neither op.*nor apply"):
-        Patch()(torch.ones(2))
+        Patch()
 
     class Nothing(Patch):
         pass
 
+    class Something(Nothing):  # an intermediate base class may define neither
+        def op(self, value):
+            return value + 1
+
     with pytest.raises(NotImplementedError, match="Nothing"):
-        Nothing()(torch.ones(2))
+        Nothing()
+    assert torch.equal(Something()(torch.ones(2)), torch.full((2,), 2.0))
+    assert torch.equal(copy.deepcopy(Something(requires_clone=False)).op(torch.ones(1)), torch.full((1,), 2.0))
 
 
 def test_requires_clone_graphpatch_style(small_pg):
