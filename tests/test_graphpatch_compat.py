@@ -454,6 +454,21 @@ def test_deepcopy_copies_model_and_graphs(small_pg):
     assert torch.equal(pg(x), model(x))
 
 
+def test_deepcopy_of_an_opaque_graph_binds_the_copied_model():
+    model = small(seed=3)
+    x = torch.randn(4, 4)
+    pg = PatchableGraph(model, ExtractionOptions(skip_compilation=True), x)
+    twin = copy.deepcopy(pg)
+    with torch.no_grad():
+        twin.model.out.bias.add_(1.0)
+    assert torch.equal(twin(x), twin.model(x)) and torch.equal(pg(x), model(x))
+    assert not torch.equal(twin(x), model(x))
+    hidden = _hidden(twin.model, x)
+    with twin.patch({"out.bias": ZeroPatch()}):
+        assert torch.equal(twin(x), nn.functional.linear(hidden, twin.model.out.weight,
+                                                         torch.zeros_like(twin.model.out.bias)))
+
+
 def test_deepcopy_keeps_generation_config(gpt2_pg):
     model, inputs, pg = gpt2_pg
     twin = copy.deepcopy(pg)
