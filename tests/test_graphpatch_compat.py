@@ -355,6 +355,17 @@ def test_generation_config_is_a_copy(gpt2_pg):
     assert pg.config is not model.config and pg.config.to_dict() == model.config.to_dict()
 
 
+def test_probe_of_a_structured_output_keeps_a_copy(gpt2_pg):
+    """graphpatch deep-copies non-tensor values it records; we copy every tensor inside."""
+    model, inputs, pg = gpt2_pg
+    probe, record = ProbePatch(), RecordPatch()
+    with pg.patch({"output": [probe, record]}):
+        out = pg(**inputs)
+    for kept in (probe.activation, record.activations[0]):
+        assert type(kept) is type(out) and torch.equal(kept.logits, model(**inputs).logits)
+        assert kept.logits.data_ptr() != out.logits.data_ptr() and not kept.logits.requires_grad
+
+
 def test_generate_reads_the_graphs_generation_config(gpt2_pg):
     model, inputs, pg = gpt2_pg
     ids = inputs["input_ids"]
