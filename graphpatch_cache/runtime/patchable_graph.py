@@ -26,8 +26,8 @@ import torch
 from .. import _compat, kv_cache
 from ..artifact import GraphArtifact, portable_to_bytes
 from ..files import write_atomic
-from ..errors import (ArtifactFormatError, CacheMissError, NodePathError, NotAValueError, NotPicklableError, SignatureMismatchError,
-                      UnsupportedCacheError)
+from ..errors import (ArtifactFormatError, CacheMissError, NodePathError, NotAValueError, NotPicklableError,
+                      SignatureMismatchError, UnsupportedCacheError)
 from ..options import ExtractionOptions
 from ..patches import Patch
 from ..signature import SignatureMatcher, canonical_inputs, flat_inputs, signature_key
@@ -439,7 +439,7 @@ class PatchableGraph(torch.nn.Module):
         """
         data = portable_to_bytes([v.artifact for v in self._variants])
         if hasattr(file, "write"):
-            file.write(data.decode("ascii") if _is_text_stream(file) else data)  # type: ignore[union-attr]
+            file.write(data.decode("utf-8") if _is_text_stream(file) else data)  # type: ignore[union-attr]
             return
         write_atomic(file, data)  # type: ignore[arg-type]
 
