@@ -25,8 +25,9 @@ built-in patch that overrides ``op`` or ``apply`` replaces the built-in behaviou
 from __future__ import annotations
 
 import functools
+from types import EllipsisType
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Generic, List, Optional, TypeVar, Union
 
 import torch
 
@@ -34,7 +35,7 @@ from . import _compat
 
 PatchTarget = TypeVar("PatchTarget")
 #: one index element (graphpatch's ``TensorSliceElement``)
-SliceElement = Union[int, slice, torch.Tensor, None, "ellipsis"]  # noqa: F821
+SliceElement = Union[int, slice, torch.Tensor, None, EllipsisType]
 #: anything valid inside ``tensor[...]``: an element, a tuple of them, or a list (see
 #: :func:`tensor_index` for what a list means)
 SliceSpec = Any
