@@ -1,0 +1,235 @@
+"""How each module call is named: its local name in the caller's graph and its module path.
+
+The rule (one for every call)::
+
+    A call is named by the attribute path its caller used to reach the module, relative to
+    the calling module, with "." replaced by "_" (``self.h[17](x)`` -> ``h_17``,
+    ``self.blocks["first"](x)`` -> ``blocks_first``). When one caller makes several calls
+    through the same path, they are numbered in call order: ``a_0``, ``a_1``, ...
+
+So ``self.b(x) * 2 + self.a(x + 1)`` with ``self.b = self.a`` gives calls ``b`` and ``a``
+(not two numbered calls of one module), and ``for _ in range(3): self.a(x)`` gives ``a_0``,
+``a_1``, ``a_2``. The call's module path (used for its weights' qualified names, errors and
+accelerate hooks) is the caller's path followed by the same attribute path.
+
+The attribute path is dynamo's *source* for the call: the last entry of the
+``nn_module_stack`` metadata dynamo puts on our enter/opaque marker. It is resolved on the
+model's own objects and accepted only where every step is a registered submodule
+(``_modules``) below the calling module, so a name always is a path ``get_submodule``
+follows to the very module that was called.
+
+Fallback, where no such path exists: calls made inside a module that is not traced (an
+opaque module: dynamo sees none of its code), and calls through something that is not a
+registered submodule of the caller (a module held in a plain Python list or dict, reached
+through a global, or stored on another object). Such a call is named by the module's first
+registered name inside the caller (``named_modules`` order), else its first registered name
+in the model, numbered like above when one caller makes several calls to it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .markers import ENTER, OPAQUE, CallRecord
+
+#: where capture's root puts the model: ``_CaptureRoot.model``, traced as ``L['self']``
+_ROOT = "L['self'].model"
+# Our Recorder replaces each module's ``forward`` by a closure around the bound forward;
+# dynamo then reaches a module's ``self`` through that closure cell. The cell holds the
+# module's bound forward, whose ``__self__`` is the module itself: the segment adds nothing.
+_WRAPPER = re.compile(r"\.forward\.__closure__\[\d+\]\.cell_contents\.__self__")
+# older torch writes ``._modules['x']`` where newer torch writes ``.x``
+_MODULES = re.compile(r"\._modules\[(['\"])([^'\"\]]+)\1\]")
+_TOKEN = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*|\d+)|\[(-?\d+|'[^']*'|\"[^\"]*\")\]")
+
+
+@dataclass
+class CallNames:
+    """Names of every recorded call, by call index."""
+
+    #: the call's name in its caller's graph (the model's own call: "")
+    local: Dict[int, str] = field(default_factory=dict)
+    #: the qualified module path the call is reached under ("" for the model's own call)
+    path: Dict[int, str] = field(default_factory=dict)
+    #: whether the name comes from the call's attribute path (False: the fallback)
+    from_source: Dict[int, bool] = field(default_factory=dict)
+
+
+def call_sources(graph: torch.fx.Graph, calls: List[CallRecord]) -> Dict[int, str]:
+    """Dynamo's source string for each traced call, by call index.
+
+    Markers are matched to the eager records in order, as :class:`~.split.Splitter` does;
+    the calls an opaque module makes were recorded but not traced, so they are skipped.
+    """
+    out: Dict[int, str] = {}
+    records = iter(calls)
+
+    def descendants(record: CallRecord) -> int:
+        return sum(1 + descendants(calls[c]) for c in record.children)
+
+    for node in graph.nodes:
+        if node.op != "call_function" or (node.target is not ENTER and node.target is not OPAQUE):
+            continue
+        record = next(records, None)
+        if record is None or record.tag != node.args[0]:
+            break  # the splitter reports the mismatch
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            entry = list(stack.values())[-1]
+            source = entry[0] if isinstance(entry, tuple) else entry
+            if isinstance(source, str):
+                out[record.index] = source
+        if node.target is OPAQUE:
+            for _ in range(descendants(record)):
+                next(records, None)
+    return out
+
+
+def _tokens(source: str) -> Optional[List[Any]]:
+    """``L['self'].model.md.bar[2]`` -> ``["md", "bar", 2]`` (relative to the model), or None
+    for a source that does not start at the model or does not parse."""
+    source = _MODULES.sub(r".\2", _WRAPPER.sub("", source))
+    if not source.startswith(_ROOT):
+        return None
+    rest = source[len(_ROOT):]
+    tokens: List[Any] = []
+    pos = 0
+    for match in _TOKEN.finditer(rest):
+        if match.start() != pos:
+            return None
+        pos = match.end()
+        attr, item = match.group(1), match.group(2)
+        if attr is not None:
+            tokens.append(attr)
+        elif item[0] in "'\"":
+            tokens.append(item[1:-1])
+        else:
+            tokens.append(int(item))
+    return tokens if pos == len(rest) else None
+
+
+def _step(obj: Any, token: Any) -> Tuple[Any, Optional[str]]:
+    """One step of a source on the real objects: (next object, its registered child name or
+    None when the step is not through ``_modules``)."""
+    modules = getattr(obj, "_modules", None) if isinstance(obj, torch.nn.Module) else None
+    if isinstance(token, int):
+        if isinstance(obj, (torch.nn.ModuleList, torch.nn.Sequential)):
+            keys = list(obj._modules)
+            if -len(keys) <= token < len(keys):
+                key = keys[token]
+                return obj._modules[key], key
+        return obj[token], None
+    if modules is not None and token in modules:
+        return modules[token], token
+    if isinstance(obj, torch.nn.ModuleDict):
+        return obj[token], None
+    return getattr(obj, token), None
+
+
+def relative_path(model: torch.nn.Module, source: str, caller: torch.nn.Module, callee: torch.nn.Module) -> Optional[str]:
+    """The registered attribute path from ``caller`` to ``callee`` that ``source`` walks, or
+    None where the source does not reach ``callee`` through ``caller``'s registered submodules."""
+    tokens = _tokens(source)
+    if tokens is None:
+        return None
+    objects = [model]
+    steps: List[Optional[str]] = []
+    obj: Any = model
+    for token in tokens:
+        try:
+            obj, name = _step(obj, token)
+        except Exception:  # a source we cannot follow on the objects: fall back
+            return None
+        objects.append(obj)
+        steps.append(name)
+    if objects[-1] is not callee:
+        return None
+    starts = [i for i, o in enumerate(objects[:-1]) if o is caller]
+    if not starts:
+        return None
+    rel = steps[starts[-1]:]
+    if any(name is None for name in rel):
+        return None  # part of the way is not a registered submodule (a plain list, a property)
+    return ".".join(rel)  # type: ignore[arg-type]
+
+
+def module_names(model: torch.nn.Module) -> Dict[int, List[str]]:
+    """Every registered name of every module (aliases included), in ``named_modules`` order."""
+    names: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def fallback_path(names: Dict[int, List[str]], module: torch.nn.Module, under: str) -> str:
+    """The module's first registered name inside ``under``, else its first name overall."""
+    own = names.get(id(module), ["?"])
+    if under:
+        inside = [n for n in own if n.startswith(under + ".")]
+        if inside:
+            return inside[0]
+    return own[0]
+
+
+def name_calls(model: torch.nn.Module, calls: List[CallRecord], graph: torch.fx.Graph) -> CallNames:
+    """Apply the module docstring's rule to every recorded call."""
+    from .split import escape_name  # split imports this module
+
+    names = module_names(model)
+    sources = call_sources(graph, calls)
+    result = CallNames()
+    by_caller: Dict[Optional[int], List[CallRecord]] = {}
+    for call in calls:  # calls are recorded in call order, a caller before its callees
+        by_caller.setdefault(call.parent, []).append(call)
+        if call.parent is None:
+            result.local[call.index] = ""
+            result.path[call.index] = ""
+            result.from_source[call.index] = True
+            continue
+        caller = calls[call.parent]
+        caller_path = result.path[call.parent]
+        rel = None
+        if call.index in sources:
+            rel = relative_path(model, sources[call.index], caller.module, call.module)
+        resolved = rel is not None
+        if rel is not None:
+            path = f"{caller_path}.{rel}" if caller_path else rel
+        else:
+            path = fallback_path(names, call.module, caller_path)
+            rel = path[len(caller_path) + 1:] if caller_path and path.startswith(caller_path + ".") else path
+        result.path[call.index] = path
+        result.from_source[call.index] = resolved
+        result.local[call.index] = rel  # made local below, once all calls of the caller are known
+    for caller_index, siblings in by_caller.items():
+        if caller_index is None:
+            continue
+        for call, local in zip(siblings, _number([result.local[c.index] for c in siblings], escape_name)):
+            result.local[call.index] = local
+    return result
+
+
+def _number(rels: List[str], escape: Any) -> Iterator[str]:
+    """Local names for one caller's calls (given by their attribute paths, in call order):
+    a path used once keeps its name, a path used k > 1 times gets ``_0`` .. ``_{k-1}``."""
+    counts: Dict[str, int] = {}
+    for rel in rels:
+        counts[rel] = counts.get(rel, 0) + 1
+    seen: Dict[str, int] = {}
+    taken: set = set()
+    for rel in rels:
+        base = rel.replace(".", "_")
+        if counts[rel] > 1:
+            k = seen.get(rel, 0)
+            seen[rel] = k + 1
+            name = escape(f"{base}_{k}")
+        else:
+            name = escape(base)
+        # two paths that read the same once "." is "_" (``h.1`` and an attribute ``h_1``)
+        while name in taken:
+            name = name + "_"
+        taken.add(name)
+        yield name
