@@ -7,13 +7,15 @@ and the model's own parameters, which no patch may change.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from graphpatch_cache import CacheStore, ExtractionOptions, PatchableGraph, ProbePatch, ReplacePatch, ZeroPatch, load_cached
-from graphpatch_cache.extraction import extract
+from graphpatch_cache.extraction import extract, naming
 
 D = 4
 B0, B1 = 3, 5  # example batch size and another one (never 1: dynamo specializes size 1)
@@ -334,6 +336,53 @@ def test_calls_without_an_attribute_path_fall_back_deterministically():
     assert torch.equal(a1_in, x * 3)
     with pg.patch({"a_0.output": ZeroPatch()}):
         assert torch.equal(pg(x), lin(model.g, x) + lin(model.a, x * 3))
+
+
+def test_calls_inside_an_opaque_module_fall_back():
+    """dynamo never sees an opaque module's code, so its calls have no source: they take the
+    module's first registered name inside the caller (``inner``), numbered per caller."""
+    model = make(ChildThroughAlias)
+    pg = PatchableGraph(model, ExtractionOptions(classes_to_skip_compiling=(Inner,)), rand(B0, D))
+    assert calls(pg.artifact.root) == {"other": "other", "other.inner_0": "other.inner", "other.inner_1": "other.inner"}
+    assert pg.artifact.root.children[0].kind == "opaque"
+    x = rand(B1, D, seed=6)
+    first_in, second_in = probe(pg, x, "other.inner_0.input_", "other.inner_1.input_")
+    assert torch.equal(first_in, x)  # the call through `self.alias`
+    assert torch.equal(second_in, x * 2)
+    with pg.patch({"other.inner_1.output": ZeroPatch()}):
+        assert torch.equal(pg(x), lin(model.child.inner, x) + 1)
+
+
+def test_which_calls_use_the_fallback():
+    """The fallback applies exactly where the caller reached the module other than through
+    its registered submodules: the global and the plain-list call, not `self.a`."""
+    capture_module = importlib.import_module("graphpatch_cache.extraction.capture")
+    model = make(ThroughGlobalAndList)
+    cap = capture_module.capture(model, (rand(B0, D),), {}, ExtractionOptions())
+    names = naming.name_calls(model, cap.recorder.calls, cap.graph)
+    by_local = {names.local[i]: names.from_source[i] for i in names.local if i != 0}
+    assert by_local == {"g": False, "a_0": False, "a_1": True}
+
+
+def test_source_forms_resolve_on_the_objects():
+    """The source spellings dynamo versions use resolve to the same registered path; a path
+    through anything but registered submodules does not resolve."""
+    model = make(Containers)
+    target = model.lin
+    for source in ("L['self'].model.md.bar.baz.2", "L['self'].model._modules['md']._modules['bar'].baz[2]",
+                   "L['self'].model.forward.__closure__[3].cell_contents.__self__.md.bar.baz.2"):
+        assert naming.relative_path(model, source, model, target) == "md.bar.baz.2"
+        assert naming.relative_path(model, source, model.md, target) == "bar.baz.2"
+        assert naming.relative_path(model, source, model.md["bar"]["baz"], target) == "2"
+    assert naming.relative_path(model, "L['self'].model.seq.0", model.seq, target) == "0"
+    assert naming.relative_path(model, "L['self'].model.seq.0", model, target) == "seq.0"
+    # wrong module at the end, caller not on the way, not from the model, not registered
+    assert naming.relative_path(model, "L['self'].model.seq.1", model.seq, target) is None
+    assert naming.relative_path(model, "L['self'].model.seq.0", model.md, target) is None
+    assert naming.relative_path(model, "G['lin']", model, target) is None
+    plain = make(ThroughGlobalAndList)
+    assert naming.relative_path(plain, "L['self'].model.plain[0]", plain, plain.a) is None
+    assert naming.relative_path(plain, "L['self'].model.a", plain, plain.a) == "a"
 
 
 # -- the cache ------------------------------------------------------------------------------------------------
