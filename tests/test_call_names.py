@@ -149,6 +149,18 @@ class ChildThroughAlias(nn.Module):
         return self.other(x) + 1
 
 
+class ParameterNamedLikeACall(nn.Module):
+    """``self.a`` called twice next to a parameter called ``a_0``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(D, D)
+        self.a_0 = nn.Parameter(torch.randn(D))
+
+    def forward(self, x):
+        return self.a(x) * self.a_0 + self.a(x * 2)
+
+
 _GLOBAL_LINEAR = None
 
 
@@ -316,6 +328,21 @@ def test_call_inside_a_child_through_aliases():
         assert torch.equal(pg(x), lin(lin_, x) + 1)
     with pg.patch({"other.alias.weight": ZeroPatch()}):
         assert torch.equal(pg(x), lin_.bias.detach().expand(B1, D) - lin(lin_, x * 2) + 1)
+
+
+def test_a_numbered_call_never_takes_a_parameter_name():
+    model = make(ParameterNamedLikeACall)
+    pg = PatchableGraph(model, rand(B0, D))
+    assert calls(pg.artifact.root) == {"a_0_": "a", "a_1": "a"}
+    x = rand(B1, D, seed=11)
+    (param,) = probe(pg, x, "a_0")
+    assert torch.equal(param, model.a_0)
+    with pg.patch({"a_0": ZeroPatch()}):
+        assert torch.equal(pg(x), lin(model.a, x * 2))
+    with pg.patch({"a_0_.output": ZeroPatch()}):
+        assert torch.equal(pg(x), lin(model.a, x * 2))
+    with pg.patch({"a_1.input_": ZeroPatch()}):
+        assert torch.equal(pg(x), lin(model.a, x) * model.a_0.detach() + model.a.bias.detach().expand(B1, D))
 
 
 # -- fallback -------------------------------------------------------------------------------------------------

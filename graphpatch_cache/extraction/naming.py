@@ -175,11 +175,17 @@ def fallback_path(names: Dict[int, List[str]], module: torch.nn.Module, under: s
     return own[0]
 
 
-def name_calls(model: torch.nn.Module, calls: List[CallRecord], graph: torch.fx.Graph) -> CallNames:
-    """Apply the module docstring's rule to every recorded call."""
+def name_calls(
+    model: torch.nn.Module,
+    calls: List[CallRecord],
+    graph: torch.fx.Graph,
+    names: Optional[Dict[int, List[str]]] = None,
+) -> CallNames:
+    """Apply the module docstring's rule to every recorded call (``names``: see
+    :func:`module_names`)."""
     from .split import escape_name  # split imports this module
 
-    names = module_names(model)
+    names = module_names(model) if names is None else names
     sources = call_sources(graph, calls)
     result = CallNames()
     by_caller: Dict[Optional[int], List[CallRecord]] = {}
@@ -207,19 +213,29 @@ def name_calls(model: torch.nn.Module, calls: List[CallRecord], graph: torch.fx.
     for caller_index, siblings in by_caller.items():
         if caller_index is None:
             continue
-        for call, local in zip(siblings, _number([result.local[c.index] for c in siblings], escape_name)):
+        rels = [result.local[c.index] for c in siblings]
+        taken = {escape_name(n) for n in _own_tensor_names(calls[caller_index].module)}
+        for call, local in zip(siblings, _number(rels, escape_name, taken)):
             result.local[call.index] = local
     return result
 
 
-def _number(rels: List[str], escape: Any) -> Iterator[str]:
+def _own_tensor_names(module: torch.nn.Module) -> List[str]:
+    """Names the caller's graph gives its own parameters, buffers and tensor attributes; a
+    call may not take one (``self.a`` called twice next to a parameter ``self.a_0``)."""
+    own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+    return own + [n for n, v in vars(module).items() if isinstance(v, torch.Tensor) and not n.startswith("__")]
+
+
+def _number(rels: List[str], escape: Any, taken: set) -> Iterator[str]:
     """Local names for one caller's calls (given by their attribute paths, in call order):
-    a path used once keeps its name, a path used k > 1 times gets ``_0`` .. ``_{k-1}``."""
+    a path used once keeps its name, a path used k > 1 times gets ``_0`` .. ``_{k-1}``; a
+    name already ``taken`` gets a trailing ``_``."""
     counts: Dict[str, int] = {}
     for rel in rels:
         counts[rel] = counts.get(rel, 0) + 1
     seen: Dict[str, int] = {}
-    taken: set = set()
+    taken = set(taken)
     for rel in rels:
         base = rel.replace(".", "_")
         if counts[rel] > 1:

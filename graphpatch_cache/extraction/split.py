@@ -125,7 +125,7 @@ class Splitter:
         self.module_names = naming.module_names(model)
         self.tensor_names: Dict[int, List[str]] = cap.tensor_names
         # each call's local name and module path: see naming.py for the rule
-        names = naming.name_calls(model, self.calls, cap.graph)
+        names = naming.name_calls(model, self.calls, cap.graph, self.module_names)
         self.local_names: Dict[int, str] = names.local
         self.call_paths: Dict[int, str] = names.path
         self.owner: Dict[torch.fx.Node, Frame] = {}
