@@ -101,6 +101,19 @@ class SharedList(nn.Module):
         return x
 
 
+class SharedSequential(nn.Module):
+    """A Sequential holding one Linear at positions 0 and 2, and the same Linear as ``head``."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(D, D)
+        self.seq = nn.Sequential(shared, nn.Tanh(), shared)
+        self.head = shared
+
+    def forward(self, x):
+        return self.head(self.seq(x))
+
+
 class Repeated(nn.Module):
     def __init__(self):
         super().__init__()
@@ -271,6 +284,25 @@ def test_shared_module_list_entries():
     with pg.patch({"layers_0.output": ZeroPatch()}):
         expected = torch.tanh(lin(model.layers[2], torch.tanh(lin(model.layers[1], torch.zeros(B1, D)))))
         assert torch.equal(pg(x), expected)
+
+
+def test_shared_sequential_entries():
+    model = make(SharedSequential)
+    pg = PatchableGraph(model, rand(B0, D))
+    assert calls(pg.artifact.root) == {"seq": "seq", "seq.sub_0": "seq.0", "seq.sub_1": "seq.1", "seq.sub_2": "seq.2",
+                                       "head": "head"}
+    x = rand(B1, D, seed=12)
+    shared = model.head
+    h = torch.tanh(lin(shared, x))
+    ins = probe(pg, x, "seq.sub_0.input_", "seq.sub_2.input_", "head.input_")
+    assert all(torch.equal(i, e) for i, e in zip(ins, [x, h, lin(shared, h)]))
+    value = rand(B1, D, seed=13)
+    with pg.patch({"seq.sub_2.output": ReplacePatch(value=value)}):
+        assert torch.equal(pg(x), lin(shared, value))
+    with pg.patch({"head.weight": ZeroPatch()}):
+        assert torch.equal(pg(x), shared.bias.detach().expand(B1, D))
+    with pg.patch({"seq.sub_0.weight": ZeroPatch()}):
+        assert torch.equal(pg(x), lin(shared, lin(shared, torch.tanh(shared.bias.detach().expand(B1, D)))))
 
 
 # -- repeated calls -----------------------------------------------------------------------------------------

@@ -8,9 +8,16 @@ The rule (one for every call)::
     through the same path, they are numbered in call order: ``a_0``, ``a_1``, ...
 
 So ``self.b(x) * 2 + self.a(x + 1)`` with ``self.b = self.a`` gives calls ``b`` and ``a``
-(not two numbered calls of one module), and ``for _ in range(3): self.a(x)`` gives ``a_0``,
-``a_1``, ``a_2``. The call's module path (used for its weights' qualified names, errors and
-accelerate hooks) is the caller's path followed by the same attribute path.
+(not two numbered calls of one module), ``for _ in range(3): self.a(x)`` gives ``a_0``,
+``a_1``, ``a_2``, and ``self.b(x); self.a(x); self.a(y); self.b(z)`` gives ``b_0``, ``a_0``,
+``a_1``, ``b_1``. The call's module path (the qualified name used for its weights,
+errors and accelerate hooks) is the caller's path followed by the same attribute path, so a
+call through an alias reads its weights under that alias (``b.weight``).
+
+Names are then made safe as they always were: a name starting with a digit gets ``sub_``
+(a Sequential's children are ``sub_0``, ``sub_1``), a reserved one a trailing ``_``, and a
+name the caller's graph already uses (its own parameter ``a_0``, or a second path that reads
+the same once "." is "_") a trailing ``_``, in call order.
 
 The attribute path is dynamo's *source* for the call: the last entry of the
 ``nn_module_stack`` metadata dynamo puts on our enter/opaque marker. It is resolved on the
@@ -21,13 +28,14 @@ follows to the very module that was called.
 Fallback, where no such path exists: calls made inside a module that is not traced (an
 opaque module: dynamo sees none of its code), and calls through something that is not a
 registered submodule of the caller (a module held in a plain Python list or dict, reached
-through a global, or stored on another object). Such a call is named by the module's first
-registered name inside the caller (``named_modules`` order), else its first registered name
-in the model, numbered like above when one caller makes several calls to it.
+through a global, or stored on another object). Such a call takes, as its path, the module's
+first registered name inside the caller (``named_modules`` order), else its first registered
+name in the model; numbering then counts it with the other calls through that path.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -59,13 +67,14 @@ class CallNames:
     from_source: Dict[int, bool] = field(default_factory=dict)
 
 
-def call_sources(graph: torch.fx.Graph, calls: List[CallRecord]) -> Dict[int, str]:
-    """Dynamo's source string for each traced call, by call index.
+def call_sources(graph: torch.fx.Graph, calls: List[CallRecord]) -> Dict[int, Tuple[Optional[str], Optional[str]]]:
+    """``(call-site expression, dynamo's source string)`` of each traced call, by call index
+    (either may be None).
 
     Markers are matched to the eager records in order, as :class:`~.split.Splitter` does;
     the calls an opaque module makes were recorded but not traced, so they are skipped.
     """
-    out: Dict[int, str] = {}
+    out: Dict[int, Tuple[Optional[str], Optional[str]]] = {}
     records = iter(calls)
 
     def descendants(record: CallRecord) -> int:
@@ -78,15 +87,110 @@ def call_sources(graph: torch.fx.Graph, calls: List[CallRecord]) -> Dict[int, st
         if record is None or record.tag != node.args[0]:
             break  # the splitter reports the mismatch
         stack = node.meta.get("nn_module_stack") or {}
+        source = None
         if stack:
             entry = list(stack.values())[-1]
             source = entry[0] if isinstance(entry, tuple) else entry
-            if isinstance(source, str):
-                out[record.index] = source
+            source = source if isinstance(source, str) else None
+        trace = node.meta.get("stack_trace")
+        out[record.index] = (call_site(trace) if isinstance(trace, str) else None, source)
         if node.target is OPAQUE:
             for _ in range(descendants(record)):
                 next(records, None)
     return out
+
+
+_FRAME = re.compile(r'^\s*File "(.*)", line \d+, in (\S+)\s*$')
+_CARETS = re.compile(r"^\s*[~^]+\s*$")
+
+
+def call_site(trace: str) -> Optional[str]:
+    """The expression of the call that entered the module, from the marker's stack trace.
+
+    The marker is emitted inside our forward wrapper (``forward_with_markers``); the frame
+    before the innermost wrapper frame is the caller's code. Its line is shown with carets
+    under the call expression's columns (Python omits them when the call is the whole line).
+    """
+    lines = trace.splitlines()
+    frames: List[Tuple[str, str, str, Optional[str]]] = []  # file, function, code, carets
+    i = 0
+    while i < len(lines):
+        match = _FRAME.match(lines[i])
+        if match is None or i + 1 >= len(lines) or _FRAME.match(lines[i + 1]):
+            i += 1
+            continue
+        carets = lines[i + 2] if i + 2 < len(lines) and _CARETS.match(lines[i + 2]) else None
+        frames.append((match.group(1), match.group(2), lines[i + 1], carets))
+        i += 3 if carets is not None else 2
+    wrappers = [k for k, f in enumerate(frames) if f[1] == "forward_with_markers" and f[0].endswith("markers.py")]
+    if not wrappers or wrappers[-1] == 0:
+        return None
+    _, _, code, carets = frames[wrappers[-1] - 1]
+    if carets is None:
+        return code.strip()
+    marks = [k for k, c in enumerate(carets) if c in "~^"]
+    return code[marks[0]:marks[-1] + 1]
+
+
+def _call_chain(expression: str) -> Optional[List[Any]]:
+    """``self.blocks["first"](x)`` -> ``["blocks", "first"]``: the constant attribute and
+    subscript chain from ``self`` that a call expression calls, or None for anything else
+    (a local variable, a computed index, not one call)."""
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        return None
+    if not isinstance(tree.body, ast.Call):
+        return None
+    chain: List[Any] = []
+    node = tree.body.func
+    while True:
+        if isinstance(node, ast.Attribute):
+            chain.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Subscript) and _constant_key(node.slice) is not None:
+            chain.append(_constant_key(node.slice))
+            node = node.value
+        else:
+            break
+    if not (isinstance(node, ast.Name) and node.id == "self") or not chain:
+        return None
+    return chain[::-1]
+
+
+def _constant_key(node: ast.AST) -> Any:
+    """``2``, ``-1`` or ``"first"`` written as a subscript; None for anything else."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        inner = _constant_key(node.operand)
+        return -inner if isinstance(inner, int) else None
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, str)) and not isinstance(node.value, bool):
+        return node.value
+    return None
+
+
+def _registered_walk(start: Any, tokens: List[Any]) -> Optional[Tuple[Any, List[str]]]:
+    """Walk ``tokens`` from ``start`` through registered submodules only: (end, names)."""
+    obj, names = start, []
+    for token in tokens:
+        try:
+            obj, name = _step(obj, token)
+        except Exception:  # not a path on these objects
+            return None
+        if name is None:
+            return None
+        names.append(name)
+    return obj, names
+
+
+def site_path(expression: str, caller: torch.nn.Module, callee: torch.nn.Module) -> Optional[str]:
+    """The registered path from ``caller`` to ``callee`` that a call expression spells."""
+    chain = _call_chain(expression)
+    if chain is None:
+        return None
+    walked = _registered_walk(caller, chain)
+    if walked is None or walked[0] is not callee:
+        return None
+    return ".".join(walked[1])
 
 
 def _tokens(source: str) -> Optional[List[Any]]:
@@ -199,8 +303,11 @@ def name_calls(
         caller = calls[call.parent]
         caller_path = result.path[call.parent]
         rel = None
-        if call.index in sources:
-            rel = relative_path(model, sources[call.index], caller.module, call.module)
+        site, source = sources.get(call.index, (None, None))
+        if site is not None:
+            rel = site_path(site, caller.module, call.module)
+        if rel is None and source is not None:
+            rel = relative_path(model, source, caller.module, call.module)
         resolved = rel is not None
         if rel is not None:
             path = f"{caller_path}.{rel}" if caller_path else rel
