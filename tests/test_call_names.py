@@ -114,6 +114,19 @@ class SharedSequential(nn.Module):
         return self.head(self.seq(x))
 
 
+class IndexedList(nn.Module):
+    """A ModuleList with one Linear at 0 and 2, called by constant (also negative) index."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(D, D)
+        self.layers = nn.ModuleList([shared, nn.Linear(D, D), shared])
+
+    def forward(self, x):
+        y = self.layers[0](x)
+        return self.layers[-1](y) + self.layers[1](x)
+
+
 class Repeated(nn.Module):
     def __init__(self):
         super().__init__()
@@ -305,6 +318,19 @@ def test_shared_sequential_entries():
         assert torch.equal(pg(x), lin(shared, lin(shared, torch.tanh(shared.bias.detach().expand(B1, D)))))
 
 
+def test_constant_and_negative_indices():
+    model = make(IndexedList)
+    pg = PatchableGraph(model, rand(B0, D))
+    assert [c.name for c in pg.artifact.root.children] == ["layers_0", "layers_2", "layers_1"]
+    assert calls(pg.artifact.root) == {"layers_0": "layers.0", "layers_2": "layers.2", "layers_1": "layers.1"}
+    x = rand(B1, D, seed=14)
+    shared = model.layers[0]
+    (last_in,) = probe(pg, x, "layers_2.input_")
+    assert torch.equal(last_in, lin(shared, x))
+    with pg.patch({"layers_0.output": ZeroPatch()}):
+        assert torch.equal(pg(x), shared.bias.detach().expand(B1, D) + lin(model.layers[1], x))
+
+
 # -- repeated calls -----------------------------------------------------------------------------------------
 def test_repeated_calls_through_one_path():
     model = make(Repeated)
@@ -442,6 +468,45 @@ def test_source_forms_resolve_on_the_objects():
     plain = make(ThroughGlobalAndList)
     assert naming.relative_path(plain, "L['self'].model.plain[0]", plain, plain.a) is None
     assert naming.relative_path(plain, "L['self'].model.a", plain, plain.a) == "a"
+
+
+def test_call_expressions():
+    """Which call expressions name a path: constant chains from ``self`` only."""
+    assert naming._call_chain('self.blocks["first"](x)') == ["blocks", "first"]
+    assert naming._call_chain("self.h[-1](x, y=2)") == ["h", -1]
+    assert naming._call_chain("self.a.b[0].c(x)") == ["a", "b", 0, "c"]
+    for expression in ("layer(x)", "self.h[i](x)", "torch.relu(x)", "self.a(x) + self.b(x)", "self(x)",
+                       "other.a(x)", "self.a", "self.a(", "self.h[True](x)"):
+        assert naming._call_chain(expression) is None, expression
+    model = make(IndexedList)
+    assert naming.site_path("self.layers[-1](y)", model, model.layers[2]) == "layers.2"
+    assert naming.site_path("self.layers[-1](y)", model, model.layers[1]) is None  # not the called module
+    assert naming.site_path("self.layers[3](y)", model, model.layers[2]) is None
+    plain = make(ThroughGlobalAndList)
+    assert naming.site_path("self.plain[0](x * 2)", plain, plain.a) is None  # not a registered path
+
+
+def test_call_site_from_a_stack_trace():
+    """The caller's frame is the one before our innermost forward wrapper; the carets give
+    the call's columns, and a line without carets is the call itself."""
+    wrapper = '  File "/x/graphpatch_cache/extraction/markers.py", line 338, in forward_with_markers\n' \
+              "    args, kwargs = _route(ENTER, tag, (args, kwargs))\n" \
+              "                   ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    root = '  File "/x/graphpatch_cache/extraction/capture.py", line 36, in forward\n' \
+           "    return self.model(*args, **kwargs)\n" \
+           "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    caller = '  File "/m.py", line 13, in forward\n' \
+             "    return self.head(self.seq(x))\n" \
+             "                     ^^^^^^^^^^^\n"
+    assert naming.call_site(root + wrapper + caller + wrapper) == "self.seq(x)"
+    # dynamo's carets under a nested call can take one column too many (seen with torch 2.13)
+    assert naming.call_site(root + wrapper + caller.replace("^\n", "^^\n") + wrapper) == "self.seq(x)"
+    # no caller frame shown (a torch.nn container's forward): the frame before is our wrapper
+    assert naming.call_site(root + wrapper + wrapper) is None
+    whole = '  File "/m.py", line 9, in forward\n    self.b(x)\n'
+    assert naming.call_site(root + wrapper + whole + wrapper) == "self.b(x)"
+    assert naming.call_site(wrapper) is None
+    assert naming.call_site("") is None
 
 
 # -- the cache ------------------------------------------------------------------------------------------------

@@ -19,11 +19,20 @@ Names are then made safe as they always were: a name starting with a digit gets 
 name the caller's graph already uses (its own parameter ``a_0``, or a second path that reads
 the same once "." is "_") a trailing ``_``, in call order.
 
-The attribute path is dynamo's *source* for the call: the last entry of the
-``nn_module_stack`` metadata dynamo puts on our enter/opaque marker. It is resolved on the
-model's own objects and accepted only where every step is a registered submodule
-(``_modules``) below the calling module, so a name always is a path ``get_submodule``
-follows to the very module that was called.
+Where the path comes from, first that applies:
+
+1. The call's own expression in the caller's code, when it is a constant chain from ``self``
+   (``self.b(x)``, ``self.blocks["first"](x)``, ``self.h[-1](x)``). Dynamo records the
+   caller's line with the call's columns in the marker's stack trace.
+2. Otherwise (the module is a local variable, a loop over a container, a computed index)
+   dynamo's *source* for the call: the last entry of the ``nn_module_stack`` metadata on our
+   enter/opaque marker. It is not used first because dynamo keeps one source per module
+   object, the one of its latest access: in ``self.head(self.seq(x))`` with ``head`` also
+   inside ``seq``, the call to ``head`` carries ``seq.2``.
+
+Either is resolved on the model's own objects and accepted only where every step is a
+registered submodule (``_modules``) below the calling module and the walk ends at the very
+module that was called, so a name always is a path ``get_submodule`` follows to it.
 
 Fallback, where no such path exists: calls made inside a module that is not traced (an
 opaque module: dynamo sees none of its code), and calls through something that is not a
@@ -125,11 +134,18 @@ def call_site(trace: str) -> Optional[str]:
     wrappers = [k for k, f in enumerate(frames) if f[1] == "forward_with_markers" and f[0].endswith("markers.py")]
     if not wrappers or wrappers[-1] == 0:
         return None
-    _, _, code, carets = frames[wrappers[-1] - 1]
+    filename, _, code, carets = frames[wrappers[-1] - 1]
+    if filename.endswith("markers.py"):
+        return None  # the caller's own frame is not shown (torch.nn containers): no call site
     if carets is None:
         return code.strip()
     marks = [k for k, c in enumerate(carets) if c in "~^"]
-    return code[marks[0]:marks[-1] + 1]
+    start, end = marks[0], marks[-1] + 1
+    # dynamo's carets can run one column past a call nested in another's arguments
+    for stop in (end, end - 1):
+        if _call_chain(code[start:stop]) is not None:
+            return code[start:stop]
+    return code[start:end]
 
 
 def _call_chain(expression: str) -> Optional[List[Any]]:
