@@ -14,7 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphpatch_cache import CacheStore, ExtractionOptions, PatchableGraph, ProbePatch, ReplacePatch, ZeroPatch, load_cached
+from graphpatch_cache import (
+    CacheStore,
+    ExtractionOptions,
+    PatchableGraph,
+    ProbePatch,
+    ReplacePatch,
+    ZeroPatch,
+    load_cached,
+)
 from graphpatch_cache.extraction import extract, naming
 
 D = 4
@@ -79,7 +87,8 @@ class Containers(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(D, D)
-        self.md = nn.ModuleDict({"bar": nn.ModuleDict({"baz": nn.ModuleList([nn.Linear(D, D), nn.Linear(D, D), self.lin])})})
+        baz = nn.ModuleList([nn.Linear(D, D), nn.Linear(D, D), self.lin])
+        self.md = nn.ModuleDict({"bar": nn.ModuleDict({"baz": baz})})
         self.seq = nn.Sequential(self.lin, nn.ReLU())
 
     def forward(self, x):
@@ -506,6 +515,8 @@ def test_call_site_from_a_stack_trace():
     whole = '  File "/m.py", line 9, in forward\n    self.b(x)\n'
     assert naming.call_site(root + wrapper + whole + wrapper) == "self.b(x)"
     assert naming.call_site(wrapper) is None
+    # a caller whose line is not available (code run by exec) has no call site
+    assert naming.call_site(root + wrapper + '  File "<string>", line 3, in forward\n' + wrapper) is None
     assert naming.call_site("") is None
 
 

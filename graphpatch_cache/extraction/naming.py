@@ -72,7 +72,8 @@ class CallNames:
     local: Dict[int, str] = field(default_factory=dict)
     #: the qualified module path the call is reached under ("" for the model's own call)
     path: Dict[int, str] = field(default_factory=dict)
-    #: whether the name comes from the call's attribute path (False: the fallback)
+    #: whether the path is the one the call used (from its call site or dynamo's source);
+    #: False where the fallback named it
     from_source: Dict[int, bool] = field(default_factory=dict)
 
 
@@ -121,11 +122,15 @@ def call_site(trace: str) -> Optional[str]:
     under the call expression's columns (Python omits them when the call is the whole line).
     """
     lines = trace.splitlines()
-    frames: List[Tuple[str, str, str, Optional[str]]] = []  # file, function, code, carets
+    frames: List[Tuple[str, str, Optional[str], Optional[str]]] = []  # file, function, code, carets
     i = 0
     while i < len(lines):
         match = _FRAME.match(lines[i])
-        if match is None or i + 1 >= len(lines) or _FRAME.match(lines[i + 1]):
+        if match is None:
+            i += 1
+            continue
+        if i + 1 >= len(lines) or _FRAME.match(lines[i + 1]):
+            frames.append((match.group(1), match.group(2), None, None))  # no source line (exec'd code)
             i += 1
             continue
         carets = lines[i + 2] if i + 2 < len(lines) and _CARETS.match(lines[i + 2]) else None
@@ -135,8 +140,8 @@ def call_site(trace: str) -> Optional[str]:
     if not wrappers or wrappers[-1] == 0:
         return None
     filename, _, code, carets = frames[wrappers[-1] - 1]
-    if filename.endswith("markers.py"):
-        return None  # the caller's own frame is not shown (torch.nn containers): no call site
+    if filename.endswith("markers.py") or code is None:
+        return None  # the caller's own frame or its line is not shown (torch.nn containers)
     if carets is None:
         return code.strip()
     marks = [k for k, c in enumerate(carets) if c in "~^"]
@@ -250,7 +255,9 @@ def _step(obj: Any, token: Any) -> Tuple[Any, Optional[str]]:
     return getattr(obj, token), None
 
 
-def relative_path(model: torch.nn.Module, source: str, caller: torch.nn.Module, callee: torch.nn.Module) -> Optional[str]:
+def relative_path(
+    model: torch.nn.Module, source: str, caller: torch.nn.Module, callee: torch.nn.Module
+) -> Optional[str]:
     """The registered attribute path from ``caller`` to ``callee`` that ``source`` walks, or
     None where the source does not reach ``callee`` through ``caller``'s registered submodules."""
     tokens = _tokens(source)
