@@ -27,6 +27,7 @@ from .. import _compat, kv_cache
 from ..errors import ExtractionError, UnsupportedCacheError
 from ..integrations import leaf_handler
 from .capture import Capture
+from . import naming
 from .markers import ENTER, EXIT, OPAQUE, CallRecord
 
 _ILLEGAL = set(keyword.kwlist) | set(dir(builtins)) | {
@@ -121,11 +122,12 @@ class Splitter:
         self.custom = dict(custom or {})
         self.cap = cap
         self.calls = cap.recorder.calls
-        self.module_names: Dict[int, List[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            self.module_names.setdefault(id(module), []).append(name)
+        self.module_names = naming.module_names(model)
         self.tensor_names: Dict[int, List[str]] = cap.tensor_names
-        self.local_names = self._assign_local_names()
+        # each call's local name and module path: see naming.py for the rule
+        names = naming.name_calls(model, self.calls, cap.graph, self.module_names)
+        self.local_names: Dict[int, str] = names.local
+        self.call_paths: Dict[int, str] = names.path
         self.owner: Dict[torch.fx.Node, Frame] = {}
         self.param_ph: Dict[torch.fx.Node, List[str]] = {}
         self.sym_ph: Dict[torch.fx.Node, Any] = {}
@@ -134,44 +136,8 @@ class Splitter:
 
     # -- naming ------------------------------------------------------------------------------
     def _path_of(self, module: torch.nn.Module, under: str) -> str:
-        names = self.module_names.get(id(module), ["?"])
-        if under:
-            inside = [n for n in names if n.startswith(under + ".")]
-            if inside:
-                return inside[0]
-        return names[0]
-
-    def _assign_local_names(self) -> Dict[int, str]:
-        local: Dict[int, str] = {}
-        parents: Dict[Optional[int], List[CallRecord]] = {}
-        for call in self.calls:
-            parents.setdefault(call.parent, []).append(call)
-        for parent_index, calls in parents.items():
-            parent_path = ""
-            if parent_index is not None:
-                parent_path = self._path_of(self.calls[parent_index].module, "")
-            by_module: Dict[int, List[CallRecord]] = {}
-            for call in calls:
-                by_module.setdefault(id(call.module), []).append(call)
-            taken: set[str] = set()
-            for module_calls in by_module.values():
-                module = module_calls[0].module
-                names = self.module_names.get(id(module), ["?"])
-                inside = [n for n in names if parent_path and n.startswith(parent_path + ".")] or names
-                rel = [n[len(parent_path) + 1:] if parent_path and n.startswith(parent_path + ".") else n for n in inside]
-                if len(module_calls) > 1 and len(rel) == len(module_calls):
-                    chosen = [escape_name(r.replace(".", "_")) for r in rel]  # aliases, one call each
-                elif len(module_calls) > 1:
-                    base = rel[0].replace(".", "_")
-                    chosen = [escape_name(f"{base}_{k}") for k in range(len(module_calls))]
-                else:
-                    chosen = [escape_name(rel[0].replace(".", "_"))]
-                for call, name in zip(module_calls, chosen):
-                    while name in taken:
-                        name = name + "_"
-                    taken.add(name)
-                    local[call.index] = name
-        return local
+        """The fallback path of a call not traced (see naming.py), e.g. one an opaque module makes."""
+        return naming.fallback_path(self.module_names, module, under)
 
     # -- main --------------------------------------------------------------------------------
     def run(self) -> Frame:
@@ -265,7 +231,7 @@ class Splitter:
 
     # -- frames --------------------------------------------------------------------------------
     def _open(self, record: CallRecord, parent: Frame, flat_inputs: List[torch.fx.Node]) -> Frame:
-        path = self._path_of(record.module, parent.path if parent.record is not None else "")
+        path = self.call_paths[record.index]
         frame = Frame(
             record=record,
             module=record.module,
