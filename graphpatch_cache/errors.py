@@ -95,6 +95,11 @@ class NotAValueError(NodePathError):
     """A node path stops at a module graph instead of a value."""
 
 
+class ShapeError(GraphPatchCacheError, ValueError):
+    """A recorded symbolic shape cannot be made concrete: the inputs do not fit the graph,
+    or a size does not follow from them."""
+
+
 class PatchError(GraphPatchCacheError):
     """A patch could not be applied to the value at its node.
 
@@ -180,6 +185,7 @@ __all__ = [
     "PatchError",
     "ProtectedWriteError",
     "SerializationError",
+    "ShapeError",
     "SignatureMismatchError",
     "UnsupportedCacheError",
     "UnusedSubmoduleError",

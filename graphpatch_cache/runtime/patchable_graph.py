@@ -213,7 +213,11 @@ class PatchableGraph(torch.nn.Module):
     def _node_paths(self, variant: Variant) -> NodePath:
         cached = variant.__dict__.get("_node_path")
         if cached is None:
-            cached = variant.__dict__["_node_path"] = NodePath.from_graph(variant.artifact.root)
+            def binder(args: tuple, kwargs: dict) -> List[torch.Tensor]:  # for SymbolicShape.at(...)
+                leaves, _ = flat_inputs(self._canonical(args, kwargs))
+                return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+            cached = variant.__dict__["_node_path"] = NodePath.from_graph(variant.artifact.root, binder)
         return cached
 
     # -- patching ------------------------------------------------------------------------------------
