@@ -269,6 +269,8 @@ class NodePath:
         rest = comps[i:]
         segments = rest + ([s for s in sub.split(SUBPATH_SEP)] if bar else [])
         if node._np_graph is not None:
+            if not segments:
+                return node, ()
             if rest:  # an input by its place in the forward's signature
                 alias = node._np_alias(rest[0], segments[1:])
                 if alias is not None:
