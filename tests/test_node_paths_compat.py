@@ -16,10 +16,12 @@ import torch.nn as nn
 
 from conftest import tiny_gpt2, token_inputs
 from graphpatch_cache import (
+    ExtractionOptions,
     GraphArtifact,
     NodePathError,
     NotAValueError,
     PatchableGraph,
+    PatchError,
     ProbePatch,
     ReplacePatch,
     ZeroPatch,
@@ -309,6 +311,31 @@ def test_bad_parts_are_refused_when_patching(nested, gpt2):
         with gpg.patch({"output|sub_0": ZeroPatch()}):
             pass
     _assert_same(pg(x), model(x))
+
+
+def test_parts_of_values_without_recorded_structure_are_checked_when_the_graph_runs():
+    # opaque calls record no output structure: their parts are checked at run time, and a
+    # tensor is never written into through a part
+    model = _make(Nested)
+    x = rand(3, 4, seed=1)
+    pg = PatchableGraph(model, ExtractionOptions(skip_compilation=True), x)
+    assert pg.graph.output._shape is None
+    real = model(x)
+    value = rand(3, 4, seed=12)
+    with pg.patch({"output|sub_1|sub_1|k": ReplacePatch(value=value)}):
+        out = pg(x)
+    _assert_same(out, (real[0], (real[1][0], {"k": value, "deep": real[1][1]["deep"]}), real[2]))
+    weight = model.lin.weight.detach().clone()
+    for key, match in (("lin.output|sub_0", "has no parts"), ("output|sub_1|sub_1|nope", "'deep'"),
+                       ("output|sub_1|sub_1|sub_0", "by name")):
+        with pg.patch({key: ZeroPatch()}):
+            with pytest.raises(PatchError, match=match):
+                pg(x)
+    assert torch.equal(model.lin.weight, weight)
+    _assert_same(pg(x), real)
+    # lin was traced on its own (its opaque parent calls it): its sizes are its own symbols
+    with pytest.raises(ShapeError, match="traced on its own"):
+        pg.graph.lin.input_._shape.at(x)
 
 
 # -- inputs by their place in the signature -------------------------------------------------------

@@ -83,8 +83,7 @@ class NodePath:
     rules). ``str()`` gives the path to pass to :meth:`PatchableGraph.patch`; the NodePath
     itself is accepted there too.
 
-    ``_code`` is a module's generated code (with the line that called it) or a value's source
-    line, as a ``str`` that shows as code. ``_shape`` is a value's recorded shape: a
+    ``_code`` is a module's generated code or a value's source line, as a ``str`` that shows as code. ``_shape`` is a value's recorded shape: a
     ``torch.Size`` when every dim is concrete, a
     :class:`~graphpatch_cache.runtime.shapes.SymbolicShape` when some are symbolic, a
     structure of those for a nested value, a type name for a non-tensor value, and ``None``
@@ -102,7 +101,6 @@ class NodePath:
         graph_path: str = "",
         keys: Tuple[Any, ...] = (),
         meta: Optional[Dict[str, Any]] = None,
-        call_source: str = "",
         register: bool = True,
     ) -> None:
         self._np_path = path
@@ -111,7 +109,6 @@ class NodePath:
         self._np_keys = keys
         self._np_meta: Dict[str, Any] = meta if meta is not None else (node.meta if node is not None else {})
         self._np_graph_path = graph_path  # for a value: the path of the graph that holds its node
-        self._np_call_source = call_source
         self._np_children: Dict[str, NodePath] = {}
         self._np_aliases: Dict[Tuple[str, Tuple[Any, ...]], NodePath] = {}
         self._np_index = index if index is not None else {}
@@ -136,8 +133,7 @@ class NodePath:
             child_path = f"{path}.{nd.name}" if path else nd.name
             if nd.op == "call_module" and nd.target in children:
                 self._np_children[nd.name] = NodePath(
-                    child_path, graph=children.pop(nd.target), index=self._np_index, scope=self._np_scope,
-                    call_source=str(nd.meta.get("source", "")) if isinstance(nd.meta, dict) else "")
+                    child_path, graph=children.pop(nd.target), index=self._np_index, scope=self._np_scope)
             else:
                 child = NodePath(child_path, node=nd, index=self._np_index, scope=self._np_scope, graph_path=path)
                 self._np_children[nd.name] = child
@@ -233,10 +229,7 @@ class NodePath:
     @property
     def _code(self) -> CodeText:
         if self._np_graph is not None:
-            code = self._np_graph.code.strip()
-            if self._np_call_source:
-                code = f"# called from {self._np_call_source}\n{code}"
-            return CodeText(code)
+            return CodeText(self._np_graph.code.strip())
         source = self._np_node.meta.get("source", "") if self._np_node is not None else ""
         return CodeText(source if isinstance(source, str) else "")
 
