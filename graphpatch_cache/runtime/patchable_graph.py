@@ -287,8 +287,13 @@ class PatchableGraph(torch.nn.Module):
     def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch, Sequence[Patch]]]) -> Iterator["PatchableGraph"]:
         """Apply patches inside a ``with`` block; nested blocks compose, outer first.
 
+        Keys are node paths as strings or :class:`NodePath` objects (``pg.graph.output.sub_1``
+        is ``"output|sub_1"``); see :mod:`graphpatch_cache.runtime.node_path` for how a path
+        resolves.
+
         :raises TypeError: ``patch_map`` is not a dict, or holds something that is not a Patch.
-        :raises NodePathError: a path does not exist (the error lists close matches).
+        :raises NodePathError: a path does not exist, or names a part its value's recorded
+            structure does not have (the error lists close matches or the parts there are).
         :raises NotAValueError: a path names a module graph rather than a value.
         """
         entries = self._validate(patch_map)
