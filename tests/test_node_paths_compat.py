@@ -346,6 +346,10 @@ def test_varargs_and_kwargs_by_graphpatch_names(varargs):
     assert pg.graph["foos|sub_1"] == pg.graph.foos_1
     assert pg.graph["bars|a"] == pg.graph.a
     assert pg.graph["mix.xs|sub_1"] == pg.graph.mix["xs_1"]
+    tree = repr(pg.graph).splitlines()  # the tree shows each input's alias
+    assert any(ln.endswith("foos_1: Tensor(float32)[" + ", ".join(map(str, pg.graph.foos_1._shape)) + "] (alias: foos|sub_1)")
+               for ln in tree)
+    assert any(ln.endswith("(alias: bars|a)") for ln in tree) and any(ln.endswith("(alias: pair|sub_1)") for ln in tree)
     paths = ["foos|sub_0", "foos|sub_1", "foos|sub_2", "bars|a", "bars|b",
              "mix.xs|sub_0", "mix.xs|sub_1", "mix.kw|scale", "pairs.pair|sub_1", "pairs.pair|sub_0"]
     probes = {p: ProbePatch() for p in paths}

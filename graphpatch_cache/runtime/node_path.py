@@ -110,6 +110,7 @@ class NodePath:
         self._np_meta: Dict[str, Any] = meta if meta is not None else (node.meta if node is not None else {})
         self._np_graph_path = graph_path  # for a value: the path of the graph that holds its node
         self._np_children: Dict[str, NodePath] = {}
+        self._np_alias_name = ""  # for an input: its name by place in the signature, if it has one
         self._np_aliases: Dict[Tuple[str, Tuple[Any, ...]], NodePath] = {}
         self._np_index = index if index is not None else {}
         if register:
@@ -149,8 +150,9 @@ class NodePath:
             param, keys = loc
             if not keys and param in self._np_children:
                 continue  # the name is taken by a node: the node wins
-            self._np_aliases.setdefault(loc, ph)
             alias = SUBPATH_SEP.join([param] + [_segment(k) for k in keys])
+            if self._np_aliases.setdefault(loc, ph) is ph:
+                ph._np_alias_name = alias
             self._np_index.setdefault(f"{path}.{alias}" if path else alias, ph)
 
     def _np_build_parts(self) -> None:
@@ -367,6 +369,8 @@ class NodePath:
             kind = " (opaque)" if self._np_graph.kind == "opaque" else ""
             return f"{name}: {self._np_graph.module_class.rpartition('.')[2]}{kind}"
         label = _format_meta(self._np_meta) if isinstance(self._np_meta, dict) else ""
+        if self._np_alias_name and not self._np_keys:
+            label = f"{label} (alias: {self._np_alias_name})" if label else f"(alias: {self._np_alias_name})"
         return f"{name}: {label}" if label else name
 
     def _tree(self, depth: Optional[int] = None, grep: Optional[str] = None) -> str:
