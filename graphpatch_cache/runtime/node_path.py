@@ -83,11 +83,11 @@ class NodePath:
     rules). ``str()`` gives the path to pass to :meth:`PatchableGraph.patch`; the NodePath
     itself is accepted there too.
 
-    ``_code`` is a module's generated code or a value's source line, as a ``str`` that shows as code. ``_shape`` is a value's recorded shape: a
-    ``torch.Size`` when every dim is concrete, a
-    :class:`~graphpatch_cache.runtime.shapes.SymbolicShape` when some are symbolic, a
-    structure of those for a nested value, a type name for a non-tensor value, and ``None``
-    for a module graph (see :mod:`graphpatch_cache.runtime.shapes`).
+    ``_code`` is a module's generated code or a value's source line, as a ``str`` that shows
+    as code. ``_shape`` is a value's recorded shape: a ``torch.Size`` when every dim is
+    concrete, a :class:`~graphpatch_cache.runtime.shapes.SymbolicShape` when some are
+    symbolic, a structure of those for a nested value, a type name for a non-tensor value,
+    and ``None`` for a module graph (see :mod:`graphpatch_cache.runtime.shapes`).
     """
 
     def __init__(
@@ -148,8 +148,9 @@ class NodePath:
             if loc is None or loc == (ph._np_node.name, ()):
                 continue
             param, keys = loc
-            if not keys and param in self._np_children:
-                continue  # the name is taken by a node: the node wins
+            taken = self._np_children.get(param)
+            if taken is not None and (not keys or taken._np_node is None or taken._np_node.op != "placeholder"):
+                continue  # the name is taken by a node (whose parts win): no alias
             alias = SUBPATH_SEP.join([param] + [_segment(k) for k in keys])
             if self._np_aliases.setdefault(loc, ph) is ph:
                 ph._np_alias_name = alias
