@@ -201,6 +201,10 @@ def test_shape_at_refuses_inputs_that_do_not_fit(nested):
         shape.subs({})
     with pytest.raises(ValueError):  # ShapeError is a ValueError too
         shape.at(rand(2, 3, 4))
+    # sizes come from artifacts, which may come from a shared store: only arithmetic evaluates
+    with pytest.raises(ShapeError, match="does not accept"):
+        SymbolicSize('__import__("os").getcwd()').evaluate({})
+    assert SymbolicSize("(s25//2) + Max(1, s3) - 2*s3").evaluate({"s25": 7, "s3": 4}) == 3 + 4 - 8
 
 
 # -- _code ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ How a path string resolves (:meth:`NodePath._np_find`), first match wins:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..artifact import ModuleGraph, NodeData
 from ..errors import NodePathError, NotAValueError, close_matches

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ast
 import operator
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -330,15 +330,6 @@ def _part_shape(meta: Any, scope: Optional[ShapeScope]) -> Any:
     # inside a structure, a None part is recorded as {}: show it as graphpatch does
     shape = shape_from_meta(meta, scope)
     return "NoneType" if shape is None and meta == {} else shape
-
-
-def iter_symbolic(value: Any) -> Iterator[SymbolicShape]:
-    """Every :class:`SymbolicShape` in a ``_shape`` value."""
-    if isinstance(value, SymbolicShape):
-        yield value
-    elif isinstance(value, (ShapeTuple, ShapeDict)):
-        for v in (value if isinstance(value, ShapeTuple) else value.values()):
-            yield from iter_symbolic(v)
 
 
 __all__ = ["ShapeDict", "ShapeScope", "ShapeTuple", "SymbolicShape", "SymbolicSize", "shape_from_meta"]
