@@ -98,6 +98,11 @@ class NotAValueError(NodePathError):
     """A node path stops at a module graph instead of a value."""
 
 
+class ShapeError(GraphPatchCacheError, ValueError):
+    """A recorded symbolic shape cannot be made concrete: the inputs do not fit the graph,
+    or a size does not follow from them."""
+
+
 class PatchError(GraphPatchCacheError, ValueError):
     """A patch could not be applied to the value at its node. A ``ValueError``, so code
     written for graphpatch (``except ValueError``) keeps catching it.
@@ -221,6 +226,7 @@ __all__ = [
     "PatchMapError",
     "ProtectedWriteError",
     "SerializationError",
+    "ShapeError",
     "SignatureMismatchError",
     "UnsupportedCacheError",
     "UnusedSubmoduleError",

@@ -260,9 +260,11 @@ def test_errors_keep_graphpatch_except_clauses_working(small_pg):
             pg(x)
     assert isinstance(info.value, PatchError) and info.value.node_path == "relu"
     assert torch.equal(pg(x), model(x))
-    with pytest.raises(TypeError):  # a non-Patch in the map (PatchMapError is a TypeError too)
-        with pg.patch({"relu": 3}):
-            pass
+    for bad in ({"relu": 3}, {"relu": [ZeroPatch(), print]}, {3: ZeroPatch()}, ["relu"]):
+        with pytest.raises(ValueError) as info:  # graphpatch: ValueError; ours before: TypeError
+            with pg.patch(bad):
+                pass
+        assert isinstance(info.value, PatchMapError) and isinstance(info.value, TypeError)
     assert issubclass(PatchMapError, ValueError) and issubclass(PatchMapError, TypeError)
     assert issubclass(PatchMapError, GraphPatchCacheError)
     err = pickle.loads(pickle.dumps(PatchMapError("bad map", node_path="relu")))

@@ -83,6 +83,7 @@ class CallRecord:
     parent: Optional[int]
     input_spec: Any = None
     input_names: List[str] = field(default_factory=list)  # one per leaf
+    input_locations: List[List[Any]] = field(default_factory=list)  # one per leaf (leaf_locations)
     input_leaves: List[Any] = field(default_factory=list)  # non-tensor leaves; None for tensors
     input_is_tensor: List[bool] = field(default_factory=list)
     output_spec: Any = None
@@ -123,6 +124,38 @@ def leaf_names(forward: Any, args: tuple, kwargs: dict) -> List[str]:
             head = parts[1]
         names.append("_".join([head] + parts[2:]))
     return names
+
+
+def leaf_locations(forward: Any, args: tuple, kwargs: dict) -> List[List[Any]]:
+    """Where each pytree leaf of ``(args, kwargs)`` sits in the forward's signature:
+    ``[parameter name, key, ...]``, with an int per sequence index and a str per mapping key or
+    attribute. Leaves of ``*foos`` are ``["foos", i]`` and of ``**bars`` ``["bars", key]``, as
+    graphpatch names them (``foos|sub_0``, ``bars|a``); the runtime offers these as aliases of
+    the placeholders, whose names (``foos``, ``a``) :func:`leaf_names` gives."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_pos = next((p.name for p in params if p.kind == p.VAR_POSITIONAL), None)
+    var_kw = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
+    out: List[List[Any]] = []
+    for path, _ in pytree.tree_flatten_with_path((args, kwargs))[0]:
+        keys: List[Any] = [k.idx if hasattr(k, "idx") else _key_str(k) for k in path]
+        if keys[0] == 0:
+            i = int(keys[1])
+            if i < len(positional):
+                head: List[Any] = [positional[i]]
+            elif var_pos is not None:
+                head = [var_pos, i - len(positional)]
+            else:
+                head = ["args", i]
+        else:
+            name = str(keys[1])
+            head = [var_kw, name] if var_kw is not None and name not in named else [name]
+        out.append(head + keys[2:])
+    return out
 
 
 def _plain(value: Any) -> bool:
@@ -415,6 +448,7 @@ class Recorder:
             parent=self._stack[-1] if self._stack else None,
             input_spec=spec,
             input_names=leaf_names(forward, args, kwargs),
+            input_locations=leaf_locations(forward, args, kwargs),
             input_leaves=[None if isinstance(x, torch.Tensor) else x for x in leaves],
             input_is_tensor=[isinstance(x, torch.Tensor) for x in leaves],
         )

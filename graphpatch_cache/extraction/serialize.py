@@ -104,6 +104,8 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
         meta = describe_value(node.meta.get("example_value"))
         if node.op == "output" and node.meta.get("graphpatch_extras"):
             meta["extras"] = node.meta["graphpatch_extras"]  # output is (value, extra values)
+        if node.op == "placeholder" and node.meta.get("graphpatch_input"):
+            meta["input"] = list(node.meta["graphpatch_input"])  # [parameter, key, ...]: path aliases
         source = _source(node)
         if source:
             meta["source"] = source

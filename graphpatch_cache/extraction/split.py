@@ -246,10 +246,13 @@ class Splitter:
         for name, _ in list(record.module.named_parameters(recurse=False)) + list(record.module.named_buffers(recurse=False)):
             frame.names.used.add(escape_name(name))
         tensor_names = [n for n, is_t in zip(record.input_names, record.input_is_tensor) if is_t]
-        for flat, name in zip(flat_inputs, tensor_names):
+        locations = [loc for loc, is_t in zip(record.input_locations, record.input_is_tensor) if is_t]
+        for i, (flat, name) in enumerate(zip(flat_inputs, tensor_names)):
             ph = frame.graph.placeholder("_tmp")
             ph.name = ph.target = frame.names.fresh(escape_name(name))
             ph.meta["example_value"] = _compat.fake_value(flat)
+            if i < len(locations):  # where the input sits in the forward's signature (node path aliases)
+                ph.meta["graphpatch_input"] = locations[i]
             frame.env[flat] = ph
         return frame
 

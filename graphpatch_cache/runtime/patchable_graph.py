@@ -27,6 +27,7 @@ from .. import _compat, kv_cache
 from ..artifact import GraphArtifact, portable_to_bytes
 from ..files import write_atomic
 from ..errors import (ArtifactFormatError, CacheMissError, NodePathError, NotAValueError, NotPicklableError,
+                      PatchMapError,
                       SignatureMismatchError, UnsupportedCacheError)
 from ..options import ExtractionOptions
 from ..patches import Patch
@@ -235,7 +236,11 @@ class PatchableGraph(torch.nn.Module):
     def _node_paths(self, variant: Variant) -> NodePath:
         cached = variant.__dict__.get("_node_path")
         if cached is None:
-            cached = variant.__dict__["_node_path"] = NodePath.from_graph(variant.artifact.root)
+            def binder(args: tuple, kwargs: dict) -> List[torch.Tensor]:  # for SymbolicShape.at(...)
+                leaves, _ = flat_inputs(self._canonical(args, kwargs))
+                return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+            cached = variant.__dict__["_node_path"] = NodePath.from_graph(variant.artifact.root, binder)
         return cached
 
     # -- patching ------------------------------------------------------------------------------------
@@ -264,25 +269,29 @@ class PatchableGraph(torch.nn.Module):
 
     def _validate(self, patch_map: Any) -> List[Tuple[SlotKey, List[Patch]]]:
         if not isinstance(patch_map, Mapping):
-            raise TypeError(
+            raise PatchMapError(
                 f"pg.patch() takes a dict {{node path: patch or list of patches}}, got {type(patch_map).__name__}"
             )
         entries = []
         for key, value in patch_map.items():
             if not isinstance(key, (str, NodePath)):
-                raise TypeError(f"patch keys are node paths (str or NodePath), got {type(key).__name__}: {key!r}")
+                raise PatchMapError(
+                    f"patch keys are node paths (str or NodePath), got {type(key).__name__}: {key!r}",
+                    node_path=repr(key))
             path = str(key)
             if isinstance(value, Patch):
                 patches = [value]
             elif isinstance(value, (list, tuple)):
                 patches = list(value)
             else:
-                raise TypeError(
-                    f"the value for {path!r} must be a Patch or a list of Patches, got {type(value).__name__}"
-                )
+                raise PatchMapError(
+                    f"the value for {path!r} must be a Patch or a list of Patches, got {type(value).__name__}",
+                    node_path=path)
             for p in patches:
                 if not isinstance(p, Patch):
-                    raise TypeError(f"the value for {path!r} holds {type(p).__name__} {p!r:.60}, which is not a Patch")
+                    raise PatchMapError(
+                        f"the value for {path!r} holds {type(p).__name__} {p!r:.60}, which is not a Patch",
+                        node_path=path, hint="wrap a function in CustomPatch(custom_op=fn)")
             key, origin = self._resolve(path)
             entries.append((key, patches, origin))
         return entries
@@ -305,8 +314,13 @@ class PatchableGraph(torch.nn.Module):
     def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch, Sequence[Patch]]]) -> Iterator["PatchableGraph"]:
         """Apply patches inside a ``with`` block; nested blocks compose, outer first.
 
+        Keys are node paths as strings or :class:`NodePath` objects (``pg.graph.output.sub_1``
+        is ``"output|sub_1"``); see :mod:`graphpatch_cache.runtime.node_path` for how a path
+        resolves.
+
         :raises TypeError: ``patch_map`` is not a dict, or holds something that is not a Patch.
-        :raises NodePathError: a path does not exist (the error lists close matches).
+        :raises NodePathError: a path does not exist, or names a part its value's recorded
+            structure does not have (the error lists close matches or the parts there are).
         :raises NotAValueError: a path names a module graph rather than a value.
         """
         entries = self._validate(patch_map)

@@ -28,14 +28,29 @@ def _describe(value: Any) -> str:
 
 
 def _get_part(value: Any, key: Any, node_path: str) -> Any:
+    """``value``'s part ``key`` (an int for ``sub_N``). Paths into values whose structure was
+    recorded are checked at ``pg.patch()``; this catches the rest when the graph runs."""
+    part = f"sub_{key}" if isinstance(key, int) else key
+    if isinstance(value, torch.Tensor):
+        # writing the patched part back would be an in-place write into the value (perhaps a
+        # weight): a tensor is patched whole, with a slice inside the patch
+        raise PatchError(
+            f"node {node_path!r}: {_describe(value)} has no parts (asked for {part!r})",
+            node_path=node_path,
+            hint="patch the tensor itself and index it in the patch (slice=...)",
+        )
+    keys = list(value.keys()) if hasattr(value, "keys") else (
+        [f"sub_{i}" for i in range(len(value))] if isinstance(value, (tuple, list)) else []
+    )
+    if isinstance(key, int) and hasattr(value, "keys"):
+        # a ModelOutput also indexes by position, but cannot be rebuilt by one: name the field
+        raise PatchError(f"node {node_path!r}: {_describe(value)} has its parts by name, not {part!r}; parts: {keys}",
+                         node_path=node_path, hint=f"use one of {keys}")
     try:
         return value[key]
     except (KeyError, IndexError, TypeError) as exc:
-        keys = list(value.keys()) if hasattr(value, "keys") else (
-            [f"sub_{i}" for i in range(len(value))] if isinstance(value, (tuple, list)) else []
-        )
         raise PatchError(
-            f"node {node_path!r}: {_describe(value)} has no part {key!r}; parts: {keys}",
+            f"node {node_path!r}: {_describe(value)} has no part {part!r}; parts: {keys}",
             node_path=node_path,
         ) from exc
 
