@@ -24,6 +24,7 @@ from .errors import (
     NotPicklableError,
     PatchError,
     PatchMapError,
+    ShapeError,
     ProtectedWriteError,
     SerializationError,
     SignatureMismatchError,
@@ -32,7 +33,7 @@ from .errors import (
 )
 from .options import ExtractionOptions
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
-from .runtime import NodePath, PatchableGraph
+from .runtime import NodePath, PatchableGraph, SymbolicShape
 from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
 from .allowlist import register_target
 
@@ -54,6 +55,8 @@ __all__ = [
     "GraphPatchCacheError",
     "ModelStructureError",
     "NodePath",
+    "SymbolicShape",
+    "ShapeError",
     "NoEquivalentError",
     "NodePathError",
     "NotAValueError",
