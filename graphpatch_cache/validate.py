@@ -521,17 +521,36 @@ def _rule_tree_build(c: _Checker, where: str, target: str, args: List[Any], kwna
 
 
 def _rule_run_opaque(c: _Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
-    ok = (len(args) == 6 and not kwnames and _ref(args[0]) == MODULE_REF and isinstance(args[1], str)
+    ok = (len(args) in (6, 7) and not kwnames and _ref(args[0]) == MODULE_REF and isinstance(args[1], str)
           and isinstance(args[2], dict) and "l" in args[2] and isinstance(args[3], dict) and "l" in args[3]
           and all(isinstance(b, bool) for b in args[3]["l"]) and len(args[2]["l"]) == len(args[3]["l"])
           and isinstance(args[4], dict) and "l" in args[4] and all(_ref(x) for x in args[4]["l"])
           and sum(args[3]["l"]) == len(args[4]["l"])
           and isinstance(args[5], dict) and "d" in args[5]
-          and all(isinstance(k, str) and valid_dotted(k) and _ref(v) for k, v in args[5]["d"]))
+          and all(isinstance(k, str) and valid_dotted(k) and _ref(v) for k, v in args[5]["d"])
+          # the module's attributes: {name: node}, each name an attribute a loader may expose
+          and (len(args) == 6 or (isinstance(args[6], dict) and "d" in args[6] and all(
+              _attribute_name_ok(k) and _ref(v) for k, v in args[6]["d"]))))
     if not ok:
         raise c.refuse(where, target, "run_opaque takes the module reference, a spec, constants, tensor flags, "
-                       "tensors and named parameters, as extraction writes them")
+                       "tensors, named parameters and named attributes, as extraction writes them")
     c.spec(args[1], where)
+
+
+def _attribute_name_ok(name: Any) -> bool:
+    """A name an opaque graph may read and set on its module: an identifier, no dunder, none of
+    nn.Module's own names (binding also checks the live module: plain data, no descriptor,
+    no parameter, buffer or child, see ``functions.attribute_exposed``)."""
+    from .functions import _MODULE_INTERNALS
+
+    return isinstance(name, str) and bool(_IDENTIFIER.match(name)) and not keyword.iskeyword(name) \
+        and not is_dunder(name) and name not in _MODULE_INTERNALS
+
+
+def _rule_module_attribute(c: _Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
+    if len(args) != 2 or kwnames or _ref(args[0]) != MODULE_REF or not _attribute_name_ok(args[1]):
+        raise c.refuse(where, target, "module_attribute takes the module reference and a literal attribute name "
+                       "(an identifier, no dunder, none of nn.Module's own names)")
 
 
 def _rule_linear_8bit(c: _Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
@@ -553,11 +572,13 @@ _RULES: Dict[str, Callable[..., None]] = {
     "builtins.getattr": _rule_getattr,
     "graphpatch_cache.functions.tree_build": _rule_tree_build,
     "graphpatch_cache.functions.run_opaque": _rule_run_opaque,
+    "graphpatch_cache.functions.module_attribute": _rule_module_attribute,
     "graphpatch_cache.functions.linear_8bit": _rule_linear_8bit,
     "graphpatch_cache.functions.set_grad_enabled": _rule_set_grad,
     "graphpatch_cache.functions.restore_grad_enabled": _rule_restore_grad,
 }
-_TAKES_MODULE = frozenset({"graphpatch_cache.functions.run_opaque", "graphpatch_cache.functions.linear_8bit"})
+_TAKES_MODULE = frozenset({"graphpatch_cache.functions.run_opaque", "graphpatch_cache.functions.linear_8bit",
+                           "graphpatch_cache.functions.module_attribute"})
 
 
 # -- arity -------------------------------------------------------------------------------------

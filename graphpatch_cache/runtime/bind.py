@@ -18,7 +18,7 @@ from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructure
                       SerializationError, SignatureMismatchError)
 from ..signature import SignatureMatcher, canonical_inputs
 from ..fingerprint import first_difference, structure
-from ..functions import ModuleRef, live_attr, run_opaque, spec_of, tree_build
+from ..functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
 from ..integrations import register_quantized_owner
 from . import guards
 from ..validate import check_artifact
@@ -241,6 +241,9 @@ def bind_graph(
         elif nd.op == "call_function":
             if target is run_opaque:
                 _check_opaque_tensors(module, args, where, nd.target)
+                _check_opaque_attributes(module, list(args[6]) if len(args) == 7 else [], where, nd.target)
+            elif target is module_attribute:
+                _check_opaque_attributes(module, [args[1]], where, nd.target)
             if target is run_opaque or target is tree_build:
                 _load_spec(args[1] if target is run_opaque else args[0], where, nd.target)
         elif nd.op == "call_module":
@@ -307,11 +310,22 @@ def _check_opaque_tensors(module: torch.nn.Module, args: Any, where: str, target
     """An opaque call substitutes only the module's own parameters and buffers, by name."""
     own = {n for n, _ in module.named_parameters(remove_duplicate=False)} | {
         n for n, _ in module.named_buffers(remove_duplicate=False)}
-    stray = sorted(set(args[5]) - own) if len(args) == 6 and isinstance(args[5], dict) else ["<malformed>"]
+    stray = sorted(set(args[5]) - own) if len(args) in (6, 7) and isinstance(args[5], dict) else ["<malformed>"]
     if stray:
         raise DisallowedTargetError(
             f"node {where!r} passes {stray[0]!r} as a tensor of {type(module).__name__}, which has no such "
             "parameter or buffer", node_path=where, target=target, hint="do not load artifacts you do not trust")
+
+
+def _check_opaque_attributes(module: torch.nn.Module, names: List[Any], where: str, target: str) -> None:
+    """An opaque graph reads (and, patched, sets for one call) only its module's plain-data
+    attributes: never a method, property, parameter, buffer, child or Module machinery."""
+    for name in names:
+        if not attribute_exposed(module, name):
+            raise DisallowedTargetError(
+                f"node {where!r} exposes attribute {str(name)[:60]!r} of {type(module).__name__}, which is not a "
+                "plain-data attribute of that module (numbers, strings, bools, None...)", node_path=where,
+                target=target, hint="do not load artifacts you do not trust")
 
 
 def _guarded_writes(nd: Any, target: Any, args: Any, kwargs: Any, model: torch.nn.Module,
