@@ -242,3 +242,22 @@ def test_opaque_attribute_restored_when_the_call_fails():
         with pytest.raises(TypeError):
             pg(x)
     assert "shadowed_class_var" not in vars(model.inner) and model.inner.shadowed_class_var == 3
+
+
+def test_opaque_llama_attention_with_recorded_outputs():
+    """transformers collects hidden states and attention weights with forward hooks; the
+    opaque attention's run on fakes must not feed them, and the graphs stay generic."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    model = tiny_llama(attn="eager", n_layer=2)
+    extra = {"output_hidden_states": True, "output_attentions": True, "use_cache": False}
+    pg = PatchableGraph(model, ExtractionOptions(classes_to_skip_compiling=(LlamaAttention,)),
+                        input_ids=_ids(2, 8), **extra)
+    assert pg.artifact.extraction["shape_specialized"] == {}
+    for batch, seq in SIZES[:3]:
+        got, expected = pg(input_ids=_ids(batch, seq), **extra), model(input_ids=_ids(batch, seq), **extra)
+        assert torch.equal(got.logits, expected.logits)
+        assert len(got.hidden_states) == len(expected.hidden_states) == 3
+        assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states))
+        assert len(got.attentions) == 2 and all(torch.equal(a, b) for a, b in zip(got.attentions, expected.attentions))
+    assert len(pg.variants) == 1

@@ -11,6 +11,7 @@ them; they never reach an artifact or run at patch time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import itertools
@@ -265,7 +266,8 @@ def _quiet_real_tensor_log() -> Any:
 def _module_state(module: torch.nn.Module) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
     """Shallow copies of every submodule's attribute tables (``__dict__``, parameters,
     buffers, children): a forward run on fake tensors may cache values on its module
-    (``self.cached = mask``), which must not outlive the run."""
+    (``self.cached = mask``), which must not outlive the run (nor the hook tables it swaps
+    out, see fake_forward)."""
     state = []
     for m in module.modules():
         for table in (m.__dict__, m._parameters, m._buffers, m._modules):
@@ -551,6 +553,11 @@ class Recorder:
             # symbols the run makes for data (`u0`) are ours, not outputs of the traced op
             ignore = shape_env.ignore_fresh_unbacked_symbols() if hasattr(
                 shape_env, "ignore_fresh_unbacked_symbols") else contextlib.nullcontext()
+            # Forward hooks stay out of the run: transformers' output recorders would add the
+            # fakes to the hidden states being collected by the trace around it.
+            for m in module.modules():
+                m._forward_hooks = collections.OrderedDict()
+                m._forward_pre_hooks = collections.OrderedDict()
             with mode, _compat.not_compiling(), ignore, _quiet_real_tensor_log():
                 out = torch.func.functional_call(module, tensors, tuple(args), dict(kwargs), strict=False)
         finally:
