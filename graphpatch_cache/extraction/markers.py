@@ -469,6 +469,10 @@ class Recorder:
             return handler.fake_outputs(record.module, list(xs))
         if any(isinstance(n, torch.SymInt) and not getattr(n.node.expr, "is_number", False) for n in ints):
             return self._eager_outputs(record, "takes sizes as Python ints, which the stored call holds as constants")
+        if record.returns_cache or any(kv_cache.is_cache(x) or isinstance(x, kv_cache.CacheState)
+                                       for x in record.input_leaves):
+            # (split refuses such a call: an opaque call cannot pass a key/value cache object)
+            return self._eager_outputs(record, "takes or returns a key/value cache")
         if any(type(x) in (int, float) for x in record.output_leaves):
             return self._eager_outputs(record, "returns Python numbers, which the graphs around it hold as constants")
         try:
