@@ -199,9 +199,7 @@ def run_opaque(
     args, kwargs = _compat.tree_unflatten(leaves, spec_of(input_spec))
     changed: Dict[str, Any] = {}
     if params:  # only opaque graphs with exposed tensors pay for the comparison
-        own = dict(module.named_parameters(remove_duplicate=False))
-        own.update(module.named_buffers(remove_duplicate=False))
-        changed = {name: value for name, value in params.items() if own.get(name) is not value}
+        changed = {name: value for name, value in params.items() if _own_tensor(module, name) is not value}
     with _routed(ref), _attributes_set(module, attributes):
         if not changed:
             return module(*args, **kwargs)
@@ -209,6 +207,19 @@ def run_opaque(
 
 
 _NOT_SET = object()
+
+
+def _own_tensor(module: torch.nn.Module, name: str) -> Any:
+    """The parameter or buffer ``name`` (dotted) of ``module``, found through the registered
+    tables (walking ``named_parameters`` per call cost more than the module's own work)."""
+    owner = module
+    path, _, leaf = name.rpartition(".")
+    for part in path.split(".") if path else ():
+        owner = owner._modules.get(part)
+        if owner is None:
+            return None
+    found = owner._parameters.get(leaf)
+    return found if found is not None else owner._buffers.get(leaf)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -116,15 +117,18 @@ class CallRouter(torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "graphs", graphs)
-        self.calls = 0
+        # (kept: computing the signature cost more than the rest of the routing, per call)
+        object.__setattr__(self, "_signature", inspect.signature(original.forward))
+        self.__dict__["calls"] = 0  # plain attributes: Module.__setattr__ is slow per call
 
     def reset(self) -> None:
-        self.calls = 0
+        self.__dict__["calls"] = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        gm, matcher = self.graphs[min(self.calls, len(self.graphs) - 1)]
-        self.calls += 1
-        inputs = canonical_inputs(self.original, args, kwargs)
+        calls = self.__dict__["calls"]
+        gm, matcher = self.graphs[min(calls, len(self.graphs) - 1)]
+        self.__dict__["calls"] = calls + 1
+        inputs = canonical_inputs(self.original, args, kwargs, self._signature)
         leaves, spec = _compat.tree_flatten(inputs)
         if not matcher.fits(leaves, spec):
             raise SignatureMismatchError(
