@@ -261,3 +261,18 @@ def test_opaque_llama_attention_with_recorded_outputs():
         assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states))
         assert len(got.attentions) == 2 and all(torch.equal(a, b) for a, b in zip(got.attentions, expected.attentions))
     assert len(pg.variants) == 1
+
+
+def test_opaque_attributes_survive_the_cache_round_trip(tmp_path):
+    """A hit rebuilds the graphs from JSON through the loader's checks: the attribute nodes
+    bind, and patch the live module's value for the call only."""
+    torch.manual_seed(0)
+    model = HoldsAttributes()
+    x = torch.randn(3, D)
+    load_cached(model, x, options=SKIP, store=str(tmp_path))
+    pg = load_cached(model, torch.randn(5, D), options=SKIP, store=str(tmp_path))
+    assert pg.cache_stats.hits == 1 and pg.cache_stats.misses == 0
+    with pg.patch({"inner.shadowed_class_var": ReplacePatch(value=-2)}):
+        patched = pg(x)
+    assert model.inner.shadowed_class_var == 3 and "shadowed_class_var" not in vars(model.inner)
+    assert torch.equal(patched, model.inner.lin(x) * -2 * 0.5 + 1 - 1)
