@@ -97,7 +97,8 @@ class CallRecord:
     #: whether the output holds a key/value cache object
     returns_cache: bool = False
     #: the actual (args, kwargs), kept only for calls made by an opaque module (they are
-    #: extracted separately, so that an opaque module's children still compile)
+    #: extracted separately, so that an opaque module's children still compile) and for an
+    #: opaque module's own calls (their real values answer data questions of the fake run)
     inputs: Optional[Tuple[tuple, dict]] = None
 
 
