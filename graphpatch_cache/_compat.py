@@ -155,6 +155,28 @@ def pretend_compiling() -> Iterator[None]:
         tc._is_compiling_flag = previous
 
 
+@contextlib.contextmanager
+def not_compiling() -> Iterator[None]:
+    """Make ``torch.compiler.is_compiling()`` answer False (the inverse of
+    :func:`pretend_compiling`, same torch 2.6-2.13 global).
+
+    Why: an opaque module runs eagerly at patch time, so its recording during extraction (an
+    eager call under :func:`pretend_compiling`) and its run on fake tensors inside a dynamo
+    trace (where dynamo holds the flag True) must take the eager paths too.
+    """
+    import torch.compiler as tc
+
+    if not hasattr(tc, "_is_compiling_flag"):  # pragma: no cover - other torch versions
+        raise RuntimeError("this torch version has no torch.compiler._is_compiling_flag; "
+                           "graphpatch_cache needs torch 2.6-2.13 semantics here")
+    previous = tc._is_compiling_flag
+    tc._is_compiling_flag = False
+    try:
+        yield
+    finally:
+        tc._is_compiling_flag = previous
+
+
 def reset_dynamo() -> None:
     """Drop dynamo's caches so the next capture traces afresh (public since torch 2.2)."""
     torch.compiler.reset()

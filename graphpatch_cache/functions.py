@@ -7,6 +7,7 @@ stable names, so artifacts can refer to them as data.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -100,6 +101,78 @@ def _routed(ref: ModuleRef) -> Iterator[None]:
             owner._modules[name] = original
 
 
+#: what every nn.Module has (its machinery, not the model's state), accelerate's and
+#: transformers' bookkeeping: never exposed as an opaque module's attribute
+_MODULE_INTERNALS = frozenset(dir(torch.nn.Module)) | frozenset(getattr(torch.nn.Module, "__annotations__", {})) | {
+    "training", "forward", "_hf_hook", "_old_forward", "_is_hf_initialized", "__slotnames__"}
+#: attributes transformers' PreTrainedModel declares or sets on every model (config, device,
+#: generation settings, quantization flags): not the model's own state
+_PRETRAINED_INTERNALS = frozenset({
+    "config", "device", "dtype", "generation_config", "hf_device_map", "is_loaded_in_8bit", "name_or_path",
+    "warnings_issued", "_hf_peft_config_loaded", "hf_quantizer", "is_8bit_serializable", "is_quantized",
+    "quantization_method"})
+_PLAIN_TYPES = (bool, int, float, complex, str, type(None), torch.dtype, torch.device)
+
+
+def _plain_data(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, _PLAIN_TYPES):
+        return True
+    if type(value) in (tuple, list) and depth < 4 and len(value) <= 1024:
+        return all(_plain_data(v, depth + 1) for v in value)
+    return False
+
+
+def _pretrained_names(module: torch.nn.Module) -> frozenset:
+    for cls in type(module).__mro__:
+        if cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers."):
+            return frozenset(dir(cls)) | _PRETRAINED_INTERNALS
+    return frozenset()
+
+
+def attribute_exposed(module: torch.nn.Module, name: Any) -> bool:
+    """Whether an opaque graph exposes ``module``'s attribute ``name`` as a patchable node:
+    a name that is no dunder, no Module or transformers machinery, no parameter, buffer or
+    child, no property, method or other descriptor, holding plain data (numbers, strings,
+    bools, None, dtypes, devices, and tuples/lists of them). Looked up statically
+    (:func:`inspect.getattr_static`): deciding runs none of the module's code."""
+    if not isinstance(name, str) or not name.isidentifier() or (name.startswith("__") and name.endswith("__")):
+        return False
+    if name in _MODULE_INTERNALS or name in module._parameters or name in module._buffers or name in module._modules:
+        return False
+    if name in _pretrained_names(module):
+        return False
+    for cls in type(module).__mro__:  # a descriptor on the class decides what reading runs
+        if name in cls.__dict__:
+            found = cls.__dict__[name]
+            kind = type(found)
+            if hasattr(kind, "__get__") and (hasattr(kind, "__set__") or name not in module.__dict__):
+                return False
+            break
+    try:
+        value = inspect.getattr_static(module, name)
+    except AttributeError:
+        return False
+    return _plain_data(value)
+
+
+def exposed_attributes(module: torch.nn.Module) -> List[str]:
+    """The attribute names an opaque graph of ``module`` exposes (sorted; see
+    :func:`attribute_exposed`)."""
+    names = set(module.__dict__)
+    for cls in type(module).__mro__:
+        if cls is torch.nn.Module or cls is object:
+            continue
+        names.update(cls.__dict__)
+    return sorted(n for n in names if attribute_exposed(module, n))
+
+
+@register_target
+def module_attribute(ref: ModuleRef, name: str) -> Any:
+    """An opaque module's attribute ``name``, read at call time (so a patch on its node sees
+    the live value; :func:`run_opaque` lets the module see the patched one)."""
+    return getattr(ref.module, name)
+
+
 @register_target
 def run_opaque(
     ref: ModuleRef,
@@ -108,13 +181,16 @@ def run_opaque(
     is_tensor: List[bool],
     tensors: List[Any],
     params: Dict[str, Any],
+    attributes: Optional[Dict[str, Any]] = None,
 ) -> Any:
-    """Call an opaque module with (possibly patched) inputs and parameters.
+    """Call an opaque module with (possibly patched) inputs, parameters and attributes.
 
     ``constants`` holds the non-tensor leaves of the ``(args, kwargs)`` the graph was extracted
     with, ``is_tensor`` says which leaves are tensors instead; ``tensors`` are those, in order. Parameters and
     buffers that differ from the module's own (because a patch replaced them) are substituted
-    for this call only, through :func:`torch.func.functional_call`. While it runs, the
+    for this call only, through :func:`torch.func.functional_call`. ``attributes`` are the
+    module's plain-data attributes (see :func:`module_attribute`): one a patch replaced is
+    the module's for this call only, and its own value is back afterwards. While it runs, the
     module's calls of its children go to their extracted graphs (see ``ModuleRef.routes``).
     """
     module = ref.module
@@ -123,13 +199,49 @@ def run_opaque(
     args, kwargs = _compat.tree_unflatten(leaves, spec_of(input_spec))
     changed: Dict[str, Any] = {}
     if params:  # only opaque graphs with exposed tensors pay for the comparison
-        own = dict(module.named_parameters(remove_duplicate=False))
-        own.update(module.named_buffers(remove_duplicate=False))
-        changed = {name: value for name, value in params.items() if own.get(name) is not value}
-    with _routed(ref):
+        changed = {name: value for name, value in params.items() if _own_tensor(module, name) is not value}
+    with _routed(ref), _attributes_set(module, attributes):
         if not changed:
             return module(*args, **kwargs)
         return torch.func.functional_call(module, changed, tuple(args), dict(kwargs), strict=False)
 
 
-__all__ = ["ModuleRef", "linear_8bit", "live_attr", "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]
+_NOT_SET = object()
+
+
+def _own_tensor(module: torch.nn.Module, name: str) -> Any:
+    """The parameter or buffer ``name`` (dotted) of ``module``, found through the registered
+    tables (walking ``named_parameters`` per call cost more than the module's own work)."""
+    owner = module
+    path, _, leaf = name.rpartition(".")
+    for part in path.split(".") if path else ():
+        owner = owner._modules.get(part)
+        if owner is None:
+            return None
+    found = owner._parameters.get(leaf)
+    return found if found is not None else owner._buffers.get(leaf)
+
+
+@contextlib.contextmanager
+def _attributes_set(module: torch.nn.Module, attributes: Optional[Dict[str, Any]]) -> Iterator[None]:
+    """Give ``module`` the patched attribute values for one call. Written to the instance
+    ``__dict__`` directly (Module.__setattr__ would register a tensor or module value), and
+    put back as they were: the instance's own value, or none (a class attribute shows again)."""
+    saved = []
+    try:
+        for name, value in (attributes or {}).items():
+            if value is getattr(module, name):
+                continue
+            saved.append((name, module.__dict__.get(name, _NOT_SET)))
+            module.__dict__[name] = value
+        yield
+    finally:
+        for name, old in reversed(saved):
+            if old is _NOT_SET:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = old
+
+
+__all__ = ["ModuleRef", "attribute_exposed", "exposed_attributes", "linear_8bit", "live_attr", "module_attribute",
+           "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]

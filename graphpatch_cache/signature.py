@@ -21,11 +21,14 @@ from . import _compat, kv_cache
 from .artifact import encode_value
 
 
-def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict,
+                     signature: Optional[inspect.Signature] = None) -> Tuple[tuple, dict]:
     """Bind a call to ``module.forward``'s signature: positional arguments that have names
-    become keywords (in signature order), so ``m(x)`` and ``m(input=x)`` look the same."""
+    become keywords (in signature order), so ``m(x)`` and ``m(input=x)`` look the same.
+    ``signature``: ``inspect.signature(module.forward)``, when the caller keeps it (it costs
+    more than the binding)."""
     try:
-        sig = inspect.signature(module.forward)
+        sig = signature if signature is not None else inspect.signature(module.forward)
         bound = sig.bind(*args, **kwargs)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{type(module).__name__}.forward() does not accept these inputs: {exc}") from exc

@@ -131,6 +131,10 @@ class _Checker:
         #: qualified names of the model's parameters (None: unknown, every attribute counts)
         self.params: Optional[Set[str]] = None
         self.checked_graphs: Dict[Tuple[Any, ...], Dict[str, Optional[int]]] = {}
+        self.attribute_nodes: Dict[str, str] = {}  # (per graph, see nodes_of)
+        #: module path -> names of its parameters, buffers and children (recorded structure)
+        self.members: Dict[str, Set[str]] = {}
+        self.module_path = ""  # of the graph being checked
 
     def structure(self, s: Any) -> Optional[Set[str]]:
         """The recorded model structure (binding compares it with the live model): its shape,
@@ -144,6 +148,11 @@ class _Checker:
             and (t[4] is None or isinstance(t[4], str)) for t in s["tensors"])
         if not ok:
             raise self.malformed("extraction.structure", "the recorded model structure is malformed")
+        # each module's direct tensors and children: an opaque graph's attribute nodes may
+        # name neither (parameters bind by get_attr, shape-checked and write-guarded)
+        for name in [t[1] for t in s["tensors"]] + [m[0] for m in s["modules"] if m[0]]:
+            owner, _, member = name.rpartition(".")
+            self.members.setdefault(owner, set()).add(member)
         return {t[1] for t in s["tensors"] if t[0] == "param"}
 
     # errors
@@ -244,7 +253,7 @@ class _Checker:
         identical node lists (only their attributes' module paths differ), so each is checked
         once per artifact. Everything the node checks depend on is in the key."""
         try:
-            key = (g.kind, placeholders, tuple(children), tuple(sorted(
+            key = (g.kind, placeholders, tuple(children), frozenset(self.members.get(g.module_path, ())), tuple(sorted(
                 (local, self.params is None or q in self.params) for local, q in g.attributes.items())),
                 json.dumps([[n.name, n.op, n.target, n.args, n.kwargs, n.meta] for n in g.nodes], sort_keys=True))
         except (TypeError, ValueError):  # not JSON data: check it the long way
@@ -262,6 +271,8 @@ class _Checker:
                  placeholders: Optional[int]) -> Dict[str, Optional[int]]:
         """Check one graph's nodes; returns child name -> number of inputs its calls pass."""
         seen: Dict[str, str] = {}  # node name -> op
+        self.attribute_nodes: Dict[str, str] = {}  # module_attribute node name -> the attribute it reads
+        self.module_path = g.module_path
         aliasing: Set[str] = set()  # nodes whose value may share storage with a parameter
         calls: Dict[str, Optional[int]] = {}
         outputs = 0
@@ -325,6 +336,8 @@ class _Checker:
             elif nd.op == "call_function":
                 self.call_function(nd, where, args, kwnames, kwargs)
                 self.writes(nd, where, resolve_function(nd.target), args, kwargs, refs, aliasing)
+                if nd.target == _MODULE_ATTRIBUTE:
+                    self.attribute_nodes[nd.name] = args[1]
             elif nd.op == "call_method":
                 check_method(nd.target, node_path=where)
                 if not args or _ref(args[0]) is None:
@@ -521,17 +534,41 @@ def _rule_tree_build(c: _Checker, where: str, target: str, args: List[Any], kwna
 
 
 def _rule_run_opaque(c: _Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
-    ok = (len(args) == 6 and not kwnames and _ref(args[0]) == MODULE_REF and isinstance(args[1], str)
+    ok = (len(args) in (6, 7) and not kwnames and _ref(args[0]) == MODULE_REF and isinstance(args[1], str)
           and isinstance(args[2], dict) and "l" in args[2] and isinstance(args[3], dict) and "l" in args[3]
           and all(isinstance(b, bool) for b in args[3]["l"]) and len(args[2]["l"]) == len(args[3]["l"])
           and isinstance(args[4], dict) and "l" in args[4] and all(_ref(x) for x in args[4]["l"])
           and sum(args[3]["l"]) == len(args[4]["l"])
           and isinstance(args[5], dict) and "d" in args[5]
-          and all(isinstance(k, str) and valid_dotted(k) and _ref(v) for k, v in args[5]["d"]))
+          and all(isinstance(k, str) and valid_dotted(k) and _ref(v) for k, v in args[5]["d"])
+          # the module's attributes: {name: the node reading that attribute}; patching can put
+          # another value there, an artifact cannot (a parameter's alias set as an attribute
+          # would let the module's own `self.x += 1` write into a weight)
+          and (len(args) == 6 or (isinstance(args[6], dict) and "d" in args[6] and all(
+              _attribute_name_ok(k) and c.attribute_nodes.get(_ref(v) or "") == k for k, v in args[6]["d"]))))
     if not ok:
         raise c.refuse(where, target, "run_opaque takes the module reference, a spec, constants, tensor flags, "
-                       "tensors and named parameters, as extraction writes them")
+                       "tensors, named parameters and named attributes, as extraction writes them")
     c.spec(args[1], where)
+
+
+def _attribute_name_ok(name: Any) -> bool:
+    """A name an opaque graph may read and set on its module: an identifier, no dunder, none of
+    nn.Module's own names (binding also checks the live module: plain data, no descriptor,
+    no parameter, buffer or child, see ``functions.attribute_exposed``)."""
+    from .functions import _MODULE_INTERNALS
+
+    return isinstance(name, str) and bool(_IDENTIFIER.match(name)) and not keyword.iskeyword(name) \
+        and not is_dunder(name) and name not in _MODULE_INTERNALS
+
+
+def _rule_module_attribute(c: _Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
+    if len(args) != 2 or kwnames or _ref(args[0]) != MODULE_REF or not _attribute_name_ok(args[1]):
+        raise c.refuse(where, target, "module_attribute takes the module reference and a literal attribute name "
+                       "(an identifier, no dunder, none of nn.Module's own names)")
+    if args[1] in c.members.get(c.module_path, ()):
+        raise c.refuse(where, target, f"{args[1]!r} is a parameter, buffer or child of the graph's module, not a "
+                       "plain-data attribute")
 
 
 def _rule_linear_8bit(c: _Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
@@ -553,11 +590,14 @@ _RULES: Dict[str, Callable[..., None]] = {
     "builtins.getattr": _rule_getattr,
     "graphpatch_cache.functions.tree_build": _rule_tree_build,
     "graphpatch_cache.functions.run_opaque": _rule_run_opaque,
+    "graphpatch_cache.functions.module_attribute": _rule_module_attribute,
     "graphpatch_cache.functions.linear_8bit": _rule_linear_8bit,
     "graphpatch_cache.functions.set_grad_enabled": _rule_set_grad,
     "graphpatch_cache.functions.restore_grad_enabled": _rule_restore_grad,
 }
-_TAKES_MODULE = frozenset({"graphpatch_cache.functions.run_opaque", "graphpatch_cache.functions.linear_8bit"})
+_MODULE_ATTRIBUTE = "graphpatch_cache.functions.module_attribute"
+_TAKES_MODULE = frozenset({"graphpatch_cache.functions.run_opaque", "graphpatch_cache.functions.linear_8bit",
+                           "graphpatch_cache.functions.module_attribute"})
 
 
 # -- arity -------------------------------------------------------------------------------------

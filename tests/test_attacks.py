@@ -645,6 +645,48 @@ def _(art, ctx):
     p.restore_grad(prev)
 
 
+def _opaque_head(art: Dict[str, Any]) -> Tuple[Payload, Ref]:
+    """The head graph turned into an opaque graph (which may reference its live module)."""
+    graph_at(art, "head")["kind"] = "opaque"
+    p = _head(art)
+    return p, p.get_attr("_graphpatch_module", "_graphpatch_module")
+
+
+@attack("opaque-attribute-module-machinery", live="reads (and could set) the module's forward")
+def _(art, ctx):
+    """An opaque graph's attribute nodes expose plain data only: never nn.Module's own names."""
+    p, ref = _opaque_head(art)
+    p.call("fwd", "graphpatch_cache.functions.module_attribute", ref, "forward")
+
+
+@attack("opaque-attribute-parameter-by-name", live="hands head.weight to a patch as an 'attribute'")
+def _(art, ctx):
+    """A parameter is bound by get_attr (shape-checked, write-guarded), never as an attribute."""
+    p, ref = _opaque_head(art)
+    p.call("w_attr", "graphpatch_cache.functions.module_attribute", ref, "weight")
+
+
+@attack("opaque-attribute-dunder", live="reads the module's __dict__")
+def _(art, ctx):
+    p, ref = _opaque_head(art)
+    p.call("d_attr", "graphpatch_cache.functions.module_attribute", ref, "__dict__")
+
+
+@attack("opaque-attribute-set-to-a-weight-alias", live="sets head.in_features to head.weight for the call")
+def _(art, ctx):
+    """run_opaque's attributes must each come from the node reading that attribute: a graph
+    that sets one to a parameter's alias would let the module's own ``self.x += 1`` write into
+    the weight."""
+    from graphpatch_cache._compat import treespec_dumps, tree_flatten
+
+    p, ref = _opaque_head(art)
+    spec = treespec_dumps(tree_flatten(((torch.zeros(1),), {}))[1])
+    p.call("in_features", "graphpatch_cache.functions.module_attribute", ref, "in_features")
+    x = Ref(next(nd["name"] for nd in graph_at(art, "head")["nodes"] if nd["op"] == "placeholder"))
+    p.call("opaque_out", "graphpatch_cache.functions.run_opaque", ref, spec, [None], [True], [x],
+           {"weight": W}, {"in_features": W})
+
+
 @attack("get_attr-undeclared-target", live="")
 def _(art, ctx):
     _root(art).get_attr("w", "block.fc1.weight")

@@ -85,7 +85,9 @@ def _dynamic_dims(root: Frame, inputs: Tuple[tuple, dict]) -> list:
     for node in [n for n in root.graph.nodes if n.op == "placeholder"][: _count_tensors(inputs)]:
         fake = node.meta.get("example_value")
         if isinstance(fake, torch.Tensor):
-            dims.append([isinstance(s, torch.SymInt) for s in fake.shape])
+            # a symbol the trace pinned to one value (a branch on ``size == 8``) is static
+            dims.append([isinstance(s, torch.SymInt) and not getattr(s.node.expr, "is_number", False)
+                         for s in fake.shape])
         else:
             dims.append(None)
     return dims
@@ -114,9 +116,11 @@ def _reroot(graph: ModuleGraph, prefix: str, name: str, signature: Dict[str, Any
     return fix(graph, True)
 
 
-def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph, options: ExtractionOptions) -> ModuleGraph:
+def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph, options: ExtractionOptions,
+                          specialized: Dict[str, str]) -> ModuleGraph:
     """Extract the calls an opaque module makes to its children, each on its own, and attach
-    them as the opaque graph's children (so they compile even though their parent cannot)."""
+    them as the opaque graph's children (so they compile even though their parent cannot).
+    The size-specialized graphs among them are added to ``specialized`` (by module path)."""
     frames: Dict[str, Frame] = {}
 
     def index(frame: Frame, path: str) -> None:
@@ -145,6 +149,8 @@ def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph
                 if options.warn_on_compilation_failure:
                     warnings.warn(f"graphpatch_cache: {child_path!r} runs inside its opaque parent: {exc}", stacklevel=2)
                 continue
+            for where, why in sub.extraction.get("shape_specialized", {}).items():
+                specialized[f"{child_path}.{where}" if where else child_path] = why
             children.append(_reroot(sub.root, child_path, local, sub.signature))
         return dataclasses.replace(g, children=children)
 
@@ -219,13 +225,18 @@ def extract(
             f"buffers: {[n.name for n in root.hidden]}",
             hint="register such tensors as buffers, or pass them as inputs",
         )
-    data = _with_opaque_children(model, root, data, options)
-    # An opaque module's outputs are known only at the example's sizes, so graphs that use
-    # them are specialized to those sizes: other sizes get their own (on-demand) variant.
-    specialized = any(g.kind in ("opaque", "custom") for g in data.walk())
-    dims = _dynamic_dims(root, inputs)
+    paths = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    specialized = {paths.get(id(cap.recorder.calls[i].module), "?"): why for i, why in cap.recorder.specialized.items()}
+    data = _with_opaque_children(model, root, data, options, specialized)
+    # An opaque call's outputs come from its forward run on symbolic fakes, so the graphs
+    # around it stay shape-generic. Where that failed (data-dependent code), or a call takes
+    # sizes as Python ints, they are known only at the example's sizes, and so are the graphs
+    # that use them (and a child graph's signature is checked by its opaque parent's router,
+    # which cannot extract anew): then every size is fixed, and other sizes get their own
+    # (on-demand) variant.
+    dims = None if cap.generic else _dynamic_dims(root, inputs)
     if specialized:
-        dims = [None if d is None else [False] * len(d) for d in dims]
+        dims = [[False] * x.dim() for x in flat_inputs(inputs)[0] if isinstance(x, torch.Tensor)]
     signature = call_signature(inputs, dims)
     _, spec = flat_inputs(inputs)
     devices = sorted({str(p.device) for p in list(model.parameters()) + list(model.buffers())})
@@ -240,6 +251,11 @@ def extract(
             "devices": devices,
             "training": bool(model.training),
             "opaque": dict(sorted(failures.items() | cap.failures.items())),
+            # module path -> why the graphs are fixed to the example's sizes (see above)
+            "shape_specialized": dict(sorted(specialized.items())),
+            # module path -> how an opaque call's output sizes needed the example's data
+            "data_dependent": dict(sorted(
+                (paths.get(id(cap.recorder.calls[i].module), "?"), why) for i, why in cap.recorder.data_dependent.items())),
             "structure": structure(model),
             "sources": traced_sources(cap.graph),
         },

@@ -3,13 +3,17 @@
 The trace runs with ``fullgraph=True`` and ``dynamic=True`` (graphs stay shape-generic) and
 stops as soon as the backend has the graph: the captured graph is never run. When dynamo
 cannot trace some module, that module's class is marked opaque and the capture is retried;
-an opaque module appears in the graph as one call whose outputs are known from the eager
-recording.
+an opaque module appears in the graph as one call whose outputs come from running its
+forward on the trace's fake, symbolic inputs (see :meth:`Recorder.opaque_outputs`).
+
+When the model itself is opaque (``skip_compilation``) there is nothing to trace: the graph
+is built directly (:func:`_capture_opaque_root`), with no dynamo at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Set
@@ -20,7 +24,7 @@ from .. import _compat, kv_cache
 from ..errors import ExtractionError
 from ..options import ExtractionOptions
 from ..integrations import leaf_handler
-from .markers import Recorder
+from .markers import OPAQUE, Recorder
 
 
 class _StopAfterCapture(Exception):
@@ -46,6 +50,8 @@ class Capture:
     #: id of each tensor dynamo saw -> its qualified names (the meta stand-ins while a
     #: hooked model is traced on the meta device)
     tensor_names: Dict[int, List[str]]
+    #: the graph holds nothing that depends on sizes (an opaque model): every size may vary
+    generic: bool = False
 
 
 def _tensor_names(model: torch.nn.Module) -> Dict[int, List[str]]:
@@ -127,6 +133,47 @@ def _culprit_modules(exc: BaseException, model: torch.nn.Module, opaque: Set[int
     return []
 
 
+def _capture_opaque_root(model: torch.nn.Module, args: tuple, kwargs: dict, opaque: Set[int],
+                         failures: Dict[str, str]) -> Capture:
+    """The capture of a model that is opaque itself, built without dynamo.
+
+    Its graph is one opaque call, so there is nothing to trace: the graph dynamo would give
+    (placeholders, the opaque marker, the outputs) is written directly, its inputs faked with
+    a symbol per size and its outputs from the forward run on those fakes. One eager call
+    records the module calls (and the inputs of each call the model makes of its children,
+    which are extracted the same way, see ``extraction._with_opaque_children``).
+    """
+    graph = torch.fx.Graph()
+    with Recorder(model, frozenset(opaque)) as recorder:
+        eager_args, eager_kwargs = kv_cache.copy_caches((args, kwargs))
+        with torch.no_grad(), _compat.pretend_compiling():
+            model(*eager_args, **eager_kwargs)
+        record = recorder.calls[0]
+        leaves = _compat.tree_flatten(kv_cache.as_states((args, kwargs)))[0]
+        inputs = [x for x in leaves if isinstance(x, torch.Tensor)]
+        placeholders = []
+        for i, x in enumerate(inputs):
+            ph = graph.placeholder(f"input_{i}")
+            ph.meta["example_value"] = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+            placeholders.append(ph)
+        # The opaque graph calls the module as it is, whatever the sizes: the sizes of its
+        # inputs and outputs are metadata only (`_shape`), here the example call's, as in
+        # graphpatch. (Symbolic ones would need the forward run on fakes with symbolic sizes,
+        # which costs about as much as a dynamo trace, and again for every opaque child
+        # extracted below it.)
+        outs = [torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device="meta")
+                for m in record.output_meta if m is not None]
+    call = graph.call_function(OPAQUE, (record.tag, placeholders, []))
+    call.meta["example_value"] = outs
+    items = []
+    for i, out in enumerate(outs):
+        item = graph.call_function(operator.getitem, (call, i))
+        item.meta["example_value"] = out
+        items.append(item)
+    graph.output(tuple(items))
+    return Capture(graph, inputs, recorder, set(opaque), dict(failures), _tensor_names(model), generic=True)
+
+
 def capture(
     model: torch.nn.Module,
     args: tuple,
@@ -151,6 +198,8 @@ def capture(
             or type(module) in options.custom_extraction_functions
         ):
             opaque.add(id(module))
+    if id(model) in opaque and leaf_handler(model) is None:
+        return _capture_opaque_root(model, args, kwargs, opaque, failures)
     root = _CaptureRoot(model)
     hooked = is_hooked(model)
     # traced on the meta device (hooked models; builds from a config): see kv_cache.empty_cache

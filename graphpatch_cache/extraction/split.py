@@ -182,7 +182,7 @@ class Splitter:
                     elif handler is not None:
                         self._build_leaf(frame, handler)
                     else:
-                        self._build_opaque(frame)
+                        self._build_opaque(frame, _compat.fake_value(node))
                     call = self._close(frame, top)
                     exit_outputs[node] = (frame, call)
                 else:
@@ -310,10 +310,12 @@ class Splitter:
         value.meta["example_value"] = _compat.fake_value(flat)
         return value
 
-    def _build_opaque(self, frame: Frame) -> None:
-        """An opaque call's graph: inputs, the module's parameters and buffers as nodes, one
-        call of the original module with them, and the structured output."""
-        from ..functions import run_opaque
+    def _build_opaque(self, frame: Frame, fake_outputs: Any = None) -> None:
+        """An opaque call's graph: inputs, the module's parameters and buffers as nodes, its
+        plain-data attributes as nodes read at call time, one call of the original module with
+        them, and the structured output (its metadata from ``fake_outputs``, the opaque
+        marker's fake tensor outputs)."""
+        from ..functions import exposed_attributes, module_attribute, run_opaque
 
         frame.kind = "opaque"
         record = frame.record
@@ -352,12 +354,27 @@ class Splitter:
             node.meta["example_value"] = tensor
             frame.attrs[local] = f"{frame.path}.{name}" if frame.path else name
             tensors[name] = node
+        # Plain-data attributes (ints, floats, strings...; class attributes too), as graphpatch
+        # exposes them: read from the live module at call time, so the artifact stores only
+        # their names; a patched value is the module's for that call only (see run_opaque).
+        attributes = {}
+        for name in exposed_attributes(frame.module):
+            node = frame.graph.call_function(module_attribute, (module_ref, name))
+            node.name = frame.names.fresh(escape_name(name))
+            node.meta["example_value"] = getattr(frame.module, name)
+            attributes[name] = node
         placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"]
-        result = frame.graph.call_function(
-            run_opaque, (module_ref, frame.input_spec, record.input_leaves, record.input_is_tensor, placeholders, tensors)
-        )
+        args = (module_ref, frame.input_spec, record.input_leaves, record.input_is_tensor, placeholders, tensors)
+        result = frame.graph.call_function(run_opaque, args + ((attributes,) if attributes else ()))
         result.name = frame.names.fresh("forward_output")
-        frame.graph.output(result)
+        out = frame.graph.output(result)
+        if isinstance(fake_outputs, (list, tuple)):
+            # the output's structure with the fake tensors (symbolic sizes) in it: `_shape`
+            # of the output and of its parts, as for compiled graphs
+            fakes = iter(fake_outputs)
+            leaves = [next(fakes, None) if is_t else leaf for leaf, is_t in zip(record.output_leaves, record.output_is_tensor)]
+            value = pytree.tree_unflatten(leaves, record.output_spec)
+            result.meta["example_value"] = out.meta["example_value"] = value
 
     def _build_leaf(self, frame: Frame, handler: Any) -> None:
         """A leaf module's graph: ``fn(module_ref, x, weight, bias)``, weight and bias bound

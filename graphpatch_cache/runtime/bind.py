@@ -7,6 +7,7 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -18,7 +19,7 @@ from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructure
                       SerializationError, SignatureMismatchError)
 from ..signature import SignatureMatcher, canonical_inputs
 from ..fingerprint import first_difference, structure
-from ..functions import ModuleRef, live_attr, run_opaque, spec_of, tree_build
+from ..functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
 from ..integrations import register_quantized_owner
 from . import guards
 from ..validate import check_artifact
@@ -116,15 +117,18 @@ class CallRouter(torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "graphs", graphs)
-        self.calls = 0
+        # (kept: computing the signature cost more than the rest of the routing, per call)
+        object.__setattr__(self, "_signature", inspect.signature(original.forward))
+        self.__dict__["calls"] = 0  # plain attributes: Module.__setattr__ is slow per call
 
     def reset(self) -> None:
-        self.calls = 0
+        self.__dict__["calls"] = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        gm, matcher = self.graphs[min(self.calls, len(self.graphs) - 1)]
-        self.calls += 1
-        inputs = canonical_inputs(self.original, args, kwargs)
+        calls = self.__dict__["calls"]
+        gm, matcher = self.graphs[min(calls, len(self.graphs) - 1)]
+        self.__dict__["calls"] = calls + 1
+        inputs = canonical_inputs(self.original, args, kwargs, self._signature)
         leaves, spec = _compat.tree_flatten(inputs)
         if not matcher.fits(leaves, spec):
             raise SignatureMismatchError(
@@ -241,6 +245,9 @@ def bind_graph(
         elif nd.op == "call_function":
             if target is run_opaque:
                 _check_opaque_tensors(module, args, where, nd.target)
+                _check_opaque_attributes(module, list(args[6]) if len(args) == 7 else [], where, nd.target)
+            elif target is module_attribute:
+                _check_opaque_attributes(module, [args[1]], where, nd.target)
             if target is run_opaque or target is tree_build:
                 _load_spec(args[1] if target is run_opaque else args[0], where, nd.target)
         elif nd.op == "call_module":
@@ -307,11 +314,22 @@ def _check_opaque_tensors(module: torch.nn.Module, args: Any, where: str, target
     """An opaque call substitutes only the module's own parameters and buffers, by name."""
     own = {n for n, _ in module.named_parameters(remove_duplicate=False)} | {
         n for n, _ in module.named_buffers(remove_duplicate=False)}
-    stray = sorted(set(args[5]) - own) if len(args) == 6 and isinstance(args[5], dict) else ["<malformed>"]
+    stray = sorted(set(args[5]) - own) if len(args) in (6, 7) and isinstance(args[5], dict) else ["<malformed>"]
     if stray:
         raise DisallowedTargetError(
             f"node {where!r} passes {stray[0]!r} as a tensor of {type(module).__name__}, which has no such "
             "parameter or buffer", node_path=where, target=target, hint="do not load artifacts you do not trust")
+
+
+def _check_opaque_attributes(module: torch.nn.Module, names: List[Any], where: str, target: str) -> None:
+    """An opaque graph reads (and, patched, sets for one call) only its module's plain-data
+    attributes: never a method, property, parameter, buffer, child or Module machinery."""
+    for name in names:
+        if not attribute_exposed(module, name):
+            raise DisallowedTargetError(
+                f"node {where!r} exposes attribute {str(name)[:60]!r} of {type(module).__name__}, which is not a "
+                "plain-data attribute of that module (numbers, strings, bools, None...)", node_path=where,
+                target=target, hint="do not load artifacts you do not trust")
 
 
 def _guarded_writes(nd: Any, target: Any, args: Any, kwargs: Any, model: torch.nn.Module,
