@@ -6,7 +6,7 @@ node path inside ``with pg.patch({...}):``.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import functions as _functions  # noqa: F401  (registers graph helper targets)
 from .artifact import GraphArtifact

@@ -134,11 +134,6 @@ class Splitter:
         self._grad_mode_now = True  # capture runs under torch.enable_grad()
         self._grad_stack: List[Tuple[bool, torch.fx.Node]] = []
 
-    # -- naming ------------------------------------------------------------------------------
-    def _path_of(self, module: torch.nn.Module, under: str) -> str:
-        """The fallback path of a call not traced (see naming.py), e.g. one an opaque module makes."""
-        return naming.fallback_path(self.module_names, module, under)
-
     # -- main --------------------------------------------------------------------------------
     def run(self) -> Frame:
         graph = self.cap.graph
@@ -331,7 +326,7 @@ class Splitter:
                 "ExtractionOptions(warn_on_compilation_failure=True) for why it is opaque)",
             )
         frame.opaque_calls = [
-            (self.calls[c], self.local_names[c], self._path_of(self.calls[c].module, frame.path))
+            (self.calls[c], self.local_names[c], self.call_paths[c])
             for c in frame.record.children
         ]
         record = frame.record
