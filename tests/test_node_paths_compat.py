@@ -318,11 +318,22 @@ def test_bad_parts_are_refused_when_patching(nested, gpt2):
 
 
 def test_parts_of_values_without_recorded_structure_are_checked_when_the_graph_runs():
-    # opaque calls record no output structure: their parts are checked at run time, and a
-    # tensor is never written into through a part
     model = _make(Nested)
     x = rand(3, 4, seed=1)
-    pg = PatchableGraph(model, ExtractionOptions(skip_compilation=True), x)
+    opaque = PatchableGraph(model, ExtractionOptions(skip_compilation=True), x)
+    # opaque calls record their output's structure: parts are checked at pg.patch()
+    assert opaque.graph.output._shape.sub_1.sub_1.k == torch.Size([3, 4])
+    with pytest.raises(NodePathError, match="deep, k|k, deep"):
+        with opaque.patch({"output|sub_1|sub_1|nope": ZeroPatch()}):
+            pass
+    # a value without recorded structure (an artifact that has none, e.g. from an older
+    # release): parts are checked when the graph runs, and a tensor is never written into
+    # through a part
+    data = opaque.artifact.to_dict()
+    for node in data["root"]["nodes"]:
+        if node["name"] in ("forward_output", "output"):
+            node["meta"] = {}
+    pg = PatchableGraph.from_artifact(model, GraphArtifact.from_dict(data))
     assert pg.graph.output._shape is None
     real = model(x)
     value = rand(3, 4, seed=12)
@@ -330,16 +341,21 @@ def test_parts_of_values_without_recorded_structure_are_checked_when_the_graph_r
         out = pg(x)
     _assert_same(out, (real[0], (real[1][0], {"k": value, "deep": real[1][1]["deep"]}), real[2]))
     weight = model.lin.weight.detach().clone()
-    for key, match in (("lin.output|sub_0", "has no parts"), ("output|sub_1|sub_1|nope", "'deep'"),
+    with pytest.raises(NodePathError, match="is a tensor"):  # lin.output's meta is recorded
+        with pg.patch({"lin.output|sub_0": ZeroPatch()}):
+            pass
+    for key, match in (("output|sub_0|sub_0", "has no parts"), ("output|sub_1|sub_1|nope", "'deep'"),
                        ("output|sub_1|sub_1|sub_0", "by name")):
         with pg.patch({key: ZeroPatch()}):
             with pytest.raises(PatchError, match=match):
                 pg(x)
     assert torch.equal(model.lin.weight, weight)
     _assert_same(pg(x), real)
-    # lin was traced on its own (its opaque parent calls it): its sizes are its own symbols
+    # with only the parent opaque, lin is traced on its own (its opaque parent calls it):
+    # its sizes are its own symbols
+    parent_opaque = PatchableGraph(model, ExtractionOptions(classes_to_skip_compiling=(Nested,)), x)
     with pytest.raises(ShapeError, match="traced on its own"):
-        pg.graph.lin.input_._shape.at(x)
+        parent_opaque.graph.lin.input_._shape.at(x)
 
 
 # -- inputs by their place in the signature -------------------------------------------------------
