@@ -54,6 +54,46 @@ def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict,
     return out_args, out_kwargs
 
 
+class _Arg:
+    """Stands for the call's own argument while a call form's plan is worked out."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, source: Any) -> None:
+        self.source = source  # an int (position) or a str (keyword)
+
+
+class InputBinder:
+    """:func:`canonical_inputs` for one module, memoized per call form.
+
+    How a call binds depends only on its form: how many positional arguments, and which
+    keywords in which order. The first call of a form binds placeholders to learn where
+    each canonical argument comes from; later calls of that form just pick their values
+    (``sig.bind`` costs more than an opaque module's routing otherwise: issue 10's
+    skip-compilation overhead).
+    """
+
+    def __init__(self, module: torch.nn.Module, signature: Optional[inspect.Signature] = None) -> None:
+        self.module = module
+        self.signature = signature if signature is not None else inspect.signature(module.forward)
+        self._plans: Dict[Tuple[Any, ...], Tuple[Tuple[Any, ...], Tuple[Tuple[str, Any], ...]]] = {}
+
+    def __call__(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+        form = (len(args), *kwargs)
+        plan = self._plans.get(form)
+        if plan is None:
+            placeholders = tuple(_Arg(i) for i in range(len(args)))
+            named = {k: _Arg(k) for k in kwargs}
+            out_args, out_kwargs = canonical_inputs(self.module, placeholders, named, self.signature)
+            plan = (tuple(a.source for a in out_args), tuple((k, v.source) for k, v in out_kwargs.items()))
+            self._plans[form] = plan
+        positional, keywords = plan
+        return (
+            tuple(args[src] if type(src) is int else kwargs[src] for src in positional),
+            {name: args[src] if type(src) is int else kwargs[src] for name, src in keywords},
+        )
+
+
 def flat_inputs(inputs: Tuple[tuple, dict]) -> Tuple[List[Any], Any]:
     """Leaves and spec of canonical inputs as graphs take them: a key/value cache argument
     counts as its tensors (see :mod:`graphpatch_cache.kv_cache`)."""
@@ -151,6 +191,10 @@ def input_names(inputs: Tuple[tuple, dict]) -> List[str]:
     return out
 
 
+#: dtype names as signatures write them (``str(dtype)`` without ``torch.``) -> dtype
+_DTYPES = {str(v)[6:]: v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+
+
 class SignatureMatcher:
     """Fast per-call check of flat inputs against one extracted signature."""
 
@@ -158,15 +202,18 @@ class SignatureMatcher:
         self.signature = signature
         self.spec = _compat.treespec_loads(signature["spec"])
         self.leaves = signature["leaves"]
+        #: per leaf, the torch.dtype a tensor must have (None for constants): compared by
+        #: identity per call instead of formatting the leaf's dtype
+        self._dtypes = [_DTYPES.get(w["dtype"]) if w["kind"] == "tensor" else None for w in self.leaves]
 
     def fits(self, leaves: List[Any], spec: Any) -> bool:
         if spec != self.spec or len(leaves) != len(self.leaves):
             return False
-        for want, leaf in zip(self.leaves, leaves):
+        for want, dtype, leaf in zip(self.leaves, self._dtypes, leaves):
             if want["kind"] == "tensor":
                 if not isinstance(leaf, torch.Tensor):
                     return False
-                if str(leaf.dtype)[6:] != want["dtype"]:
+                if leaf.dtype is not dtype:
                     return False
                 dims = want["dims"]
                 if leaf.dim() != len(dims):

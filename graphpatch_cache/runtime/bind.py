@@ -7,7 +7,6 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -17,7 +16,7 @@ from ..artifact import GraphArtifact, ModuleGraph, decode_value
 from .. import _compat
 from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructureError,
                       SerializationError, SignatureMismatchError)
-from ..signature import SignatureMatcher, canonical_inputs
+from ..signature import InputBinder, SignatureMatcher
 from ..fingerprint import first_difference, structure
 from ..functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
 from ..integrations import register_quantized_owner
@@ -117,8 +116,8 @@ class CallRouter(torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "graphs", graphs)
-        # (kept: computing the signature cost more than the rest of the routing, per call)
-        object.__setattr__(self, "_signature", inspect.signature(original.forward))
+        # (kept: binding the signature per call cost more than the rest of the routing)
+        object.__setattr__(self, "_bind", InputBinder(original))
         self.__dict__["calls"] = 0  # plain attributes: Module.__setattr__ is slow per call
 
     def reset(self) -> None:
@@ -128,7 +127,7 @@ class CallRouter(torch.nn.Module):
         calls = self.__dict__["calls"]
         gm, matcher = self.graphs[min(calls, len(self.graphs) - 1)]
         self.__dict__["calls"] = calls + 1
-        inputs = canonical_inputs(self.original, args, kwargs, self._signature)
+        inputs = self._bind(args, kwargs)
         leaves, spec = _compat.tree_flatten(inputs)
         if not matcher.fits(leaves, spec):
             raise SignatureMismatchError(
