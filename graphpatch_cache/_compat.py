@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.fx
@@ -133,14 +133,17 @@ def dynamo_capture_config() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pretend_compiling() -> Iterator[None]:
-    """Make ``torch.compiler.is_compiling()`` answer True during an eager call.
+def compiling_answer(answer: bool) -> Iterator[None]:
+    """Make ``torch.compiler.is_compiling()`` answer ``answer`` for the duration.
 
-    Why: extraction records each module call's input and output structure in one eager call
-    and traces the same call with dynamo. Libraries take other paths while compiling
-    (transformers 5 materializes the attention mask that eager sdpa leaves as None), so the
-    eager recording must see the same answer as the trace. torch 2.13 keeps the answer in the
-    module global ``torch.compiler._is_compiling_flag``; we set it for the recording only.
+    Why True (:func:`pretend_compiling`): extraction records each module call's input and
+    output structure in one eager call and traces the same call with dynamo. Libraries take
+    other paths while compiling (transformers 5 materializes the attention mask that eager
+    sdpa leaves as None), so the eager recording must see the same answer as the trace.
+    Why False (:func:`not_compiling`): an opaque module runs eagerly at patch time, so its
+    recording and its run on fake tensors inside a dynamo trace (where dynamo holds the flag
+    True) must take the eager paths too. torch 2.6-2.13 keep the answer in the module global
+    ``torch.compiler._is_compiling_flag``.
     """
     import torch.compiler as tc
 
@@ -148,33 +151,19 @@ def pretend_compiling() -> Iterator[None]:
         raise RuntimeError("this torch version has no torch.compiler._is_compiling_flag; "
                            "graphpatch_cache needs torch 2.6-2.13 semantics here")
     previous = tc._is_compiling_flag
-    tc._is_compiling_flag = True
+    tc._is_compiling_flag = answer
     try:
         yield
     finally:
         tc._is_compiling_flag = previous
 
 
-@contextlib.contextmanager
-def not_compiling() -> Iterator[None]:
-    """Make ``torch.compiler.is_compiling()`` answer False (the inverse of
-    :func:`pretend_compiling`, same torch 2.6-2.13 global).
+def pretend_compiling() -> ContextManager[None]:
+    return compiling_answer(True)
 
-    Why: an opaque module runs eagerly at patch time, so its recording during extraction (an
-    eager call under :func:`pretend_compiling`) and its run on fake tensors inside a dynamo
-    trace (where dynamo holds the flag True) must take the eager paths too.
-    """
-    import torch.compiler as tc
 
-    if not hasattr(tc, "_is_compiling_flag"):  # pragma: no cover - other torch versions
-        raise RuntimeError("this torch version has no torch.compiler._is_compiling_flag; "
-                           "graphpatch_cache needs torch 2.6-2.13 semantics here")
-    previous = tc._is_compiling_flag
-    tc._is_compiling_flag = False
-    try:
-        yield
-    finally:
-        tc._is_compiling_flag = previous
+def not_compiling() -> ContextManager[None]:
+    return compiling_answer(False)
 
 
 def reset_dynamo() -> None:
@@ -192,6 +181,8 @@ __all__ = [
     "fake_value",
     "has_side_effect",
     "is_compiling",
+    "compiling_answer",
+    "not_compiling",
     "pretend_compiling",
     "reset_dynamo",
     "tree_flatten",
