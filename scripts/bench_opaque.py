@@ -9,6 +9,8 @@ key/value cache (first run, then the median of ``--reps``); each time is also gi
 ratio to the plain model's median doing the same in the same run. A mode that fails records the
 error instead. Prints one JSON object.
 
+Then GPT-2 12 x 768 on 128 tokens: per-call cost of both modes at a realistic width.
+
 Run: python scripts/bench_opaque.py [--new-tokens 32] [--threads N]   (not collected by pytest)
 """
 
@@ -111,6 +113,33 @@ def bench_mode(model, ids, lengths, new_tokens, options, reps):
     return row
 
 
+def bench_width(reps: int) -> dict:
+    """Per-call cost at a realistic width: GPT-2 12 layers x 768, one sequence of 128 tokens,
+    the plain model, compiled and skip_compilation timed interleaved (medians)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12)).eval()
+    ids = torch.randint(0, 50000, (1, 128), generator=torch.Generator().manual_seed(1))
+    row = {}
+    skip, row["extraction_skip_s"] = _timed(
+        lambda: PatchableGraph(model, ExtractionOptions(skip_compilation=True), input_ids=ids, use_cache=False))
+    compiled, row["extraction_compiled_s"] = _timed(lambda: PatchableGraph(model, input_ids=ids, use_cache=False))
+    runs = {"model": model, "compiled": compiled, "skip_compilation": skip}
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn(input_ids=ids, use_cache=False)
+    for _ in range(max(reps, 9)):
+        for name, fn in runs.items():
+            times[name].append(_timed(lambda: fn(input_ids=ids, use_cache=False))[1])
+    med = {name: statistics.median(t) for name, t in times.items()}
+    row.update({k: round(v, 3) for k, v in row.items()})
+    row["model_s"] = round(med["model"], 4)
+    row["compiled_over_model"] = round(med["compiled"] / med["model"], 3)
+    row["skip_compilation_over_model"] = round(med["skip_compilation"] / med["model"], 3)
+    row["equal"] = bool(torch.equal(skip(input_ids=ids, use_cache=False).logits,
+                                    model(input_ids=ids, use_cache=False).logits))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -144,6 +173,7 @@ def main() -> None:
                 "skip_compilation": bench_mode(model, ids, lengths, args.new_tokens,
                                                ExtractionOptions(skip_compilation=True), args.reps),
             }
+        result["results"]["gpt2_12x768_seq128"] = bench_width(args.reps)
     print(json.dumps(result, indent=2))
 
 

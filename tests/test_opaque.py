@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from graphpatch_cache import ExtractionOptions, PatchableGraph, ProbePatch, ReplacePatch, load_cached
+from graphpatch_cache import ExtractionOptions, PatchableGraph, ProbePatch, ReplacePatch, ZeroPatch, load_cached
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_gpt2, tiny_llama  # noqa: E402
@@ -304,3 +304,45 @@ def test_input_binder_binds_every_call_form_as_canonical_inputs_does():
             assert all(got[1][k] is want[1][k] for k in want[1])
         with pytest.raises(TypeError, match="does not accept"):
             binder((a, b, c, d, a), {"q": 1}) if isinstance(module, Plain) else binder((), {})
+
+
+class CallsTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)) + self.a(x * 2))
+
+
+def test_unpatched_calls_of_an_opaque_parent_run_directly_and_patches_still_apply():
+    # An opaque parent's call of a child with nothing patched at or below it runs the child
+    # module itself; a patched call is routed through its graph. Oracles: forward hooks on
+    # the plain model doing the same edits, and the k-th call counting across both paths.
+    torch.manual_seed(0)
+    model = CallsTwice().eval()
+    x = torch.randn(3, 4)
+    pg = PatchableGraph(model, ExtractionOptions(skip_compilation=True), x)
+    assert torch.equal(pg(x), model(x))
+    replacement = torch.randn(3, 4)
+    with pg.patch({"a_1.output": [seen := ProbePatch(), ReplacePatch(value=replacement)]}):
+        patched = pg(x)  # a_0 runs directly, a_1 (the second call) through its graph
+    assert torch.equal(seen.activation, model.a(x * 2))
+    assert torch.equal(patched, model.head(torch.relu(model.a(x)) + replacement))
+    with pg.patch({"a_0.output": ReplacePatch(value=replacement)}):
+        assert torch.equal(pg(x), model.head(torch.relu(replacement) + model.a(x * 2)))
+    assert torch.equal(pg(x), model(x))  # no slot left: every call direct again
+
+    gpt2 = tiny_gpt2(n_layer=3)
+    ids = _ids(2, 7)
+    skip = PatchableGraph(gpt2, ExtractionOptions(skip_compilation=True), input_ids=ids, use_cache=False)
+    target = gpt2.transformer.h[1].mlp.c_fc
+    hook = target.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    try:
+        want = gpt2(input_ids=ids, use_cache=False).logits
+    finally:
+        hook.remove()
+    with skip.patch({"transformer.h_1.mlp.c_fc.output": ZeroPatch()}):
+        assert torch.equal(skip(input_ids=ids, use_cache=False).logits, want)
+    assert torch.equal(skip(input_ids=ids, use_cache=False).logits, gpt2(input_ids=ids, use_cache=False).logits)

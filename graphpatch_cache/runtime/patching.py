@@ -129,6 +129,7 @@ class PatchInstaller:
 
         walk(unwrap(root), "")
         self.slots: Dict[SlotKey, Tuple[PatchSlot, torch.fx.Node]] = {}
+        self._mark_patched()
         self._counter = 0
         #: active patch keys whose node this graph variant does not have
         self.missing: List[SlotKey] = []
@@ -160,6 +161,19 @@ class PatchInstaller:
             self.slots[key][0].patches = list(patches)
         for graph_path in touched:
             self.modules[graph_path].recompile()
+        self._mark_patched()
+
+    def _mark_patched(self) -> None:
+        """Flag each graph that holds a slot, itself or below (``_graphpatch_patched``): an
+        opaque parent's call of an unflagged child runs the child module itself, as nothing
+        in that call can be patched or probed (see ``bind.CallRouter``)."""
+        marked = set()
+        for graph_path, _, _ in self.slots:
+            parts = graph_path.split(".") if graph_path else []
+            for depth in range(len(parts) + 1):
+                marked.add(".".join(parts[:depth]))
+        for path, gm in self.modules.items():
+            gm.__dict__["_graphpatch_patched"] = path in marked
 
     def _insert(self, key: SlotKey) -> None:
         graph_path, node_name, keys = key
