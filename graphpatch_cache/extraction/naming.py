@@ -45,6 +45,8 @@ name in the model; numbering then counts it with the other calls through that pa
 from __future__ import annotations
 
 import ast
+import builtins
+import keyword
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -52,6 +54,30 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .markers import ENTER, OPAQUE, CallRecord
+
+#: names that cannot be local names (Python keywords and builtins, names generated code uses)
+ILLEGAL = set(keyword.kwlist) | set(dir(builtins)) | {
+    "inf", "nan", "NoneType", "torch", "device", "fx_pytree", "pytree", "self",
+}
+#: names NodePath and GraphModule use themselves; user names that collide get a trailing "_".
+RESERVED = frozenset(
+    {"_code", "_shape", "graph", "code", "forward", "training", "recompile", "output", "to_folder",
+     "print_readable", "meta", "modules", "parameters", "buffers", "children", "state_dict", "type",
+     "cuda", "cpu", "to", "float", "half", "double", "eval", "train", "apply", "zero_grad", "share_memory",
+     "extra_repr", "register_buffer", "register_module", "get_submodule", "get_parameter", "named_modules",
+     "add_module", "requires_grad_", "load_state_dict", "bfloat16", "ipu", "xpu", "mtia", "compile"}
+)
+
+
+def escape_name(name: str) -> str:
+    """A local name safe as a GraphModule attribute and a NodePath component."""
+    name = re.sub(r"\W", "_", name)
+    if not name or name[0].isdigit():
+        name = f"sub_{name}"
+    while name in RESERVED or name in ILLEGAL:
+        name = name + "_"
+    return name
+
 
 #: where capture's root puts the model: ``_CaptureRoot.model``, traced as ``L['self']``
 _ROOT = "L['self'].model"
@@ -310,7 +336,6 @@ def name_calls(
 ) -> CallNames:
     """Apply the module docstring's rule to every recorded call (``names``: see
     :func:`module_names`)."""
-    from .split import escape_name  # split imports this module
 
     names = module_names(model) if names is None else names
     sources = call_sources(graph, calls)

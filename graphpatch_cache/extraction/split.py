@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import keyword
 import operator
 import re
 from dataclasses import dataclass, field
@@ -28,32 +27,12 @@ from ..errors import ExtractionError, UnsupportedCacheError
 from ..integrations import leaf_handler
 from .capture import Capture
 from . import naming
+from .naming import ILLEGAL, RESERVED, escape_name
 from .markers import ENTER, EXIT, OPAQUE, CallRecord
 
-_ILLEGAL = set(keyword.kwlist) | set(dir(builtins)) | {
-    "inf", "nan", "NoneType", "torch", "device", "fx_pytree", "pytree", "self",
-}
-#: names NodePath and GraphModule use themselves; user names that collide get a trailing "_".
-RESERVED = frozenset(
-    {"_code", "_shape", "graph", "code", "forward", "training", "recompile", "output", "to_folder",
-     "print_readable", "meta", "modules", "parameters", "buffers", "children", "state_dict", "type",
-     "cuda", "cpu", "to", "float", "half", "double", "eval", "train", "apply", "zero_grad", "share_memory",
-     "extra_repr", "register_buffer", "register_module", "get_submodule", "get_parameter", "named_modules",
-     "add_module", "requires_grad_", "load_state_dict", "bfloat16", "ipu", "xpu", "mtia", "compile"}
-)
 _SUFFIX = re.compile(r"^(.*)_(\d+)$")
 #: calls with no effect on values that dynamo records anyway (usage logging); dropped.
 _DROP_TARGETS = frozenset({torch._C._log_api_usage_once})
-
-
-def escape_name(name: str) -> str:
-    """A local name safe as a GraphModule attribute and a NodePath component."""
-    name = re.sub(r"\W", "_", name)
-    if not name or name[0].isdigit():
-        name = f"sub_{name}"
-    while name in RESERVED or name in _ILLEGAL:
-        name = name + "_"
-    return name
 
 
 class _Names:
@@ -79,7 +58,7 @@ class _Names:
             base = base + "_"
         num = self.counts.get(base, 0)
         name = base
-        while name in self.used or name in _ILLEGAL:
+        while name in self.used or name in ILLEGAL:
             num += 1
             name = f"{base}_{num}"
         self.used.add(name)
