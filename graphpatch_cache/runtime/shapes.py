@@ -223,7 +223,26 @@ def _concrete(value: Any, sizes: Mapping[str, int]) -> Any:
     return value.subs(sizes) if isinstance(value, SymbolicShape) else value
 
 
-class ShapeTuple(tuple):
+class _NestedShape:
+    """``subs``/``at`` of a nested shape: its ``_map`` applied to every symbolic part."""
+
+    _scope: Optional[ShapeScope]
+
+    def _map(self, fn: Callable[[Any], Any]) -> Any:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def subs(self, sizes: Mapping[str, int]) -> Any:
+        """Every symbolic part made concrete for ``{symbol: int}``."""
+        return self._map(lambda v: _concrete(v, sizes))
+
+    def at(self, *args: Any, **kwargs: Any) -> Any:
+        """Every symbolic part made concrete for a call with these inputs."""
+        if self._scope is None:
+            raise ShapeError("this shape is not attached to a graph's inputs", hint="use .subs({...})")
+        return self.subs(self._scope.sizes_for(args, kwargs))
+
+
+class ShapeTuple(_NestedShape, tuple):
     """The shapes of a tuple's or list's parts; ``.sub_0`` is ``[0]``, as in node paths."""
 
     type_name: str
@@ -252,21 +271,11 @@ class ShapeTuple(tuple):
     def _map(self, fn: Callable[[Any], Any]) -> "ShapeTuple":
         return ShapeTuple([_map_leaves(v, fn) for v in self], self.type_name, self._scope)
 
-    def subs(self, sizes: Mapping[str, int]) -> "ShapeTuple":
-        """Every symbolic part made concrete for ``{symbol: int}``."""
-        return self._map(lambda v: _concrete(v, sizes))
-
-    def at(self, *args: Any, **kwargs: Any) -> "ShapeTuple":
-        """Every symbolic part made concrete for a call with these inputs."""
-        if self._scope is None:
-            raise ShapeError("this shape is not attached to a graph's inputs", hint="use .subs({...})")
-        return self.subs(self._scope.sizes_for(args, kwargs))
-
     def __reduce__(self) -> Any:
         return (ShapeTuple, (tuple(self), self.type_name))
 
 
-class ShapeDict(dict):
+class ShapeDict(_NestedShape, dict):
     """The shapes of a dict's or ModelOutput's fields; fields are attributes too."""
 
     type_name: str
@@ -292,16 +301,6 @@ class ShapeDict(dict):
 
     def _map(self, fn: Callable[[Any], Any]) -> "ShapeDict":
         return ShapeDict({k: _map_leaves(v, fn) for k, v in self.items()}, self.type_name, self._scope)
-
-    def subs(self, sizes: Mapping[str, int]) -> "ShapeDict":
-        """Every symbolic part made concrete for ``{symbol: int}``."""
-        return self._map(lambda v: _concrete(v, sizes))
-
-    def at(self, *args: Any, **kwargs: Any) -> "ShapeDict":
-        """Every symbolic part made concrete for a call with these inputs."""
-        if self._scope is None:
-            raise ShapeError("this shape is not attached to a graph's inputs", hint="use .subs({...})")
-        return self.subs(self._scope.sizes_for(args, kwargs))
 
     def __reduce__(self) -> Any:
         return (ShapeDict, (dict(self), self.type_name))
