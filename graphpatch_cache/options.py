@@ -85,7 +85,8 @@ class ExtractionOptions:
         if self.postprocessing_function is not None:
             if not callable(self.postprocessing_function):
                 raise TypeError(f"postprocessing_function must be callable, got {self.postprocessing_function!r}")
-            _postprocessing_arity(self.postprocessing_function)  # refuse a wrong signature now
+            # refuse a wrong signature now; kept for run_postprocessing (it runs at every bind)
+            object.__setattr__(self, "_postprocessing_arity", _postprocessing_arity(self.postprocessing_function))
 
     def __hash__(self) -> int:
         return hash(self.fingerprint())
@@ -95,7 +96,7 @@ class ExtractionOptions:
         fn = self.postprocessing_function
         if fn is None:
             return
-        if _postprocessing_arity(fn) == 2:
+        if self._postprocessing_arity == 2:
             fn(graph_module, module)
         else:
             fn(graph_module)

@@ -61,18 +61,21 @@ def tensor_index(index: SliceSpec) -> SliceSpec:
     return index
 
 
+def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (containers rebuilt around them)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    return _compat.tree_map(lambda v: fn(v) if isinstance(v, torch.Tensor) else v, value)
+
+
 def clone_tensors(value: Any) -> Any:
     """``value`` with every tensor in it cloned (containers rebuilt around the clones)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    return _compat.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+    return _map_tensors(torch.Tensor.clone, value)
 
 
 def _detached_copy(value: Any) -> Any:
     """What the recording patches keep: every tensor detached and copied."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    return _compat.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+    return _map_tensors(lambda t: t.detach().clone(), value)
 
 
 @functools.lru_cache(maxsize=None)
