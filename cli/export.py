@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import click
 
-from graphpatch_cache.files import write_atomic
+from graphpatch_cache._files import write_atomic
 
 from .options import common_options, open_store
 from .output import emit_json, human_size, note

@@ -6,9 +6,9 @@ node path inside ``with pg.patch({...}):``.
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+from ._version import __version__
 
-from . import functions as _functions  # noqa: F401  (registers graph helper targets)
+from .trust import functions as _functions  # noqa: F401  (registers the graph functions as call targets)
 from .artifact import GraphArtifact
 from .errors import (
     ArtifactFormatError,
@@ -35,7 +35,7 @@ from .options import ExtractionOptions
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from .runtime import NodePath, PatchableGraph, SymbolicShape
 from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
-from .allowlist import register_target
+from .trust.allowlist import register_target
 
 __all__ = [
     "ArtifactFormatError",

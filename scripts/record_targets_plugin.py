@@ -56,7 +56,7 @@ def pytest_configure(config):
     import graphpatch_cache.extraction as extraction
 
     original = extraction.extract
-    import graphpatch_cache.validate as validate
+    import graphpatch_cache.trust.validate as validate
 
     validate.check_artifact = lambda artifact, path="": None  # record, never refuse
 
@@ -69,7 +69,7 @@ def pytest_configure(config):
 
     # accept (and so record) every name extraction asks for: a refused name would otherwise
     # hide behind an opaque fallback and never reach the candidate list
-    import graphpatch_cache.allowlist as allowlist
+    import graphpatch_cache.trust.allowlist as allowlist
 
     allowlist.function_allowed = lambda name: True
     allowlist.method_allowed = lambda name: True

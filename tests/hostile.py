@@ -848,7 +848,7 @@ def load_blob(data: bytes, model: nn.Module) -> Any:
     """The cache door without a store: the bytes of a blob -> ``read_artifact`` (parse, schema,
     static checks) -> ``PatchableGraph.from_artifact`` (bind-time checks), as a hit does."""
     from graphpatch_cache import PatchableGraph
-    from graphpatch_cache.validate import read_artifact
+    from graphpatch_cache.trust.validate import read_artifact
 
     return PatchableGraph.from_artifact(model, read_artifact(data, "<fuzz>"))
 

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from graphpatch_cache import _compat, register_target
-from graphpatch_cache.allowlist import (ATTRIBUTES, FUNCTIONS, METHODS, check_method, resolve_function,
-                                        target_name)
+from graphpatch_cache.trust.allowlist import ATTRIBUTES, FUNCTIONS, METHODS, check_method, resolve_function, target_name
 from graphpatch_cache.errors import DisallowedTargetError, GraphPatchCacheError, NodePathError, PatchError
 
 
@@ -183,6 +182,6 @@ def test_an_unlisted_op_keeps_its_module_opaque():
         assert pg.artifact.root.kind == "compiled" and not pg.artifact.extraction["opaque"]
         assert torch.equal(pg(x), model(x))
     finally:
-        from graphpatch_cache import allowlist
+        from graphpatch_cache.trust import allowlist
 
         allowlist._REGISTERED.pop("torch.fmax", None)

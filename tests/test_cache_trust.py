@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from graphpatch_cache import PatchableGraph, cache_key, load_cached
 from graphpatch_cache.artifact import portable_digest
 from graphpatch_cache.cache import CacheStore, RebuildError, rebuild_artifact, verify_rebuild
-from graphpatch_cache.cache_support import current_module_digest
+from graphpatch_cache.live.sources import current_module_digest
 from graphpatch_cache.cli.main import cli
 from graphpatch_cache.errors import ArtifactFormatError
 

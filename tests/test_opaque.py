@@ -280,7 +280,7 @@ def test_opaque_attributes_survive_the_cache_round_trip(tmp_path):
 def test_input_binder_binds_every_call_form_as_canonical_inputs_does():
     # the opaque router's memoized binding: same result as a fresh bind, for every call form
     # (positional, keyword, *args, **kwargs, defaults left out), across repeated forms
-    from graphpatch_cache.signature import InputBinder, canonical_inputs
+    from graphpatch_cache.live.inputs import InputBinder, canonical_inputs
 
     class Forms(torch.nn.Module):
         def forward(self, x, y=None, *rest, scale=1.0, **extra):

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .. import kv_cache
+from ..integrations import kv_cache
 from ..artifact import GraphArtifact
 from ..errors import GraphPatchCacheError
 from ..options import ExtractionOptions
@@ -156,10 +156,10 @@ def meta_model(
             "with the transformers Auto classes",
         ) from exc
     if quantization == "8bit":
-        from .. import integrations
+        from ..integrations import bitsandbytes
 
         try:
-            model = integrations.quantize_8bit_on_meta(model)
+            model = bitsandbytes.quantize_8bit_on_meta(model)
         except GraphPatchCacheError as exc:
             raise BuildError(exc.message, hint=exc.hint) from exc
     if hasattr(model, "tie_weights"):
@@ -261,7 +261,7 @@ def build(
     extractor = CachingExtractor(store)
     if force:
         from ..runtime.patchable_graph import default_extractor
-        from ..signature import canonical_inputs, concrete_signature
+        from ..live.inputs import canonical_inputs, concrete_signature
 
         artifact = default_extractor(model, example_args, example_kwargs, options)
         inputs = canonical_inputs(model, tuple(example_args), dict(example_kwargs))

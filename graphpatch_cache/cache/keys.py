@@ -31,10 +31,11 @@ import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION
-from ..cache_support import module_file_digest
-from ..fingerprint import module_list, tensor_list
+from ..live.sources import module_file_digest
+from ..live.structure import module_list, tensor_list
 from ..options import ExtractionOptions
-from ..signature import _const, canonical_inputs, flat_inputs
+from ..artifact.signature import _const
+from ..live.inputs import canonical_inputs, flat_inputs
 
 #: config fields that describe the machine or the download, not the model's structure, and
 #: fields the tensors already say better (the dtype a config was saved with vs loaded in)
@@ -72,7 +73,7 @@ def _version(package: str) -> Optional[str]:
 
 def environment_fingerprint(model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Versions that enter the key (accelerate/bitsandbytes only where ``model`` uses them)."""
-    from .. import __version__
+    from .._version import __version__
 
     env: Dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

@@ -15,13 +15,14 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .. import kv_cache
+from ..integrations import kv_cache
 from ..artifact import GraphArtifact
-from ..cache_support import sources_unchanged
+from ..live.sources import sources_unchanged
 from ..errors import CacheError
 from ..options import ExtractionOptions
 from ..runtime.patchable_graph import PatchableGraph, default_extractor
-from ..signature import SignatureMatcher, canonical_inputs, concrete_signature, flat_inputs
+from ..artifact.signature import SignatureMatcher
+from ..live.inputs import canonical_inputs, concrete_signature, flat_inputs
 from .keys import digest_of, key_material
 from .proof import canonical, disagreement, live_disagreement, recorded_material
 from .store import CacheStore

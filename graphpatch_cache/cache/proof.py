@@ -25,8 +25,8 @@ import json
 from typing import Any, Dict, List, Optional
 
 from ..artifact import GraphArtifact
-from ..fingerprint import first_difference
-from ..signature import matches, signature_key
+from ..live.structure import first_difference
+from ..artifact.signature import matches, signature_key
 from .keys import digest_of
 
 #: the parts of ``material["model"]`` a ref leaves out: the artifact's ``extraction.structure``

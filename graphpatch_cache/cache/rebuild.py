@@ -33,12 +33,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import _compat, kv_cache
+from .. import _compat
+from ..integrations import kv_cache
 from ..artifact import GraphArtifact, decode_value
 from ..errors import GraphPatchCacheError
 from ..options import ExtractionOptions
-from ..signature import concrete_signature, canonical_inputs
-from ..validate import read_artifact
+from ..live.inputs import concrete_signature, canonical_inputs
+from ..trust.validate import read_artifact
 from .build import BuildError, meta_model
 from .keys import digest_of, key_material
 from .proof import canonical, complete_material, entry_disagreement

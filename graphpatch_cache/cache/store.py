@@ -42,8 +42,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ..artifact import GraphArtifact
 from ..errors import CacheError, CacheMissError
-from ..signature import signature_key
-from ..validate import read_artifact
+from ..artifact.signature import signature_key
+from ..trust.validate import read_artifact
 from .local import LocalTier
 from .proof import entry_disagreement, recorded_material
 

@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from ..artifact import portable_payload, portable_to_bytes
 from ..errors import ArtifactFormatError, CacheError, CacheMissError
-from ..signature import signature_key
-from ..validate import read_portable
+from ..artifact.signature import signature_key
+from ..trust.validate import read_portable
 from .proof import entry_disagreement
 from .store import CacheEntry, CacheStore
 

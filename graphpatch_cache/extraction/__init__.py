@@ -18,12 +18,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .. import _compat, validate
+from .. import _compat
+from ..trust import validate
 from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
 from ..errors import GraphPatchCacheError, SerializationError, UnusedSubmoduleError
-from ..fingerprint import structure
+from ..live.structure import structure
 from ..options import ExtractionOptions
-from ..signature import call_signature, canonical_inputs, flat_inputs
+from ..live.inputs import call_signature, canonical_inputs, flat_inputs
 from .capture import capture
 from .serialize import frame_to_data
 from .split import Frame, split
@@ -33,7 +34,7 @@ _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.ParameterList,
 
 def environment_versions() -> Dict[str, str]:
     """Versions that determine what a trace produces."""
-    from .. import __version__
+    from .._version import __version__
 
     versions = {
         "graphpatch_cache": __version__,
@@ -165,7 +166,7 @@ def traced_sources(graph: torch.fx.Graph) -> Dict[str, str]:
     (the model's own files, and helpers they call in other files), except torch and this
     package (their versions are in the key). A cache hit re-checks them, so editing any
     traced file makes the old graph a miss."""
-    from ..cache_support import module_file_digest, module_name_for_file
+    from ..live.sources import module_file_digest, module_name_for_file
 
     paths = set()
     for node in graph.nodes:

@@ -20,10 +20,11 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 
 import torch
 
-from .. import _compat, kv_cache
+from .. import _compat
+from ..integrations import kv_cache
 from ..errors import ExtractionError
 from ..options import ExtractionOptions
-from ..integrations import leaf_handler
+from ..integrations.bitsandbytes import leaf_handler
 from .markers import OPAQUE, Recorder
 
 

@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.utils._pytree as pytree
 
-from .. import _compat, kv_cache
+from .. import _compat
+from ..integrations import kv_cache
 
 _LIB = torch.library.Library("graphpatch_cache", "DEF")
 _LIB.define("enter(str tag, Tensor[] xs) -> Tensor[]")
@@ -397,7 +398,7 @@ class Recorder:
     def _wrapped_forward(self, tag: str, module: torch.nn.Module, forward: Any):
         recorder = self
 
-        from ..integrations import leaf_handler
+        from ..integrations.bitsandbytes import leaf_handler
 
         handler = leaf_handler(module)
         # accelerate hooks (offloading, device alignment) cannot be traced: dynamo sees the
@@ -495,7 +496,7 @@ class Recorder:
         reads data, or the call takes sizes as Python ints) empty tensors with the metadata of
         the k-th eager call, and the call is listed in :attr:`specialized`.
         """
-        from ..integrations import leaf_handler
+        from ..integrations.bitsandbytes import leaf_handler
 
         record = self._opaque_record(tag)
         handler = leaf_handler(record.module)

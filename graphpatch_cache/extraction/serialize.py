@@ -9,9 +9,9 @@ import torch.fx
 
 from ..artifact import ModuleGraph, NodeData, encode_value
 from ..errors import DisallowedTargetError, SerializationError
-from ..integrations import stored_dtype
-from .. import allowlist
-from ..allowlist import check_method, target_name
+from ..integrations.bitsandbytes import stored_dtype
+from ..trust import allowlist
+from ..trust.allowlist import check_method, target_name
 from .split import Frame
 
 

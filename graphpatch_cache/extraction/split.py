@@ -22,9 +22,11 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .. import _compat, kv_cache
+from .. import _compat
+from ..integrations import kv_cache
 from ..errors import ExtractionError, UnsupportedCacheError
-from ..integrations import leaf_handler
+from ..integrations.bitsandbytes import leaf_handler
+from ..trust.allowlist import resolve_function
 from .capture import Capture
 from . import naming
 from .naming import ILLEGAL, RESERVED, escape_name
@@ -247,7 +249,7 @@ class Splitter:
         ModelOutput) through the registered ``unflatten`` helper."""
         if _plain_spec(spec):
             return pytree.tree_unflatten(leaves, spec)
-        from ..functions import tree_build
+        from ..trust.functions import tree_build
 
         node = frame.graph.call_function(tree_build, (_compat.treespec_dumps(spec), list(leaves)))
         node.name = frame.names.fresh("output_value")
@@ -289,7 +291,7 @@ class Splitter:
         plain-data attributes as nodes read at call time, one call of the original module with
         them, and the structured output (its metadata from ``fake_outputs``, the opaque
         marker's fake tensor outputs)."""
-        from ..functions import exposed_attributes, module_attribute, run_opaque
+        from ..trust.functions import exposed_attributes, module_attribute, run_opaque
 
         frame.kind = "opaque"
         record = frame.record
@@ -369,7 +371,7 @@ class Splitter:
             frame.attrs[name] = f"{frame.path}.{name}" if frame.path else name
             tensors.append(node)
         placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"]
-        call = frame.graph.call_function(handler.call, (module_ref, placeholders[0], *tensors))
+        call = frame.graph.call_function(resolve_function(handler.call), (module_ref, placeholders[0], *tensors))
         call.name = frame.names.fresh("linear")
         out = frame.graph.output(call)
         out.meta["example_value"] = None
@@ -579,7 +581,7 @@ class Splitter:
         grad *on* for the rest of the forward. We turn each switch into "set, remember the
         previous mode" and each restore into "restore what was remembered".
         """
-        from ..functions import restore_grad_enabled, set_grad_enabled
+        from ..trust.functions import restore_grad_enabled, set_grad_enabled
 
         mode = bool(node.args[0])
         if self._grad_stack and mode == self._grad_stack[-1][0]:

@@ -16,13 +16,14 @@ from ..artifact import GraphArtifact, ModuleGraph, decode_value
 from .. import _compat
 from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructureError,
                       SerializationError, SignatureMismatchError)
-from ..signature import InputBinder, SignatureMatcher
-from ..fingerprint import first_difference, structure
-from ..functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
-from ..integrations import register_quantized_owner
+from ..live.inputs import InputBinder, mismatch
+from ..artifact.signature import SignatureMatcher
+from ..live.structure import first_difference, structure
+from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
+from ..integrations.bitsandbytes import register_quantized_owner
 from . import guards
-from ..validate import check_artifact
-from ..allowlist import check_method, resolve_function
+from ..trust.validate import check_artifact
+from ..trust.allowlist import check_method, resolve_function
 
 MODULE_REF_ATTR = "_graphpatch_module"
 
@@ -136,7 +137,7 @@ class CallRouter(torch.nn.Module):
         if not matcher.fits(leaves, spec):
             raise SignatureMismatchError(
                 f"the opaque parent calls {gm._graphpatch_node_path!r} differently from the extraction call: "
-                + matcher.mismatch(inputs),
+                + mismatch(matcher, inputs),
                 hint="extract with example inputs that match how you call the model",
             )
         return gm(*[x for x in leaves if isinstance(x, torch.Tensor)])

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence, Set
 import torch
 
 from ..errors import ProtectedWriteError
-from ..validate import written_inputs  # noqa: F401  (the rules, shared with the loader)
+from ..trust.validate import written_inputs  # noqa: F401  (the rules, shared with the loader)
 
 def param_storages(model: torch.nn.Module) -> Set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"} - {0}

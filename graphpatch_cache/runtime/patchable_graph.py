@@ -23,16 +23,18 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, S
 
 import torch
 
-from .. import _compat, kv_cache
+from .. import _compat
+from ..integrations import kv_cache
 from ..artifact import GraphArtifact, portable_to_bytes
-from ..files import write_atomic
+from .._files import write_atomic
 from ..errors import (ArtifactFormatError, CacheMissError, NodePathError, NotAValueError, NotPicklableError,
                       PatchMapError,
                       SignatureMismatchError, UnsupportedCacheError)
 from ..options import ExtractionOptions
 from ..patches import Patch
-from ..signature import SignatureMatcher, canonical_inputs, flat_inputs, signature_key
-from ..validate import read_portable
+from ..artifact.signature import SignatureMatcher, signature_key
+from ..live.inputs import canonical_inputs, flat_inputs, mismatch
+from ..trust.validate import read_portable
 from .bind import ModuleGraphModule, bind
 from .guards import preserved_global_state
 from .node_path import NodePath
@@ -179,7 +181,7 @@ class PatchableGraph(torch.nn.Module):
         for variant in self._variants:
             if variant.matcher.fits(leaves, spec):
                 return variant
-        reason = self._variants[0].matcher.mismatch(inputs)
+        reason = mismatch(self._variants[0].matcher, inputs)
         try:
             artifact = self._extract(inputs[0], inputs[1])
         except UnsupportedCacheError:

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 
 from ..errors import PatchError
-from ..integrations import patch_view
+from ..integrations.bitsandbytes import patch_view
 from ..patches import Patch
 from .bind import ModuleGraphModule, unwrap
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .integrations import stored_dtype
+from ..integrations.bitsandbytes import stored_dtype
 
 
 def module_list(model: torch.nn.Module) -> List[List[str]]:

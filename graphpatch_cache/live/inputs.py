@@ -1,24 +1,14 @@
-"""Call signatures: what about a call's inputs a graph was extracted for.
-
-Dynamo drops its guards with the graph, so we keep our own. A signature records the
-structure of the canonical ``(args, kwargs)`` (which keyword arguments were given, which were
-None), and per leaf either the tensor's dtype, rank (and, for information only, device type:
-graphs are device-independent) and which dimensions are
-fixed, or the exact value of a Python constant. Dimensions traced symbolically accept any
-size except that a size of 1 (which dynamo specializes) forms its own signature.
-"""
+"""A live call's inputs as graphs see them: canonical ``(args, kwargs)`` bound to
+``forward``'s signature, their flat leaves, and the signature of a concrete call."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from typing import Any, Dict, List, Optional, Tuple
-
 import torch
-
-from . import _compat, kv_cache
-from .artifact import encode_value
+from .. import _compat
+from ..integrations import kv_cache
+from ..artifact.signature import SignatureMatcher, _const, describe_mismatch
 
 
 def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict,
@@ -100,13 +90,6 @@ def flat_inputs(inputs: Tuple[tuple, dict]) -> Tuple[List[Any], Any]:
     return _compat.tree_flatten(kv_cache.as_states(inputs))
 
 
-def _const(value: Any) -> Any:
-    try:
-        return encode_value(value, lambda v: None, lambda f: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}")
-    except Exception:
-        return {"repr": f"{type(value).__module__}.{type(value).__qualname__}"}
-
-
 def call_signature(inputs: Tuple[tuple, dict], dynamic_dims: Optional[List[Optional[List[bool]]]] = None) -> Dict[str, Any]:
     """The signature of canonical inputs. ``dynamic_dims[i][d]`` says whether dim ``d`` of
     tensor leaf ``i`` was traced symbolically (default: all dims dynamic)."""
@@ -134,51 +117,11 @@ def call_signature(inputs: Tuple[tuple, dict], dynamic_dims: Optional[List[Optio
     return {"spec": _compat.treespec_dumps(spec), "leaves": out}
 
 
-def signature_key(signature: Dict[str, Any]) -> str:
-    """A short stable digest of a signature (for dictionaries and cache keys)."""
-    text = json.dumps(signature, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def concrete_signature(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
     """The signature of an actual call: every dimension concrete."""
     leaves, _ = flat_inputs(inputs)
     n = sum(isinstance(x, torch.Tensor) for x in leaves)
     return call_signature(inputs, [[False] * x.dim() for x in leaves if isinstance(x, torch.Tensor)][:n])
-
-
-def _leaf_fits(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
-    if want["kind"] != got["kind"]:
-        return False
-    if want["kind"] == "const":
-        return want["value"] == got["value"]
-    if want["dtype"] != got["dtype"] or len(want["dims"]) != len(got["dims"]):
-        return False
-    for w, g in zip(want["dims"], got["dims"]):
-        if w == "dyn":
-            if g < 2:  # dynamo specializes sizes 0 and 1
-                return False
-        elif w != g:
-            return False
-    return True
-
-
-def matches(signature: Dict[str, Any], concrete: Dict[str, Any]) -> bool:
-    """Whether a call with :func:`concrete_signature` ``concrete`` fits ``signature``."""
-    if signature["spec"] != concrete["spec"] or len(signature["leaves"]) != len(concrete["leaves"]):
-        return False
-    return all(_leaf_fits(w, g) for w, g in zip(signature["leaves"], concrete["leaves"]))
-
-
-def describe_mismatch(signature: Dict[str, Any], candidate: Dict[str, Any], names: List[str]) -> str:
-    """A sentence naming the first input that differs."""
-    if signature["spec"] != candidate["spec"]:
-        return "the set of arguments (or their nesting) differs from the extraction call"
-    for i, (want, got) in enumerate(zip(signature["leaves"], candidate["leaves"])):
-        name = names[i] if i < len(names) else f"input #{i}"
-        if not _leaf_fits(want, got):
-            return f"input {name!r}: extracted for {want}, called with {got}"
-    return "inputs differ"
 
 
 def input_names(inputs: Tuple[tuple, dict]) -> List[str]:
@@ -191,41 +134,7 @@ def input_names(inputs: Tuple[tuple, dict]) -> List[str]:
     return out
 
 
-#: dtype names as signatures write them (``str(dtype)`` without ``torch.``) -> dtype
-_DTYPES = {str(v)[6:]: v for v in vars(torch).values() if isinstance(v, torch.dtype)}
-
-
-class SignatureMatcher:
-    """Fast per-call check of flat inputs against one extracted signature."""
-
-    def __init__(self, signature: Dict[str, Any]) -> None:
-        self.signature = signature
-        self.spec = _compat.treespec_loads(signature["spec"])
-        self.leaves = signature["leaves"]
-        #: per leaf, the torch.dtype a tensor must have (None for constants): compared by
-        #: identity per call instead of formatting the leaf's dtype
-        self._dtypes = [_DTYPES.get(w["dtype"]) if w["kind"] == "tensor" else None for w in self.leaves]
-
-    def fits(self, leaves: List[Any], spec: Any) -> bool:
-        if spec != self.spec or len(leaves) != len(self.leaves):
-            return False
-        for want, dtype, leaf in zip(self.leaves, self._dtypes, leaves):
-            if want["kind"] == "tensor":
-                if not isinstance(leaf, torch.Tensor):
-                    return False
-                if leaf.dtype is not dtype:
-                    return False
-                dims = want["dims"]
-                if leaf.dim() != len(dims):
-                    return False
-                for w, size in zip(dims, leaf.shape):
-                    if (w == "dyn" and size < 2) or (w != "dyn" and w != size):
-                        return False
-            else:
-                if isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
-                    return False
-        return True
-
-    def mismatch(self, inputs: Tuple[tuple, dict]) -> str:
-        """A sentence naming the first input that differs from the extraction call."""
-        return describe_mismatch(self.signature, concrete_signature(inputs), input_names(inputs))
+def mismatch(matcher: SignatureMatcher, inputs: Tuple[tuple, dict]) -> str:
+    """A sentence naming the first input of ``inputs`` that differs from ``matcher``'s
+    extraction call."""
+    return describe_mismatch(matcher.signature, concrete_signature(inputs), input_names(inputs))

@@ -1,6 +1,6 @@
-"""Optional integrations, detected at run time: bitsandbytes quantized linears (leaf graphs)
-and accelerate hooks. Nothing here imports bitsandbytes or accelerate unless the model uses
-them.
+"""bitsandbytes 8-bit linears, detected at run time: leaf graphs, stored dtypes, patchable
+views of int8 weights, and 8-bit layers on the meta device. Nothing here imports
+bitsandbytes unless the model uses it.
 
 A *leaf handler* describes a module class that extraction never traces into: dynamo's graph
 of a bitsandbytes ``Linear8bitLt`` holds local functions and in-place state updates that
@@ -23,8 +23,9 @@ import torch
 class LeafHandler:
     #: fake outputs (a list of tensors) from the module and its fake tensor inputs
     fake_outputs: Callable[[torch.nn.Module, List[torch.Tensor]], List[torch.Tensor]]
-    #: the registered function the leaf graph calls: fn(module_ref, x, weight, bias)
-    call: Callable[..., Any]
+    #: the name of the registered graph function the leaf graph calls:
+    #: fn(module_ref, x, weight, bias) (a name, resolved through the allowlist)
+    call: str
 
 
 def _linear_fake(module: torch.nn.Module, xs: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -38,10 +39,8 @@ def leaf_handler(module: torch.nn.Module) -> Optional[LeafHandler]:
     if bnb is None or not hasattr(bnb, "nn"):
         return None
 
-    from .functions import linear_8bit
-
     if isinstance(module, bnb.nn.Linear8bitLt):
-        return LeafHandler(fake_outputs=_linear_fake, call=linear_8bit)
+        return LeafHandler(fake_outputs=_linear_fake, call="graphpatch_cache.functions.linear_8bit")
     return None
 
 
@@ -94,7 +93,7 @@ def quantize_8bit_on_meta(model: torch.nn.Module) -> torch.nn.Module:
         from transformers import BitsAndBytesConfig
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     except ImportError as exc:
-        from .errors import GraphPatchCacheError
+        from ..errors import GraphPatchCacheError
 
         raise GraphPatchCacheError("8-bit needs bitsandbytes (>= 0.46 runs on CPU)",
                                    hint="pip install bitsandbytes") from exc

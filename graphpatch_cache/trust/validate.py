@@ -33,10 +33,11 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set
 
 import torch
 
-from . import _compat, functions  # noqa: F401  (functions registers the graph helpers checked here)
+from .. import _compat
+from . import functions
 from .allowlist import attribute_allowed, check_method, is_dunder, resolve_function, valid_dotted
-from .artifact import GraphArtifact, ModuleGraph, artifact_from_bytes, portable_from_bytes
-from .errors import ArtifactFormatError, DisallowedTargetError, GraphPatchCacheError, ProtectedWriteError
+from ..artifact import GraphArtifact, ModuleGraph, artifact_from_bytes, portable_from_bytes
+from ..errors import ArtifactFormatError, DisallowedTargetError, GraphPatchCacheError, ProtectedWriteError
 
 #: bounds that no real graph comes near; past them an artifact is refused quickly
 MAX_NODES = 500_000  # per artifact

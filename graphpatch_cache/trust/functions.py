@@ -12,11 +12,21 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import _compat, kv_cache  # noqa: F401  kv_cache registers CacheState, which tree_build specs name
+from .. import _compat
+from ..integrations import kv_cache  # noqa: F401  kv_cache registers CacheState, which tree_build specs name
 from .allowlist import register_target
 
+#: the namespace the artifact format names these functions in (``cache_schema/SPEC.md``):
+#: fixed by the format, whatever module defines them
+NAMESPACE = "graphpatch_cache.functions"
 
-@register_target
+
+def _graph_function(fn: Any) -> Any:
+    return register_target(fn, f"{NAMESPACE}.{fn.__name__}")
+
+
+
+@_graph_function
 def tree_build(spec: str, leaves: List[Any]) -> Any:
     """Rebuild a structured value (a ``ModelOutput``, a namedtuple...) from its leaves.
 
@@ -38,7 +48,7 @@ def spec_of(text: str) -> Any:
     return spec
 
 
-@register_target
+@_graph_function
 def set_grad_enabled(mode: bool) -> bool:
     """Switch grad mode; returns the previous mode (for :func:`restore_grad_enabled`)."""
     previous = torch.is_grad_enabled()
@@ -46,13 +56,13 @@ def set_grad_enabled(mode: bool) -> bool:
     return previous
 
 
-@register_target
+@_graph_function
 def restore_grad_enabled(previous: bool) -> None:
     """Restore the grad mode that :func:`set_grad_enabled` replaced."""
     torch._C._set_grad_enabled(previous)
 
 
-@register_target
+@_graph_function
 def linear_8bit(ref: "ModuleRef", x: torch.Tensor, weight: Any, bias: Any) -> torch.Tensor:
     """A bitsandbytes 8-bit linear. With its own weight (the int8 parameter, unpatched) it
     runs the module itself, exactly; with a patched (dequantized, float) weight it computes
@@ -166,14 +176,14 @@ def exposed_attributes(module: torch.nn.Module) -> List[str]:
     return sorted(n for n in names if attribute_exposed(module, n))
 
 
-@register_target
+@_graph_function
 def module_attribute(ref: ModuleRef, name: str) -> Any:
     """An opaque module's attribute ``name``, read at call time (so a patch on its node sees
     the live value; :func:`run_opaque` lets the module see the patched one)."""
     return getattr(ref.module, name)
 
 
-@register_target
+@_graph_function
 def run_opaque(
     ref: ModuleRef,
     input_spec: str,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, FrozenSet, Optional
 
 import torch
 
-from .errors import DisallowedTargetError
+from ..errors import DisallowedTargetError
 
 ALLOWLIST_FILE = "allowlist-v1.json"
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

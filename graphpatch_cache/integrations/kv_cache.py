@@ -26,7 +26,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import UnsupportedCacheError
+from ..errors import UnsupportedCacheError
 
 _LAYER = "DynamicLayer"
 

@@ -1,0 +1,144 @@
+"""The artifact's data model: frozen dataclasses for one extraction's graphs, and the schema
+version they are written under. Pure data: no tensors, no pickles, no code that is ever run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+from ..errors import GraphPatchCacheError
+
+
+SCHEMA_VERSION = 1
+
+
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeData:
+    """One fx node. ``target`` is a qualified function name, a method name, a child graph's
+    local name or a local attribute name, depending on ``op``."""
+
+    name: str
+    op: str
+    target: str
+    args: Any = ()
+    kwargs: Any = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModuleGraph:
+    """The graph of one call of one module.
+
+    :ivar name: the local name of this graph in its parent (``""`` for the root).
+    :ivar module_path: qualified name of the module in the model (``transformer.h.0``).
+    :ivar kind: ``"compiled"`` (nodes are the module's ops) or ``"opaque"`` (one call of the
+        original module, with patchable inputs, outputs, parameters and attributes).
+    :ivar attributes: local attribute name -> qualified name of the model parameter, buffer
+        or attribute it binds to.
+    :ivar input_spec: for opaque graphs, the pytree spec of the forward's ``(args, kwargs)``.
+    :ivar call_signature: for a graph called by an opaque module (extracted separately), the
+        signature of that call (see :mod:`graphpatch_cache.signature`).
+    """
+
+    name: str
+    module_path: str
+    module_class: str
+    kind: str
+    call_index: int
+    nodes: List[NodeData]
+    children: List["ModuleGraph"]
+    attributes: Dict[str, str] = field(default_factory=dict)
+    input_spec: Optional[str] = None
+    call_signature: Optional[Dict[str, Any]] = None
+    code: str = ""
+
+    def walk(self):
+        """Yield this graph and all descendants, depth first."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphArtifact:
+    """Everything needed to rebuild a PatchableGraph for one input signature.
+
+    :ivar signature: the call signature the graphs were extracted for (see
+        :mod:`graphpatch_cache.runtime.signature`).
+    :ivar input_spec: pytree spec (JSON) of the canonical ``(args, kwargs)`` of the root call.
+    :ivar extraction: options fingerprint and the device the graphs were traced on.
+    """
+
+    schema_version: int
+    model_class: str
+    root: ModuleGraph
+    signature: Dict[str, Any]
+    input_spec: str
+    extraction: Dict[str, Any]
+    versions: Dict[str, str]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """Deterministic JSON text (sorted keys, no whitespace)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "GraphArtifact":
+        if not isinstance(data, dict) or "schema_version" not in data:
+            raise GraphPatchCacheError(
+                "not a graph artifact: no schema_version field",
+                hint="pass a file written by PatchableGraph.save() or the cache",
+            )
+        version = data["schema_version"]
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise GraphPatchCacheError(
+                f"artifact schema_version {version!r} is not supported; this release reads "
+                f"{list(SUPPORTED_SCHEMA_VERSIONS)}",
+                hint="rebuild the artifact with this release, or upgrade graphpatch-cache",
+            )
+        try:
+            return cls(
+                schema_version=version,
+                model_class=data["model_class"],
+                root=_module_graph_from_dict(data["root"]),
+                signature=data["signature"],
+                input_spec=data["input_spec"],
+                extraction=data["extraction"],
+                versions=data["versions"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise GraphPatchCacheError(
+                f"malformed graph artifact: {exc!r}", hint="the file is damaged; rebuild it"
+            ) from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "GraphArtifact":
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise GraphPatchCacheError(
+                f"not a graph artifact: invalid JSON ({exc})", hint="pass a file written by graphpatch-cache"
+            ) from exc
+        return cls.from_dict(data)
+
+
+def _module_graph_from_dict(data: Dict[str, Any]) -> ModuleGraph:
+    return ModuleGraph(
+        name=data["name"],
+        module_path=data["module_path"],
+        module_class=data["module_class"],
+        kind=data["kind"],
+        call_index=data["call_index"],
+        nodes=[NodeData(**n) for n in data["nodes"]],
+        children=[_module_graph_from_dict(c) for c in data["children"]],
+        attributes=dict(data.get("attributes", {})),
+        input_spec=data.get("input_spec"),
+        call_signature=data.get("call_signature"),
+        code=data.get("code", ""),
+    )
+

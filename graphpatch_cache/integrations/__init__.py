@@ -1,0 +1,12 @@
+"""Optional integrations, one small module each, detected at run time.
+
+- :mod:`.kv_cache`: transformers' key/value caches as graph inputs and outputs.
+- :mod:`.bitsandbytes`: 8-bit linear layers (leaf handling, stored dtypes, meta quantization).
+
+Each module imports its library only when a model uses it, and imports nothing of this
+package above :mod:`graphpatch_cache.errors` and :mod:`graphpatch_cache._compat`.
+"""
+
+from __future__ import annotations
+
+__all__: list = []
