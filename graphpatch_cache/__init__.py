@@ -6,7 +6,7 @@ node path inside ``with pg.patch({...}):``.
 
 from __future__ import annotations
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 from .trust import functions as _functions  # noqa: F401  (registers the graph functions as call targets)
 from .artifact import GraphArtifact
@@ -33,7 +33,8 @@ from .errors import (
 )
 from .options import ExtractionOptions
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
-from .runtime import NodePath, PatchableGraph, SymbolicShape
+from .compose import PatchableGraph
+from .runtime import NodePath, SymbolicShape
 from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
 from .trust.allowlist import register_target
 

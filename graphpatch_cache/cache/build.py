@@ -260,7 +260,7 @@ def build(
     key = digest_of(material)
     extractor = CachingExtractor(store)
     if force:
-        from ..runtime.patchable_graph import default_extractor
+        from ..compose import default_extractor
         from ..live.inputs import canonical_inputs, concrete_signature
 
         artifact = default_extractor(model, example_args, example_kwargs, options)

@@ -24,13 +24,13 @@ import inspect
 import json
 import marshal
 import os
-import platform
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION
+from ..live.environment import environment_versions
 from ..live.sources import module_file_digest
 from ..live.structure import module_list, tensor_list
 from ..options import ExtractionOptions
@@ -56,37 +56,9 @@ def _code_digest(cls: type) -> str:
     return "code:" + h.hexdigest()
 
 
-def _uses(model: torch.nn.Module, package: str) -> bool:
-    return any(
-        type(m).__module__.startswith(package) or type(getattr(m, "_hf_hook", None)).__module__.startswith(package)
-        for m in model.modules()
-    )
-
-
-def _version(package: str) -> Optional[str]:
-    try:
-        module = __import__(package)
-    except ImportError:
-        return None
-    return getattr(module, "__version__", "unknown")
-
-
 def environment_fingerprint(model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Versions that enter the key (accelerate/bitsandbytes only where ``model`` uses them)."""
-    from .._version import __version__
-
-    env: Dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "graphpatch_cache": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-    }
-    if model is not None:
-        for package in ("accelerate", "bitsandbytes"):
-            if _uses(model, package):
-                env[package] = _version(package)
-    return env
+    return {"schema_version": SCHEMA_VERSION, **environment_versions(model)}
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,7 +20,7 @@ from ..artifact import GraphArtifact
 from ..live.sources import sources_unchanged
 from ..errors import CacheError
 from ..options import ExtractionOptions
-from ..runtime.patchable_graph import PatchableGraph, default_extractor
+from ..compose import PatchableGraph, default_extractor
 from ..artifact.signature import SignatureMatcher
 from ..live.inputs import canonical_inputs, concrete_signature, flat_inputs
 from .keys import digest_of, key_material

@@ -159,7 +159,7 @@ def rebuild_artifact(material: Optional[Dict[str, Any]], example: Optional[Dict[
             raise RebuildError(f"cannot rebuild here: {_material_difference(material, rebuilt)}",
                                hint="rebuild where the entry was built (same python, torch, transformers and "
                                     "graphpatch-cache versions)")
-    from ..runtime.patchable_graph import default_extractor
+    from ..compose import default_extractor
 
     return default_extractor(model, args, kwargs, options)
 

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from ..errors import NoEquivalentError
 from ..options import ExtractionOptions
 from ..patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
-from ..runtime import PatchableGraph
+from ..compose import PatchableGraph
 
 _KIND_HINT = (
     "a module graph's kind is data here: {g.module_path: g.kind for g in pg.artifact.root.walk()} "

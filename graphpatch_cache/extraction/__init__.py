@@ -12,7 +12,6 @@ Call map::
 from __future__ import annotations
 
 import dataclasses
-import platform
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,6 +21,7 @@ from .. import _compat
 from ..trust import validate
 from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
 from ..errors import GraphPatchCacheError, SerializationError, UnusedSubmoduleError
+from ..live import environment as live_environment
 from ..live.structure import structure
 from ..options import ExtractionOptions
 from ..live.inputs import call_signature, canonical_inputs, flat_inputs
@@ -33,21 +33,9 @@ _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.ParameterList,
 
 
 def environment_versions() -> Dict[str, str]:
-    """Versions that determine what a trace produces."""
-    from .._version import __version__
-
-    versions = {
-        "graphpatch_cache": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    try:
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return versions
+    """Versions that determine what a trace produces (those installed), as artifacts record
+    them."""
+    return {name: v for name, v in live_environment.environment_versions().items() if v is not None}
 
 
 def _check_unused(model: torch.nn.Module, called: set, options: ExtractionOptions) -> None:

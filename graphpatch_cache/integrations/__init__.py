@@ -2,6 +2,7 @@
 
 - :mod:`.kv_cache`: transformers' key/value caches as graph inputs and outputs.
 - :mod:`.bitsandbytes`: 8-bit linear layers (leaf handling, stored dtypes, meta quantization).
+- :mod:`.accelerate`: accelerate's hooks (device maps, offload).
 
 Each module imports its library only when a model uses it, and imports nothing of this
 package above :mod:`graphpatch_cache.errors` and :mod:`graphpatch_cache._compat`.

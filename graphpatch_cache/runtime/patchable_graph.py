@@ -47,12 +47,6 @@ FileLike = Union[str, "os.PathLike[str]", IO[bytes], IO[str]]
 Extractor = Callable[[torch.nn.Module, tuple, dict, ExtractionOptions], GraphArtifact]
 
 
-def default_extractor(model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions) -> GraphArtifact:
-    from ..extraction import extract
-
-    return extract(model, args, kwargs, options)
-
-
 @dataclass
 class Variant:
     """The graphs of one call signature, bound to the model."""
@@ -78,10 +72,19 @@ class PatchableGraph(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, *example_args: Any, **example_kwargs: Any) -> None:
         options, args = _split_options(example_args)
         super().__init__()
-        self._setup(module, options, default_extractor)
+        self._setup(module, options, self._default_extractor())
         self._add_variant(self._extract(args, example_kwargs))
 
     # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def _default_extractor(cls) -> Extractor:
+        """The extractor a graph uses when none is given. The runtime never traces: the
+        composed class (:class:`graphpatch_cache.compose.PatchableGraph`) supplies
+        extraction."""
+        raise NotImplementedError(
+            "graphpatch_cache.runtime.PatchableGraph binds artifacts only; use graphpatch_cache.PatchableGraph"
+        )
+
     def _setup(self, module: torch.nn.Module, options: ExtractionOptions, extractor: Extractor) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"PatchableGraph wraps a torch.nn.Module, got {type(module).__name__}")
@@ -122,7 +125,7 @@ class PatchableGraph(torch.nn.Module):
         """Bind an existing artifact to ``module`` (no extraction)."""
         pg = cls.__new__(cls)
         torch.nn.Module.__init__(pg)
-        pg._setup(module, options or ExtractionOptions(), extractor or default_extractor)
+        pg._setup(module, options or ExtractionOptions(), extractor or cls._default_extractor())
         pg._add_variant(artifact)
         return pg
 
@@ -602,4 +605,4 @@ def _split_options(example_args: tuple) -> Tuple[ExtractionOptions, tuple]:
     return ExtractionOptions(), tuple(example_args)
 
 
-__all__ = ["PatchableGraph", "Variant", "default_extractor"]
+__all__ = ["Extractor", "PatchableGraph", "Variant"]

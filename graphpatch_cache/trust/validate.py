@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set
 import torch
 
 from .. import _compat
-from . import functions
+from . import functions  # noqa: F401  (registers the graph functions the rules name)
 from .allowlist import attribute_allowed, check_method, is_dunder, resolve_function, valid_dotted
 from ..artifact import GraphArtifact, ModuleGraph, artifact_from_bytes, portable_from_bytes
 from ..errors import ArtifactFormatError, DisallowedTargetError, GraphPatchCacheError, ProtectedWriteError
