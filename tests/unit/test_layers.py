@@ -402,3 +402,33 @@ def test_the_table_matches_the_tree():
                 for _, units in LAYERS for unit in units
                 if unit not in names and not any(n.startswith(unit + ".") for n in names)]
     _report(problems, "stale entries in the layer table")
+
+
+def _documented_layers() -> List[Tuple[str, List[str]]]:
+    """ARCHITECTURE.md's layer table: ``| 1. ground | `errors`, `_compat`, ... | ...``."""
+    rows = []
+    for line in (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^\|\s*\d+\.\s*([^|]+?)\s*\|([^|]*)\|", line)
+        if match:
+            units = []
+            for name in re.findall(r"`([^`]+)`", re.sub(r"\([^)]*\)", "", match.group(2))):  # (asides)
+                name = name.split(" ")[0].rstrip("/")
+                if name == "graphpatch_cache":
+                    units.append(name)
+                else:
+                    units.append(f"graphpatch_cache.{name}")
+            rows.append((match.group(1), units))
+    return rows
+
+
+def test_architecture_md_has_the_same_layers():
+    documented = _documented_layers()
+    problems = []
+    if len(documented) != len(LAYERS):
+        problems.append(f"ARCHITECTURE.md:1: its layer table has {len(documented)} layers, LAYERS {len(LAYERS)}; "
+                        "fix: make the two tables the same")
+    for (name, units), (doc_name, doc_units) in zip(LAYERS, documented):
+        if sorted(units) != sorted(doc_units):
+            problems.append(f"ARCHITECTURE.md: layer {doc_name!r} lists {sorted(doc_units)}, LAYERS' {name!r} "
+                            f"{sorted(units)}; fix: make the two tables the same")
+    _report(problems, "ARCHITECTURE.md and the layer table disagree")
