@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny_gpt2, token_inputs
+from tiny_models import tiny_gpt2, token_inputs
 from graphpatch_cache import (
     ExtractionOptions,
     GraphArtifact,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import tiny_gpt2, token_inputs
+from tiny_models import tiny_gpt2, token_inputs
 from graphpatch_cache import (AddPatch, CustomPatch, PatchableGraph, Patch, ProbePatch, RecordPatch, ReplacePatch,
                               ZeroPatch)
 

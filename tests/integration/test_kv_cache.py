@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import generate_with_a_banned_token, tiny_gpt2, tiny_llama
+from tiny_models import generate_with_a_banned_token, tiny_gpt2, tiny_llama
 from graphpatch_cache import (
     CacheStore,
     CustomPatch,

@@ -1202,17 +1202,6 @@ def test_cli_import_door(attack: Attack, legit: Legit, ctx: Ctx, tmp_path: Path)
                           + imported.output.strip()[:300])
 
 
-def test_corpus_size_and_families() -> None:
-    """The issue asks for at least 40 hand-written hostile artifacts, named by family."""
-    refused = [a for a in ATTACKS if a.expect == "refuse"]
-    assert len(refused) >= 40, len(refused)
-    families = {a.name.split("-")[0] for a in ATTACKS}
-    for family in ("operator", "getattr", "aten", "storage", "builtins", "importlib", "os", "subprocess", "sys",
-                   "shutil", "pickle", "marshal", "ctypes", "torch", "higher_order", "profiler", "method", "attr",
-                   "get_attr", "module_path", "inplace", "state", "name", "code", "bounds", "odd", "pytree"):
-        assert family in families, family
-
-
 def test_the_untouched_artifact_loads_through_every_door(legit: Legit, ctx: Ctx, tmp_path: Path) -> None:
     """The harness itself: with no attack, every door loads and computes the model's output
     (so a refusal in the tests above is caused by the attack, not by the delivery)."""

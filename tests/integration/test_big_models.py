@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from conftest import generate_with_a_banned_token, tiny_gpt2, tiny_llama, token_inputs
+from tiny_models import generate_with_a_banned_token, tiny_gpt2, tiny_llama, token_inputs
 from graphpatch_cache import (
     CacheStore,
     CustomPatch,

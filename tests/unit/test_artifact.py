@@ -1,0 +1,20 @@
+"""The artifact is pure data: JSON round-trips, deterministic, versioned, allowlisted on load."""
+
+import json
+
+import pytest
+
+from graphpatch_cache import GraphArtifact
+from graphpatch_cache.errors import GraphPatchCacheError
+
+
+def test_unknown_schema_version_names_supported():
+    with pytest.raises(GraphPatchCacheError, match=r"schema_version 99.*\[1\]"):
+        GraphArtifact.from_json(json.dumps({"schema_version": 99}))
+
+
+def test_not_an_artifact():
+    with pytest.raises(GraphPatchCacheError, match="not a graph artifact"):
+        GraphArtifact.from_json("{]")
+    with pytest.raises(GraphPatchCacheError, match="not a graph artifact"):
+        GraphArtifact.from_json(json.dumps({"hello": 1}))
