@@ -16,6 +16,7 @@ class _UsesUnlistedOp(torch.nn.Module):
         return torch.fmax(self.inner(x), x)  # torch.fmax is not on the list
 
 
+@pytest.mark.slow
 @pytest.mark.allowlist_refusal
 def test_an_unlisted_op_keeps_its_module_opaque():
     """An op outside the list is never stored: extraction keeps the module that calls it opaque

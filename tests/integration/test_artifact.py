@@ -91,6 +91,8 @@ sys.stdout.write(extract(model, (), token_inputs()).to_json())
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_processes_produce_identical_artifacts(tmp_path):
     import os
 

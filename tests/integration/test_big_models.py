@@ -23,6 +23,8 @@ from graphpatch_cache import (
 )
 from graphpatch_cache.cache.build import BuildError, meta_model
 
+pytestmark = pytest.mark.slow  # extracts GPT-2s and Llamas
+
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 

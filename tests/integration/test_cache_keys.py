@@ -29,6 +29,8 @@ from graphpatch_cache import CacheStore, cache_key, load_cached
 
 from tiny_models import tiny_gpt2, tiny_llama, token_inputs
 
+pytestmark = pytest.mark.slow  # load_cached extracts GPT-2s
+
 TESTS_DIR = Path(__file__).resolve().parents[1] / "helpers"  # tiny_models, for the child process
 
 
@@ -244,6 +246,7 @@ print(json.dumps([cache_key(tiny_gpt2(), **token_inputs()), cache_key(tiny_llama
 """
 
 
+@pytest.mark.subprocess
 def test_two_processes_same_key(tmp_path):
     expected = [cache_key(tiny_gpt2(), **token_inputs()), cache_key(tiny_llama(), **token_inputs())]
     code = _CHILD.format(tests=str(TESTS_DIR))

@@ -30,6 +30,8 @@ from graphpatch_cache.errors import ArtifactFormatError, CacheMissError, ModelSt
 
 from store_files import blobs, cache_warnings, files_under, logits, refs, sha256_file, store
 from tiny_models import tiny_gpt2, token_inputs
+
+pytestmark = pytest.mark.slow  # m1 (integration conftest) extracts a GPT-2
 MUL3 = "transformer.h_0.mlp.act.mul_3"  # NewGELU's output in block 0
 
 

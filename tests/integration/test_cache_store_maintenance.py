@@ -21,6 +21,8 @@ from graphpatch_cache.errors import CacheError, CacheMissError
 
 from store_files import blobs, files_under, logits, refs, store
 
+pytestmark = pytest.mark.slow  # m1 (integration conftest) extracts a GPT-2
+
 
 # ------------------------------------------------------------------------------------------------
 # 4. corruption

@@ -26,6 +26,8 @@ from graphpatch_cache import cache_key, load_cached
 
 from store_files import blobs, cache_warnings, files_under, logits, refs, sha256_file, store
 
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # child processes import transformers and extract
+
 TESTS_DIR = str(Path(__file__).resolve().parents[1])
 HELPERS_DIR = str(Path(TESTS_DIR) / "helpers")  # tiny_models, for the child processes
 

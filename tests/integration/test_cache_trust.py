@@ -34,6 +34,8 @@ from graphpatch_cache.errors import ArtifactFormatError
 
 from tiny_models import tiny_gpt2, token_inputs
 
+pytestmark = pytest.mark.slow  # the module fixtures extract GPT-2s
+
 GELU_C = '{"f":"0x1.6e4e26d4801f7p-5"}'  # NewGELU's 0.044715, as the artifact stores it
 
 

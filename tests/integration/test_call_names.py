@@ -7,6 +7,7 @@ and the model's own parameters, which no patch may change.
 
 from __future__ import annotations
 
+import importlib
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from graphpatch_cache import (
     ZeroPatch,
     load_cached,
 )
-from graphpatch_cache.extraction import extract
+from graphpatch_cache.extraction import extract, naming
 
 D = 4
 B0, B1 = 3, 5  # example batch size and another one (never 1: dynamo specializes size 1)
@@ -412,6 +413,7 @@ def test_a_numbered_call_never_takes_a_parameter_name():
 
 
 # -- fallback -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_calls_without_an_attribute_path_fall_back_deterministically():
     model = make(ThroughGlobalAndList)
     x0 = rand(B0, D)
@@ -431,6 +433,7 @@ def test_calls_without_an_attribute_path_fall_back_deterministically():
         assert torch.equal(pg(x), lin(model.g, x) + lin(model.a, x * 3))
 
 
+@pytest.mark.slow
 def test_calls_inside_an_opaque_module_fall_back():
     """dynamo never sees an opaque module's code, so its calls have no source: they take the
     module's first registered name inside the caller (``inner``), numbered per caller."""
@@ -446,7 +449,19 @@ def test_calls_inside_an_opaque_module_fall_back():
         assert torch.equal(pg(x), lin(model.child.inner, x) + 1)
 
 
+def test_which_calls_use_the_fallback():
+    """The fallback applies exactly where the caller reached the module other than through
+    its registered submodules: the global and the plain-list call, not `self.a`."""
+    capture_module = importlib.import_module("graphpatch_cache.extraction.capture")
+    model = make(ThroughGlobalAndList)
+    cap = capture_module.capture(model, (rand(B0, D),), {}, ExtractionOptions())
+    names = naming.name_calls(model, cap.recorder.calls, cap.graph)
+    by_local = {names.local[i]: names.from_source[i] for i in names.local if i != 0}
+    assert by_local == {"g": False, "a_0": False, "a_1": True}
+
+
 # -- the cache ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cache_hit_keeps_the_names(tmp_path):
     model = make(Mixed)
     x0 = rand(B0, D)

@@ -22,6 +22,8 @@ from graphpatch_cache import CacheStore
 from graphpatch_cache.cli.main import cli
 from graphpatch_cache.cli.presets import PRESETS, preset_config
 
+pytestmark = pytest.mark.slow  # the module fixture builds the tiny-gpt2 preset
+
 
 @pytest.fixture(scope="module")
 def local_dir(tmp_path_factory):
@@ -371,6 +373,7 @@ def test_info(runner, root, built, local_dir):
 
 
 # -- the installed entry point -------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_installed_entry_point_in_subprocesses(tmp_path):
     exe = shutil.which("graphpatch-cache", path=str(Path(sys.executable).parent)) or shutil.which("graphpatch-cache")
     assert exe, "graphpatch-cache is not installed (pip install -e .)"

@@ -39,6 +39,8 @@ from graphpatch_cache import (
 )
 from graphpatch_cache.errors import GraphPatchCacheError
 
+pytestmark = pytest.mark.slow  # gpt2_pg extracts a GPT-2 (about 7 s here); the user script extracts again
+
 
 class Small(nn.Module):
     def __init__(self) -> None:

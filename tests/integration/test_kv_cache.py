@@ -23,6 +23,8 @@ from graphpatch_cache import (
     load_cached,
 )
 
+pytestmark = pytest.mark.slow  # extracts GPT-2s and Llamas, generates
+
 
 def _ids(batch=2, seq=6, seed=3):
     return torch.randint(1, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))

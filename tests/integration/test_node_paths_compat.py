@@ -29,6 +29,8 @@ from graphpatch_cache import (
 from graphpatch_cache.errors import ShapeError
 from graphpatch_cache.runtime.shapes import ShapeDict, ShapeTuple, SymbolicShape, SymbolicSize
 
+pytestmark = pytest.mark.slow  # the gpt2 fixture extracts a GPT-2 (about 8 s here)
+
 
 def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))

@@ -12,6 +12,8 @@ from graphpatch_cache import ExtractionOptions, PatchableGraph, ProbePatch, Repl
 from tiny_models import tiny_gpt2, tiny_llama  # noqa: E402
 from structure_modules import D, BranchParent, ExplicitBreakParent, OpaqueThenReshape  # noqa: E402
 
+pytestmark = pytest.mark.slow  # extracts GPT-2s and Llamas
+
 SKIP = ExtractionOptions(skip_compilation=True)
 SIZES = [(2, 8), (2, 11), (3, 5), (4, 16)]  # (batch, sequence); never 1: dynamo specializes it
 

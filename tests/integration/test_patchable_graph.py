@@ -31,6 +31,8 @@ from graphpatch_cache.errors import (
 
 from tiny_models import tiny_gpt2, token_inputs
 
+pytestmark = pytest.mark.slow  # the module fixtures extract GPT-2s
+
 MUL3 = "transformer.h_0.mlp.act.mul_3"
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the README's blocks extract GPT-2s
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 

@@ -7,22 +7,13 @@ and the model's own parameters, which no patch may change.
 
 from __future__ import annotations
 
-import importlib
 
 import torch
 import torch.nn as nn
 
-from graphpatch_cache import (
-    ExtractionOptions,
-)
 from graphpatch_cache.extraction import naming
 
 D = 4
-B0, B1 = 3, 5  # example batch size and another one (never 1: dynamo specializes size 1)
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def make(cls, seed=0):
@@ -75,17 +66,6 @@ class ThroughGlobalAndList(nn.Module):
 
     def forward(self, x):
         return _GLOBAL_LINEAR(x) + self.plain[0](x * 2) + self.a(x * 3)
-
-
-def test_which_calls_use_the_fallback():
-    """The fallback applies exactly where the caller reached the module other than through
-    its registered submodules: the global and the plain-list call, not `self.a`."""
-    capture_module = importlib.import_module("graphpatch_cache.extraction.capture")
-    model = make(ThroughGlobalAndList)
-    cap = capture_module.capture(model, (rand(B0, D),), {}, ExtractionOptions())
-    names = naming.name_calls(model, cap.recorder.calls, cap.graph)
-    by_local = {names.local[i]: names.from_source[i] for i in names.local if i != 0}
-    assert by_local == {"g": False, "a_0": False, "a_1": True}
 
 
 def test_source_forms_resolve_on_the_objects():
