@@ -2,8 +2,9 @@
 
 Layout: ``tests/unit`` never runs a dynamo trace (it is the fast layer), ``tests/integration``
 extracts graphs; ``tests/helpers`` holds plain modules the tests import by their bare names
-(``tiny_models``: the tiny model factories and inputs; ``store_files``: what is on disk under
-a cache root; ``hostile``: the attack corpus; ``structure_modules``: small ``nn.Module``s).
+(``tiny_models``: the tiny model factories and inputs; ``hand_built``: artifacts written by
+hand; ``store_files``: what is on disk under a cache root; ``hostile``: the attack corpus;
+``structure_modules``: small ``nn.Module``s).
 
 Import path: this file puts ``tests/helpers`` at the front of ``sys.path`` when pytest loads it
 (it always does, before any test module, whatever the rootdir or the invocation directory),
