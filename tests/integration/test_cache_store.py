@@ -2,7 +2,8 @@
 
 Oracles are independent of the library where possible: bytes and sha256 of files on disk,
 the unwrapped model's own output (torch.equal), extraction counts, and separate processes.
-One in-process extraction primes a root (module fixture) that tests copy, so most tests do
+One in-process extraction primes a root (``m1`` in tests/integration/conftest.py, shared with
+the other test_cache_store_*.py files) that tests copy, so most tests do
 not extract at all.
 """
 

@@ -1,10 +1,8 @@
-"""The graph cache (CacheStore + load_cached) on tiny GPT-2s.
+"""The graph cache's maintenance API on an entry load_cached stored for a tiny GPT-2: entries,
+contains, remove, resolve, verify (and fix), gc.
 
-Oracles are independent of the library where possible: bytes and sha256 of files on disk,
-the unwrapped model's own output (torch.equal), extraction counts, and separate processes.
-One in-process extraction primes a root (module fixture) that tests copy, so most tests do
-not extract at all.
-"""
+Oracles: bytes and sha256 of files on disk, the unwrapped model's own output. The primed root
+(``m1``, ``primed``: tests/integration/conftest.py) is copied, so tests do not extract."""
 
 from __future__ import annotations
 

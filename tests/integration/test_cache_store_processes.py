@@ -1,10 +1,8 @@
-"""The graph cache (CacheStore + load_cached) on tiny GPT-2s.
+"""The graph cache across processes: concurrent writers extract once (with and without locks),
+and a writer killed with SIGKILL halfway through a write leaves nothing valid-looking.
 
-Oracles are independent of the library where possible: bytes and sha256 of files on disk,
-the unwrapped model's own output (torch.equal), extraction counts, and separate processes.
-One in-process extraction primes a root (module fixture) that tests copy, so most tests do
-not extract at all.
-"""
+Oracles: files on disk and their sha256, the digests of the outputs each process computed,
+extraction counts."""
 
 from __future__ import annotations
 

@@ -387,8 +387,6 @@ def test_attention_probabilities(case: Case, monkeypatch):
     assert torch.equal(patched, expected)
 
 
-
-
 @pytest.mark.parametrize(
     "case",
     [c for c in CONFIGS if c[1] == "eager"],

@@ -1,4 +1,5 @@
-"""The artifact is pure data: JSON round-trips, deterministic, versioned, allowlisted on load."""
+"""The artifact's format checks without a model: an unknown schema_version names the supported
+ones, and what is not an artifact is refused (the extracting half: tests/integration/test_artifact.py)."""
 
 import json
 

@@ -1,13 +1,13 @@
-"""Cache keys: everything that determines the graphs changes the key; nothing else does.
+"""Cache keys without extraction: everything that determines the graphs changes the key; nothing
+else does (``cache_key`` on tiny models; the cache hits, the stale-source checks and a second
+process are in tests/integration/test_cache_keys.py).
 
 Different key: number of layers, dtype, extraction options, the source of a model class,
 torch/transformers versions, sdpa vs eager attention, tied vs untied weights.
 
-Same key (and a cache hit through ``load_cached``): another ``config._name_or_path``, another
-cache location, another working directory, other parameter values, another batch size or
-sequence length (both >= 2), the same model saved to and loaded from two directories, and a
-second process.
-"""
+Same key: another ``config._name_or_path``, another working directory, other parameter values,
+another batch size or sequence length (both >= 2), the same model saved to and loaded from two
+directories."""
 
 from __future__ import annotations
 

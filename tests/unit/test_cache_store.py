@@ -1,10 +1,5 @@
-"""The graph cache (CacheStore + load_cached) on tiny GPT-2s.
-
-Oracles are independent of the library where possible: bytes and sha256 of files on disk,
-the unwrapped model's own output (torch.equal), extraction counts, and separate processes.
-One in-process extraction primes a root (module fixture) that tests copy, so most tests do
-not extract at all.
-"""
+"""CacheStore's options without a cache entry: size and duration parsing, a local tier inside the
+root refused (entries: tests/unit/test_cache_store_files.py and tests/integration/test_cache_store*.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +9,6 @@ import pytest
 from graphpatch_cache.cache import CacheStore
 from graphpatch_cache.cache.store import parse_duration, parse_size
 from graphpatch_cache.errors import CacheError
-
 
 
 @pytest.mark.parametrize("where", ["inside", "same"])

@@ -1,16 +1,5 @@
-"""What a shared cache may and may not do to a teammate (issue 9, the cache side).
-
-- An entry proves it belongs to its key: a ref naming an intact blob of another model is
-  quarantined (warned once) and the graph rebuilt, never a failure and never a wrong graph.
-- ``verify`` checks what the loader checks and the proof, and without ``--fix`` changes
-  nothing on disk; ``--fix`` quarantines.
-- Source checks never import a name an artifact gives.
-- Portable files carry a digest of their content.
-- ``verify_rebuild`` refuses what it would have to import.
-
-Oracles: the model's own output (torch.equal), bytes and sha256 of every file under the root,
-marker files written by planted packages, and warnings actually raised.
-"""
+"""Source checks find module digests without importing (oracle: marker files written by planted
+packages); the rest of the cache's trust rules are in tests/integration/test_cache_trust.py."""
 
 from __future__ import annotations
 
@@ -21,7 +10,6 @@ import uuid
 import pytest
 
 from graphpatch_cache.live.sources import current_module_digest
-
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,9 +1,6 @@
-"""Module calls are named by the attribute path the calling code used (issue 10, bug 1).
-
-Oracles: the values the plain model computes (forward hooks are not needed: every expected
-value is recomputed by hand from the model's own submodules with ``torch.nn.functional``),
-and the model's own parameters, which no patch may change.
-"""
+"""Call naming without a trace (issue 10, bug 1): the source spellings of a call resolve on the
+objects, call expressions, call sites from stack traces (the traced half:
+tests/integration/test_call_names.py)."""
 
 from __future__ import annotations
 

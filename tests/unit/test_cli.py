@@ -1,10 +1,6 @@
-"""The graphpatch-cache CLI: every command through click's CliRunner, and the installed entry
-point in real subprocesses.
-
-One in-process build of the tiny-gpt2 preset primes a root (module fixture); tests that
-change a root work on a copy. Oracles are the files on disk, the library's own API
-(CacheStore, load_cached on a from_pretrained model) and exit statuses.
-"""
+"""The graphpatch-cache CLI without a build: argument errors, device-map checks, presets, help
+and version, through click's CliRunner (commands on a built cache:
+tests/integration/test_cli.py). Oracles are exit statuses, messages and the files on disk."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
-"""What code written for graphpatch 0.2.3 needs from us (issue 10, "Compatibility"): its patch
-override point and dataclass style, list-form slices, ValueError-compatible errors, its
-ExtractionOptions fields and defaults, ``pg.generation_config``, file-like save/load,
-pickling refused, and the ``graphpatch_cache.compat.graphpatch`` import module.
-
-Oracles: the plain model (with the same modification made by hand or by a forward hook),
-files on disk, and values computed from the model's own modules.
-"""
+"""What code written for graphpatch 0.2.3 needs from us (issue 10, "Compatibility"), the parts
+that need no graph: its patch override point and dataclass style, list-form slices, patch
+shapes and dtypes, its ExtractionOptions fields, and the ``graphpatch_cache.compat.graphpatch``
+import module (on graphs: tests/integration/test_graphpatch_compat.py)."""
 
 from __future__ import annotations
 

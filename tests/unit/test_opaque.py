@@ -1,12 +1,9 @@
-"""Opaque modules (skip_compilation, classes_to_skip_compiling, modules dynamo cannot trace):
-graphs stay shape-generic around them, reproduce the model exactly, expose the module's
-plain-data attributes as patchable nodes, and carry shape metadata on their outputs."""
+"""The opaque router's input binding without a trace: every call form binds as canonical inputs
+does (opaque graphs: tests/integration/test_opaque.py)."""
 
 
 import pytest
 import torch
-
-
 
 
 def test_input_binder_binds_every_call_form_as_canonical_inputs_does():

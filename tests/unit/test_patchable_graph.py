@@ -1,8 +1,7 @@
-"""PatchableGraph on a tiny GPT-2: patch targets, contexts, validation, errors, autograd,
-NodePath features and call signatures. Extractions are module-scoped and few."""
+"""The library's errors share one base class (PatchableGraph on graphs:
+tests/integration/test_patchable_graph.py)."""
 
 from __future__ import annotations
-
 
 
 import graphpatch_cache.errors as errors_mod
@@ -10,7 +9,6 @@ from graphpatch_cache.errors import (
     GraphPatchCacheError,
     SignatureMismatchError,
 )
-
 
 
 def test_all_library_errors_derive_from_base():
