@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from graphpatch_cache import AddPatch, ExtractionOptions, PatchableGraph, ProbePatch, ZeroPatch
+from graphpatch_cache.errors import ExtractionError, UnusedSubmoduleError
 
 pytestmark = pytest.mark.slow  # extracts transformers model families
 
@@ -385,6 +386,8 @@ def test_attention_probabilities(case: Case, monkeypatch):
     assert calls and calls[0][-1] == inputs["input_ids"].shape[-1]
     assert not torch.equal(expected, base)
     assert torch.equal(patched, expected)
+
+
 
 
 @pytest.mark.parametrize(
