@@ -10,7 +10,7 @@ the list file (sorted, one per line) for review in ``git diff``; nothing is ever
 without that review. The recorded test run is expected to report failures: with every name
 accepted, the tests that check refusals fail; ``run`` shows its summary for information.
 
-Run: python scripts/allowlist_candidates.py [--tests tests/test_hf_models.py ...] [--from RECORD.jsonl] [--write]
+Run: python scripts/allowlist_candidates.py [--tests tests/integration/test_hf_models.py ...] [--from RECORD.jsonl] [--write]
 (not collected by pytest)
 """
 
@@ -27,9 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LIST = ROOT / "cache_schema" / "allowlist-v1.json"
-DEFAULT_TESTS = ["tests/test_hf_models.py", "tests/test_structures.py", "tests/test_kv_cache.py",
-                 "tests/test_big_models.py", "tests/test_patchable_graph.py", "tests/test_extraction.py",
-                 "tests/test_readme.py", "tests/test_patches.py", "tests/test_model_zoo.py"]
+DEFAULT_TESTS = ["tests/integration/test_hf_models.py", "tests/integration/test_structures.py",
+                 "tests/integration/test_kv_cache.py", "tests/integration/test_big_models.py",
+                 "tests/integration/test_patchable_graph.py", "tests/integration/test_extraction.py",
+                 "tests/integration/test_readme.py", "tests/unit/test_patches.py", "tests/test_model_zoo.py"]
 KINDS = {"functions": "call_function", "methods": "call_method"}
 
 

@@ -3,7 +3,7 @@
     python scripts/fuzz_loader.py                 # 10,000 cases, seed 0
     python scripts/fuzz_loader.py --cases 500 --seed 7
 
-Each case is a seeded mutation of the real artifact of tests/hostile.py's tiny model,
+Each case is a seeded mutation of the real artifact of tests/helpers/hostile.py's tiny model,
 loaded through the cache door (read_artifact + bind) and, if it loads, called on the example
 inputs. Outcomes: refused_typed, untyped_at_load (a bug), loaded_equal, loaded_different,
 call_error_typed, call_error_untyped; flags that must stay 0: payload_marker, weights_changed,
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "helpers"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--progress", action="store_true", help="print counts to stderr every 500 cases")
     args = parser.parse_args(argv)
 
-    import hostile  # tests/hostile.py: the tiny model, the mutator, the classification
+    import hostile  # tests/helpers/hostile.py: the tiny model, the mutator, the classification
 
     with tempfile.TemporaryDirectory(prefix="gpc-fuzz-") as tmp:
         os.environ.setdefault("GRAPHPATCH_CACHE_DIR", str(Path(tmp) / "default-root"))

@@ -1,11 +1,32 @@
-"""Shared tiny-model fixtures. Every model has random weights from a fixed seed."""
+"""Fixtures shared by the whole suite (fixtures only: helpers live in ``tests/helpers``).
+
+Layout: ``tests/unit`` never runs a dynamo trace (it is the fast layer), ``tests/integration``
+extracts graphs; ``tests/helpers`` holds plain modules the tests import by their bare names
+(``tiny_models``: the tiny model factories and inputs; ``hand_built``: artifacts written by
+hand; ``store_files``: what is on disk under a cache root; ``hostile``: the attack corpus;
+``structure_modules``: small ``nn.Module``s).
+
+Import path: this file puts ``tests/helpers`` at the front of ``sys.path`` when pytest loads it
+(it always does, before any test module, whatever the rootdir or the invocation directory),
+so no helper depends on pytest's ``pythonpath`` option or on the import mode. The tests run
+with ``--import-mode=importlib`` (pyproject's addopts) because ``tests/unit`` and
+``tests/integration`` mirror the library and so hold files of the same name.
+
+Markers (registered in pyproject, ``--strict-markers``): ``slow`` (a test or a module whose run or
+shared setup takes over about a second on a 2-core machine), ``subprocess`` (starts another
+Python process), ``allowlist_refusal`` (below). ``python -m pytest -m "not slow"`` is the fast
+development subset.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
-import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,68 +45,6 @@ def _isolated_cache_dirs(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def tiny_gpt2(n_layer: int = 2, attn: str = "sdpa", seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=128, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
-    config._attn_implementation = attn
-    return GPT2LMHeadModel(config).eval()
-
-
-def tiny_llama(attn: str = "sdpa", seed: int = 0, n_layer: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config).eval()
-
-
-def token_inputs(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1, mask: bool = False):
-    g = torch.Generator().manual_seed(seed)
-    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g), "use_cache": False}
-    if mask:
-        inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
-    return inputs
-
-
-@pytest.fixture(scope="session")
-def gpt2_18():
-    """GPT-2 with 18 layers (so the seed path transformer.h_17 exists), and its PatchableGraph."""
-    from graphpatch_cache import PatchableGraph
-
-    model = tiny_gpt2(n_layer=18)
-    inputs = token_inputs()
-    return model, inputs, PatchableGraph(model, **inputs)
-
-
-def generate_with_a_banned_token(pg, model, ids, mask, banned, *, use_cache, max_new_tokens=6):
-    """``(through pg with a patch setting logit `banned` to -inf, the model's own generate
-    with a logits processor doing the same)``, both greedy."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    from graphpatch_cache import CustomPatch
-
-    def ban(logits):
-        logits = logits.clone()
-        logits[..., banned] = float("-inf")
-        return logits
-
-    class Ban(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return ban(scores)
-
-    with pg.patch({"output|logits": CustomPatch(custom_op=ban)}):
-        patched = pg.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=use_cache)
-    oracle = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                            use_cache=use_cache, logits_processor=LogitsProcessorList([Ban()]))
-    return patched, oracle
 
 
 _REFUSED_MARKERS = ("not on the allowlist", "graphs may not read", "not an allowed torch.Tensor method")
@@ -115,7 +74,3 @@ def _allowlist_not_too_tight(request, monkeypatch):
     monkeypatch.setattr(extraction, "extract", extract)
     yield
     assert not refused, f"the closed allowlist refused ops of a test model (review and add them): {refused}"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "allowlist_refusal: the test extracts a graph the allowlist refuses on purpose")

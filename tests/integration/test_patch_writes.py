@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import tiny_gpt2, token_inputs
+from tiny_models import tiny_gpt2, token_inputs
 from graphpatch_cache import (AddPatch, CustomPatch, PatchableGraph, Patch, ProbePatch, RecordPatch, ReplacePatch,
                               ZeroPatch)
+
+pytestmark = pytest.mark.slow  # the module fixture extracts a GPT-2
 
 WEIGHT = "transformer.h_0.mlp.c_fc.weight"
 HIDDEN = "transformer.h_0.mlp.c_fc.output"

@@ -26,6 +26,8 @@ import torch
 from graphpatch_cache import AddPatch, ExtractionOptions, PatchableGraph, ProbePatch, ZeroPatch
 from graphpatch_cache.errors import ExtractionError, UnusedSubmoduleError
 
+pytestmark = pytest.mark.slow  # extracts transformers model families
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import generate_with_a_banned_token, tiny_gpt2, tiny_llama
+from tiny_models import generate_with_a_banned_token, tiny_gpt2, tiny_llama
 from graphpatch_cache import (
     CacheStore,
     CustomPatch,
@@ -22,6 +22,8 @@ from graphpatch_cache import (
     ZeroPatch,
     load_cached,
 )
+
+pytestmark = pytest.mark.slow  # extracts GPT-2s and Llamas, generates
 
 
 def _ids(batch=2, seq=6, seed=3):

@@ -1,6 +1,9 @@
+import pytest
 import torch
 
 from graphpatch_cache import ProbePatch, ZeroPatch
+
+pytestmark = pytest.mark.slow  # gpt2_18 extracts an 18-layer GPT-2
 
 
 def test_seed_example_probe_and_zero(gpt2_18):

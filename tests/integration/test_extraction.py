@@ -1,5 +1,6 @@
 """Extraction options and behaviours that are not about a particular model structure."""
 
+import pytest
 import torch
 import torch.fx
 
@@ -99,13 +100,11 @@ def test_postprocessing_function_sees_the_root_graph():
     assert len(seen) == 1 and isinstance(seen[0], torch.fx.GraphModule)
 
 
+@pytest.mark.slow
 def test_values_collected_by_output_recorders_are_returned():
     """transformers 5 collects hidden states and attention weights with hooks, so they leave
     module calls without being returned; they become extra outputs of those calls."""
-    import sys
-
-    sys.path.insert(0, __import__("os").path.dirname(__file__))
-    from conftest import tiny_llama, token_inputs
+    from tiny_models import tiny_llama, token_inputs
 
     model = tiny_llama(attn="eager")
     inputs = dict(token_inputs(), output_hidden_states=True, output_attentions=True)

@@ -25,6 +25,8 @@ from graphpatch_cache import (
     ZeroPatch,
 )
 
+pytestmark = pytest.mark.slow  # its module fixtures extract about 15 small models, 0.6-6 s each here
+
 B0, B1 = 3, 5  # example batch size, and another one (never 1: dynamo specializes size 1)
 
 

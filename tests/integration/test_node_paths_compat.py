@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny_gpt2, token_inputs
+from tiny_models import tiny_gpt2, token_inputs
 from graphpatch_cache import (
     ExtractionOptions,
     GraphArtifact,
@@ -28,6 +28,8 @@ from graphpatch_cache import (
 )
 from graphpatch_cache.errors import ShapeError
 from graphpatch_cache.runtime.shapes import ShapeDict, ShapeTuple, SymbolicShape, SymbolicSize
+
+pytestmark = pytest.mark.slow  # the gpt2 fixture extracts a GPT-2 (about 8 s here)
 
 
 def rand(*shape, seed=0):

@@ -24,6 +24,8 @@ import pytest
 
 from hostile import FLAGS, OUTCOMES, Legit, Mutator, fuzz, legit_setup
 
+pytestmark = pytest.mark.slow  # legit_setup extracts; hundreds of fuzzed loads
+
 CASES = int(os.environ.get("GRAPHPATCH_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("GRAPHPATCH_FUZZ_SEED", "0"))
 

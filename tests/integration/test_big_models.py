@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from conftest import generate_with_a_banned_token, tiny_gpt2, tiny_llama, token_inputs
+from tiny_models import generate_with_a_banned_token, tiny_gpt2, tiny_llama, token_inputs
 from graphpatch_cache import (
     CacheStore,
     CustomPatch,
@@ -22,6 +22,8 @@ from graphpatch_cache import (
     load_cached,
 )
 from graphpatch_cache.cache.build import BuildError, meta_model
+
+pytestmark = pytest.mark.slow  # extracts GPT-2s and Llamas
 
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 

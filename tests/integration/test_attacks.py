@@ -43,6 +43,8 @@ from hostile import (Ctx, F, Fn, Legit, Payload, Ref, Tag, artifact_bytes, deliv
                      deliver_portable, dumps, find_node, global_state, graph_at, legit_setup, mirror_portable_bytes,
                      model_changes, portable_bytes, restore_global_state, snapshot_model, state_changes)
 
+pytestmark = pytest.mark.slow  # legit_setup extracts; every attack through three doors
+
 
 @dataclass(frozen=True)
 class Attack:

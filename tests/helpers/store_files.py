@@ -1,0 +1,46 @@
+"""What is on disk under a cache root, and a store with a chosen local tier: the oracles of the
+cache-store tests (``tests/unit/test_cache_store.py``, ``tests/integration/test_cache_store*.py``)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from graphpatch_cache.cache import CacheStore
+
+__all__ = ["sha256_file", "blobs", "refs", "files_under", "logits", "cache_warnings", "store"]
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def blobs(root: Path) -> list:
+    objects = Path(root) / "objects"
+    return sorted(p for p in objects.glob("*/*") if p.is_file()) if objects.is_dir() else []
+
+
+def refs(root: Path) -> list:
+    folder = Path(root) / "refs"
+    return sorted(folder.glob("*/*.json")) if folder.is_dir() else []
+
+
+def files_under(path: Path) -> list:
+    path = Path(path)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+
+
+def logits(module, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return module(**inputs).logits
+
+
+def cache_warnings(record) -> list:
+    return [w for w in record if "graphpatch_cache" in str(w.message)]
+
+
+def store(root: Path, local=None, **kw) -> CacheStore:
+    """A store whose local tier is ``local`` (a path), or disabled (``False``)."""
+    return CacheStore(root, local_dir=local, **kw)

@@ -1,0 +1,60 @@
+"""Tiny model factories and inputs shared by the tests (random weights from a fixed seed).
+
+Plain functions, imported as ``from tiny_models import tiny_gpt2, token_inputs``: ``tests/helpers`` is
+put on ``sys.path`` by ``tests/conftest.py``."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_gpt2(n_layer: int = 2, attn: str = "sdpa", seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=128, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = attn
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(attn: str = "sdpa", seed: int = 0, n_layer: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).eval()
+
+
+def token_inputs(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1, mask: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g), "use_cache": False}
+    if mask:
+        inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+    return inputs
+
+
+def generate_with_a_banned_token(pg, model, ids, mask, banned, *, use_cache, max_new_tokens=6):
+    """``(through pg with a patch setting logit `banned` to -inf, the model's own generate
+    with a logits processor doing the same)``, both greedy."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from graphpatch_cache import CustomPatch
+
+    def ban(logits):
+        logits = logits.clone()
+        logits[..., banned] = float("-inf")
+        return logits
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return ban(scores)
+
+    with pg.patch({"output|logits": CustomPatch(custom_op=ban)}):
+        patched = pg.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=use_cache)
+    oracle = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                            use_cache=use_cache, logits_processor=LogitsProcessorList([Ban()]))
+    return patched, oracle
