@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from graphpatch_cache import AddPatch, ExtractionOptions, PatchableGraph, ProbePatch, ZeroPatch
-from graphpatch_cache.errors import ExtractionError, UnusedSubmoduleError
 
 pytestmark = pytest.mark.slow  # extracts transformers model families
 
