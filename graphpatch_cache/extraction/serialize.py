@@ -12,7 +12,7 @@ from ..errors import DisallowedTargetError, SerializationError
 from ..integrations.bitsandbytes import stored_dtype
 from ..trust import allowlist
 from ..trust.allowlist import check_method, target_name
-from .split import Frame
+from .frames import Frame
 
 
 def _size(size: Any) -> Any:
