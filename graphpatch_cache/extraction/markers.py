@@ -261,3 +261,6 @@ class Recorder(OpaqueOutputs):
             TensorMeta(tuple(x.shape), x.dtype, x.device, tuple(x.stride())) if isinstance(x, torch.Tensor) else None
             for x in leaves
         ]
+
+
+__all__ = ["ENTER", "EXIT", "OPAQUE", "Recorder"]

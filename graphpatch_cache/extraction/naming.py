@@ -380,3 +380,7 @@ def _number(rels: List[str], escape: Any, taken: Set[str]) -> Iterator[str]:
             name = name + "_"
         taken.add(name)
         yield name
+
+
+__all__ = ["CallNames", "call_site", "call_sources", "fallback_path", "module_names", "name_calls", "relative_path",
+           "site_path"]

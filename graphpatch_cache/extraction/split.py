@@ -44,10 +44,9 @@ class Splitter:
         self.custom = dict(custom or {})
         self.cap = cap
         self.calls = cap.recorder.calls
-        self.module_names = naming.module_names(model)
         self.tensor_names: Dict[int, List[str]] = cap.tensor_names
         # each call's local name and module path: see naming.py for the rule
-        names = naming.name_calls(model, self.calls, cap.graph, self.module_names)
+        names = naming.name_calls(model, self.calls, cap.graph)
         self.local_names: Dict[int, str] = names.local
         self.call_paths: Dict[int, str] = names.path
         self.owner: Dict[torch.fx.Node, Frame] = {}
