@@ -7,6 +7,10 @@ forward's parameters) and its output; the parent graph gets a ``call_module`` no
 the leaves it uses out of the returned structure. Parameters and buffers become ``get_attr``
 nodes in the graph of the module that owns them. Symbolic sizes are recomputed locally from
 the frame's own inputs, so every graph stays shape-generic and self-contained.
+
+A frame, and the graphs of calls dynamo did not trace (opaque, leaf and custom modules), are
+in :mod:`.frames`; grad-mode switches are made relative to the caller's mode by
+:mod:`.grad_mode`.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def test_route_writes_a_caches_tensors_back_into_the_same_object():
     assert torch.equal(cache.layers[0].keys, keys + 1) and torch.equal(cache.layers[0].values, values + 1)
 
 
-def forward(a, b, *rest, c=None, **extra):  # noqa: ARG001 - only its signature matters
+def forward(a, b, *rest, c=None, **extra):  # only its signature matters
     return a
 
 
