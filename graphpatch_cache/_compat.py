@@ -176,6 +176,45 @@ def fake_value(node: torch.fx.Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+# -- extraction ---------------------------------------------------------------------------------
+# Private torch names the extraction package relies on (it imports none itself).
+
+tree_leaves = pytree.tree_leaves
+
+#: what dynamo records for ``with torch.no_grad():`` / ``torch.enable_grad()`` (torch 2.x
+#: traces grad-mode switches as calls of this private function); the splitter rewrites them
+GRAD_MODE_SWITCH = torch._C._set_grad_enabled
+
+#: torch's usage logging, which dynamo records as a call although it has no effect on values
+#: (torch 2.x); the splitter drops it
+API_USAGE_LOG = torch._C._log_api_usage_once
+
+
+def detect_fake_mode(tensors: Any = None) -> Any:
+    """The fake tensor mode of ``tensors`` (None: the active one), else None.
+
+    Why private: torch 2.13 offers fake-mode detection only as ``torch._guards.detect_fake_mode``;
+    running an opaque module's forward on the trace's fake inputs needs that mode."""
+    import torch._guards  # (``import torch`` loads it already; named here for the dependency)
+
+    return torch._guards.detect_fake_mode(tensors)
+
+
+@contextlib.contextmanager
+def quiet_symbolic_shapes_log() -> Iterator[None]:
+    """Silence the symbolic-shapes logger (``torch.fx.experimental.symbolic_shapes``, torch
+    >= 2.4), which warns for each data question real-tensor propagation answers."""
+    import logging
+
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 __all__ = [
     "dynamo_capture_config",
     "fake_value",

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 
 from .. import _compat
-from ..integrations import kv_cache
 from ..errors import ExtractionError
-from ..options import ExtractionOptions
+from ..integrations import accelerate, kv_cache
 from ..integrations.bitsandbytes import leaf_handler
+from ..options import ExtractionOptions
 from .markers import OPAQUE, Recorder
 
 
@@ -37,7 +38,7 @@ class _CaptureRoot(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, args: tuple, kwargs: dict) -> Any:
+    def forward(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         return self.model(*args, **kwargs)
 
 
@@ -68,11 +69,6 @@ def _tensor_names(model: torch.nn.Module) -> Dict[int, List[str]]:
     return names
 
 
-def is_hooked(model: torch.nn.Module) -> bool:
-    """Whether accelerate has hooked any module (dispatch, offloading)."""
-    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
-
-
 @contextlib.contextmanager
 def _meta_view(model: torch.nn.Module) -> Iterator[None]:
     """Temporarily give every parameter and buffer a meta-device stand-in (restored after).
@@ -81,10 +77,11 @@ def _meta_view(model: torch.nn.Module) -> Iterator[None]:
     real devices, which fake tensors refuse to mix. Its structure is traced entirely on the
     meta device instead; the runtime runs the hooks (and reads the real weights) later.
     """
-    saved = []
+    saved: List[Tuple[Dict[str, Any], str, torch.Tensor]] = []
     try:
         for module in model.modules():
-            for store in (module._parameters, module._buffers):
+            tables: Tuple[Dict[str, Any], Dict[str, Any]] = (module._parameters, module._buffers)
+            for store in tables:
                 for name, value in list(store.items()):
                     if value is None:
                         continue
@@ -103,9 +100,9 @@ def _to_meta(value: Any) -> Any:
     return _compat.tree_unflatten([x.to("meta") if isinstance(x, torch.Tensor) else x for x in leaves], spec)
 
 
-def _module_forward_spans(model: torch.nn.Module) -> Dict[tuple, List[torch.nn.Module]]:
+def _module_forward_spans(model: torch.nn.Module) -> Dict[Tuple[str, int, int], List[torch.nn.Module]]:
     """Map (filename, first line, last line) of each module class's forward to its modules."""
-    spans: Dict[tuple, List[torch.nn.Module]] = {}
+    spans: Dict[Tuple[str, int, int], List[torch.nn.Module]] = {}
     for module in model.modules():
         fn = getattr(type(module).forward, "__code__", None)
         if fn is None:
@@ -121,8 +118,6 @@ def _culprit_modules(exc: BaseException, model: torch.nn.Module, opaque: Set[int
     frames = list(getattr(exc, "real_stack", None) or [])
     tb = exc.__traceback__
     if not frames:
-        import traceback
-
         frames = traceback.extract_tb(tb)
     spans = _module_forward_spans(model)
     for frame in reversed(frames):
@@ -134,7 +129,7 @@ def _culprit_modules(exc: BaseException, model: torch.nn.Module, opaque: Set[int
     return []
 
 
-def _capture_opaque_root(model: torch.nn.Module, args: tuple, kwargs: dict, opaque: Set[int],
+def _capture_opaque_root(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], opaque: Set[int],
                          failures: Dict[str, str]) -> Capture:
     """The capture of a model that is opaque itself, built without dynamo.
 
@@ -177,8 +172,8 @@ def _capture_opaque_root(model: torch.nn.Module, args: tuple, kwargs: dict, opaq
 
 def capture(
     model: torch.nn.Module,
-    args: tuple,
-    kwargs: dict,
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
     options: ExtractionOptions,
     opaque: Optional[Set[int]] = None,
     failures: Optional[Dict[str, str]] = None,
@@ -202,76 +197,95 @@ def capture(
     if id(model) in opaque and leaf_handler(model) is None:
         return _capture_opaque_root(model, args, kwargs, opaque, failures)
     root = _CaptureRoot(model)
-    hooked = is_hooked(model)
+    hooked = accelerate.is_hooked(model)
     # traced on the meta device (hooked models; builds from a config): see kv_cache.empty_cache
     on_meta = hooked or any(p.device.type == "meta" for p in model.parameters())
-    for attempt in range(64):
-        with Recorder(model, frozenset(opaque)) as recorder:
-            # each pass gets its own copy of a key/value cache: the model grows it in place
-            eager_args, eager_kwargs = kv_cache.copy_caches((args, kwargs))
-            with torch.no_grad(), _compat.pretend_compiling():
-                model(*eager_args, **eager_kwargs)
-            calls = list(recorder.calls)
-            recorder.prepare_opaque()
-            recorder.reset_calls()
-            recorder.calls.extend(calls)  # keep the eager records for the opaque outputs
-            recorder.tracing = True
-            recorder.inject_cache = on_meta
-            captured: List[Any] = []
-
-            def backend(gm: torch.fx.GraphModule, example_inputs: List[Any]):
-                captured.append((gm, list(example_inputs)))
-
-                def stop(*_: Any, **__: Any) -> Any:
-                    raise _StopAfterCapture()
-
-                return stop
-
-            _compat.reset_dynamo()
-            compiled = torch.compile(root, backend=backend, fullgraph=True, dynamic=True)
-            error: Optional[BaseException] = None
-            try:
-                with _compat.dynamo_capture_config(), torch.enable_grad(), warnings.catch_warnings(), (
-                    _meta_view(model) if hooked else contextlib.nullcontext()
-                ):
-                    warnings.simplefilter("ignore")
-                    tensor_names = _tensor_names(model)
-                    if hooked:
-                        meta_args, meta_kwargs = kv_cache.copy_caches((args, kwargs), lambda t: t.to("meta"))
-                        compiled(_to_meta(meta_args), _to_meta(meta_kwargs))
-                    else:
-                        compiled(*kv_cache.copy_caches((args, kwargs)))
-            except _StopAfterCapture:
-                pass
-            except Exception as exc:  # dynamo raises many exception types
-                error = exc
-            finally:
-                _compat.reset_dynamo()
-            if error is None:
-                if len(captured) != 1:
-                    error = ExtractionError(f"dynamo produced {len(captured)} graphs instead of one")
-                else:
-                    gm, example_inputs = captured[0]
-                    return Capture(gm.graph, example_inputs, recorder, opaque, failures, tensor_names)
-        culprits = _culprit_modules(error, model, opaque)
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        if options.error_on_compilation_failure or not culprits:
-            where = names.get(id(culprits[0]), "") if culprits else ""
-            raise ExtractionError(
-                f"dynamo could not capture {type(model).__name__}"
-                + (f" (in module {where!r})" if where else "")
-                + f": {reason}",
-                module_path=where,
-                hint="pass ExtractionOptions(classes_to_skip_compiling=(TheClass,)) to keep that module "
-                "opaque, or unset error_on_compilation_failure to fall back automatically",
-            ) from error
-        for module in culprits:
-            opaque.add(id(module))
-            failures[names.get(id(module), "?")] = reason
-            if options.warn_on_compilation_failure:
-                warnings.warn(
-                    f"graphpatch_cache: module {names.get(id(module), '?')!r} "
-                    f"({type(module).__name__}) could not be compiled and stays opaque: {reason}",
-                    stacklevel=3,
-                )
+    for _ in range(64):
+        result = _trace(model, root, args, kwargs, opaque, failures, hooked=hooked, on_meta=on_meta)
+        if isinstance(result, Capture):
+            return result
+        _fall_back(result, model, options, names, opaque, failures)
     raise ExtractionError("gave up after making 64 modules opaque")  # pragma: no cover
+
+
+def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+           opaque: Set[int], failures: Dict[str, str], *, hooked: bool, on_meta: bool) -> Union[Capture, BaseException]:
+    """One attempt: the eager recording, then one dynamo trace with the markers; the capture,
+    or why dynamo failed."""
+    with Recorder(model, frozenset(opaque)) as recorder:
+        # each pass gets its own copy of a key/value cache: the model grows it in place
+        eager_args, eager_kwargs = kv_cache.copy_caches((args, kwargs))
+        with torch.no_grad(), _compat.pretend_compiling():
+            model(*eager_args, **eager_kwargs)
+        calls = list(recorder.calls)
+        recorder.prepare_opaque()
+        recorder.reset_calls()
+        recorder.calls.extend(calls)  # keep the eager records for the opaque outputs
+        recorder.tracing = True
+        recorder.inject_cache = on_meta
+        captured: List[Any] = []
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Callable[..., Any]:
+            captured.append((gm, list(example_inputs)))
+
+            def stop(*_: Any, **__: Any) -> Any:
+                raise _StopAfterCapture()
+
+            return stop
+
+        _compat.reset_dynamo()
+        compiled = torch.compile(root, backend=backend, fullgraph=True, dynamic=True)
+        error: Optional[BaseException] = None
+        try:
+            with _compat.dynamo_capture_config(), torch.enable_grad(), warnings.catch_warnings(), (
+                _meta_view(model) if hooked else contextlib.nullcontext()
+            ):
+                warnings.simplefilter("ignore")
+                tensor_names = _tensor_names(model)
+                if hooked:
+                    meta_args, meta_kwargs = kv_cache.copy_caches((args, kwargs), lambda t: t.to("meta"))
+                    compiled(_to_meta(meta_args), _to_meta(meta_kwargs))
+                else:
+                    compiled(*kv_cache.copy_caches((args, kwargs)))
+        except _StopAfterCapture:
+            pass
+        except Exception as exc:  # dynamo raises many exception types
+            error = exc
+        finally:
+            _compat.reset_dynamo()
+        if error is not None:
+            return error
+        if len(captured) != 1:
+            return ExtractionError(f"dynamo produced {len(captured)} graphs instead of one")
+        gm, example_inputs = captured[0]
+        return Capture(gm.graph, example_inputs, recorder, opaque, failures, tensor_names)
+
+
+def _fall_back(error: BaseException, model: torch.nn.Module, options: ExtractionOptions, names: Dict[int, str],
+               opaque: Set[int], failures: Dict[str, str]) -> None:
+    """Make the modules dynamo failed in opaque (added to ``opaque`` and ``failures``), or
+    raise where the options forbid it or no module is to blame."""
+    culprits = _culprit_modules(error, model, opaque)
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if options.error_on_compilation_failure or not culprits:
+        where = names.get(id(culprits[0]), "") if culprits else ""
+        raise ExtractionError(
+            f"dynamo could not capture {type(model).__name__}"
+            + (f" (in module {where!r})" if where else "")
+            + f": {reason}",
+            module_path=where,
+            hint="pass ExtractionOptions(classes_to_skip_compiling=(TheClass,)) to keep that module "
+            "opaque, or unset error_on_compilation_failure to fall back automatically",
+        ) from error
+    for module in culprits:
+        opaque.add(id(module))
+        failures[names.get(id(module), "?")] = reason
+        if options.warn_on_compilation_failure:
+            warnings.warn(
+                f"graphpatch_cache: module {names.get(id(module), '?')!r} "
+                f"({type(module).__name__}) could not be compiled and stays opaque: {reason}",
+                stacklevel=4,  # the caller of extract (capture <- extract <- caller)
+            )
+
+
+__all__ = ["Capture", "capture"]

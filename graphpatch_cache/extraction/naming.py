@@ -45,39 +45,15 @@ name in the model; numbering then counts it with the other calls through that pa
 from __future__ import annotations
 
 import ast
-import builtins
-import keyword
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 
-from .markers import ENTER, OPAQUE, CallRecord
-
-#: names that cannot be local names (Python keywords and builtins, names generated code uses)
-ILLEGAL = set(keyword.kwlist) | set(dir(builtins)) | {
-    "inf", "nan", "NoneType", "torch", "device", "fx_pytree", "pytree", "self",
-}
-#: names NodePath and GraphModule use themselves; user names that collide get a trailing "_".
-RESERVED = frozenset(
-    {"_code", "_shape", "graph", "code", "forward", "training", "recompile", "output", "to_folder",
-     "print_readable", "meta", "modules", "parameters", "buffers", "children", "state_dict", "type",
-     "cuda", "cpu", "to", "float", "half", "double", "eval", "train", "apply", "zero_grad", "share_memory",
-     "extra_repr", "register_buffer", "register_module", "get_submodule", "get_parameter", "named_modules",
-     "add_module", "requires_grad_", "load_state_dict", "bfloat16", "ipu", "xpu", "mtia", "compile"}
-)
-
-
-def escape_name(name: str) -> str:
-    """A local name safe as a GraphModule attribute and a NodePath component."""
-    name = re.sub(r"\W", "_", name)
-    if not name or name[0].isdigit():
-        name = f"sub_{name}"
-    while name in RESERVED or name in ILLEGAL:
-        name = name + "_"
-    return name
-
+from .local_names import escape_name
+from .markers import ENTER, OPAQUE
+from .records import CallRecord
 
 #: where capture's root puts the model: ``_CaptureRoot.model``, traced as ``L['self']``
 _ROOT = "L['self'].model"
@@ -382,7 +358,7 @@ def _own_tensor_names(module: torch.nn.Module) -> List[str]:
     return own + [n for n, v in vars(module).items() if isinstance(v, torch.Tensor) and not n.startswith("__")]
 
 
-def _number(rels: List[str], escape: Any, taken: set) -> Iterator[str]:
+def _number(rels: List[str], escape: Any, taken: Set[str]) -> Iterator[str]:
     """Local names for one caller's calls (given by their attribute paths, in call order):
     a path used once keeps its name, a path used k > 1 times gets ``_0`` .. ``_{k-1}``; a
     name already ``taken`` gets a trailing ``_``."""
@@ -404,3 +380,7 @@ def _number(rels: List[str], escape: Any, taken: set) -> Iterator[str]:
             name = name + "_"
         taken.add(name)
         yield name
+
+
+__all__ = ["CallNames", "call_site", "call_sources", "fallback_path", "module_names", "name_calls", "relative_path",
+           "site_path"]

@@ -12,7 +12,7 @@ from ..errors import DisallowedTargetError, SerializationError
 from ..integrations.bitsandbytes import stored_dtype
 from ..trust import allowlist
 from ..trust.allowlist import check_method, target_name
-from .split import Frame
+from .frames import Frame
 
 
 def _size(size: Any) -> Any:
@@ -62,54 +62,7 @@ def _located(frame: Frame, exc: SerializationError) -> SerializationError:
 
 def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
     """Encode one frame and its children. ``path`` is the frame's node path (for errors)."""
-    nodes = []
-    for node in frame.graph.nodes:
-        where = f"{path}.{node.name}" if path else node.name
-        if node.op == "call_function":
-            try:
-                target = target_name(node.target)
-            except SerializationError as exc:
-                raise _located(frame, SerializationError(
-                    f"node {where!r} calls {node.target!r}, which cannot be stored as data: {exc.message}",
-                    node_path=where,
-                    target=repr(node.target),
-                    hint="register the function with graphpatch_cache.register_target, or keep the "
-                    "module opaque with ExtractionOptions(classes_to_skip_compiling=...)",
-                )) from exc
-            if target == "builtins.getattr" and not (len(node.args) == 2 and isinstance(node.args[1], str)
-                                                     and allowlist.attribute_allowed(node.args[1])):
-                raise _located(frame, DisallowedTargetError(
-                    f"node {where!r} reads attribute {node.args[1:]!r}, which graphs may not read",
-                    node_path=where, target="builtins.getattr",
-                    hint="add the attribute to cache_schema/allowlist-v1.json after review, or keep the module "
-                    "opaque with ExtractionOptions(classes_to_skip_compiling=...)"))
-        elif node.op == "call_method":
-            try:
-                target = check_method(node.target, node_path=where)
-            except SerializationError as exc:
-                raise _located(frame, exc) from None
-        else:
-            target = str(node.target)
-
-        def name_of(v: Any) -> Any:
-            return v.name if isinstance(v, torch.fx.Node) else None
-
-        try:
-            args = encode_value(tuple(node.args), name_of, target_name)
-            kwargs = encode_value(dict(node.kwargs), name_of, target_name)
-        except SerializationError as exc:
-            raise _located(frame, SerializationError(
-                f"node {where!r} has an argument that cannot be stored: {exc.message}", node_path=where
-            )) from exc
-        meta = describe_value(node.meta.get("example_value"))
-        if node.op == "output" and node.meta.get("graphpatch_extras"):
-            meta["extras"] = node.meta["graphpatch_extras"]  # output is (value, extra values)
-        if node.op == "placeholder" and node.meta.get("graphpatch_input"):
-            meta["input"] = list(node.meta["graphpatch_input"])  # [parameter, key, ...]: path aliases
-        source = _source(node)
-        if source:
-            meta["source"] = source
-        nodes.append(NodeData(name=node.name, op=node.op, target=target, args=args, kwargs=kwargs, meta=meta))
+    nodes = [_node_data(frame, node, f"{path}.{node.name}" if path else node.name) for node in frame.graph.nodes]
     children = [frame_to_data(c, f"{path}.{c.local_name}" if path else c.local_name) for c in frame.children]
     try:
         code = frame.graph.python_code("self").src
@@ -127,3 +80,60 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
         input_spec=frame.input_spec if frame.kind == "opaque" else None,
         code=code,
     )
+
+
+def _node_data(frame: Frame, node: torch.fx.Node, where: str) -> NodeData:
+    """One node as data; ``where``: its node path (for errors)."""
+    target = _target(frame, node, where)
+
+    def name_of(v: Any) -> Any:
+        return v.name if isinstance(v, torch.fx.Node) else None
+
+    try:
+        args = encode_value(tuple(node.args), name_of, target_name)
+        kwargs = encode_value(dict(node.kwargs), name_of, target_name)
+    except SerializationError as exc:
+        raise _located(frame, SerializationError(
+            f"node {where!r} has an argument that cannot be stored: {exc.message}", node_path=where
+        )) from exc
+    meta = describe_value(node.meta.get("example_value"))
+    if node.op == "output" and node.meta.get("graphpatch_extras"):
+        meta["extras"] = node.meta["graphpatch_extras"]  # output is (value, extra values)
+    if node.op == "placeholder" and node.meta.get("graphpatch_input"):
+        meta["input"] = list(node.meta["graphpatch_input"])  # [parameter, key, ...]: path aliases
+    source = _source(node)
+    if source:
+        meta["source"] = source
+    return NodeData(name=node.name, op=node.op, target=target, args=args, kwargs=kwargs, meta=meta)
+
+
+def _target(frame: Frame, node: torch.fx.Node, where: str) -> str:
+    """The node's target as stored: an allowlisted function or method name, else its str."""
+    if node.op == "call_function":
+        try:
+            target = target_name(node.target)
+        except SerializationError as exc:
+            raise _located(frame, SerializationError(
+                f"node {where!r} calls {node.target!r}, which cannot be stored as data: {exc.message}",
+                node_path=where,
+                target=repr(node.target),
+                hint="register the function with graphpatch_cache.register_target, or keep the "
+                "module opaque with ExtractionOptions(classes_to_skip_compiling=...)",
+            )) from exc
+        if target == "builtins.getattr" and not (len(node.args) == 2 and isinstance(node.args[1], str)
+                                                 and allowlist.attribute_allowed(node.args[1])):
+            raise _located(frame, DisallowedTargetError(
+                f"node {where!r} reads attribute {node.args[1:]!r}, which graphs may not read",
+                node_path=where, target="builtins.getattr",
+                hint="add the attribute to cache_schema/allowlist-v1.json after review, or keep the module "
+                "opaque with ExtractionOptions(classes_to_skip_compiling=...)"))
+        return target
+    if node.op == "call_method":
+        try:
+            return check_method(node.target, node_path=where)
+        except SerializationError as exc:
+            raise _located(frame, exc) from None
+    return str(node.target)
+
+
+__all__ = ["describe_value", "frame_to_data"]

@@ -7,118 +7,83 @@ forward's parameters) and its output; the parent graph gets a ``call_module`` no
 the leaves it uses out of the returned structure. Parameters and buffers become ``get_attr``
 nodes in the graph of the module that owns them. Symbolic sizes are recomputed locally from
 the frame's own inputs, so every graph stays shape-generic and self-contained.
+
+A frame, and the graphs of calls dynamo did not trace (opaque, leaf and custom modules), are
+in :mod:`.frames`; grad-mode switches are made relative to the caller's mode by
+:mod:`.grad_mode`.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import operator
-import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
 
 from .. import _compat
-from ..integrations import kv_cache
-from ..errors import ExtractionError, UnsupportedCacheError
+from ..errors import ExtractionError
 from ..integrations.bitsandbytes import leaf_handler
-from ..trust.allowlist import resolve_function
-from .capture import Capture
+from ..trust.functions import tree_build
 from . import naming
-from .naming import ILLEGAL, RESERVED, escape_name
-from .markers import ENTER, EXIT, OPAQUE, CallRecord
+from .capture import Capture
+from .frames import Frame, build_custom, build_leaf, build_opaque, read_leaf, size_node
+from .grad_mode import GRAD_MODE_SWITCH, GradModes
+from .local_names import base_name, escape_name
+from .markers import ENTER, EXIT, OPAQUE
+from .records import CallRecord
 
-_SUFFIX = re.compile(r"^(.*)_(\d+)$")
 #: calls with no effect on values that dynamo records anyway (usage logging); dropped.
-_DROP_TARGETS = frozenset({torch._C._log_api_usage_once})
-
-
-class _Names:
-    """Per-graph name allocation, following torch.fx's numbering (``mul``, ``mul_1``...)."""
-
-    def __init__(self) -> None:
-        self.used: set[str] = set()
-        self.counts: Dict[str, int] = {}
-
-    def exact(self, name: str) -> str:
-        if name in self.used:
-            raise ExtractionError(f"internal: duplicate local name {name!r}")
-        self.used.add(name)
-        return name
-
-    def fresh(self, candidate: str) -> str:
-        candidate = re.sub(r"\W", "_", candidate) or "_unnamed"
-        if candidate[0].isdigit():
-            candidate = f"_{candidate}"
-        match = _SUFFIX.match(candidate)
-        base = match.group(1) if match else candidate
-        while base in RESERVED:  # a local variable called `output` or `_code`
-            base = base + "_"
-        num = self.counts.get(base, 0)
-        name = base
-        while name in self.used or name in ILLEGAL:
-            num += 1
-            name = f"{base}_{num}"
-        self.used.add(name)
-        self.counts[base] = num
-        return name
-
-
-@dataclass
-class Frame:
-    """One module call being rebuilt as its own graph."""
-
-    record: Optional[CallRecord]
-    module: torch.nn.Module
-    path: str  # qualified module name in the model
-    local_name: str
-    parent: Optional["Frame"]
-    kind: str = "compiled"
-    graph: torch.fx.Graph = field(default_factory=torch.fx.Graph)
-    names: _Names = field(default_factory=_Names)
-    env: Dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict)
-    attrs: Dict[str, str] = field(default_factory=dict)  # local attr -> qualified name
-    attr_nodes: Dict[str, torch.fx.Node] = field(default_factory=dict)
-    hidden: List[torch.fx.Node] = field(default_factory=list)  # flat nodes supplied by parent
-    inputs: List[torch.fx.Node] = field(default_factory=list)  # flat marker inputs
-    children: List["Frame"] = field(default_factory=list)
-    input_spec: Optional[str] = None
-    #: the call_module node in the parent graph, once the call has returned
-    call_node: Optional[torch.fx.Node] = None
-    #: values returned besides the module's own output (see Splitter._export)
-    extras: List[torch.fx.Node] = field(default_factory=list)
-    #: for opaque frames: (call record, local name, module path) of each call the module makes itself
-    opaque_calls: List[Tuple[CallRecord, str, str]] = field(default_factory=list)
+_DROP_TARGETS = frozenset({_compat.API_USAGE_LOG})
+#: a custom extraction function: module -> its fx graph
+CustomFunctions = Mapping[type, Callable[[torch.nn.Module], Any]]
 
 
 class Splitter:
     """Rebuilds the per-call graphs of one :class:`Capture` of ``model``."""
 
-    def __init__(self, model: torch.nn.Module, cap: Capture, custom: Optional[Dict[type, Callable]] = None) -> None:
+    def __init__(self, model: torch.nn.Module, cap: Capture, custom: Optional[CustomFunctions] = None) -> None:
         self.model = model
         self.custom = dict(custom or {})
         self.cap = cap
         self.calls = cap.recorder.calls
-        self.module_names = naming.module_names(model)
         self.tensor_names: Dict[int, List[str]] = cap.tensor_names
         # each call's local name and module path: see naming.py for the rule
-        names = naming.name_calls(model, self.calls, cap.graph, self.module_names)
+        names = naming.name_calls(model, self.calls, cap.graph)
         self.local_names: Dict[int, str] = names.local
         self.call_paths: Dict[int, str] = names.path
         self.owner: Dict[torch.fx.Node, Frame] = {}
         self.param_ph: Dict[torch.fx.Node, List[str]] = {}
         self.sym_ph: Dict[torch.fx.Node, Any] = {}
-        self._grad_mode_now = True  # capture runs under torch.enable_grad()
-        self._grad_stack: List[Tuple[bool, torch.fx.Node]] = []
+        self._grad = GradModes()
+        # the walk's state (see run)
+        self._stack: List[Frame] = []
+        self._root: Optional[Frame] = None
+        self._call_iter: Iterator[CallRecord] = iter(())
+        self._enter_outputs: Dict[torch.fx.Node, Frame] = {}
+        self._exit_outputs: Dict[torch.fx.Node, Tuple[Frame, Optional[torch.fx.Node]]] = {}
 
     # -- main --------------------------------------------------------------------------------
     def run(self) -> Frame:
-        graph = self.cap.graph
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        """Walk the flat graph once, in order; returns the frame of the model's own call."""
+        wrapper = self._wrapper_frame()
+        self._stack = [wrapper]
+        self._call_iter = iter(self.calls)
+        for node in self.cap.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                break
+            self._visit(node, self._stack[-1], wrapper)
+        if self._root is None:
+            raise ExtractionError("internal: the model's own call was not captured")
+        return self._root
+
+    def _wrapper_frame(self) -> Frame:
+        """The frame of capture's root wrapper, owning the flat graph's placeholders (which
+        are parameters and buffers, symbolic sizes, or the model's inputs)."""
+        placeholders = [n for n in self.cap.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self.cap.example_inputs):
             raise ExtractionError("internal: placeholder count does not match the example inputs")
         wrapper = Frame(record=None, module=self.model, path="<wrapper>", local_name="", parent=None)
@@ -128,82 +93,76 @@ class Splitter:
             elif isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
                 self.sym_ph[node] = _compat.fake_value(node)
             self.owner[node] = wrapper
-        stack: List[Frame] = [wrapper]
-        root: Optional[Frame] = None
-        call_iter = iter(self.calls)
-        enter_outputs: Dict[torch.fx.Node, Frame] = {}
-        exit_outputs: Dict[torch.fx.Node, Tuple[Frame, torch.fx.Node]] = {}
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                continue
-            top = stack[-1]
-            if node.op == "output":
-                break
-            if node.target is ENTER or node.target is OPAQUE:
-                record = next(call_iter, None)
-                if record is None or record.tag != node.args[0]:
-                    raise ExtractionError(
-                        "internal: traced module calls do not match the eager calls "
-                        f"({node.args[0]} vs {record.tag if record else None})"
-                    )
-                frame = self._open(record, top, list(node.args[1]))
-                if node.target is OPAQUE:
-                    if root is None:
-                        root = frame
-                    self._skip_calls(record, call_iter)
-                    custom = self.custom.get(type(record.module))
-                    handler = leaf_handler(record.module)
-                    if custom is not None:
-                        self._build_custom(frame, custom)
-                    elif handler is not None:
-                        self._build_leaf(frame, handler)
-                    else:
-                        self._build_opaque(frame, _compat.fake_value(node))
-                    call = self._close(frame, top)
-                    exit_outputs[node] = (frame, call)
-                else:
-                    enter_outputs[node] = frame
-                    stack.append(frame)
-                    if root is None:
-                        root = frame
-                continue
-            if node.target is EXIT:
-                frame = stack.pop()
-                if frame.record is None or frame.record.tag != node.args[0]:
-                    raise ExtractionError("internal: module exit does not match the open call")
-                self._finish_output(frame, list(node.args[1]))
-                call = self._close(frame, stack[-1])
-                exit_outputs[node] = (frame, call)
-                continue
-            if node.op == "call_function" and node.target is operator.getitem and node.args[0] in enter_outputs:
-                frame = enter_outputs[node.args[0]]
-                frame.env[node] = frame.env[frame.inputs[node.args[1]]]
-                self.owner[node] = frame
-                continue
-            if top is wrapper:
-                continue  # nothing of the wrapper's own survives
-            if node.op == "call_function" and node.target is operator.getitem and node.args[0] in exit_outputs:
-                child, call = exit_outputs[node.args[0]]
-                top.env[node] = self._leaf_access(top, child, call, node.args[1], node)
-                self.owner[node] = top
-                continue
-            if node.op == "call_function" and node.target in _DROP_TARGETS and not node.users:
-                continue
-            if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
-                self._grad_mode(top, node)
-                continue
-            self._copy(top, node)
-        if root is None:
-            raise ExtractionError("internal: the model's own call was not captured")
-        return root
+        return wrapper
 
-    def _skip_calls(self, record: CallRecord, call_iter) -> None:
+    def _visit(self, node: torch.fx.Node, top: Frame, wrapper: Frame) -> None:
+        """One node of the flat graph: a marker opens or closes a frame, anything else is
+        copied into the innermost open frame ``top``."""
+        is_getitem = node.op == "call_function" and node.target is operator.getitem
+        if node.target is ENTER or node.target is OPAQUE:
+            self._enter(node, top)
+        elif node.target is EXIT:
+            self._exit(node)
+        elif is_getitem and node.args[0] in self._enter_outputs:
+            frame = self._enter_outputs[node.args[0]]  # type: ignore[index]
+            frame.env[node] = frame.env[frame.inputs[node.args[1]]]  # type: ignore[index]
+            self.owner[node] = frame
+        elif top is wrapper:
+            pass  # nothing of the wrapper's own survives
+        elif is_getitem and node.args[0] in self._exit_outputs:
+            child, call = self._exit_outputs[node.args[0]]  # type: ignore[index]
+            assert call is not None
+            top.env[node] = read_leaf(top, child.record, call, node.args[1], _compat.fake_value(node))  # type: ignore[arg-type]
+            self.owner[node] = top
+        elif node.op == "call_function" and node.target in _DROP_TARGETS and not node.users:
+            pass
+        elif node.op == "call_function" and node.target is GRAD_MODE_SWITCH:
+            top.env[node] = self._grad.rewrite(top, node, self._local)
+            self.owner[node] = top
+        else:
+            self._copy(top, node)
+
+    def _enter(self, node: torch.fx.Node, top: Frame) -> None:
+        """An enter marker opens a frame; an opaque marker opens, builds and closes one."""
+        record = next(self._call_iter, None)
+        if record is None or record.tag != node.args[0]:
+            raise ExtractionError(
+                "internal: traced module calls do not match the eager calls "
+                f"({node.args[0]} vs {record.tag if record else None})"
+            )
+        frame = self._open(record, top, list(node.args[1]))  # type: ignore[arg-type]
+        if self._root is None:
+            self._root = frame
+        if node.target is ENTER:
+            self._enter_outputs[node] = frame
+            self._stack.append(frame)
+            return
+        self._skip_calls(record)
+        custom = self.custom.get(type(record.module))
+        handler = leaf_handler(record.module)
+        if custom is not None:
+            build_custom(frame, custom)
+        elif handler is not None:
+            build_leaf(frame, handler)
+        else:
+            calls = [(self.calls[c], self.local_names[c], self.call_paths[c]) for c in record.children]
+            build_opaque(frame, calls, _compat.fake_value(node))
+        self._exit_outputs[node] = (frame, self._close(frame, top))
+
+    def _exit(self, node: torch.fx.Node) -> None:
+        frame = self._stack.pop()
+        if frame.record is None or frame.record.tag != node.args[0]:
+            raise ExtractionError("internal: module exit does not match the open call")
+        self._finish_output(frame, list(node.args[1]))  # type: ignore[arg-type]
+        self._exit_outputs[node] = (frame, self._close(frame, self._stack[-1]))
+
+    def _skip_calls(self, record: CallRecord) -> None:
         """An opaque call's descendants were recorded eagerly but not traced: skip them."""
         def count(r: CallRecord) -> int:
             return sum(1 + count(self.calls[c]) for c in r.children)
 
         for _ in range(count(record)):
-            next(call_iter)
+            next(self._call_iter)
 
     # -- frames --------------------------------------------------------------------------------
     def _open(self, record: CallRecord, parent: Frame, flat_inputs: List[torch.fx.Node]) -> Frame:
@@ -242,15 +201,13 @@ class Splitter:
         fakes = iter([_compat.fake_value(v) for v in flat_outputs])
         fake_leaves = [next(fakes) if is_t else leaf for leaf, is_t in zip(record.output_leaves, record.output_is_tensor)]
         out = frame.graph.output(self._structure(frame, leaves, record.output_spec))
-        out.meta["example_value"] = pytree.tree_unflatten(fake_leaves, record.output_spec)
+        out.meta["example_value"] = _compat.tree_unflatten(fake_leaves, record.output_spec)
 
     def _structure(self, frame: Frame, leaves: List[Any], spec: Any) -> Any:
         """The output value built from leaves: plain containers inline, anything else (a
         ModelOutput) through the registered ``unflatten`` helper."""
         if _plain_spec(spec):
-            return pytree.tree_unflatten(leaves, spec)
-        from ..trust.functions import tree_build
-
+            return _compat.tree_unflatten(leaves, spec)
         node = frame.graph.call_function(tree_build, (_compat.treespec_dumps(spec), list(leaves)))
         node.name = frame.names.fresh("output_value")
         return node
@@ -267,168 +224,6 @@ class Splitter:
         frame.call_node = call
         return call
 
-    def _leaf_access(self, frame: Frame, child: Frame, call: torch.fx.Node, index: int, flat: torch.fx.Node) -> torch.fx.Node:
-        record = child.record
-        assert record is not None
-        tensor_positions = [i for i, is_t in enumerate(record.output_is_tensor) if is_t]
-        leaf_index = tensor_positions[index]
-        dummy = pytree.tree_unflatten(list(range(len(record.output_leaves))), record.output_spec)
-        paths = [p for p, _ in pytree.tree_flatten_with_path(dummy)[0]]
-        value = call
-        for key in paths[leaf_index]:
-            if hasattr(key, "idx"):
-                value = frame.graph.call_function(operator.getitem, (value, key.idx))
-            elif hasattr(key, "key"):
-                value = frame.graph.call_function(operator.getitem, (value, key.key))
-            else:
-                value = frame.graph.call_function(builtins.getattr, (value, key.name))
-            value.name = frame.names.fresh("getitem")
-        value.meta["example_value"] = _compat.fake_value(flat)
-        return value
-
-    def _build_opaque(self, frame: Frame, fake_outputs: Any = None) -> None:
-        """An opaque call's graph: inputs, the module's parameters and buffers as nodes, its
-        plain-data attributes as nodes read at call time, one call of the original module with
-        them, and the structured output (its metadata from ``fake_outputs``, the opaque
-        marker's fake tensor outputs)."""
-        from ..trust.functions import exposed_attributes, module_attribute, run_opaque
-
-        frame.kind = "opaque"
-        record = frame.record
-        if record.returns_cache or any(kv_cache.is_cache(x) or isinstance(x, kv_cache.CacheState)
-                                       for x in record.input_leaves):
-            # it would grow the cache object recorded at extraction, not the caller's, or
-            # return a live cache object where the graph passes tensors
-            raise UnsupportedCacheError(
-                f"module {frame.path or '(the model)'!r} ({type(frame.module).__name__}) could not be traced "
-                "and takes or returns the key/value cache, which an opaque call cannot pass through a graph",
-                cache_class=type(frame.module).__name__,
-                hint="call with use_cache=False, or make the module traceable (see "
-                "ExtractionOptions(warn_on_compilation_failure=True) for why it is opaque)",
-            )
-        frame.opaque_calls = [
-            (self.calls[c], self.local_names[c], self.call_paths[c])
-            for c in frame.record.children
-        ]
-        record = frame.record
-        assert record is not None
-        module_ref = frame.graph.get_attr("_graphpatch_module")
-        module_ref.name = frame.names.exact("_graphpatch_module")
-        tensors = {}
-        # Children called by the module are extracted on their own and own their tensors;
-        # the opaque graph then exposes only the module's direct parameters and buffers.
-        recurse = not record.children
-        for name, tensor in list(frame.module.named_parameters(remove_duplicate=False, recurse=recurse)) + list(
-            frame.module.named_buffers(remove_duplicate=False, recurse=recurse)
-        ):
-            local = escape_name(name.replace(".", "_"))
-            if local in frame.attrs:
-                continue
-            node = frame.graph.get_attr(local)
-            node.name = local if "." not in name else frame.names.fresh(local)
-            frame.names.used.add(node.name)
-            node.meta["example_value"] = tensor
-            frame.attrs[local] = f"{frame.path}.{name}" if frame.path else name
-            tensors[name] = node
-        # Plain-data attributes (ints, floats, strings...; class attributes too), as graphpatch
-        # exposes them: read from the live module at call time, so the artifact stores only
-        # their names; a patched value is the module's for that call only (see run_opaque).
-        attributes = {}
-        for name in exposed_attributes(frame.module):
-            node = frame.graph.call_function(module_attribute, (module_ref, name))
-            node.name = frame.names.fresh(escape_name(name))
-            node.meta["example_value"] = getattr(frame.module, name)
-            attributes[name] = node
-        placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"]
-        args = (module_ref, frame.input_spec, record.input_leaves, record.input_is_tensor, placeholders, tensors)
-        result = frame.graph.call_function(run_opaque, args + ((attributes,) if attributes else ()))
-        result.name = frame.names.fresh("forward_output")
-        out = frame.graph.output(result)
-        if isinstance(fake_outputs, (list, tuple)):
-            # the output's structure with the fake tensors (symbolic sizes) in it: `_shape`
-            # of the output and of its parts, as for compiled graphs
-            fakes = iter(fake_outputs)
-            leaves = [next(fakes, None) if is_t else leaf for leaf, is_t in zip(record.output_leaves, record.output_is_tensor)]
-            value = pytree.tree_unflatten(leaves, record.output_spec)
-            result.meta["example_value"] = out.meta["example_value"] = value
-
-    def _build_leaf(self, frame: Frame, handler: Any) -> None:
-        """A leaf module's graph: ``fn(module_ref, x, weight, bias)``, weight and bias bound
-        by identity (see :mod:`graphpatch_cache.integrations`)."""
-        frame.kind = "leaf"
-        module_ref = frame.graph.get_attr("_graphpatch_module")
-        module_ref.name = frame.names.exact("_graphpatch_module")
-        tensors = []
-        for name in ("weight", "bias"):
-            value = getattr(frame.module, name, None)
-            if value is None:
-                tensors.append(None)
-                continue
-            node = frame.graph.get_attr(name)
-            node.name = name
-            frame.names.used.add(name)
-            node.meta["example_value"] = value
-            frame.attrs[name] = f"{frame.path}.{name}" if frame.path else name
-            tensors.append(node)
-        placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"]
-        call = frame.graph.call_function(resolve_function(handler.call), (module_ref, placeholders[0], *tensors))
-        call.name = frame.names.fresh("linear")
-        out = frame.graph.output(call)
-        out.meta["example_value"] = None
-
-    def _build_custom(self, frame: Frame, fn: Callable) -> None:
-        """A module graph supplied by ``custom_extraction_functions``: its placeholders are the
-        forward's tensor inputs in order, its ``get_attr`` nodes the module's attributes."""
-        frame.kind = "custom"
-        graph = fn(frame.module)
-        if isinstance(graph, torch.fx.GraphModule):
-            graph = graph.graph
-        if not isinstance(graph, torch.fx.Graph):
-            raise ExtractionError(
-                f"custom extraction function for {type(frame.module).__name__} returned "
-                f"{type(graph).__name__}, not a torch.fx.Graph",
-                module_path=frame.path,
-            )
-        mine = [n for n in frame.graph.nodes if n.op == "placeholder"]
-        theirs = [n for n in graph.nodes if n.op == "placeholder"]
-        if len(mine) != len(theirs):
-            raise ExtractionError(
-                f"custom graph for {frame.path!r} has {len(theirs)} placeholders; the call passes "
-                f"{len(mine)} tensors",
-                module_path=frame.path,
-            )
-        env: Dict[torch.fx.Node, Any] = dict(zip(theirs, mine))
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                continue
-            if node.op == "output":
-                out = frame.graph.output(torch.fx.node.map_arg(node.args[0], env.__getitem__))
-                continue
-            if node.op == "get_attr":
-                owner, _, attr = node.target.rpartition(".")
-                tensor_owner = frame.module.get_submodule(owner) if owner else frame.module
-                value = getattr(tensor_owner, attr)
-                local = escape_name(node.target.replace(".", "_"))
-                if local not in frame.attr_nodes:
-                    new = frame.graph.get_attr(local)
-                    new.name = local if local not in frame.names.used or "." not in node.target else frame.names.fresh(local)
-                    frame.names.used.add(new.name)
-                    new.meta["example_value"] = value
-                    frame.attr_nodes[local] = new
-                    frame.attrs[local] = f"{frame.path}.{node.target}" if frame.path else node.target
-                env[node] = frame.attr_nodes[local]
-                continue
-            if node.op == "call_module":
-                raise ExtractionError(f"custom graph for {frame.path!r} calls a module; inline it", module_path=frame.path)
-            new = frame.graph.create_node(
-                node.op, node.target,
-                torch.fx.node.map_arg(node.args, env.__getitem__), torch.fx.node.map_arg(node.kwargs, env.__getitem__),
-            )
-            new.name = frame.names.fresh(_base_name(node))
-            new.meta = dict(node.meta)
-            env[node] = new
-        del out
-
     # -- values --------------------------------------------------------------------------------
     def _local(self, frame: Frame, value: Any) -> Any:
         if not isinstance(value, torch.fx.Node):
@@ -438,7 +233,7 @@ class Splitter:
         if value in self.param_ph:
             return self._attr(frame, value)
         if value in self.sym_ph:
-            local = self._size_of(frame, value)
+            local = size_node(frame, self.sym_ph[value])
             if local is not None:
                 frame.env[value] = local
                 return local
@@ -489,7 +284,6 @@ class Splitter:
                 if mapped is call:
                     parent.env[key] = main
             out.args = ((out.args[0], ()),)
-            child.extras_node = main  # type: ignore[attr-defined]
         child.extras.append(value)
         structure, extras = out.args[0]
         out.args = ((structure, tuple(extras) + (local,)),)
@@ -542,59 +336,12 @@ class Splitter:
         if isinstance(source, torch.fx.Node) and source.op == "placeholder":
             base = source.name
         else:
-            base = _base_name(value)
+            base = base_name(value)
         ph.name = ph.target = frame.names.fresh(escape_name(base))
         ph.meta["example_value"] = _compat.fake_value(value)
         frame.hidden.append(value)
         frame.env[value] = ph
         return ph
-
-    def _size_of(self, frame: Frame, value: torch.fx.Node) -> Optional[torch.fx.Node]:
-        """Recompute a symbolic size from one of the frame's own tensor inputs."""
-        sym = self.sym_ph[value]
-        expr = getattr(getattr(sym, "node", None), "expr", None)
-        if expr is None:
-            return None
-        for ph in [n for n in frame.graph.nodes if n.op == "placeholder"]:
-            fake = ph.meta.get("example_value")
-            if not isinstance(fake, torch.Tensor):
-                continue
-            for dim, size in enumerate(fake.shape):
-                if isinstance(size, torch.SymInt) and size.node.expr == expr:
-                    heads = [n for n in frame.graph.nodes if n.op in ("placeholder", "get_attr")
-                             or (n.op == "call_method" and n.target == "size" and n.meta.get("graphpatch_size"))]
-                    ctx = frame.graph.inserting_after(heads[-1]) if heads else contextlib.nullcontext()
-                    with ctx:
-                        node = frame.graph.call_method("size", (ph, dim))
-                    node.name = frame.names.fresh("size")
-                    node.meta["example_value"] = sym
-                    node.meta["graphpatch_size"] = True
-                    return node
-        return None
-
-    def _grad_mode(self, frame: Frame, node: torch.fx.Node) -> None:
-        """Make grad-mode switches relative to the caller's mode.
-
-        Dynamo records ``with torch.no_grad():`` as ``_set_grad_enabled(False)`` ...
-        ``_set_grad_enabled(True)``, the second one restoring the mode seen while tracing
-        (we trace with grad enabled). Run as is under ``torch.no_grad()`` that would switch
-        grad *on* for the rest of the forward. We turn each switch into "set, remember the
-        previous mode" and each restore into "restore what was remembered".
-        """
-        from ..trust.functions import restore_grad_enabled, set_grad_enabled
-
-        mode = bool(node.args[0])
-        if self._grad_stack and mode == self._grad_stack[-1][0]:
-            _, switch = self._grad_stack.pop()
-            new = frame.graph.call_function(restore_grad_enabled, (self._local(frame, switch),))
-            new.name = frame.names.fresh("restore_grad_enabled")
-        else:
-            new = frame.graph.call_function(set_grad_enabled, (mode,))
-            new.name = frame.names.fresh("set_grad_enabled")
-            self._grad_stack.append((self._grad_mode_now, node))
-        self._grad_mode_now = mode
-        frame.env[node] = new
-        self.owner[node] = frame
 
     def _copy(self, frame: Frame, node: torch.fx.Node) -> None:
         # twice: the first pass may export values out of returned calls, which re-points the
@@ -603,19 +350,10 @@ class Splitter:
         args = torch.fx.node.map_arg(node.args, lambda v: self._local(frame, v))
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda v: self._local(frame, v))
         new = frame.graph.create_node(node.op, node.target, args, kwargs)
-        new.name = frame.names.fresh(_base_name(node))
+        new.name = frame.names.fresh(base_name(node))
         new.meta = {k: node.meta[k] for k in ("example_value", "stack_trace") if k in node.meta}
         frame.env[node] = new
         self.owner[node] = frame
-
-
-def _base_name(node: torch.fx.Node) -> str:
-    name = node.name
-    match = _SUFFIX.match(name)
-    base = match.group(1) if match else name
-    if base.startswith("l_") and base.endswith("_"):
-        base = base[2:-1]
-    return base or "value"
 
 
 def _plain_spec(spec: Any) -> bool:
@@ -626,8 +364,12 @@ def _plain_spec(spec: Any) -> bool:
     return all(_plain_spec(spec.child(i)) for i in range(spec.num_children))
 
 
-def split(model: torch.nn.Module, cap: Capture, custom: Optional[Dict[type, Callable]] = None) -> Frame:
+def split(model: torch.nn.Module, cap: Capture, custom: Optional[CustomFunctions] = None) -> Frame:
     """Rebuild the per-call graphs; returns the frame of the model's own call.
 
     ``custom`` maps module classes to functions returning their fx graph."""
     return Splitter(model, cap, custom).run()
+
+
+# Frame: re-exported for extraction/__init__.py, which imports it from here
+__all__ = ["CustomFunctions", "Frame", "Splitter", "split"]
