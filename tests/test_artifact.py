@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from graphpatch_cache import GraphArtifact, PatchableGraph
+from graphpatch_cache.artifact import artifact_from_bytes
 from graphpatch_cache.errors import DisallowedTargetError, GraphPatchCacheError
 from graphpatch_cache.extraction import extract
 
@@ -33,7 +34,7 @@ def small():
 def test_json_round_trip_rebinds_exactly(small):
     model, x, artifact = small
     text = artifact.to_json()
-    again = GraphArtifact.from_json(text)
+    again = GraphArtifact.from_dict(json.loads(text))
     assert again.to_json() == text
     pg = PatchableGraph.from_artifact(model, again)
     assert torch.equal(pg(x), model(x))
@@ -73,7 +74,7 @@ def _tamper(artifact: GraphArtifact, target: str) -> str:
 @pytest.mark.parametrize("target", ["os.system", "builtins.eval", "torch.load", "subprocess.call", "torch.hub.load"])
 def test_tampered_target_refused_before_running(small, target, tmp_path):
     model, x, artifact = small
-    tampered = GraphArtifact.from_json(_tamper(artifact, target))
+    tampered = GraphArtifact.from_dict(json.loads(_tamper(artifact, target)))
     with pytest.raises(DisallowedTargetError) as info:
         PatchableGraph.from_artifact(model, tampered)
     assert info.value.target == target
@@ -83,14 +84,14 @@ def test_tampered_target_refused_before_running(small, target, tmp_path):
 
 def test_unknown_schema_version_names_supported():
     with pytest.raises(GraphPatchCacheError, match=r"schema_version 99.*\[1\]"):
-        GraphArtifact.from_json(json.dumps({"schema_version": 99}))
+        artifact_from_bytes(json.dumps({"schema_version": 99}).encode(), "a.json")
 
 
 def test_not_an_artifact():
     with pytest.raises(GraphPatchCacheError, match="not a graph artifact"):
-        GraphArtifact.from_json("{]")
+        artifact_from_bytes(b"{]", "a.json")
     with pytest.raises(GraphPatchCacheError, match="not a graph artifact"):
-        GraphArtifact.from_json(json.dumps({"hello": 1}))
+        artifact_from_bytes(json.dumps({"hello": 1}).encode(), "a.json")
 
 
 SCRIPT = """

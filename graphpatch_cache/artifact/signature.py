@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
+
 import torch
+
 from .. import _compat
 from .codec import encode_value
 
@@ -31,20 +33,26 @@ def signature_key(signature: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def dims_fit(want: Sequence[Any], sizes: Sequence[int]) -> bool:
+    """The fit rule of a tensor's dimensions, the one place it is written (for stored
+    signatures and for live calls): the same rank; a fixed dimension takes exactly its size,
+    a symbolic one (``"dyn"``) any size of 2 or more (dynamo specializes sizes 0 and 1)."""
+    if len(want) != len(sizes):
+        return False
+    for w, size in zip(want, sizes):
+        if (w == "dyn" and size < 2) or (w != "dyn" and w != size):
+            return False
+    return True
+
+
 def _leaf_fits(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
+    """A concrete signature leaf against a stored one (:meth:`SignatureMatcher.fits` is the
+    same rule on live values)."""
     if want["kind"] != got["kind"]:
         return False
     if want["kind"] == "const":
-        return want["value"] == got["value"]
-    if want["dtype"] != got["dtype"] or len(want["dims"]) != len(got["dims"]):
-        return False
-    for w, g in zip(want["dims"], got["dims"]):
-        if w == "dyn":
-            if g < 2:  # dynamo specializes sizes 0 and 1
-                return False
-        elif w != g:
-            return False
-    return True
+        return bool(want["value"] == got["value"])
+    return bool(want["dtype"] == got["dtype"]) and dims_fit(want["dims"], got["dims"])
 
 
 def matches(signature: Dict[str, Any], concrete: Dict[str, Any]) -> bool:
@@ -82,21 +90,17 @@ class SignatureMatcher:
         self._dtypes = [_DTYPES.get(w["dtype"]) if w["kind"] == "tensor" else None for w in self.leaves]
 
     def fits(self, leaves: List[Any], spec: Any) -> bool:
+        """Whether flat call inputs fit: :func:`_leaf_fits`'s rule, on live values (tensors'
+        dtypes compared by identity)."""
         if spec != self.spec or len(leaves) != len(self.leaves):
             return False
         for want, dtype, leaf in zip(self.leaves, self._dtypes, leaves):
             if want["kind"] == "tensor":
-                if not isinstance(leaf, torch.Tensor):
+                if not isinstance(leaf, torch.Tensor) or leaf.dtype is not dtype or not dims_fit(want["dims"], leaf.shape):
                     return False
-                if leaf.dtype is not dtype:
-                    return False
-                dims = want["dims"]
-                if leaf.dim() != len(dims):
-                    return False
-                for w, size in zip(dims, leaf.shape):
-                    if (w == "dyn" and size < 2) or (w != "dyn" and w != size):
-                        return False
-            else:
-                if isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
-                    return False
+            elif isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
+                return False
         return True
+
+
+__all__ = ["SignatureMatcher", "describe_mismatch", "dims_fit", "matches", "signature_key"]

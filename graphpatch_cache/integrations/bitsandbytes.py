@@ -11,12 +11,15 @@ input's (symbolic) shape, so the graphs around it stay shape-generic.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import torch
+
+from ..errors import GraphPatchCacheError
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ def is_quantized_weight(value: Any) -> bool:
 def patch_view(value: Any) -> Any:
     """What patches see for a value: an 8-bit weight is shown dequantized (float32)."""
     if is_quantized_weight(value):
-        import bitsandbytes.functional as F
+        import bitsandbytes.functional as F  # optional dependency: imported only for an 8-bit weight
 
         return F.int8_vectorwise_dequant(value.data, _row_scales(value))
     return value
@@ -88,19 +91,15 @@ def patch_view(value: Any) -> Any:
 def quantize_8bit_on_meta(model: torch.nn.Module) -> torch.nn.Module:
     """Swap linears for bitsandbytes 8-bit ones on a meta model, as
     ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True))`` does."""
-    try:
+    try:  # optional dependencies, imported only when 8-bit is asked for
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     except ImportError as exc:
-        from ..errors import GraphPatchCacheError
-
         raise GraphPatchCacheError("8-bit needs bitsandbytes (>= 0.46 runs on CPU)",
                                    hint="pip install bitsandbytes") from exc
     config = BitsAndBytesConfig(load_in_8bit=True)
     skip = ["lm_head"] + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    import inspect
-
     params = inspect.signature(replace_with_bnb_linear).parameters
     kwargs = {"modules_to_not_convert": skip, "quantization_config": config}
     if "pre_quantized" in params:
@@ -110,4 +109,5 @@ def quantize_8bit_on_meta(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-__all__ = ["LeafHandler", "stored_dtype", "is_quantized_weight", "register_quantized_owner", "leaf_handler", "patch_view", "quantize_8bit_on_meta"]
+__all__ = ["LeafHandler", "is_quantized_weight", "leaf_handler", "patch_view", "quantize_8bit_on_meta", "register_quantized_owner",
+           "stored_dtype"]

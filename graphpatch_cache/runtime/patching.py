@@ -15,7 +15,8 @@ import torch.fx
 from ..errors import PatchError
 from ..integrations.bitsandbytes import patch_view
 from ..patches import Patch
-from .bind import ModuleGraphModule, unwrap
+from .bind import ModuleGraphModule
+from .routing import unwrap
 
 SlotKey = Tuple[str, str, Tuple[Any, ...]]  # (graph path, node name, sub-path keys)
 _SLOT_PREFIX = "_graphpatch_slot_"
@@ -166,7 +167,7 @@ class PatchInstaller:
     def _mark_patched(self) -> None:
         """Flag each graph that holds a slot, itself or below (``_graphpatch_patched``): an
         opaque parent's call of an unflagged child runs the child module itself, as nothing
-        in that call can be patched or probed (see ``bind.CallRouter``)."""
+        in that call can be patched or probed (see ``routing.CallRouter``)."""
         marked = set()
         for graph_path, _, _ in self.slots:
             parts = graph_path.split(".") if graph_path else []

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..artifact import ModuleGraph
 from ..errors import ShapeError
 
 #: ``(args, kwargs) -> the root graph's placeholder tensors`` for a call with those inputs
@@ -331,4 +332,28 @@ def _part_shape(meta: Any, scope: Optional[ShapeScope]) -> Any:
     return "NoneType" if shape is None and meta == {} else shape
 
 
-__all__ = ["ShapeDict", "ShapeScope", "ShapeTuple", "SymbolicShape", "SymbolicSize", "shape_from_meta"]
+def describe_meta(meta: Dict[str, Any]) -> str:
+    """A value's recorded structure as one line: ``Tensor(float32)[1, s0, 768]``, ``tuple(...)``."""
+    if "shape" in meta:
+        dims = ", ".join(str(d) for d in meta["shape"])
+        return f"Tensor({meta.get('dtype', '?')})[{dims}]"
+    if "items" in meta:
+        return f"{meta.get('type', 'tuple')}(" + ", ".join(describe_meta(m) for m in meta["items"]) + ")"
+    if "fields" in meta:
+        return f"{meta.get('type', 'dict')}(" + ", ".join(f"{k}={describe_meta(m)}" for k, m in meta["fields"].items()) + ")"
+    return meta.get("type", "")
+
+
+def scope_of(graph: ModuleGraph, binder: Optional[InputBinder], why: str) -> ShapeScope:
+    """The shape scope of a graph's inputs (their recorded shapes); ``why`` says why a
+    concrete size is unknown when there is no ``binder``."""
+    shapes = []
+    for nd in graph.nodes:
+        if nd.op == "placeholder":
+            shape = nd.meta.get("shape") if isinstance(nd.meta, dict) else None
+            shapes.append((nd.name, shape if isinstance(shape, list) else None))
+    return ShapeScope(shapes, binder, "" if binder is not None else why)
+
+
+__all__ = ["ShapeDict", "ShapeScope", "ShapeTuple", "SymbolicShape", "SymbolicSize", "describe_meta", "scope_of",
+           "shape_from_meta"]

@@ -1,6 +1,6 @@
 """Functions that extracted graphs call besides torch's own operators.
 
-They are registered in the call-target allowlist (:mod:`graphpatch_cache.allowlist`) under
+They are registered in the call-target allowlist (:mod:`graphpatch_cache.trust.allowlist`) under
 stable names, so artifacts can refer to them as data.
 """
 
@@ -52,14 +52,14 @@ def spec_of(text: str) -> Any:
 def set_grad_enabled(mode: bool) -> bool:
     """Switch grad mode; returns the previous mode (for :func:`restore_grad_enabled`)."""
     previous = torch.is_grad_enabled()
-    torch._C._set_grad_enabled(mode)
+    _compat.set_grad_enabled(mode)
     return previous
 
 
 @_graph_function
 def restore_grad_enabled(previous: bool) -> None:
     """Restore the grad mode that :func:`set_grad_enabled` replaced."""
-    torch._C._set_grad_enabled(previous)
+    _compat.set_grad_enabled(previous)
 
 
 @_graph_function
