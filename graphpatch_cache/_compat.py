@@ -239,7 +239,7 @@ def find_builtin(fn: Any) -> Optional[str]:
         from torch.jit._builtins import _find_builtin  # a private module: absent in some versions
     except ImportError:  # pragma: no cover - other torch versions
         return None
-    found = _find_builtin(fn)
+    found = _find_builtin(fn)  # type: ignore[no-untyped-call]
     return found if isinstance(found, str) else None
 
 

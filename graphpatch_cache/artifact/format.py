@@ -176,5 +176,5 @@ def portable_from_bytes(data: bytes, path: str) -> List[GraphArtifact]:
     return [_artifact_from_payload(item, path, True) for item in payload["artifacts"]]
 
 
-__all__ = ["MAX_JSON_CONTAINER", "MAX_JSON_ITEMS", "PORTABLE_FORMAT", "artifact_from_bytes", "parse_json", "portable_digest",
-           "portable_from_bytes", "portable_payload", "portable_to_bytes", "schema_text", "validate_artifact"]
+__all__ = ["MAX_JSON_CONTAINER", "MAX_JSON_ITEMS", "PORTABLE_FORMAT", "artifact_from_bytes", "parse_json",
+           "portable_digest", "portable_from_bytes", "portable_payload", "portable_to_bytes", "schema_text", "validate_artifact"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, cast
+from typing import Any, Dict, Iterator, List, Optional, cast
 from ..errors import GraphPatchCacheError
 
 
@@ -76,7 +76,7 @@ class ModuleGraph:
     call_signature: Optional[Dict[str, Any]] = None
     code: str = ""
 
-    def walk(self):
+    def walk(self) -> Iterator["ModuleGraph"]:
         """Yield this graph and all descendants, depth first."""
         yield self
         for child in self.children:
@@ -143,4 +143,5 @@ def _module_graph_from_dict(data: Dict[str, Any]) -> ModuleGraph:
     )
 
 
-__all__ = ["SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "GraphArtifact", "ModuleGraph", "NodeData", "check_schema_version"]
+__all__ = ["SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "GraphArtifact", "ModuleGraph", "NodeData",
+           "check_schema_version"]

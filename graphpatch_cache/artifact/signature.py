@@ -96,7 +96,7 @@ class SignatureMatcher:
             return False
         for want, dtype, leaf in zip(self.leaves, self._dtypes, leaves):
             if want["kind"] == "tensor":
-                if not isinstance(leaf, torch.Tensor) or leaf.dtype is not dtype or not dims_fit(want["dims"], leaf.shape):
+                if not (isinstance(leaf, torch.Tensor) and leaf.dtype is dtype and dims_fit(want["dims"], leaf.shape)):
                     return False
             elif isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
                 return False

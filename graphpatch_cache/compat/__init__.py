@@ -7,4 +7,4 @@
 
 from __future__ import annotations
 
-__all__: list = []
+__all__: list[str] = []

@@ -109,5 +109,5 @@ def quantize_8bit_on_meta(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-__all__ = ["LeafHandler", "is_quantized_weight", "leaf_handler", "patch_view", "quantize_8bit_on_meta", "register_quantized_owner",
-           "stored_dtype"]
+__all__ = ["LeafHandler", "is_quantized_weight", "leaf_handler", "patch_view", "quantize_8bit_on_meta",
+           "register_quantized_owner", "stored_dtype"]

@@ -7,7 +7,7 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -35,10 +35,7 @@ class ModuleGraphModule(torch.fx.GraphModule):
 
 
 def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
-    for tensor in module.parameters():
-        if tensor.device.type != "meta":
-            return tensor.device
-    for tensor in module.buffers():
+    for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
             return tensor.device
     return fallback
@@ -77,7 +74,7 @@ def bind_graph(
     model: torch.nn.Module,
     node_path: str = "",
     device: Optional[torch.device] = None,
-    traced_on: frozenset = frozenset(),
+    traced_on: FrozenSet[str] = frozenset(),
     hooked: Optional[bool] = None,
 ) -> ModuleGraphModule:
     """Rebuild one module graph (and its children) bound to ``model``'s tensors.
@@ -139,7 +136,7 @@ def _bound_module(data: ModuleGraph, model: torch.nn.Module, node_path: str) -> 
     return module
 
 
-def _device_mapper(device: Optional[torch.device], traced_on: frozenset) -> Callable[[torch.device], torch.device]:
+def _device_mapper(device: Optional[torch.device], traced_on: FrozenSet[str]) -> Callable[[torch.device], torch.device]:
     def map_device(d: torch.device) -> torch.device:
         # Device constants traced on the meta device (a build from a config) or on the
         # device the example ran on mean "the module's device" here.
@@ -330,5 +327,5 @@ def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
     return bind_graph(artifact.root, model, traced_on=traced_on, hooked=accelerate.is_hooked(model))
 
 
-__all__ = ["HookedGraph", "MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph", "submodule",
-           "unwrap"]
+__all__ = ["HookedGraph", "MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph",
+           "submodule", "unwrap"]

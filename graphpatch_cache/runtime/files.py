@@ -24,9 +24,9 @@ def write_portable(artifacts: List[GraphArtifact], file: FileLike) -> None:
     object open for writing (binary or text), which is left open."""
     data = portable_to_bytes(artifacts)
     if hasattr(file, "write"):
-        file.write(data.decode("utf-8") if _is_text_stream(file) else data)  # type: ignore[union-attr]
+        file.write(data.decode("utf-8") if _is_text_stream(file) else data)  # type: ignore[arg-type]
         return
-    write_atomic(file, data)  # type: ignore[arg-type]
+    write_atomic(file, data)
 
 
 def read_portable_file(file: FileLike) -> List[GraphArtifact]:
@@ -39,13 +39,13 @@ def read_portable_file(file: FileLike) -> List[GraphArtifact]:
     """
     if hasattr(file, "read"):
         name = str(getattr(file, "name", "<file object>"))
-        data = file.read()  # type: ignore[union-attr]
+        data = file.read()
         if isinstance(data, str):
             data = data.encode("utf-8")
     else:
         name = str(file)
         try:
-            data = Path(file).read_bytes()  # type: ignore[arg-type]
+            data = Path(file).read_bytes()
         except FileNotFoundError as exc:
             raise CacheMissError(f"no artifact file at {file}", path=name,
                                  hint="write one with pg.save(path) or `graphpatch-cache export`") from exc

@@ -11,7 +11,7 @@ none, the patch is missing in that variant and calls into it refuse.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, cast
 
 from ..artifact import GraphArtifact
 from ..artifact.signature import SignatureMatcher
@@ -37,10 +37,13 @@ class Variant:
 
 #: one entry of a ``with pg.patch`` block: (slot key relative to the origin variant's graph,
 #: patches, origin variant)
-StackEntry = Tuple[SlotKey, List[Patch], Variant]
+#: a node's identity across variants: (op, target, source line, occurrence), or (op, name)
+_Identity = Tuple[Any, ...]
+
+StackEntry = Tuple[SlotKey, List[Patch[Any]], Variant]
 
 
-def patch_lists(patch_map: Any) -> Iterator[Tuple[str, List[Patch]]]:
+def patch_lists(patch_map: Any) -> Iterator[Tuple[str, List[Patch[Any]]]]:
     """``pg.patch``'s argument as (node path, patches) pairs, each checked as it is reached.
 
     :raises PatchMapError: (a TypeError) not a dict, a key that is not a node path, or a value
@@ -73,9 +76,9 @@ def patch_lists(patch_map: Any) -> Iterator[Tuple[str, List[Patch]]]:
 
 
 def active_patches(stack: List[List[StackEntry]],
-                   variant: Variant) -> Tuple[Dict[SlotKey, List[Patch]], List[SlotKey]]:
+                   variant: Variant) -> Tuple[Dict[SlotKey, List[Patch[Any]]], List[SlotKey]]:
     """The active patches, keyed by ``variant``'s node names, and the keys it lacks."""
-    active: Dict[SlotKey, List[Patch]] = {}
+    active: Dict[SlotKey, List[Patch[Any]]] = {}
     missing: List[SlotKey] = []
     for entries in stack:
         for key, patches, origin in entries:
@@ -97,23 +100,23 @@ def translate(origin: Variant, key: SlotKey, target: Variant) -> Optional[SlotKe
     return None if name is None else (graph_path, name, keys)
 
 
-def _identities(variant: Variant) -> Dict[str, Tuple[Dict[str, tuple], Dict[tuple, str]]]:
+def _identities(variant: Variant) -> Dict[str, Tuple[Dict[str, _Identity], Dict[_Identity, str]]]:
     """Per graph path: node name -> identity, and identity -> node name."""
     cached = variant.__dict__.get("_identities")
     if cached is not None:
-        return cached
-    out: Dict[str, Tuple[Dict[str, tuple], Dict[tuple, str]]] = {}
+        return cast(Dict[str, Tuple[Dict[str, _Identity], Dict[_Identity, str]]], cached)
+    out: Dict[str, Tuple[Dict[str, _Identity], Dict[_Identity, str]]] = {}
 
     def walk(graph: Any, path: str) -> None:
-        by_name: Dict[str, tuple] = {}
-        by_id: Dict[tuple, str] = {}
-        seen: Dict[tuple, int] = {}
+        by_name: Dict[str, _Identity] = {}
+        by_id: Dict[_Identity, str] = {}
+        seen: Dict[_Identity, int] = {}
         for nd in graph.nodes:
             if nd.op in ("call_function", "call_method"):
                 base = (nd.op, nd.target, nd.meta.get("source", ""))
                 k = seen.get(base, 0)
                 seen[base] = k + 1
-                ident: tuple = base + (k,)
+                ident: _Identity = base + (k,)
             else:
                 ident = (nd.op, nd.name)
             by_name[nd.name] = ident

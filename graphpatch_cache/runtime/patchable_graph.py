@@ -34,7 +34,7 @@ from .patch_stack import StackEntry, Variant, active_patches, patch_lists
 from .patching import PatchInstaller, SlotKey
 
 #: ``(model, args, kwargs, options) -> GraphArtifact``; the cache plugs in a memoized one.
-Extractor = Callable[[torch.nn.Module, tuple, dict, ExtractionOptions], GraphArtifact]
+Extractor = Callable[[torch.nn.Module, Tuple[Any, ...], Dict[str, Any], ExtractionOptions], GraphArtifact]
 
 
 class PatchableGraph(torch.nn.Module):
@@ -45,6 +45,8 @@ class PatchableGraph(torch.nn.Module):
     :class:`ExtractionOptions` as the *first example argument* instead:
     ``PatchableGraph(model, ExtractionOptions(...), input_ids)``.
     """
+
+    _model: torch.nn.Module  # (set with object.__setattr__: the model is not a submodule)
 
     def __init__(self, module: torch.nn.Module, *example_args: Any, **example_kwargs: Any) -> None:
         options, args = _split_options(example_args)
@@ -95,7 +97,7 @@ class PatchableGraph(torch.nn.Module):
         pg._add_variant(artifact)
         return pg
 
-    def _extract(self, args: tuple, kwargs: dict) -> GraphArtifact:
+    def _extract(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> GraphArtifact:
         with self._naming_the_model():
             return self._extractor(self._model, tuple(args), dict(kwargs), self._options)
 
@@ -143,10 +145,10 @@ class PatchableGraph(torch.nn.Module):
         return self._model
 
     # -- calling -----------------------------------------------------------------------------------
-    def _canonical(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    def _canonical(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         return canonical_inputs(self._model, args, kwargs)
 
-    def _variant_for(self, inputs: Tuple[tuple, dict], leaves: List[Any], spec: Any) -> Variant:
+    def _variant_for(self, inputs: Tuple[Tuple[Any, ...], Dict[str, Any]], leaves: List[Any], spec: Any) -> Variant:
         for variant in self._variants:
             if variant.matcher.fits(leaves, spec):
                 return variant
@@ -207,7 +209,7 @@ class PatchableGraph(torch.nn.Module):
     def _node_paths(self, variant: Variant) -> NodePath:
         cached = variant.__dict__.get("_node_path")
         if cached is None:
-            def binder(args: tuple, kwargs: dict) -> List[torch.Tensor]:  # for SymbolicShape.at(...)
+            def binder(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Tensor]:  # for SymbolicShape.at(...)
                 leaves, _ = flat_inputs(self._canonical(args, kwargs))
                 return [x for x in leaves if isinstance(x, torch.Tensor)]
 
@@ -215,7 +217,7 @@ class PatchableGraph(torch.nn.Module):
         return cached
 
     # -- patching ------------------------------------------------------------------------------------
-    def _active_patches(self, variant: Variant) -> Tuple[Dict[SlotKey, List[Patch]], List[SlotKey]]:
+    def _active_patches(self, variant: Variant) -> Tuple[Dict[SlotKey, List[Patch[Any]]], List[SlotKey]]:
         """The active patches, keyed by ``variant``'s node names, and the keys it lacks
         (:func:`~graphpatch_cache.runtime.patch_stack.active_patches`)."""
         return active_patches(self._patch_stack, variant)
@@ -246,7 +248,7 @@ class PatchableGraph(torch.nn.Module):
             raise
 
     @contextlib.contextmanager
-    def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch, Sequence[Patch]]]) -> Iterator["PatchableGraph"]:
+    def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch[Any], Sequence[Patch[Any]]]]) -> Iterator["PatchableGraph"]:
         """Apply patches inside a ``with`` block; nested blocks compose, outer first.
 
         Keys are node paths as strings or :class:`NodePath` objects (``pg.graph.output.sub_1``
@@ -383,7 +385,7 @@ class PatchableGraph(torch.nn.Module):
         return f"PatchableGraph({type(self._model).__name__}, variants={len(self._variants)})"
 
 
-def _split_options(example_args: tuple) -> Tuple[ExtractionOptions, tuple]:
+def _split_options(example_args: Tuple[Any, ...]) -> Tuple[ExtractionOptions, Tuple[Any, ...]]:
     if example_args and isinstance(example_args[0], ExtractionOptions):
         return example_args[0], tuple(example_args[1:])
     return ExtractionOptions(), tuple(example_args)

@@ -39,13 +39,15 @@ class HookedGraph(torch.nn.Module):
     ``pre_forward`` (moves inputs, loads offloaded weights), the graph, ``post_forward``
     (offloads them again)."""
 
+    module: torch.nn.Module  # (set with object.__setattr__: not a submodule of the graph)
+
     def __init__(self, graph_module: "ModuleGraphModule", module: torch.nn.Module) -> None:
         super().__init__()
         self.graph_module = graph_module
         object.__setattr__(self, "module", module)
 
     def forward(self, *args: Any) -> Any:
-        hook = accelerate.hook_of(self.module)
+        hook: Any = accelerate.hook_of(self.module)
         args, kwargs = hook.pre_forward(self.module, *args)
         output = self.graph_module(*args, **kwargs)
         return hook.post_forward(self.module, output)
@@ -58,6 +60,11 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 class CallRouter(torch.nn.Module):
     """Stands in for a child module while its opaque parent runs: the parent's k-th call of
     the child goes to the graph extracted for that call."""
+
+    # (set with object.__setattr__: plain attributes, not submodules)
+    original: torch.nn.Module
+    graphs: List[Tuple["ModuleGraphModule", SignatureMatcher]]
+    _bind: InputBinder
 
     def __init__(self, original: torch.nn.Module, graphs: List[Tuple[ModuleGraphModule, SignatureMatcher]]) -> None:
         super().__init__()

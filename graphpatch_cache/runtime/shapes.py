@@ -340,7 +340,8 @@ def describe_meta(meta: Dict[str, Any]) -> str:
     if "items" in meta:
         return f"{meta.get('type', 'tuple')}(" + ", ".join(describe_meta(m) for m in meta["items"]) + ")"
     if "fields" in meta:
-        return f"{meta.get('type', 'dict')}(" + ", ".join(f"{k}={describe_meta(m)}" for k, m in meta["fields"].items()) + ")"
+        fields = ", ".join(f"{k}={describe_meta(m)}" for k, m in meta["fields"].items())
+        return f"{meta.get('type', 'dict')}({fields})"
     return meta.get("type", "")
 
 

@@ -66,7 +66,10 @@ _SIGS: Dict[Tuple[str, str], Optional[List[_Sig]]] = {}
 
 
 def _from_schema(schema: Any) -> _Sig:
-    positional, keyword_only, required, ints = [], [], set(), set()
+    positional: List[str] = []
+    keyword_only: List[str] = []
+    required: Set[str] = set()
+    ints: Set[str] = set()
     varargs_at = None
     for arg in schema.arguments:
         (keyword_only if arg.kwarg_only else positional).append(arg.name)

@@ -68,7 +68,7 @@ def read_artifact(data: bytes, path: str) -> GraphArtifact:
 
 def read_portable(data: bytes, path: str) -> List[GraphArtifact]:
     """Parse and check every artifact of a portable file (``pg.save``/``export``)."""
-    artifacts = _guarded(lambda: portable_from_bytes(data, path), path)
+    artifacts: List[GraphArtifact] = _guarded(lambda: portable_from_bytes(data, path), path)
     for artifact in artifacts:
         check_artifact(artifact, path=path)
     return artifacts
