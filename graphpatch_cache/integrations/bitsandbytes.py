@@ -15,7 +15,7 @@ import inspect
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -33,7 +33,8 @@ class LeafHandler:
 
 def _linear_fake(module: torch.nn.Module, xs: List[torch.Tensor]) -> List[torch.Tensor]:
     x = xs[0]
-    return [x.new_empty((*x.shape[:-1], module.out_features))]
+    out_features: int = module.out_features  # type: ignore[assignment]  # (an int attribute of Linear8bitLt)
+    return [x.new_empty((*x.shape[:-1], out_features))]
 
 
 def leaf_handler(module: torch.nn.Module) -> Optional[LeafHandler]:
@@ -98,14 +99,15 @@ def quantize_8bit_on_meta(model: torch.nn.Module) -> torch.nn.Module:
     except ImportError as exc:
         raise GraphPatchCacheError("8-bit needs bitsandbytes (>= 0.46 runs on CPU)",
                                    hint="pip install bitsandbytes") from exc
-    config = BitsAndBytesConfig(load_in_8bit=True)
+    config = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     skip = ["lm_head"] + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     params = inspect.signature(replace_with_bnb_linear).parameters
-    kwargs = {"modules_to_not_convert": skip, "quantization_config": config}
+    kwargs: Dict[str, Any] = {"modules_to_not_convert": skip, "quantization_config": config}
     if "pre_quantized" in params:
         kwargs["pre_quantized"] = False
     model = replace_with_bnb_linear(model, **{k: v for k, v in kwargs.items() if k in params})
-    model.config.quantization_config = config
+    model_config: Any = model.config
+    model_config.quantization_config = config
     return model
 
 

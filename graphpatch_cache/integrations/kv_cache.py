@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -63,7 +63,7 @@ def _unflatten(leaves: Any, context: Any) -> CacheState:
 
 def _flatten_with_keys(state: CacheState) -> Tuple[List[Tuple[Any, Any]], Any]:
     leaves, context = _flatten(state)
-    keys = []
+    keys: List[Any] = []
     for i in range(len(state.layers)):
         keys.extend((_compat.MappingKey(f"layer{i}_keys"), _compat.MappingKey(f"layer{i}_values")))
     return list(zip(keys, leaves)), context
@@ -216,7 +216,8 @@ def restore_caches(output: Any, given: List[Any]) -> Any:
     return _compat.tree_unflatten(out, spec)
 
 
-def copy_caches(inputs: Tuple[tuple, dict], convert: Optional[Any] = None) -> Tuple[tuple, dict]:
+def copy_caches(inputs: Tuple[Tuple[Any, ...], Dict[str, Any]],
+                convert: Optional[Any] = None) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """``inputs`` with each cache replaced by a fresh DynamicCache holding the same tensors
     (``convert(t)`` of them, if given), so a call that grows it leaves the original alone."""
     if _cache_module() is None:
@@ -230,7 +231,9 @@ def copy_caches(inputs: Tuple[tuple, dict], convert: Optional[Any] = None) -> Tu
         return new_cache(state)
 
     leaves, spec = _compat.tree_flatten(inputs)
-    return _compat.tree_unflatten([copy(x) if is_cache(x) else x for x in leaves], spec)
+    copied: Tuple[Tuple[Any, ...], Dict[str, Any]] = _compat.tree_unflatten([copy(x) if is_cache(x) else x for x in leaves],
+                                                                            spec)
+    return copied
 
 
 __all__ = [

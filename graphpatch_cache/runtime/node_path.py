@@ -22,7 +22,7 @@ How a path string resolves (:meth:`NodePath._np_find`), first match wins:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 from ..artifact import ModuleGraph, NodeData
 from ..errors import NodePathError, NotAValueError, close_matches
@@ -134,7 +134,7 @@ class NodePath:
             self._np_children[name] = NodePath(child_path, graph=sub, index=self._np_index, scope=self._np_scope)
         for ph in placeholders:
             loc = _location(ph._np_meta)
-            if loc is None or loc == (ph._np_node.name, ()):
+            if loc is None or ph._np_node is None or loc == (ph._np_node.name, ()):
                 continue
             param, keys = loc
             taken = self._np_children.get(param)
@@ -147,6 +147,7 @@ class NodePath:
 
     def _np_build_parts(self) -> None:
         meta = self._np_meta
+        parts: List[Tuple[str, Any, Any]]
         if isinstance(meta.get("items"), list):
             parts = [(f"sub_{i}", i, m) for i, m in enumerate(meta["items"])]
         elif isinstance(meta.get("fields"), dict):
@@ -171,10 +172,10 @@ class NodePath:
             raise AttributeError(name)
         children = self.__dict__.get("_np_children", {})
         if name in children:
-            return children[name]
+            return cast(NodePath, children[name])
         alias = self.__dict__.get("_np_aliases", {}).get((name, ()))
         if alias is not None:
-            return alias
+            return cast(NodePath, alias)
         where = self._np_path or "<root>"
         if self._np_graph is None and not children:
             raise AttributeError(f"{where} is a value with no parts; it has no child {name!r}")

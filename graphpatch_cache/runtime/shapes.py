@@ -31,12 +31,12 @@ from ..artifact import ModuleGraph
 from ..errors import ShapeError
 
 #: ``(args, kwargs) -> the root graph's placeholder tensors`` for a call with those inputs
-InputBinder = Callable[[tuple, dict], List[torch.Tensor]]
+InputBinder = Callable[[Tuple[Any, ...], Dict[str, Any]], List[torch.Tensor]]
 
 _MAX_EXPR = 500
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+_BINOPS: Dict[type, Callable[[int, int], int]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-_FUNCS = {"Max": max, "Min": min, "Mod": operator.mod, "PythonMod": operator.mod,
+_FUNCS: Dict[str, Callable[..., int]] = {"Max": max, "Min": min, "Mod": operator.mod, "PythonMod": operator.mod,
           "FloorDiv": operator.floordiv}
 
 
@@ -87,7 +87,7 @@ def _evaluate(text: str, sizes: Mapping[str, int]) -> int:
         if isinstance(nd, ast.Expression):
             return ev(nd.body)
         if isinstance(nd, ast.Constant) and type(nd.value) is int:
-            return nd.value
+            return int(nd.value)
         if isinstance(nd, ast.Name):
             if nd.id not in sizes:
                 raise bad(f"no size for symbol {nd.id!r} (known: {sorted(sizes) or 'none'})")
@@ -123,7 +123,7 @@ class ShapeScope:
                 if isinstance(dim, str) and dim.isidentifier():
                     self.sources.setdefault(dim, (i, name, d))
 
-    def sizes_for(self, args: tuple, kwargs: dict) -> Dict[str, int]:
+    def sizes_for(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, int]:
         """Symbol sizes of a call with ``(args, kwargs)``.
 
         :raises ShapeError: no inputs are known for these graphs, or the inputs do not fit.
@@ -159,7 +159,7 @@ class ShapeScope:
         return sizes
 
 
-class SymbolicShape(tuple):
+class SymbolicShape(Tuple[Any, ...]):
     """A tensor shape with symbolic dims: ints and :class:`SymbolicSize` (see the module
     docstring). Prints like ``torch.Size``: ``SymbolicShape([s52, s27, 32])``."""
 
@@ -243,7 +243,7 @@ class _NestedShape:
         return self.subs(self._scope.sizes_for(args, kwargs))
 
 
-class ShapeTuple(_NestedShape, tuple):
+class ShapeTuple(_NestedShape, Tuple[Any, ...]):
     """The shapes of a tuple's or list's parts; ``.sub_0`` is ``[0]``, as in node paths."""
 
     type_name: str
@@ -276,7 +276,7 @@ class ShapeTuple(_NestedShape, tuple):
         return (ShapeTuple, (tuple(self), self.type_name))
 
 
-class ShapeDict(_NestedShape, dict):
+class ShapeDict(_NestedShape, Dict[str, Any]):
     """The shapes of a dict's or ModelOutput's fields; fields are attributes too."""
 
     type_name: str
@@ -342,7 +342,7 @@ def describe_meta(meta: Dict[str, Any]) -> str:
     if "fields" in meta:
         fields = ", ".join(f"{k}={describe_meta(m)}" for k, m in meta["fields"].items())
         return f"{meta.get('type', 'dict')}({fields})"
-    return meta.get("type", "")
+    return str(meta.get("type", ""))
 
 
 def scope_of(graph: ModuleGraph, binder: Optional[InputBinder], why: str) -> ShapeScope:

@@ -10,4 +10,4 @@ exactly what the loader accepts.
 
 from __future__ import annotations
 
-__all__: list = []
+__all__: list[str] = []

@@ -35,7 +35,7 @@ _RESOLVED: Dict[str, Any] = {}
 
 def _load() -> Dict[str, Any]:
     text = resources.files("graphpatch_cache.cache_schema").joinpath(ALLOWLIST_FILE).read_text()
-    data = json.loads(text)
+    data: Dict[str, Any] = json.loads(text)
     if data.get("format") != "graphpatch-cache-allowlist" or data.get("version") != 1:
         raise ImportError(f"graphpatch_cache: {ALLOWLIST_FILE} is not an allowlist of version 1")
     return data
