@@ -4,7 +4,7 @@ module reach the graphs extracted for them (:class:`CallRouter`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
@@ -14,9 +14,6 @@ from ..artifact.signature import SignatureMatcher
 from ..errors import SignatureMismatchError
 from ..integrations import accelerate
 from ..live.inputs import InputBinder, mismatch
-
-if TYPE_CHECKING:  # (bind imports this module: the graph module class is a type here only)
-    from .bind import ModuleGraphModule
 
 
 def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -41,7 +38,7 @@ class HookedGraph(torch.nn.Module):
 
     module: torch.nn.Module  # (set with object.__setattr__: not a submodule of the graph)
 
-    def __init__(self, graph_module: "ModuleGraphModule", module: torch.nn.Module) -> None:
+    def __init__(self, graph_module: torch.nn.Module, module: torch.nn.Module) -> None:
         super().__init__()
         self.graph_module = graph_module
         object.__setattr__(self, "module", module)
@@ -63,10 +60,10 @@ class CallRouter(torch.nn.Module):
 
     # (set with object.__setattr__: plain attributes, not submodules)
     original: torch.nn.Module
-    graphs: List[Tuple["ModuleGraphModule", SignatureMatcher]]
+    graphs: List[Tuple[torch.nn.Module, SignatureMatcher]]
     _bind: InputBinder
 
-    def __init__(self, original: torch.nn.Module, graphs: List[Tuple[ModuleGraphModule, SignatureMatcher]]) -> None:
+    def __init__(self, original: torch.nn.Module, graphs: List[Tuple[torch.nn.Module, SignatureMatcher]]) -> None:
         super().__init__()
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "graphs", graphs)
@@ -96,7 +93,7 @@ class CallRouter(torch.nn.Module):
         return gm(*[x for x in leaves if isinstance(x, torch.Tensor)])
 
 
-def routes(data: ModuleGraph, module: torch.nn.Module, children: Dict[str, "ModuleGraphModule"],
+def routes(data: ModuleGraph, module: torch.nn.Module, children: Mapping[str, torch.nn.Module],
             model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, CallRouter]]:
     by_path: Dict[str, List[ModuleGraph]] = {}
     for child in data.children:
