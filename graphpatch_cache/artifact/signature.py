@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
@@ -33,16 +33,31 @@ def signature_key(signature: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def dims_fit(want: Sequence[Any], sizes: Sequence[int]) -> bool:
+def dims_rule(want: Sequence[Any]) -> Callable[[Sequence[int]], bool]:
     """The fit rule of a tensor's dimensions, the one place it is written (for stored
-    signatures and for live calls): the same rank; a fixed dimension takes exactly its size,
-    a symbolic one (``"dyn"``) any size of 2 or more (dynamo specializes sizes 0 and 1)."""
-    if len(want) != len(sizes):
-        return False
-    for w, size in zip(want, sizes):
-        if (w == "dyn" and size < 2) or (w != "dyn" and w != size):
+    signatures and for live calls), as a check of a shape (a tuple or ``torch.Size``): the
+    same rank; a fixed dimension takes exactly its size, a symbolic one (``"dyn"``) any size
+    of 2 or more (dynamo specializes sizes 0 and 1). Built once per signature leaf, so a call
+    pays one comparison per dimension."""
+    fixed = tuple(want)
+    dyn = tuple(i for i, w in enumerate(fixed) if w == "dyn")
+    if not dyn:
+        return fixed.__eq__  # type: ignore[return-value]  # (torch.Size is a tuple: one C comparison)
+    rank = len(fixed)
+    sized = tuple((i, w) for i, w in enumerate(fixed) if w != "dyn")
+
+    def fits(sizes: Sequence[int]) -> bool:
+        if len(sizes) != rank:
             return False
-    return True
+        for i in dyn:
+            if sizes[i] < 2:
+                return False
+        for i, w in sized:
+            if sizes[i] != w:
+                return False
+        return True
+
+    return fits
 
 
 def _leaf_fits(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
@@ -52,7 +67,7 @@ def _leaf_fits(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
         return False
     if want["kind"] == "const":
         return bool(want["value"] == got["value"])
-    return bool(want["dtype"] == got["dtype"]) and dims_fit(want["dims"], got["dims"])
+    return bool(want["dtype"] == got["dtype"]) and dims_rule(want["dims"])(tuple(got["dims"])) is True
 
 
 def matches(signature: Dict[str, Any], concrete: Dict[str, Any]) -> bool:
@@ -88,19 +103,21 @@ class SignatureMatcher:
         #: per leaf, the torch.dtype a tensor must have (None for constants): compared by
         #: identity per call instead of formatting the leaf's dtype
         self._dtypes = [_DTYPES.get(w["dtype"]) if w["kind"] == "tensor" else None for w in self.leaves]
+        #: per leaf, :func:`dims_rule` of a tensor's dimensions (None for constants)
+        self._dims = [dims_rule(w["dims"]) if w["kind"] == "tensor" else None for w in self.leaves]
 
     def fits(self, leaves: List[Any], spec: Any) -> bool:
         """Whether flat call inputs fit: :func:`_leaf_fits`'s rule, on live values (tensors'
         dtypes compared by identity)."""
         if spec != self.spec or len(leaves) != len(self.leaves):
             return False
-        for want, dtype, leaf in zip(self.leaves, self._dtypes, leaves):
-            if want["kind"] == "tensor":
-                if not (isinstance(leaf, torch.Tensor) and leaf.dtype is dtype and dims_fit(want["dims"], leaf.shape)):
+        for want, dtype, dims_fit, leaf in zip(self.leaves, self._dtypes, self._dims, leaves):
+            if dims_fit is not None:  # a tensor
+                if not (isinstance(leaf, torch.Tensor) and leaf.dtype is dtype and dims_fit(leaf.shape) is True):
                     return False
             elif isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
                 return False
         return True
 
 
-__all__ = ["SignatureMatcher", "describe_mismatch", "dims_fit", "matches", "signature_key"]
+__all__ = ["SignatureMatcher", "describe_mismatch", "dims_rule", "matches", "signature_key"]

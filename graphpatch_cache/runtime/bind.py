@@ -7,6 +7,7 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
@@ -35,7 +36,7 @@ class ModuleGraphModule(torch.fx.GraphModule):
 
 
 def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
-    for tensor in (*module.parameters(), *module.buffers()):
+    for tensor in itertools.chain(module.parameters(), module.buffers()):  # (lazily: stops at the first)
         if tensor.device.type != "meta":
             return tensor.device
     return fallback
