@@ -42,7 +42,7 @@ def dims_rule(want: Sequence[Any]) -> Callable[[Sequence[int]], bool]:
     fixed = tuple(want)
     dyn = tuple(i for i, w in enumerate(fixed) if w == "dyn")
     if not dyn:
-        return fixed.__eq__  # type: ignore[return-value]  # (torch.Size is a tuple: one C comparison)
+        return fixed.__eq__  # (torch.Size is a tuple: one C comparison)
     rank = len(fixed)
     sized = tuple((i, w) for i, w in enumerate(fixed) if w != "dyn")
 
