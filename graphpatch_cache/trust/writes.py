@@ -110,3 +110,6 @@ def _positional(fn: Any, param: str, args: Sequence[Any]) -> Any:
             names = []
         _PARAM_NAMES[fn] = names
     return args[names.index(param)] if param in names and names.index(param) < len(args) else None
+
+
+__all__ = ["may_alias_input", "written_inputs"]
