@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, ContextManager, Iterator
+from typing import Any, ContextManager, Iterator, List, Optional
 
 import torch
 import torch.fx
@@ -213,6 +213,72 @@ def quiet_symbolic_shapes_log() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+# -- runtime and trust ---------------------------------------------------------------------------
+# Private torch entry points the runtime (bind, guards), the loader's checks (trust/) and the
+# key/value cache integration use; each is a name here so that a torch upgrade is checked in
+# one place.
+
+#: ``torch._C._set_grad_enabled`` (torch 1.x-2.13): switch grad mode without building the
+#: ``torch.set_grad_enabled`` context object; graph functions switch it per call and
+#: :func:`graphpatch_cache.runtime.guards.preserved_global_state` restores it per call.
+set_grad_enabled = torch._C._set_grad_enabled
+
+#: pytree registration of our own containers (the key/value cache state); torch has no public
+#: pytree registration API as of 2.13.
+register_tree_node = pytree.register_pytree_node
+MappingKey = pytree.MappingKey
+
+#: module names of torch's C builtins as ``__module__`` reports them (torch 2.x): functions
+#: defined in ``torch._C._nn`` are ``torch.nn.functional``'s builtins, and the functions of
+#: ``torch._C._VariableFunctions(Class)`` are stored as ``torch.*`` names.
+TORCH_NN_BUILTINS = "torch._C._nn"
+TORCH_VARIABLE_FUNCTIONS = ("torch._C._VariableFunctions", "torch._C._VariableFunctionsClass")
+
+
+def is_op_overload(fn: Any) -> bool:
+    """``fn`` is one overload of a torch operator (``torch.ops.aten.add.Tensor``); the class
+    lives in ``torch._ops`` (torch 2.x)."""
+    return isinstance(fn, torch._ops.OpOverload)
+
+
+def is_op_overload_packet(fn: Any) -> bool:
+    """``fn`` is a torch operator with all its overloads (``torch.ops.aten.add``)."""
+    return isinstance(fn, torch._ops.OpOverloadPacket)
+
+
+def op_schemas(fn: Any) -> List[Any]:
+    """The schemas of a torch operator (one per overload of a packet); ``_schema`` is private
+    (torch 2.x)."""
+    if is_op_overload(fn):
+        return [fn._schema]
+    return [getattr(fn, o)._schema for o in fn.overloads()]
+
+
+def op_name(fn: Any) -> str:
+    """The ``torch.ops...`` name of an operator or one overload of it (from the private
+    ``_qualified_op_name``, ``_schema`` and ``_overloadname``, torch 2.x)."""
+    if is_op_overload_packet(fn):
+        return f"torch.ops.{fn._qualified_op_name.replace('::', '.')}"
+    return f"torch.ops.{fn._schema.name.replace('::', '.')}.{fn._overloadname}"
+
+
+def operator_schemas(qualified: str) -> List[Any]:
+    """Torch's schemas of the operator ``qualified`` (``"aten::add"``); torch 2.13 exposes
+    them only through ``torch._C._jit_get_schemas_for_operator``."""
+    return list(torch._C._jit_get_schemas_for_operator(qualified))
+
+
+def find_builtin(fn: Any) -> Optional[str]:
+    """The operator name (``"aten::add"``) TorchScript knows a Python-visible builtin by, or
+    None (``torch.jit._builtins._find_builtin``, torch 1.x-2.13; None where it is missing)."""
+    try:
+        from torch.jit._builtins import _find_builtin  # a private module: absent in some versions
+    except ImportError:  # pragma: no cover - other torch versions
+        return None
+    found = _find_builtin(fn)  # type: ignore[no-untyped-call]
+    return found if isinstance(found, str) else None
 
 
 __all__ = [

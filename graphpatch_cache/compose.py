@@ -8,6 +8,8 @@ the runtime's graph, and :mod:`.cache` plugs a memoized extractor into the same 
 
 from __future__ import annotations
 
+from typing import Any, Dict, Tuple
+
 import torch
 
 from .artifact import GraphArtifact
@@ -16,7 +18,8 @@ from .options import ExtractionOptions
 from .runtime import patchable_graph as _runtime
 
 
-def default_extractor(model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions) -> GraphArtifact:
+def default_extractor(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                      options: ExtractionOptions) -> GraphArtifact:
     """Extract without a cache (:func:`graphpatch_cache.extraction.extract`)."""
     return extract(model, args, kwargs, options)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
 
 import torch
 
@@ -96,12 +96,12 @@ class ExtractionOptions:
         fn = self.postprocessing_function
         if fn is None:
             return
-        if self._postprocessing_arity == 2:
+        if self.__dict__["_postprocessing_arity"] == 2:  # (set in __post_init__: not a dataclass field)
             fn(graph_module, module)
         else:
             fn(graph_module)
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> Dict[str, Any]:
         """A JSON-able description of the options (the part of the cache key they make).
 
         ``copy_transformers_generation_config`` is left out: it never changes a graph.

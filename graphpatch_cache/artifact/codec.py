@@ -114,3 +114,5 @@ def decode_value(
 
     return dec(data)
 
+
+__all__ = ["decode_value", "encode_value"]

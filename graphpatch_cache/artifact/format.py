@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from typing import Any, Callable, Dict, List, Optional
-from .model import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, GraphArtifact
+
+import fastjsonschema
+
+from .model import SCHEMA_VERSION, GraphArtifact, check_schema_version
 from ..errors import ArtifactFormatError, GraphPatchCacheError
 
 
@@ -16,8 +20,6 @@ _VALIDATORS: Dict[int, Callable[[Any], Any]] = {}
 
 def schema_text(version: int = SCHEMA_VERSION) -> str:
     """The JSON Schema of ``schema_version`` ``version`` (shipped in the wheel)."""
-    from importlib import resources
-
     return resources.files("graphpatch_cache.cache_schema").joinpath(f"artifact-v{version}.schema.json").read_text()
 
 
@@ -29,19 +31,9 @@ def validate_artifact(data: Any) -> None:
 
     :raises GraphPatchCacheError: not an artifact, an unsupported version, or invalid data.
     """
-    if not isinstance(data, dict) or "schema_version" not in data:
-        raise GraphPatchCacheError("not a graph artifact: no schema_version field",
-                                   hint="pass a file written by PatchableGraph.save() or the cache")
-    version = data["schema_version"]
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        raise GraphPatchCacheError(
-            f"artifact schema_version {version!r} is not supported; this release reads {list(SUPPORTED_SCHEMA_VERSIONS)}",
-            hint="rebuild the artifact with this release, or upgrade graphpatch-cache",
-        )
+    version = check_schema_version(data)
     validator = _VALIDATORS.get(version)
     if validator is None:
-        import fastjsonschema
-
         validator = _VALIDATORS[version] = fastjsonschema.compile(json.loads(schema_text(version)))
     try:
         validator(data)
@@ -183,3 +175,6 @@ def portable_from_bytes(data: bytes, path: str) -> List[GraphArtifact]:
     payload = portable_payload(data, path)
     return [_artifact_from_payload(item, path, True) for item in payload["artifacts"]]
 
+
+__all__ = ["MAX_JSON_CONTAINER", "MAX_JSON_ITEMS", "PORTABLE_FORMAT", "artifact_from_bytes", "parse_json",
+           "portable_digest", "portable_from_bytes", "portable_payload", "portable_to_bytes", "schema_text", "validate_artifact"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, cast
 from ..errors import GraphPatchCacheError
 
 
@@ -13,6 +13,27 @@ SCHEMA_VERSION = 1
 
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+
+def check_schema_version(data: Any) -> int:
+    """The ``schema_version`` of decoded artifact JSON, one this release reads.
+
+    :raises GraphPatchCacheError: not an artifact (no ``schema_version``), or a version this
+        release does not read.
+    """
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise GraphPatchCacheError(
+            "not a graph artifact: no schema_version field",
+            hint="pass a file written by PatchableGraph.save() or the cache",
+        )
+    version = data["schema_version"]
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise GraphPatchCacheError(
+            f"artifact schema_version {version!r} is not supported; this release reads "
+            f"{list(SUPPORTED_SCHEMA_VERSIONS)}",
+            hint="rebuild the artifact with this release, or upgrade graphpatch-cache",
+        )
+    return cast(int, version)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +61,7 @@ class ModuleGraph:
         or attribute it binds to.
     :ivar input_spec: for opaque graphs, the pytree spec of the forward's ``(args, kwargs)``.
     :ivar call_signature: for a graph called by an opaque module (extracted separately), the
-        signature of that call (see :mod:`graphpatch_cache.signature`).
+        signature of that call (see :mod:`graphpatch_cache.artifact.signature`).
     """
 
     name: str
@@ -55,7 +76,7 @@ class ModuleGraph:
     call_signature: Optional[Dict[str, Any]] = None
     code: str = ""
 
-    def walk(self):
+    def walk(self) -> Iterator["ModuleGraph"]:
         """Yield this graph and all descendants, depth first."""
         yield self
         for child in self.children:
@@ -67,7 +88,7 @@ class GraphArtifact:
     """Everything needed to rebuild a PatchableGraph for one input signature.
 
     :ivar signature: the call signature the graphs were extracted for (see
-        :mod:`graphpatch_cache.runtime.signature`).
+        :mod:`graphpatch_cache.artifact.signature`).
     :ivar input_spec: pytree spec (JSON) of the canonical ``(args, kwargs)`` of the root call.
     :ivar extraction: options fingerprint and the device the graphs were traced on.
     """
@@ -89,18 +110,7 @@ class GraphArtifact:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "GraphArtifact":
-        if not isinstance(data, dict) or "schema_version" not in data:
-            raise GraphPatchCacheError(
-                "not a graph artifact: no schema_version field",
-                hint="pass a file written by PatchableGraph.save() or the cache",
-            )
-        version = data["schema_version"]
-        if version not in SUPPORTED_SCHEMA_VERSIONS:
-            raise GraphPatchCacheError(
-                f"artifact schema_version {version!r} is not supported; this release reads "
-                f"{list(SUPPORTED_SCHEMA_VERSIONS)}",
-                hint="rebuild the artifact with this release, or upgrade graphpatch-cache",
-            )
+        version = check_schema_version(data)
         try:
             return cls(
                 schema_version=version,
@@ -115,16 +125,6 @@ class GraphArtifact:
             raise GraphPatchCacheError(
                 f"malformed graph artifact: {exc!r}", hint="the file is damaged; rebuild it"
             ) from exc
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "GraphArtifact":
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise GraphPatchCacheError(
-                f"not a graph artifact: invalid JSON ({exc})", hint="pass a file written by graphpatch-cache"
-            ) from exc
-        return cls.from_dict(data)
 
 
 def _module_graph_from_dict(data: Dict[str, Any]) -> ModuleGraph:
@@ -142,3 +142,6 @@ def _module_graph_from_dict(data: Dict[str, Any]) -> ModuleGraph:
         code=data.get("code", ""),
     )
 
+
+__all__ = ["SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "GraphArtifact", "ModuleGraph", "NodeData",
+           "check_schema_version"]

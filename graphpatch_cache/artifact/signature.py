@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
+
 import torch
+
 from .. import _compat
 from .codec import encode_value
 
@@ -31,20 +33,41 @@ def signature_key(signature: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def dims_rule(want: Sequence[Any]) -> Callable[[Sequence[int]], bool]:
+    """The fit rule of a tensor's dimensions, the one place it is written (for stored
+    signatures and for live calls), as a check of a shape (a tuple or ``torch.Size``): the
+    same rank; a fixed dimension takes exactly its size, a symbolic one (``"dyn"``) any size
+    of 2 or more (dynamo specializes sizes 0 and 1). Built once per signature leaf, so a call
+    pays one comparison per dimension."""
+    fixed = tuple(want)
+    dyn = tuple(i for i, w in enumerate(fixed) if w == "dyn")
+    if not dyn:
+        return fixed.__eq__  # (torch.Size is a tuple: one C comparison)
+    rank = len(fixed)
+    sized = tuple((i, w) for i, w in enumerate(fixed) if w != "dyn")
+
+    def fits(sizes: Sequence[int]) -> bool:
+        if len(sizes) != rank:
+            return False
+        for i in dyn:
+            if sizes[i] < 2:
+                return False
+        for i, w in sized:
+            if sizes[i] != w:
+                return False
+        return True
+
+    return fits
+
+
 def _leaf_fits(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
+    """A concrete signature leaf against a stored one (:meth:`SignatureMatcher.fits` is the
+    same rule on live values)."""
     if want["kind"] != got["kind"]:
         return False
     if want["kind"] == "const":
-        return want["value"] == got["value"]
-    if want["dtype"] != got["dtype"] or len(want["dims"]) != len(got["dims"]):
-        return False
-    for w, g in zip(want["dims"], got["dims"]):
-        if w == "dyn":
-            if g < 2:  # dynamo specializes sizes 0 and 1
-                return False
-        elif w != g:
-            return False
-    return True
+        return bool(want["value"] == got["value"])
+    return bool(want["dtype"] == got["dtype"]) and dims_rule(want["dims"])(tuple(got["dims"])) is True
 
 
 def matches(signature: Dict[str, Any], concrete: Dict[str, Any]) -> bool:
@@ -80,23 +103,21 @@ class SignatureMatcher:
         #: per leaf, the torch.dtype a tensor must have (None for constants): compared by
         #: identity per call instead of formatting the leaf's dtype
         self._dtypes = [_DTYPES.get(w["dtype"]) if w["kind"] == "tensor" else None for w in self.leaves]
+        #: per leaf, :func:`dims_rule` of a tensor's dimensions (None for constants)
+        self._dims = [dims_rule(w["dims"]) if w["kind"] == "tensor" else None for w in self.leaves]
 
     def fits(self, leaves: List[Any], spec: Any) -> bool:
+        """Whether flat call inputs fit: :func:`_leaf_fits`'s rule, on live values (tensors'
+        dtypes compared by identity)."""
         if spec != self.spec or len(leaves) != len(self.leaves):
             return False
-        for want, dtype, leaf in zip(self.leaves, self._dtypes, leaves):
-            if want["kind"] == "tensor":
-                if not isinstance(leaf, torch.Tensor):
+        for want, dtype, dims_fit, leaf in zip(self.leaves, self._dtypes, self._dims, leaves):
+            if dims_fit is not None:  # a tensor
+                if not (isinstance(leaf, torch.Tensor) and leaf.dtype is dtype and dims_fit(leaf.shape) is True):
                     return False
-                if leaf.dtype is not dtype:
-                    return False
-                dims = want["dims"]
-                if leaf.dim() != len(dims):
-                    return False
-                for w, size in zip(dims, leaf.shape):
-                    if (w == "dyn" and size < 2) or (w != "dyn" and w != size):
-                        return False
-            else:
-                if isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
-                    return False
+            elif isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
+                return False
         return True
+
+
+__all__ = ["SignatureMatcher", "describe_mismatch", "dims_rule", "matches", "signature_key"]

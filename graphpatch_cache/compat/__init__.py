@@ -4,3 +4,7 @@
   ``from graphpatch import PatchableGraph, ProbePatch`` becomes
   ``from graphpatch_cache.compat.graphpatch import PatchableGraph, ProbePatch``.
 """
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -11,12 +11,15 @@ input's (symbolic) shape, so the graphs around it stay shape-generic.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from ..errors import GraphPatchCacheError
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,8 @@ class LeafHandler:
 
 def _linear_fake(module: torch.nn.Module, xs: List[torch.Tensor]) -> List[torch.Tensor]:
     x = xs[0]
-    return [x.new_empty((*x.shape[:-1], module.out_features))]
+    out_features: int = module.out_features  # type: ignore[assignment]  # (an int attribute of Linear8bitLt)
+    return [x.new_empty((*x.shape[:-1], out_features))]
 
 
 def leaf_handler(module: torch.nn.Module) -> Optional[LeafHandler]:
@@ -79,7 +83,7 @@ def is_quantized_weight(value: Any) -> bool:
 def patch_view(value: Any) -> Any:
     """What patches see for a value: an 8-bit weight is shown dequantized (float32)."""
     if is_quantized_weight(value):
-        import bitsandbytes.functional as F
+        import bitsandbytes.functional as F  # optional dependency: imported only for an 8-bit weight
 
         return F.int8_vectorwise_dequant(value.data, _row_scales(value))
     return value
@@ -88,26 +92,24 @@ def patch_view(value: Any) -> Any:
 def quantize_8bit_on_meta(model: torch.nn.Module) -> torch.nn.Module:
     """Swap linears for bitsandbytes 8-bit ones on a meta model, as
     ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True))`` does."""
-    try:
+    try:  # optional dependencies, imported only when 8-bit is asked for
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     except ImportError as exc:
-        from ..errors import GraphPatchCacheError
-
         raise GraphPatchCacheError("8-bit needs bitsandbytes (>= 0.46 runs on CPU)",
                                    hint="pip install bitsandbytes") from exc
-    config = BitsAndBytesConfig(load_in_8bit=True)
+    config = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     skip = ["lm_head"] + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    import inspect
-
     params = inspect.signature(replace_with_bnb_linear).parameters
-    kwargs = {"modules_to_not_convert": skip, "quantization_config": config}
+    kwargs: Dict[str, Any] = {"modules_to_not_convert": skip, "quantization_config": config}
     if "pre_quantized" in params:
         kwargs["pre_quantized"] = False
     model = replace_with_bnb_linear(model, **{k: v for k, v in kwargs.items() if k in params})
-    model.config.quantization_config = config
+    model_config: Any = model.config
+    model_config.quantization_config = config
     return model
 
 
-__all__ = ["LeafHandler", "stored_dtype", "is_quantized_weight", "register_quantized_owner", "leaf_handler", "patch_view", "quantize_8bit_on_meta"]
+__all__ = ["LeafHandler", "is_quantized_weight", "leaf_handler", "patch_view", "quantize_8bit_on_meta",
+           "register_quantized_owner", "stored_dtype"]

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.utils._pytree as pytree
 
+from .. import _compat
 from ..errors import UnsupportedCacheError
-
-_LAYER = "DynamicLayer"
 
 
 class CacheState:
@@ -65,13 +63,13 @@ def _unflatten(leaves: Any, context: Any) -> CacheState:
 
 def _flatten_with_keys(state: CacheState) -> Tuple[List[Tuple[Any, Any]], Any]:
     leaves, context = _flatten(state)
-    keys = []
+    keys: List[Any] = []
     for i in range(len(state.layers)):
-        keys.extend((pytree.MappingKey(f"layer{i}_keys"), pytree.MappingKey(f"layer{i}_values")))
+        keys.extend((_compat.MappingKey(f"layer{i}_keys"), _compat.MappingKey(f"layer{i}_values")))
     return list(zip(keys, leaves)), context
 
 
-pytree.register_pytree_node(
+_compat.register_tree_node(
     CacheState,
     _flatten,
     _unflatten,
@@ -138,7 +136,7 @@ def caches_in(value: Any) -> List[Any]:
     cls = cache_class()
     if cls is None:
         return []
-    return [x for x in pytree.tree_leaves(value) if isinstance(x, cls)]
+    return [x for x in _compat.tree_leaves(value) if isinstance(x, cls)]
 
 
 def cache_argument(forward: Any) -> Optional[str]:
@@ -153,8 +151,8 @@ def as_states(value: Any) -> Any:
     its :class:`CacheState` (containers are rebuilt; nothing is changed in place)."""
     if not caches_in(value):
         return value
-    leaves, spec = pytree.tree_flatten(value)
-    return pytree.tree_unflatten([to_state(x) if is_cache(x) else x for x in leaves], spec)
+    leaves, spec = _compat.tree_flatten(value)
+    return _compat.tree_unflatten([to_state(x) if is_cache(x) else x for x in leaves], spec)
 
 
 def write_state(cache: Any, state: CacheState) -> Any:
@@ -206,7 +204,7 @@ def restore_caches(output: Any, given: List[Any]) -> Any:
     """Replace each :class:`CacheState` in a graph's ``output`` with a cache object: the
     caller's (``given``, in order; updated in place, as the model updates it) while there are
     any, else a new DynamicCache."""
-    leaves, spec = pytree.tree_flatten(output, is_leaf=_is_state)
+    leaves, spec = _compat.tree_flatten(output, is_leaf=_is_state)
     if not any(_is_state(x) for x in leaves):
         return output
     callers = list(given)
@@ -215,10 +213,11 @@ def restore_caches(output: Any, given: List[Any]) -> Any:
         if _is_state(leaf):
             leaf = write_state(callers.pop(0), leaf) if callers else new_cache(leaf)
         out.append(leaf)
-    return pytree.tree_unflatten(out, spec)
+    return _compat.tree_unflatten(out, spec)
 
 
-def copy_caches(inputs: Tuple[tuple, dict], convert: Optional[Any] = None) -> Tuple[tuple, dict]:
+def copy_caches(inputs: Tuple[Tuple[Any, ...], Dict[str, Any]],
+                convert: Optional[Any] = None) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """``inputs`` with each cache replaced by a fresh DynamicCache holding the same tensors
     (``convert(t)`` of them, if given), so a call that grows it leaves the original alone."""
     if _cache_module() is None:
@@ -231,8 +230,10 @@ def copy_caches(inputs: Tuple[tuple, dict], convert: Optional[Any] = None) -> Tu
                                 for k, v in state.layers])
         return new_cache(state)
 
-    leaves, spec = pytree.tree_flatten(inputs)
-    return pytree.tree_unflatten([copy(x) if is_cache(x) else x for x in leaves], spec)
+    leaves, spec = _compat.tree_flatten(inputs)
+    copied: Tuple[Tuple[Any, ...], Dict[str, Any]] = _compat.tree_unflatten([copy(x) if is_cache(x) else x for x in leaves],
+                                                                            spec)
+    return copied
 
 
 __all__ = [

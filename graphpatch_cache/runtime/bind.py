@@ -1,29 +1,29 @@
 """Binding: artifact + live model -> a tree of ``torch.fx.GraphModule``.
 
 Every graph is rebuilt from node data; every call target goes through the allowlist in
-:mod:`graphpatch_cache.allowlist`; every ``get_attr`` binds the live model's own tensor object
+:mod:`graphpatch_cache.trust.allowlist`; every ``get_attr`` binds the live model's own tensor object
 (no copy). Nothing in the artifact is executed as text.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import itertools
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 import torch.fx
 
-from ..artifact import GraphArtifact, ModuleGraph, decode_value
 from .. import _compat
-from ..errors import (ArtifactFormatError, DisallowedTargetError, ModelStructureError,
-                      SerializationError, SignatureMismatchError)
-from ..live.inputs import InputBinder, mismatch
-from ..artifact.signature import SignatureMatcher
-from ..live.structure import first_difference, structure
-from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
+from ..artifact import GraphArtifact, ModuleGraph, decode_value
+from ..errors import ArtifactFormatError, DisallowedTargetError, ModelStructureError, SerializationError
+from ..integrations import accelerate
 from ..integrations.bitsandbytes import register_quantized_owner
-from . import guards
-from ..trust.validate import check_artifact
+from ..live.structure import first_difference, structure
 from ..trust.allowlist import check_method, resolve_function
+from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
+from ..trust.validate import check_artifact
+from . import guards
+from .routing import HookedGraph, routes, submodule, unwrap
 
 MODULE_REF_ATTR = "_graphpatch_module"
 
@@ -36,28 +36,10 @@ class ModuleGraphModule(torch.fx.GraphModule):
 
 
 def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
-    for tensor in module.parameters():
-        if tensor.device.type != "meta":
-            return tensor.device
-    for tensor in module.buffers():
+    for tensor in itertools.chain(module.parameters(), module.buffers()):  # (lazily: stops at the first)
         if tensor.device.type != "meta":
             return tensor.device
     return fallback
-
-
-def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """``model.get_submodule(path)`` through registered children only (``get_submodule``
-    uses getattr, which would let a stored path reach any attribute).
-
-    :raises AttributeError: no such submodule.
-    """
-    module = model
-    for part in path.split(".") if path else ():
-        child = module._modules.get(part)
-        if child is None:
-            raise AttributeError(f"{type(module).__name__} has no submodule {part!r}")
-        module = child
-    return module
 
 
 def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> torch.Tensor:
@@ -88,84 +70,12 @@ def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> to
     )
 
 
-class HookedGraph(torch.nn.Module):
-    """Runs a module's accelerate hook around its graph, as the module itself would:
-    ``pre_forward`` (moves inputs, loads offloaded weights), the graph, ``post_forward``
-    (offloads them again)."""
-
-    def __init__(self, graph_module: "ModuleGraphModule", module: torch.nn.Module) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-        object.__setattr__(self, "module", module)
-
-    def forward(self, *args: Any) -> Any:
-        hook = self.module._hf_hook
-        args, kwargs = hook.pre_forward(self.module, *args)
-        output = self.graph_module(*args, **kwargs)
-        return hook.post_forward(self.module, output)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.graph_module if isinstance(module, HookedGraph) else module
-
-
-class CallRouter(torch.nn.Module):
-    """Stands in for a child module while its opaque parent runs: the parent's k-th call of
-    the child goes to the graph extracted for that call."""
-
-    def __init__(self, original: torch.nn.Module, graphs: List[Tuple[ModuleGraphModule, SignatureMatcher]]) -> None:
-        super().__init__()
-        object.__setattr__(self, "original", original)
-        object.__setattr__(self, "graphs", graphs)
-        # (kept: binding the signature per call cost more than the rest of the routing)
-        object.__setattr__(self, "_bind", InputBinder(original))
-        self.__dict__["calls"] = 0  # plain attributes: Module.__setattr__ is slow per call
-
-    def reset(self) -> None:
-        self.__dict__["calls"] = 0
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        calls = self.__dict__["calls"]
-        gm, matcher = self.graphs[min(calls, len(self.graphs) - 1)]
-        self.__dict__["calls"] = calls + 1
-        if not unwrap(gm).__dict__.get("_graphpatch_patched", True):
-            # nothing in this call (or below it) is patched or probed: the module's own call
-            # is the graph's result exactly, without routing, binding or checking its inputs
-            return self.original(*args, **kwargs)
-        inputs = self._bind(args, kwargs)
-        leaves, spec = _compat.tree_flatten(inputs)
-        if not matcher.fits(leaves, spec):
-            raise SignatureMismatchError(
-                f"the opaque parent calls {gm._graphpatch_node_path!r} differently from the extraction call: "
-                + mismatch(matcher, inputs),
-                hint="extract with example inputs that match how you call the model",
-            )
-        return gm(*[x for x in leaves if isinstance(x, torch.Tensor)])
-
-
-def _routes(data: ModuleGraph, module: torch.nn.Module, children: Dict[str, "ModuleGraphModule"],
-            model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, CallRouter]]:
-    by_path: Dict[str, List[ModuleGraph]] = {}
-    for child in data.children:
-        by_path.setdefault(child.module_path, []).append(child)
-    routes = []
-    for path, graphs in by_path.items():
-        target = submodule(model, path)
-        graphs.sort(key=lambda g: g.call_index)
-        router = CallRouter(target, [(children[g.name], SignatureMatcher(g.call_signature or {})) for g in graphs])
-        for name, sub in module.named_modules(remove_duplicate=False):
-            if sub is target and name:
-                owner_name, _, attr = name.rpartition(".")
-                routes.append((submodule(module, owner_name), attr, router))
-    return routes
-
-
 def bind_graph(
     data: ModuleGraph,
     model: torch.nn.Module,
     node_path: str = "",
     device: Optional[torch.device] = None,
-    traced_on: frozenset = frozenset(),
+    traced_on: FrozenSet[str] = frozenset(),
     hooked: Optional[bool] = None,
 ) -> ModuleGraphModule:
     """Rebuild one module graph (and its children) bound to ``model``'s tensors.
@@ -173,6 +83,40 @@ def bind_graph(
     :raises DisallowedTargetError: a node calls something outside the allowlist.
     :raises ModelStructureError: a module or tensor the graph binds is missing or differs.
     """
+    module = _bound_module(data, model, node_path)
+    device = _module_device(module, device)
+    children = {
+        child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device, traced_on,
+                               hooked)
+        for child in data.children
+    }
+    # Children go in as empty stand-ins and are swapped in afterwards: GraphModule's graph
+    # setter recompiles every GraphModule child again, which made binding quadratic in depth.
+    attrs: Dict[str, Any] = {name: torch.nn.Module() for name in children}
+    attrs.update(_bound_tensors(data, model, node_path))
+    if hooked is None:
+        hooked = accelerate.is_hooked(model)
+    builder = _GraphBuilder(data, model, module, node_path, children, attrs, _device_mapper(device, traced_on), hooked)
+    for nd in data.nodes:
+        builder.add(nd)
+    if data.kind == "leaf":
+        register_quantized_owner(module)
+    try:
+        gm = ModuleGraphModule(attrs, builder.graph, class_name=type(module).__name__)
+    except (SyntaxError, NameError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise ArtifactFormatError(f"graph {node_path or '<root>'!r} does not compile to code: {exc!s:.200}",
+                                  hint="the artifact is damaged; rebuild it") from exc
+    for name, child in children.items():  # (also graphs an opaque module calls itself: no call_module)
+        gm._modules[name] = child
+    gm._graphpatch_data = data
+    gm._graphpatch_node_path = node_path
+    if accelerate.hook_of(module) is not None:
+        return HookedGraph(gm, module)  # type: ignore[return-value]
+    return gm
+
+
+def _bound_module(data: ModuleGraph, model: torch.nn.Module, node_path: str) -> torch.nn.Module:
+    """The module of ``model`` the graph was extracted from, of the recorded class."""
     try:
         module = submodule(model, data.module_path)
     except AttributeError as exc:
@@ -190,8 +134,10 @@ def bind_graph(
             node_path=node_path,
             hint="this artifact was extracted from a differently structured model",
         )
-    device = _module_device(module, device)
+    return module
 
+
+def _device_mapper(device: Optional[torch.device], traced_on: FrozenSet[str]) -> Callable[[torch.device], torch.device]:
     def map_device(d: torch.device) -> torch.device:
         # Device constants traced on the meta device (a build from a config) or on the
         # device the example ran on mean "the module's device" here.
@@ -199,14 +145,12 @@ def bind_graph(
             return device
         return d
 
-    children = {
-        child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device, traced_on,
-                               hooked)
-        for child in data.children
-    }
-    # Children go in as empty stand-ins and are swapped in afterwards: GraphModule's graph
-    # setter recompiles every GraphModule child again, which made binding quadratic in depth.
-    attrs: Dict[str, Any] = {name: torch.nn.Module() for name in children}
+    return map_device
+
+
+def _bound_tensors(data: ModuleGraph, model: torch.nn.Module, node_path: str) -> Dict[str, torch.Tensor]:
+    """The graph's attributes: the live model's own tensors, of the recorded shape and dtype."""
+    attrs: Dict[str, torch.Tensor] = {}
     metas = {nd.target: nd.meta for nd in data.nodes if nd.op == "get_attr"}
     for local, qualified in data.attributes.items():
         tensor = _lookup_tensor(model, qualified, node_path)
@@ -222,15 +166,26 @@ def bind_graph(
                     hint="this artifact was extracted from a differently configured model (or another dtype)",
                 )
         attrs[local] = tensor
-    graph = torch.fx.Graph()
-    env: Dict[str, torch.fx.Node] = {}
-    # attributes of accelerate-hooked modules are read at call time (see live_attr)
-    if hooked is None:
-        hooked = _model_hooked(model)
-    live = dict(data.attributes) if hooked else {}
-    module_ref_node: Optional[torch.fx.Node] = None
-    for nd in data.nodes:
-        where = f"{node_path}.{nd.name}" if node_path else nd.name
+    return attrs
+
+
+class _GraphBuilder:
+    """Adds one graph's nodes, from their data, to a new ``torch.fx.Graph``."""
+
+    def __init__(self, data: ModuleGraph, model: torch.nn.Module, module: torch.nn.Module, node_path: str,
+                 children: Dict[str, "ModuleGraphModule"], attrs: Dict[str, Any],
+                 map_device: Callable[[torch.device], torch.device], hooked: bool) -> None:
+        self.data, self.model, self.module, self.node_path = data, model, module, node_path
+        self.children, self.attrs, self.map_device = children, attrs, map_device
+        self.graph = torch.fx.Graph()
+        self.env: Dict[str, torch.fx.Node] = {}
+        # attributes of accelerate-hooked modules are read at call time (see live_attr)
+        self.live = dict(data.attributes) if hooked else {}
+        self.module_ref_node: Optional[torch.fx.Node] = None
+
+    def add(self, nd: Any) -> None:
+        where = f"{self.node_path}.{nd.name}" if self.node_path else nd.name
+        env = self.env
 
         def lookup(name: str) -> torch.fx.Node:
             if name not in env:
@@ -242,64 +197,63 @@ def bind_graph(
 
         if nd.op == "call_function":  # refuse a disallowed target before decoding anything else
             target: Any = resolve_function(nd.target, node_path=where)
-        args = decode_value(nd.args, lookup, resolve, map_device)
-        kwargs = decode_value(nd.kwargs, lookup, resolve, map_device)
-        if nd.op == "call_method":
-            target = check_method(nd.target, node_path=where)
-        elif nd.op == "call_function":
-            if target is run_opaque:
-                _check_opaque_tensors(module, args, where, nd.target)
-                _check_opaque_attributes(module, list(args[6]) if len(args) == 7 else [], where, nd.target)
-            elif target is module_attribute:
-                _check_opaque_attributes(module, [args[1]], where, nd.target)
-            if target is run_opaque or target is tree_build:
-                _load_spec(args[1] if target is run_opaque else args[0], where, nd.target)
-        elif nd.op == "call_module":
-            if nd.target not in children:
-                raise SerializationError(f"node {where!r} calls unknown child graph {nd.target!r}", node_path=where)
-            target = nd.target
-        elif nd.op == "get_attr":
-            if nd.target == MODULE_REF_ATTR:
-                attrs[MODULE_REF_ATTR] = ModuleRef(module, _routes(data, module, children, model))
-            elif nd.target not in data.attributes:
-                raise SerializationError(f"node {where!r} reads undeclared attribute {nd.target!r}", node_path=where)
-            target = nd.target
-        elif nd.op in ("placeholder", "output"):
-            target = nd.target
+        args = decode_value(nd.args, lookup, resolve, self.map_device)
+        kwargs = decode_value(nd.kwargs, lookup, resolve, self.map_device)
+        if nd.op == "call_function":
+            self.check_call(target, nd.target, args, where)
         else:
-            raise SerializationError(f"node {where!r} has unknown op {nd.op!r}", node_path=where)
-        if nd.op == "get_attr" and nd.target in live:
-            if module_ref_node is None:
-                with graph.inserting_before(next(iter(graph.nodes), None)):  # None: at the start
-                    module_ref_node = graph.get_attr(MODULE_REF_ATTR)
-                attrs.setdefault(MODULE_REF_ATTR, ModuleRef(module))
-            prefix = data.module_path + "." if data.module_path else ""
-            rel = live[nd.target][len(prefix):] if live[nd.target].startswith(prefix) else live[nd.target]
-            ref_node = env.get(MODULE_REF_ATTR, module_ref_node)
-            node = graph.create_node("call_function", live_attr, (ref_node, rel), {}, name=nd.name)
+            target = self.target(nd, where)
+        if nd.op == "get_attr" and nd.target in self.live:
+            node = self.live_attribute(nd)
         else:
             op, call = nd.op, target
             if nd.op in ("call_function", "call_method"):
-                op, call = _guarded_writes(nd, target, args, kwargs, model, where)
-            node = graph.create_node(op, call, tuple(args), dict(kwargs), name=nd.name)
+                op, call = _guarded_writes(nd, target, args, kwargs, self.model, where)
+            node = self.graph.create_node(op, call, tuple(args), dict(kwargs), name=nd.name)
         if node.name != nd.name:
-            raise SerializationError(f"node name {nd.name!r} is not valid in graph {node_path!r}", node_path=where)
+            raise SerializationError(f"node name {nd.name!r} is not valid in graph {self.node_path!r}",
+                                     node_path=where)
         node.meta["graphpatch"] = nd.meta
         env[nd.name] = node
-    if data.kind == "leaf":
-        register_quantized_owner(module)
-    try:
-        gm = ModuleGraphModule(attrs, graph, class_name=type(module).__name__)
-    except (SyntaxError, NameError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-        raise ArtifactFormatError(f"graph {node_path or '<root>'!r} does not compile to code: {exc!s:.200}",
-                                  hint="the artifact is damaged; rebuild it") from exc
-    for name, child in children.items():  # (also graphs an opaque module calls itself: no call_module)
-        gm._modules[name] = child
-    gm._graphpatch_data = data
-    gm._graphpatch_node_path = node_path
-    if getattr(module, "_hf_hook", None) is not None:
-        return HookedGraph(gm, module)  # type: ignore[return-value]
-    return gm
+
+    def check_call(self, target: Any, name: str, args: Any, where: str) -> None:
+        """What binding checks of our own graph functions' arguments against the live module."""
+        if target is run_opaque:
+            _check_opaque_tensors(self.module, args, where, name)
+            _check_opaque_attributes(self.module, list(args[6]) if len(args) == 7 else [], where, name)
+        elif target is module_attribute:
+            _check_opaque_attributes(self.module, [args[1]], where, name)
+        if target is run_opaque or target is tree_build:
+            _load_spec(args[1] if target is run_opaque else args[0], where, name)
+
+    def target(self, nd: Any, where: str) -> Any:
+        """The target of a node other than ``call_function``."""
+        if nd.op == "call_method":
+            return check_method(nd.target, node_path=where)
+        if nd.op == "call_module":
+            if nd.target not in self.children:
+                raise SerializationError(f"node {where!r} calls unknown child graph {nd.target!r}", node_path=where)
+        elif nd.op == "get_attr":
+            if nd.target == MODULE_REF_ATTR:
+                self.attrs[MODULE_REF_ATTR] = ModuleRef(self.module, routes(self.data, self.module, self.children,
+                                                                            self.model))
+            elif nd.target not in self.data.attributes:
+                raise SerializationError(f"node {where!r} reads undeclared attribute {nd.target!r}", node_path=where)
+        elif nd.op not in ("placeholder", "output"):
+            raise SerializationError(f"node {where!r} has unknown op {nd.op!r}", node_path=where)
+        return nd.target
+
+    def live_attribute(self, nd: Any) -> torch.fx.Node:
+        """A ``get_attr`` of a hooked module, as a read of the module's attribute at call time."""
+        if self.module_ref_node is None:
+            with self.graph.inserting_before(next(iter(self.graph.nodes), None)):  # None: at the start
+                self.module_ref_node = self.graph.get_attr(MODULE_REF_ATTR)
+            self.attrs.setdefault(MODULE_REF_ATTR, ModuleRef(self.module))
+        qualified = self.live[nd.target]
+        prefix = self.data.module_path + "." if self.data.module_path else ""
+        rel = qualified[len(prefix):] if qualified.startswith(prefix) else qualified
+        ref_node = self.env.get(MODULE_REF_ATTR, self.module_ref_node)
+        return self.graph.create_node("call_function", live_attr, (ref_node, rel), {}, name=nd.name)
 
 
 def _load_spec(text: Any, where: str, target: str) -> None:
@@ -354,17 +308,11 @@ def _guarded_writes(nd: Any, target: Any, args: Any, kwargs: Any, model: torch.n
     return "call_function", guards.guarded(call, positions, keywords, model, where, str(nd.target))
 
 
-def _model_hooked(model: torch.nn.Module) -> bool:
-    """accelerate hooks replace parameters of a module *and its submodules* while it runs, so
-    in a hooked model every graph reads its tensors at call time."""
-    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
-
-
 def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
     """Rebuild the artifact's root graph bound to ``model``.
 
-    An artifact that did not come through :mod:`graphpatch_cache.validate`'s doors (built in
-    memory, ``GraphArtifact.from_json``) is checked here first; checked ones are not again.
+    An artifact that did not come through :mod:`graphpatch_cache.trust.validate`'s doors (built
+    in memory, ``GraphArtifact.from_dict``) is checked here first; checked ones are not again.
     """
     check_artifact(artifact)
     recorded = artifact.extraction.get("structure")
@@ -377,7 +325,8 @@ def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
                 hint="load them onto the model they were extracted from (same config and dtype), or extract anew",
             )
     traced_on = frozenset(torch.device(d).type for d in artifact.extraction.get("devices", []))
-    return bind_graph(artifact.root, model, traced_on=traced_on, hooked=_model_hooked(model))
+    return bind_graph(artifact.root, model, traced_on=traced_on, hooked=accelerate.is_hooked(model))
 
 
-__all__ = ["HookedGraph", "unwrap", "MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph"]
+__all__ = ["HookedGraph", "MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph",
+           "submodule", "unwrap"]

@@ -3,8 +3,8 @@
 - **No write into a parameter.** A node that writes one of its inputs (in-place Tensor
   methods such as ``add_``, ``operator.iadd``/``setitem``, ops whose torch schema marks an
   argument as written, ``inplace=True``, ``F.embedding(max_norm=...)``: the rules are
-  :func:`graphpatch_cache.validate.written_inputs`) into a node that may alias a parameter
-  is refused at load by :func:`~graphpatch_cache.validate.check_artifact`, with
+  :func:`graphpatch_cache.trust.writes.written_inputs`) into a node that may alias a parameter
+  is refused at load by :func:`~graphpatch_cache.trust.validate.check_artifact`, with
   :class:`~graphpatch_cache.errors.ProtectedWriteError`. Binding wraps every remaining
   writing node so that, at call time, a write into a tensor sharing storage with any of the
   model's parameters raises the same error *before* the write happens. Graphs without
@@ -23,8 +23,9 @@ from typing import Any, Callable, Iterator, Sequence, Set
 
 import torch
 
+from .. import _compat
 from ..errors import ProtectedWriteError
-from ..trust.validate import written_inputs  # noqa: F401  (the rules, shared with the loader)
+from ..trust.writes import written_inputs  # noqa: F401  (the rules, shared with the loader)
 
 def param_storages(model: torch.nn.Module) -> Set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"} - {0}
@@ -74,7 +75,7 @@ def preserved_global_state() -> Iterator[None]:
     try:
         yield
     finally:
-        torch._C._set_grad_enabled(grad)
+        _compat.set_grad_enabled(grad)
         if torch.get_default_dtype() != dtype:
             torch.set_default_dtype(dtype)
         for device, (enabled, adtype) in autocast.items():

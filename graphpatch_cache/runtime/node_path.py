@@ -22,11 +22,11 @@ How a path string resolves (:meth:`NodePath._np_find`), first match wins:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 from ..artifact import ModuleGraph, NodeData
 from ..errors import NodePathError, NotAValueError, close_matches
-from .shapes import InputBinder, ShapeScope, shape_from_meta
+from .shapes import InputBinder, ShapeScope, describe_meta, scope_of, shape_from_meta
 
 SUBPATH_SEP = "|"
 _HIDDEN_NODES = {"_graphpatch_module"}
@@ -41,17 +41,6 @@ class CodeText(str):
 
     def __repr__(self) -> str:
         return str.__str__(self)
-
-
-def _format_meta(meta: Dict[str, Any]) -> str:
-    if "shape" in meta:
-        dims = ", ".join(str(d) for d in meta["shape"])
-        return f"Tensor({meta.get('dtype', '?')})[{dims}]"
-    if "items" in meta:
-        return f"{meta.get('type', 'tuple')}(" + ", ".join(_format_meta(m) for m in meta["items"]) + ")"
-    if "fields" in meta:
-        return f"{meta.get('type', 'dict')}(" + ", ".join(f"{k}={_format_meta(m)}" for k, m in meta["fields"].items()) + ")"
-    return meta.get("type", "")
 
 
 def _part_key(segment: str) -> Any:
@@ -117,7 +106,7 @@ class NodePath:
             self._np_index.setdefault(path, self)
         if graph is not None and graph.call_signature is not None and path:
             # graphs an opaque module calls are traced on their own: their size symbols are theirs
-            scope = _scope_of(graph, None, f"graph {path!r} was traced on its own, for a call its opaque parent makes")
+            scope = scope_of(graph, None, f"graph {path!r} was traced on its own, for a call its opaque parent makes")
         self._np_scope = scope
         if graph is not None:
             self._np_build_graph(graph)
@@ -145,7 +134,7 @@ class NodePath:
             self._np_children[name] = NodePath(child_path, graph=sub, index=self._np_index, scope=self._np_scope)
         for ph in placeholders:
             loc = _location(ph._np_meta)
-            if loc is None or loc == (ph._np_node.name, ()):
+            if loc is None or ph._np_node is None or loc == (ph._np_node.name, ()):
                 continue
             param, keys = loc
             taken = self._np_children.get(param)
@@ -158,6 +147,7 @@ class NodePath:
 
     def _np_build_parts(self) -> None:
         meta = self._np_meta
+        parts: List[Tuple[str, Any, Any]]
         if isinstance(meta.get("items"), list):
             parts = [(f"sub_{i}", i, m) for i, m in enumerate(meta["items"])]
         elif isinstance(meta.get("fields"), dict):
@@ -174,7 +164,7 @@ class NodePath:
     def from_graph(cls, root: ModuleGraph, binder: Optional[InputBinder] = None) -> "NodePath":
         """The tree of ``root``; ``binder`` maps a call's inputs to the root graph's input
         tensors (for :meth:`SymbolicShape.at <graphpatch_cache.runtime.shapes.SymbolicShape.at>`)."""
-        return cls("", graph=root, scope=_scope_of(root, binder, "no model is bound to these graphs"))
+        return cls("", graph=root, scope=scope_of(root, binder, "no model is bound to these graphs"))
 
     # -- tree access -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> "NodePath":
@@ -182,10 +172,10 @@ class NodePath:
             raise AttributeError(name)
         children = self.__dict__.get("_np_children", {})
         if name in children:
-            return children[name]
+            return cast(NodePath, children[name])
         alias = self.__dict__.get("_np_aliases", {}).get((name, ()))
         if alias is not None:
-            return alias
+            return cast(NodePath, alias)
         where = self._np_path or "<root>"
         if self._np_graph is None and not children:
             raise AttributeError(f"{where} is a value with no parts; it has no child {name!r}")
@@ -369,7 +359,7 @@ class NodePath:
         if self._np_graph is not None:
             kind = " (opaque)" if self._np_graph.kind == "opaque" else ""
             return f"{name}: {self._np_graph.module_class.rpartition('.')[2]}{kind}"
-        label = _format_meta(self._np_meta) if isinstance(self._np_meta, dict) else ""
+        label = describe_meta(self._np_meta) if isinstance(self._np_meta, dict) else ""
         if self._np_alias_name and not self._np_keys:
             label = f"{label} (alias: {self._np_alias_name})" if label else f"(alias: {self._np_alias_name})"
         return f"{name}: {label}" if label else name
@@ -396,15 +386,6 @@ class NodePath:
 
     def __repr__(self) -> str:
         return self._tree()
-
-
-def _scope_of(graph: ModuleGraph, binder: Optional[InputBinder], why: str) -> ShapeScope:
-    shapes = []
-    for nd in graph.nodes:
-        if nd.op == "placeholder":
-            shape = nd.meta.get("shape") if isinstance(nd.meta, dict) else None
-            shapes.append((nd.name, shape if isinstance(shape, list) else None))
-    return ShapeScope(shapes, binder, "" if binder is not None else why)
 
 
 __all__ = ["CodeText", "NodePath", "SUBPATH_SEP"]

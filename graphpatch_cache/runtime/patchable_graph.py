@@ -13,51 +13,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import io
-import os
-import sys
-import warnings
-from pathlib import Path
-from dataclasses import dataclass
-from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import _compat
+from ..artifact import GraphArtifact
+from ..artifact.signature import SignatureMatcher, signature_key
+from ..errors import NodePathError, NotAValueError, NotPicklableError, SignatureMismatchError, UnsupportedCacheError
 from ..integrations import kv_cache
-from ..artifact import GraphArtifact, portable_to_bytes
-from .._files import write_atomic
-from ..errors import (ArtifactFormatError, CacheMissError, NodePathError, NotAValueError, NotPicklableError,
-                      PatchMapError,
-                      SignatureMismatchError, UnsupportedCacheError)
+from ..live.inputs import canonical_inputs, flat_inputs, mismatch
 from ..options import ExtractionOptions
 from ..patches import Patch
-from ..artifact.signature import SignatureMatcher, signature_key
-from ..live.inputs import canonical_inputs, flat_inputs, mismatch
-from ..trust.validate import read_portable
-from .bind import ModuleGraphModule, bind
+from . import generate as _generate
+from .bind import bind
+from .files import FileLike, read_portable_file, write_portable
 from .guards import preserved_global_state
 from .node_path import NodePath
+from .patch_stack import StackEntry, Variant, active_patches, patch_lists
 from .patching import PatchInstaller, SlotKey
 
-#: a path, or an open file (binary or text) to write to / read from
-FileLike = Union[str, "os.PathLike[str]", IO[bytes], IO[str]]
-
 #: ``(model, args, kwargs, options) -> GraphArtifact``; the cache plugs in a memoized one.
-Extractor = Callable[[torch.nn.Module, tuple, dict, ExtractionOptions], GraphArtifact]
-
-
-@dataclass
-class Variant:
-    """The graphs of one call signature, bound to the model."""
-
-    artifact: GraphArtifact
-    root: ModuleGraphModule
-    matcher: SignatureMatcher
-    installer: PatchInstaller
-    key: str
-    #: whether the root graph returns key/value cache tensors (known after the first call)
-    returns_cache: Optional[bool] = None
+Extractor = Callable[[torch.nn.Module, Tuple[Any, ...], Dict[str, Any], ExtractionOptions], GraphArtifact]
 
 
 class PatchableGraph(torch.nn.Module):
@@ -68,6 +45,8 @@ class PatchableGraph(torch.nn.Module):
     :class:`ExtractionOptions` as the *first example argument* instead:
     ``PatchableGraph(model, ExtractionOptions(...), input_ids)``.
     """
+
+    _model: torch.nn.Module  # (set with object.__setattr__: the model is not a submodule)
 
     def __init__(self, module: torch.nn.Module, *example_args: Any, **example_kwargs: Any) -> None:
         options, args = _split_options(example_args)
@@ -93,25 +72,14 @@ class PatchableGraph(torch.nn.Module):
         self._extractor = extractor
         self._graphs = torch.nn.ModuleDict()
         self._variants: List[Variant] = []
-        # each entry: (slot key relative to the origin variant's graph, patches, origin variant)
-        self._patch_stack: List[List[Tuple[SlotKey, List[Patch], "Variant"]]] = []
+        self._patch_stack: List[List[StackEntry]] = []  # one list per active ``with pg.patch`` block
         self._forward_signature = inspect.signature(module.forward)
         #: copies of a transformers model's ``config`` and ``generation_config`` (graphpatch's
         #: attributes; ``generate`` reads this ``generation_config``), else None
         self.config: Any = None
         self.generation_config: Any = None
-        if options.copy_transformers_generation_config and _is_generation_model(module):
-            try:
-                self.config = copy.deepcopy(getattr(module, "config", None))
-                self.generation_config = copy.deepcopy(module.generation_config)
-            except Exception as exc:  # an odd config must not stop patching; say what failed
-                self.config = self.generation_config = None
-                warnings.warn(
-                    f"graphpatch_cache: could not copy the model's generation config ({type(exc).__name__}: "
-                    f"{exc}); pg.generation_config is None and pg.generate uses the model's "
-                    "(ExtractionOptions(copy_transformers_generation_config=False) skips the copy)",
-                    stacklevel=3,
-                )
+        if options.copy_transformers_generation_config:
+            self.config, self.generation_config = _generate.copied_generation_config(module)
 
     @classmethod
     def from_artifact(
@@ -129,7 +97,7 @@ class PatchableGraph(torch.nn.Module):
         pg._add_variant(artifact)
         return pg
 
-    def _extract(self, args: tuple, kwargs: dict) -> GraphArtifact:
+    def _extract(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> GraphArtifact:
         with self._naming_the_model():
             return self._extractor(self._model, tuple(args), dict(kwargs), self._options)
 
@@ -177,10 +145,10 @@ class PatchableGraph(torch.nn.Module):
         return self._model
 
     # -- calling -----------------------------------------------------------------------------------
-    def _canonical(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    def _canonical(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         return canonical_inputs(self._model, args, kwargs)
 
-    def _variant_for(self, inputs: Tuple[tuple, dict], leaves: List[Any], spec: Any) -> Variant:
+    def _variant_for(self, inputs: Tuple[Tuple[Any, ...], Dict[str, Any]], leaves: List[Any], spec: Any) -> Variant:
         for variant in self._variants:
             if variant.matcher.fits(leaves, spec):
                 return variant
@@ -241,7 +209,7 @@ class PatchableGraph(torch.nn.Module):
     def _node_paths(self, variant: Variant) -> NodePath:
         cached = variant.__dict__.get("_node_path")
         if cached is None:
-            def binder(args: tuple, kwargs: dict) -> List[torch.Tensor]:  # for SymbolicShape.at(...)
+            def binder(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Tensor]:  # for SymbolicShape.at(...)
                 leaves, _ = flat_inputs(self._canonical(args, kwargs))
                 return [x for x in leaves if isinstance(x, torch.Tensor)]
 
@@ -249,54 +217,18 @@ class PatchableGraph(torch.nn.Module):
         return cached
 
     # -- patching ------------------------------------------------------------------------------------
-    def _active_patches(self, variant: Variant) -> Tuple[Dict[SlotKey, List[Patch]], List[SlotKey]]:
-        """The active patches, keyed by ``variant``'s node names, and the keys it lacks.
-
-        Node names come from the model's code and dynamo's numbering, so the same op can have
-        another name in another variant's graph (a mask adds ops before it). A key is moved to
-        the node with the same identity (op, target, source line, occurrence), not the same
-        name; where there is none, the key is missing and calls into that variant refuse.
-        """
-        active: Dict[SlotKey, List[Patch]] = {}
-        missing: List[SlotKey] = []
-        for entries in self._patch_stack:
-            for key, patches, origin in entries:
-                local = key if origin is variant else _translate(origin, key, variant)
-                if local is None:
-                    missing.append(key)
-                    continue
-                active.setdefault(local, []).extend(patches)
-        return active, missing
+    def _active_patches(self, variant: Variant) -> Tuple[Dict[SlotKey, List[Patch[Any]]], List[SlotKey]]:
+        """The active patches, keyed by ``variant``'s node names, and the keys it lacks
+        (:func:`~graphpatch_cache.runtime.patch_stack.active_patches`)."""
+        return active_patches(self._patch_stack, variant)
 
     def _sync(self) -> None:
         for variant in self._variants:
             variant.installer.apply(*self._active_patches(variant))
 
-    def _validate(self, patch_map: Any) -> List[Tuple[SlotKey, List[Patch]]]:
-        if not isinstance(patch_map, Mapping):
-            raise PatchMapError(
-                f"pg.patch() takes a dict {{node path: patch or list of patches}}, got {type(patch_map).__name__}"
-            )
+    def _validate(self, patch_map: Any) -> List[StackEntry]:
         entries = []
-        for key, value in patch_map.items():
-            if not isinstance(key, (str, NodePath)):
-                raise PatchMapError(
-                    f"patch keys are node paths (str or NodePath), got {type(key).__name__}: {key!r}",
-                    node_path=repr(key))
-            path = str(key)
-            if isinstance(value, Patch):
-                patches = [value]
-            elif isinstance(value, (list, tuple)):
-                patches = list(value)
-            else:
-                raise PatchMapError(
-                    f"the value for {path!r} must be a Patch or a list of Patches, got {type(value).__name__}",
-                    node_path=path)
-            for p in patches:
-                if not isinstance(p, Patch):
-                    raise PatchMapError(
-                        f"the value for {path!r} holds {type(p).__name__} {p!r:.60}, which is not a Patch",
-                        node_path=path, hint="wrap a function in CustomPatch(custom_op=fn)")
+        for path, patches in patch_lists(patch_map):  # (checks and resolves one entry at a time)
             key, origin = self._resolve(path)
             entries.append((key, patches, origin))
         return entries
@@ -316,7 +248,7 @@ class PatchableGraph(torch.nn.Module):
             raise
 
     @contextlib.contextmanager
-    def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch, Sequence[Patch]]]) -> Iterator["PatchableGraph"]:
+    def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch[Any], Sequence[Patch[Any]]]]) -> Iterator["PatchableGraph"]:
         """Apply patches inside a ``with`` block; nested blocks compose, outer first.
 
         Keys are node paths as strings or :class:`NodePath` objects (``pg.graph.output.sub_1``
@@ -376,76 +308,9 @@ class PatchableGraph(torch.nn.Module):
         ``pg.generation_config`` (a copy of the model's, which you may change), or from the
         model's when it is None.
         """
-        if do_sample:
-            raise SignatureMismatchError("pg.generate() decodes greedily", hint="pass do_sample=False")
-        config = self.generation_config if self.generation_config is not None else \
-            getattr(self._model, "generation_config", None)
-        if use_cache is None:
-            try:
-                return self.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                     use_cache=bool(getattr(config, "use_cache", True)),
-                                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, **model_kwargs)
-            except UnsupportedCacheError as exc:
-                warnings.warn(f"graphpatch_cache: generating without a key/value cache: {exc.message}", stacklevel=2)
-                return self.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, use_cache=False,
-                                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, **model_kwargs)
-        cache_arg = None
-        if use_cache:
-            cache_arg = kv_cache.cache_argument(self._model.forward)
-            if cache_arg is None:
-                raise UnsupportedCacheError(
-                    f"{type(self._model).__name__}.forward takes no key/value cache, so "
-                    f"pg.generate(use_cache=True) cannot reuse one",
-                    cache_class=type(self._model).__name__,
-                    hint="call pg.generate(..., use_cache=False): every step then runs the whole sequence",
-                )
-        if eos_token_id is None and config is not None:
-            eos_token_id = config.eos_token_id
-        if pad_token_id is None and config is not None:
-            pad_token_id = config.pad_token_id
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-        if pad_token_id is None and eos:
-            pad_token_id = min(eos)
-        ids = input_ids
-        mask = attention_mask
-        # with padding, positions count real tokens only (as model.generate computes them)
-        padded = mask is not None and "position_ids" in self._forward_signature.parameters and not bool(mask.all())
-        cache = None
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            kwargs = dict(model_kwargs, use_cache=bool(use_cache))
-            step_ids = ids
-            if mask is not None:
-                kwargs["attention_mask"] = mask
-            if padded:
-                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-                kwargs["position_ids"] = positions
-            if cache is not None:
-                kwargs[cache_arg] = cache
-                step_ids = ids[:, -1:]
-                if padded:
-                    kwargs["position_ids"] = kwargs["position_ids"][:, -1:]
-            out = self(input_ids=step_ids, **kwargs)
-            if use_cache:
-                cache = next(iter(kv_cache.caches_in(out)), None)
-                if cache is None:
-                    raise UnsupportedCacheError(
-                        f"{type(self._model).__name__} returned no key/value cache for use_cache=True",
-                        cache_class=type(self._model).__name__,
-                        hint="call pg.generate(..., use_cache=False)",
-                    )
-            logits = out.logits[:, -1, :]
-            token = logits.argmax(dim=-1)
-            if eos and pad_token_id is not None:
-                token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            ids = torch.cat([ids, token[:, None]], dim=-1)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            if eos:
-                done = done | torch.isin(token, torch.tensor(sorted(eos), device=token.device))
-                if bool(done.all()):
-                    break
-        return ids
+        return _generate.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                  use_cache=use_cache, do_sample=do_sample, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_token_id, **model_kwargs)
 
     # -- portable files ----------------------------------------------------------------------------
     def save(self, file: FileLike) -> None:
@@ -456,11 +321,7 @@ class PatchableGraph(torch.nn.Module):
             or a file object open for writing, binary (``open(p, "wb")``, ``io.BytesIO``) or
             text (``open(p, "w")``, ``io.StringIO``); it is written at its position and left open.
         """
-        data = portable_to_bytes([v.artifact for v in self._variants])
-        if hasattr(file, "write"):
-            file.write(data.decode("utf-8") if _is_text_stream(file) else data)  # type: ignore[union-attr]
-            return
-        write_atomic(file, data)  # type: ignore[arg-type]
+        write_portable([v.artifact for v in self._variants], file)
 
     @classmethod
     def load(
@@ -487,26 +348,7 @@ class PatchableGraph(torch.nn.Module):
                 "PatchableGraph.load(file, model) binds the saved graphs to a model you pass: the file "
                 "holds graphs only, never weights (graphpatch's load(file) unpickled both)"
             )
-        if hasattr(file, "read"):
-            name = str(getattr(file, "name", "<file object>"))
-            data = file.read()  # type: ignore[union-attr]
-            if isinstance(data, str):
-                data = data.encode("utf-8")
-        else:
-            name = str(file)
-            try:
-                data = Path(file).read_bytes()  # type: ignore[arg-type]
-            except FileNotFoundError as exc:
-                raise CacheMissError(f"no artifact file at {file}", path=name,
-                                     hint="write one with pg.save(path) or `graphpatch-cache export`") from exc
-        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
-            # torch.save's zip archive, or a bare pickle: what graphpatch's pg.save wrote
-            raise ArtifactFormatError(
-                f"{name} is a pickle (torch.save or graphpatch's pg.save), not a file pg.save writes here; "
-                "it is never unpickled, since unpickling runs code", path=name,
-                hint="build the graph again with PatchableGraph(model, *example_inputs) and write it with pg.save(file)",
-            )
-        artifacts = read_portable(data, name)
+        artifacts = read_portable_file(file)
         pg = cls.from_artifact(model, artifacts[0], options=options)
         for artifact in artifacts[1:]:
             pg._add_variant(artifact)
@@ -543,63 +385,7 @@ class PatchableGraph(torch.nn.Module):
         return f"PatchableGraph({type(self._model).__name__}, variants={len(self._variants)})"
 
 
-def _identities(variant: Variant) -> Dict[str, Tuple[Dict[str, tuple], Dict[tuple, str]]]:
-    """Per graph path: node name -> identity, and identity -> node name."""
-    cached = variant.__dict__.get("_identities")
-    if cached is not None:
-        return cached
-    out: Dict[str, Tuple[Dict[str, tuple], Dict[tuple, str]]] = {}
-
-    def walk(graph: Any, path: str) -> None:
-        by_name: Dict[str, tuple] = {}
-        by_id: Dict[tuple, str] = {}
-        seen: Dict[tuple, int] = {}
-        for nd in graph.nodes:
-            if nd.op in ("call_function", "call_method"):
-                base = (nd.op, nd.target, nd.meta.get("source", ""))
-                k = seen.get(base, 0)
-                seen[base] = k + 1
-                ident: tuple = base + (k,)
-            else:
-                ident = (nd.op, nd.name)
-            by_name[nd.name] = ident
-            by_id[ident] = nd.name
-        out[path] = (by_name, by_id)
-        for child in graph.children:
-            walk(child, f"{path}.{child.name}" if path else child.name)
-
-    walk(variant.artifact.root, "")
-    variant.__dict__["_identities"] = out
-    return out
-
-
-def _translate(origin: Variant, key: SlotKey, target: Variant) -> Optional[SlotKey]:
-    graph_path, node, keys = key
-    origin_ids, target_ids = _identities(origin).get(graph_path), _identities(target).get(graph_path)
-    if origin_ids is None or target_ids is None or node not in origin_ids[0]:
-        return None
-    name = target_ids[1].get(origin_ids[0][node])
-    return None if name is None else (graph_path, name, keys)
-
-
-def _is_generation_model(module: torch.nn.Module) -> bool:
-    """A transformers model that can generate (graphpatch's test: a ``GenerationMixin``).
-    transformers is not imported for this: a model of it means it already is."""
-    transformers = sys.modules.get("transformers")
-    mixin = getattr(transformers, "GenerationMixin", None) if transformers is not None else None
-    return mixin is not None and isinstance(module, mixin) and getattr(module, "generation_config", None) is not None
-
-
-def _is_text_stream(file: Any) -> bool:
-    if isinstance(file, io.TextIOBase):
-        return True
-    if isinstance(file, (io.RawIOBase, io.BufferedIOBase)):
-        return False
-    mode = getattr(file, "mode", None)  # other file-likes: trust their mode when they have one
-    return isinstance(mode, str) and "b" not in mode
-
-
-def _split_options(example_args: tuple) -> Tuple[ExtractionOptions, tuple]:
+def _split_options(example_args: Tuple[Any, ...]) -> Tuple[ExtractionOptions, Tuple[Any, ...]]:
     if example_args and isinstance(example_args[0], ExtractionOptions):
         return example_args[0], tuple(example_args[1:])
     return ExtractionOptions(), tuple(example_args)

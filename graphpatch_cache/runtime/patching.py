@@ -7,7 +7,7 @@ affected module graphs and regenerates only those modules' code; leaving removes
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, cast
 
 import torch
 import torch.fx
@@ -15,7 +15,8 @@ import torch.fx
 from ..errors import PatchError
 from ..integrations.bitsandbytes import patch_view
 from ..patches import Patch
-from .bind import ModuleGraphModule, unwrap
+from .bind import ModuleGraphModule
+from .routing import unwrap
 
 SlotKey = Tuple[str, str, Tuple[Any, ...]]  # (graph path, node name, sub-path keys)
 _SLOT_PREFIX = "_graphpatch_slot_"
@@ -72,7 +73,7 @@ def _set_part(value: Any, key: Any, part: Any) -> Any:
     return value
 
 
-def apply_patches(value: Any, patches: Sequence[Patch], keys: Tuple[Any, ...], node_path: str) -> Any:
+def apply_patches(value: Any, patches: Sequence[Patch[Any]], keys: Tuple[Any, ...], node_path: str) -> Any:
     """Run ``patches`` in order on ``value`` (or on the part at ``keys``)."""
     if keys:
         part = _get_part(value, keys[0], node_path)
@@ -105,7 +106,7 @@ class PatchSlot(torch.nn.Module):
         super().__init__()
         self.node_path = node_path
         self.keys = keys
-        self.patches: List[Patch] = []
+        self.patches: List[Patch[Any]] = []
 
     def forward(self, value: Any) -> Any:
         view = patch_view(value) if not self.keys else value
@@ -127,7 +128,7 @@ class PatchInstaller:
                 if isinstance(child, ModuleGraphModule):
                     walk(child, f"{path}.{name}" if path else name)
 
-        walk(unwrap(root), "")
+        walk(cast(ModuleGraphModule, unwrap(root)), "")
         self.slots: Dict[SlotKey, Tuple[PatchSlot, torch.fx.Node]] = {}
         self._mark_patched()
         self._counter = 0
@@ -139,17 +140,17 @@ class PatchInstaller:
         gm = self.modules.get(graph_path)
         return gm is not None and any(n.name == node_name for n in gm.graph.nodes)
 
-    def apply(self, active: Dict[SlotKey, List[Patch]], missing: Sequence[SlotKey] = ()) -> None:
+    def apply(self, active: Dict[SlotKey, List[Patch[Any]]], missing: Sequence[SlotKey] = ()) -> None:
         """Make the slots match ``active``; ``missing`` are keys known to have no node here."""
         touched = set()
         for key in [k for k in self.slots if k not in active]:
             slot, node = self.slots.pop(key)
             gm = self.modules[key[0]]
-            node.replace_all_uses_with(node.args[0])
+            node.replace_all_uses_with(cast(torch.fx.Node, node.args[0]))
             for user in list(node.users):  # an output with extras holds the slot in a tuple
                 user.args = torch.fx.node.map_arg(user.args, lambda n: node.args[0] if n is node else n)
             gm.graph.erase_node(node)
-            delattr(gm, node.target)
+            delattr(gm, str(node.target))
             touched.add(key[0])
         self.missing = list(missing) + [key for key in active if not self.has(key)]
         for key, patches in active.items():
@@ -166,7 +167,7 @@ class PatchInstaller:
     def _mark_patched(self) -> None:
         """Flag each graph that holds a slot, itself or below (``_graphpatch_patched``): an
         opaque parent's call of an unflagged child runs the child module itself, as nothing
-        in that call can be patched or probed (see ``bind.CallRouter``)."""
+        in that call can be patched or probed (see ``routing.CallRouter``)."""
         marked = set()
         for graph_path, _, _ in self.slots:
             parts = graph_path.split(".") if graph_path else []

@@ -27,15 +27,16 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..artifact import ModuleGraph
 from ..errors import ShapeError
 
 #: ``(args, kwargs) -> the root graph's placeholder tensors`` for a call with those inputs
-InputBinder = Callable[[tuple, dict], List[torch.Tensor]]
+InputBinder = Callable[[Tuple[Any, ...], Dict[str, Any]], List[torch.Tensor]]
 
 _MAX_EXPR = 500
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+_BINOPS: Dict[type, Callable[[int, int], int]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-_FUNCS = {"Max": max, "Min": min, "Mod": operator.mod, "PythonMod": operator.mod,
+_FUNCS: Dict[str, Callable[..., int]] = {"Max": max, "Min": min, "Mod": operator.mod, "PythonMod": operator.mod,
           "FloorDiv": operator.floordiv}
 
 
@@ -86,7 +87,7 @@ def _evaluate(text: str, sizes: Mapping[str, int]) -> int:
         if isinstance(nd, ast.Expression):
             return ev(nd.body)
         if isinstance(nd, ast.Constant) and type(nd.value) is int:
-            return nd.value
+            return int(nd.value)
         if isinstance(nd, ast.Name):
             if nd.id not in sizes:
                 raise bad(f"no size for symbol {nd.id!r} (known: {sorted(sizes) or 'none'})")
@@ -122,7 +123,7 @@ class ShapeScope:
                 if isinstance(dim, str) and dim.isidentifier():
                     self.sources.setdefault(dim, (i, name, d))
 
-    def sizes_for(self, args: tuple, kwargs: dict) -> Dict[str, int]:
+    def sizes_for(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, int]:
         """Symbol sizes of a call with ``(args, kwargs)``.
 
         :raises ShapeError: no inputs are known for these graphs, or the inputs do not fit.
@@ -158,7 +159,7 @@ class ShapeScope:
         return sizes
 
 
-class SymbolicShape(tuple):
+class SymbolicShape(Tuple[Any, ...]):
     """A tensor shape with symbolic dims: ints and :class:`SymbolicSize` (see the module
     docstring). Prints like ``torch.Size``: ``SymbolicShape([s52, s27, 32])``."""
 
@@ -242,7 +243,7 @@ class _NestedShape:
         return self.subs(self._scope.sizes_for(args, kwargs))
 
 
-class ShapeTuple(_NestedShape, tuple):
+class ShapeTuple(_NestedShape, Tuple[Any, ...]):
     """The shapes of a tuple's or list's parts; ``.sub_0`` is ``[0]``, as in node paths."""
 
     type_name: str
@@ -275,7 +276,7 @@ class ShapeTuple(_NestedShape, tuple):
         return (ShapeTuple, (tuple(self), self.type_name))
 
 
-class ShapeDict(_NestedShape, dict):
+class ShapeDict(_NestedShape, Dict[str, Any]):
     """The shapes of a dict's or ModelOutput's fields; fields are attributes too."""
 
     type_name: str
@@ -331,4 +332,29 @@ def _part_shape(meta: Any, scope: Optional[ShapeScope]) -> Any:
     return "NoneType" if shape is None and meta == {} else shape
 
 
-__all__ = ["ShapeDict", "ShapeScope", "ShapeTuple", "SymbolicShape", "SymbolicSize", "shape_from_meta"]
+def describe_meta(meta: Dict[str, Any]) -> str:
+    """A value's recorded structure as one line: ``Tensor(float32)[1, s0, 768]``, ``tuple(...)``."""
+    if "shape" in meta:
+        dims = ", ".join(str(d) for d in meta["shape"])
+        return f"Tensor({meta.get('dtype', '?')})[{dims}]"
+    if "items" in meta:
+        return f"{meta.get('type', 'tuple')}(" + ", ".join(describe_meta(m) for m in meta["items"]) + ")"
+    if "fields" in meta:
+        fields = ", ".join(f"{k}={describe_meta(m)}" for k, m in meta["fields"].items())
+        return f"{meta.get('type', 'dict')}({fields})"
+    return str(meta.get("type", ""))
+
+
+def scope_of(graph: ModuleGraph, binder: Optional[InputBinder], why: str) -> ShapeScope:
+    """The shape scope of a graph's inputs (their recorded shapes); ``why`` says why a
+    concrete size is unknown when there is no ``binder``."""
+    shapes = []
+    for nd in graph.nodes:
+        if nd.op == "placeholder":
+            shape = nd.meta.get("shape") if isinstance(nd.meta, dict) else None
+            shapes.append((nd.name, shape if isinstance(shape, list) else None))
+    return ShapeScope(shapes, binder, "" if binder is not None else why)
+
+
+__all__ = ["ShapeDict", "ShapeScope", "ShapeTuple", "SymbolicShape", "SymbolicSize", "describe_meta", "scope_of",
+           "shape_from_meta"]

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, FrozenSet, Optional
 
 import torch
 
+from .. import _compat
 from ..errors import DisallowedTargetError
 
 ALLOWLIST_FILE = "allowlist-v1.json"
@@ -34,7 +35,7 @@ _RESOLVED: Dict[str, Any] = {}
 
 def _load() -> Dict[str, Any]:
     text = resources.files("graphpatch_cache.cache_schema").joinpath(ALLOWLIST_FILE).read_text()
-    data = json.loads(text)
+    data: Dict[str, Any] = json.loads(text)
     if data.get("format") != "graphpatch-cache-allowlist" or data.get("version") != 1:
         raise ImportError(f"graphpatch_cache: {ALLOWLIST_FILE} is not an allowlist of version 1")
     return data
@@ -163,7 +164,7 @@ def check_method(name: Any, *, node_path: str = "") -> str:
 
 
 # -- naming (extraction) -----------------------------------------------------------------------
-_TORCH_HOMES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.linalg", "torch.fft", "torch.special")
+_TORCH_HOMES = ("torch", "torch.nn.functional", _compat.TORCH_NN_BUILTINS, "torch.linalg", "torch.fft", "torch.special")
 
 
 def _find_torch_home(fn: Any) -> Optional[str]:
@@ -180,10 +181,8 @@ def candidate_name(fn: Any) -> Optional[str]:
     for key, registered in _REGISTERED.items():
         if registered is fn:
             return key
-    if isinstance(fn, torch._ops.OpOverloadPacket):
-        return f"torch.ops.{fn._qualified_op_name.replace('::', '.')}"
-    if isinstance(fn, torch._ops.OpOverload):
-        return f"torch.ops.{fn._schema.name.replace('::', '.')}.{fn._overloadname}"
+    if _compat.is_op_overload_packet(fn) or _compat.is_op_overload(fn):
+        return _compat.op_name(fn)
     if getattr(fn, "__name__", None) in vars(builtins) and vars(builtins)[fn.__name__] is fn:
         return f"builtins.{fn.__name__}"
     module = getattr(fn, "__module__", None)
@@ -196,7 +195,7 @@ def candidate_name(fn: Any) -> Optional[str]:
         module = _find_torch_home(fn)  # torch builtins defined in C have no module
     if module is None or qual is None:
         return None
-    if module in ("torch._C._VariableFunctions", "torch._C._VariableFunctionsClass"):
+    if module in _compat.TORCH_VARIABLE_FUNCTIONS:
         module = "torch"
     return f"{module}.{qual}"
 

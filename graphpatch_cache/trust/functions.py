@@ -1,6 +1,6 @@
 """Functions that extracted graphs call besides torch's own operators.
 
-They are registered in the call-target allowlist (:mod:`graphpatch_cache.allowlist`) under
+They are registered in the call-target allowlist (:mod:`graphpatch_cache.trust.allowlist`) under
 stable names, so artifacts can refer to them as data.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple, cast
 
 import torch
 
@@ -52,14 +52,14 @@ def spec_of(text: str) -> Any:
 def set_grad_enabled(mode: bool) -> bool:
     """Switch grad mode; returns the previous mode (for :func:`restore_grad_enabled`)."""
     previous = torch.is_grad_enabled()
-    torch._C._set_grad_enabled(mode)
+    _compat.set_grad_enabled(mode)
     return previous
 
 
 @_graph_function
 def restore_grad_enabled(previous: bool) -> None:
     """Restore the grad mode that :func:`set_grad_enabled` replaced."""
-    torch._C._set_grad_enabled(previous)
+    _compat.set_grad_enabled(previous)
 
 
 @_graph_function
@@ -69,7 +69,7 @@ def linear_8bit(ref: "ModuleRef", x: torch.Tensor, weight: Any, bias: Any) -> to
     ``F.linear`` with that weight."""
     module = ref.module
     if weight is module.weight and bias is module.bias:
-        return module(x)
+        return cast(torch.Tensor, module(x))
     out = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return out
 
@@ -132,7 +132,7 @@ def _plain_data(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _pretrained_names(module: torch.nn.Module) -> frozenset:
+def _pretrained_names(module: torch.nn.Module) -> FrozenSet[str]:
     for cls in type(module).__mro__:
         if cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers."):
             return frozenset(dir(cls)) | _PRETRAINED_INTERNALS
@@ -225,9 +225,10 @@ def _own_tensor(module: torch.nn.Module, name: str) -> Any:
     owner = module
     path, _, leaf = name.rpartition(".")
     for part in path.split(".") if path else ():
-        owner = owner._modules.get(part)
-        if owner is None:
+        child = owner._modules.get(part)
+        if child is None:
             return None
+        owner = child
     found = owner._parameters.get(leaf)
     return found if found is not None else owner._buffers.get(leaf)
 

@@ -1,0 +1,133 @@
+"""The patch stack of a :class:`~graphpatch_cache.runtime.patchable_graph.PatchableGraph`:
+the graph variants it patches, checking a patch map, and moving each active patch to the same
+node in every variant's graph.
+
+Node names come from the model's code and dynamo's numbering, so the same op can have another
+name in another variant's graph (a mask adds ops before it). A patch is moved to the node with
+the same identity (op, target, source line, occurrence), not the same name; where there is
+none, the patch is missing in that variant and calls into it refuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, cast
+
+from ..artifact import GraphArtifact
+from ..artifact.signature import SignatureMatcher
+from ..errors import PatchMapError
+from ..patches import Patch
+from .bind import ModuleGraphModule
+from .node_path import NodePath
+from .patching import PatchInstaller, SlotKey
+
+
+@dataclass
+class Variant:
+    """The graphs of one call signature, bound to the model."""
+
+    artifact: GraphArtifact
+    root: ModuleGraphModule
+    matcher: SignatureMatcher
+    installer: PatchInstaller
+    key: str
+    #: whether the root graph returns key/value cache tensors (known after the first call)
+    returns_cache: Optional[bool] = None
+
+
+#: one entry of a ``with pg.patch`` block: (slot key relative to the origin variant's graph,
+#: patches, origin variant)
+#: a node's identity across variants: (op, target, source line, occurrence), or (op, name)
+_Identity = Tuple[Any, ...]
+
+StackEntry = Tuple[SlotKey, List[Patch[Any]], Variant]
+
+
+def patch_lists(patch_map: Any) -> Iterator[Tuple[str, List[Patch[Any]]]]:
+    """``pg.patch``'s argument as (node path, patches) pairs, each checked as it is reached.
+
+    :raises PatchMapError: (a TypeError) not a dict, a key that is not a node path, or a value
+        that is not a Patch or a list of Patches.
+    """
+    if not isinstance(patch_map, Mapping):
+        raise PatchMapError(
+            f"pg.patch() takes a dict {{node path: patch or list of patches}}, got {type(patch_map).__name__}"
+        )
+    for key, value in patch_map.items():
+        if not isinstance(key, (str, NodePath)):
+            raise PatchMapError(
+                f"patch keys are node paths (str or NodePath), got {type(key).__name__}: {key!r}",
+                node_path=repr(key))
+        path = str(key)
+        if isinstance(value, Patch):
+            patches = [value]
+        elif isinstance(value, (list, tuple)):
+            patches = list(value)
+        else:
+            raise PatchMapError(
+                f"the value for {path!r} must be a Patch or a list of Patches, got {type(value).__name__}",
+                node_path=path)
+        for p in patches:
+            if not isinstance(p, Patch):
+                raise PatchMapError(
+                    f"the value for {path!r} holds {type(p).__name__} {p!r:.60}, which is not a Patch",
+                    node_path=path, hint="wrap a function in CustomPatch(custom_op=fn)")
+        yield path, patches
+
+
+def active_patches(stack: List[List[StackEntry]],
+                   variant: Variant) -> Tuple[Dict[SlotKey, List[Patch[Any]]], List[SlotKey]]:
+    """The active patches, keyed by ``variant``'s node names, and the keys it lacks."""
+    active: Dict[SlotKey, List[Patch[Any]]] = {}
+    missing: List[SlotKey] = []
+    for entries in stack:
+        for key, patches, origin in entries:
+            local = key if origin is variant else translate(origin, key, variant)
+            if local is None:
+                missing.append(key)
+                continue
+            active.setdefault(local, []).extend(patches)
+    return active, missing
+
+
+def translate(origin: Variant, key: SlotKey, target: Variant) -> Optional[SlotKey]:
+    """``key`` (a node of ``origin``'s graph) as the node with the same identity in ``target``'s."""
+    graph_path, node, keys = key
+    origin_ids, target_ids = _identities(origin).get(graph_path), _identities(target).get(graph_path)
+    if origin_ids is None or target_ids is None or node not in origin_ids[0]:
+        return None
+    name = target_ids[1].get(origin_ids[0][node])
+    return None if name is None else (graph_path, name, keys)
+
+
+def _identities(variant: Variant) -> Dict[str, Tuple[Dict[str, _Identity], Dict[_Identity, str]]]:
+    """Per graph path: node name -> identity, and identity -> node name."""
+    cached = variant.__dict__.get("_identities")
+    if cached is not None:
+        return cast(Dict[str, Tuple[Dict[str, _Identity], Dict[_Identity, str]]], cached)
+    out: Dict[str, Tuple[Dict[str, _Identity], Dict[_Identity, str]]] = {}
+
+    def walk(graph: Any, path: str) -> None:
+        by_name: Dict[str, _Identity] = {}
+        by_id: Dict[_Identity, str] = {}
+        seen: Dict[_Identity, int] = {}
+        for nd in graph.nodes:
+            if nd.op in ("call_function", "call_method"):
+                base = (nd.op, nd.target, nd.meta.get("source", ""))
+                k = seen.get(base, 0)
+                seen[base] = k + 1
+                ident: _Identity = base + (k,)
+            else:
+                ident = (nd.op, nd.name)
+            by_name[nd.name] = ident
+            by_id[ident] = nd.name
+        out[path] = (by_name, by_id)
+        for child in graph.children:
+            walk(child, f"{path}.{child.name}" if path else child.name)
+
+    walk(variant.artifact.root, "")
+    variant.__dict__["_identities"] = out
+    return out
+
+
+__all__ = ["StackEntry", "Variant", "active_patches", "patch_lists", "translate"]
