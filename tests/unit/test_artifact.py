@@ -1,4 +1,5 @@
-"""Artifact bytes that are not a supported artifact: clear, typed errors (no trace)."""
+"""The artifact's format checks without a model: an unknown schema_version names the supported
+ones, and what is not an artifact is refused (the extracting half: tests/integration/test_artifact.py)."""
 
 import json
 
