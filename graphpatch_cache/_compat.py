@@ -128,7 +128,7 @@ def dynamo_capture_config() -> Iterator[None]:
 
     # use_duck_shape: dynamo gives equal example sizes one symbol ("duck sizing"), so a graph
     # traced at batch == seq silently assumes they stay equal. We want one symbol per size.
-    with torch._dynamo.config.patch(specialize_float=True, specialize_int=True), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  (config modules gain .patch at import, mypy cannot see it)
+    with torch._dynamo.config.patch(specialize_float=True, specialize_int=True), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # config modules gain .patch at import
         yield
 
 
