@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import graphpatch_cache.cache.store as store_mod
+import graphpatch_cache._files as files_mod
 from graphpatch_cache import PatchableGraph, ProbePatch, ZeroPatch, cache_key, load_cached
 from graphpatch_cache.cache import CacheStore
 from graphpatch_cache.cache.store import parse_duration, parse_size
@@ -286,7 +286,7 @@ KILLED_SCRIPT = textwrap.dedent(
     import torch
     from conftest import tiny_gpt2, token_inputs
     from graphpatch_cache import CacheStore, load_cached
-    import graphpatch_cache.cache.store as store_mod
+    import graphpatch_cache._files as files_mod
 
     root, stall_at = sys.argv[1], int(sys.argv[2])
     real_open, count = builtins.open, [0]
@@ -315,7 +315,7 @@ KILLED_SCRIPT = textwrap.dedent(
                 return Stall(f)
         return f
 
-    store_mod.open = stalling_open
+    files_mod.open = stalling_open
     model = tiny_gpt2(n_layer=1, seed=0)
     load_cached(model, cache=CacheStore(root, local_dir=False), **token_inputs())
     print("NOT STALLED", flush=True)
@@ -598,7 +598,7 @@ def test_full_disk_leaves_nothing_half_written(m1, tmp_path, monkeypatch):
         f = real_open(path, mode, *args, **kwargs)
         return Failing(f) if "w" in mode else f
 
-    monkeypatch.setattr(store_mod, "open", failing_open, raising=False)
+    monkeypatch.setattr(files_mod, "open", failing_open, raising=False)
     message = _two_loads(model, inputs, expected, lambda: store(root, tmp_path / "local"))
     assert str(root) in message and os.strerror(code) in message
     assert not files_under(root / "tmp")

@@ -11,7 +11,6 @@ stores anything.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -20,9 +19,9 @@ from ..errors import ArtifactFormatError, CacheError, CacheMissError
 from ..artifact.signature import signature_key
 from ..trust.validate import read_portable
 from .proof import entry_disagreement
-from .store import CacheEntry, CacheStore
-
-_KEY = re.compile(r"^[0-9a-f]{64}$")
+from .records import CacheEntry
+from .settings import is_key
+from .store import CacheStore
 
 
 def export_portable(store: CacheStore, key: str) -> bytes:
@@ -77,7 +76,7 @@ def import_portable(store: CacheStore, data: bytes, name: str, key: Optional[str
         if key is None:
             raise ArtifactFormatError(f"{name} holds no cache key (a file written by pg.save()?)", path=name,
                                       hint="pass --key with the full key, or export it with `graphpatch-cache export`")
-    if not isinstance(key, str) or not _KEY.match(key.lower()):
+    if not isinstance(key, str) or not is_key(key.lower()):
         raise ArtifactFormatError(f"{name}: {key!r} is not a cache key", path=name, hint="keys are 64 hex digits")
     key = key.lower()
     provenance = payload.get("provenance")
