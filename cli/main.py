@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import click
 
+from graphpatch_cache.errors import GraphPatchCacheError
+
 from .build import build
 from .export import export, import_
 from .gc import gc
@@ -50,8 +52,6 @@ def _one_line(text: str) -> str:
 
 def translate(exc: BaseException) -> LibraryError:
     """The CLI's view of an exception raised by a command."""
-    from graphpatch_cache.errors import GraphPatchCacheError
-
     if isinstance(exc, GraphPatchCacheError):
         return LibraryError(_one_line(exc.message), exc.hint and _one_line(exc.hint))
     if isinstance(exc, OSError):
