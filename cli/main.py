@@ -11,7 +11,7 @@ import errno
 import sys
 import traceback
 import warnings
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import click
 
@@ -119,7 +119,7 @@ for _command in (build, ls, show, verify, gc, rm, export, import_, info):
     cli.add_command(_command)
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of ``graphpatch-cache`` and ``python -m graphpatch_cache``."""
     cli.main(args=argv, prog_name="graphpatch-cache")
 

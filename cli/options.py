@@ -82,7 +82,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-class _Parsed(click.ParamType):
+class _Parsed(click.ParamType):  # type: ignore[type-arg]  # generic in click >= 8.2 only
     """A value read by one of the library's parsers (its ValueError becomes a usage error)."""
 
     def __init__(self, name: str, parser: Callable[[Any], Any]) -> None:
@@ -115,7 +115,7 @@ def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_
         # deferred: transformers loads only for commands that need a model
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     resolved = resolve_model(model)
     if dtype == "auto":

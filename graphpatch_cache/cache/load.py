@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union, cast
 
 import torch
 
@@ -186,8 +186,8 @@ def load_cached(
     graph_store, example_kwargs = store_and_inputs(cache, store, example_kwargs)
     extractor = CachingExtractor(graph_store)
     artifact = extractor.load(model, CallInputs.of(model, example_args, example_kwargs), options)
-    pg = PatchableGraph.from_artifact(model, artifact, options=options, extractor=extractor)
-    pg.cache_stats = extractor.stats
+    pg = cast(PatchableGraph, PatchableGraph.from_artifact(model, artifact, options=options, extractor=extractor))
+    setattr(pg, "cache_stats", extractor.stats)  # nn.Module's __setattr__ is typed for tensors and modules only
     return pg
 
 

@@ -227,7 +227,10 @@ def _model_plan(material: Dict[str, Any]) -> Tuple[Any, type, Optional[str]]:
                                 "store=CacheStore(<empty directory>) and compare the digests")
     try:  # optional dependency, deferred: importing the cache must not import transformers
         import transformers
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+        from transformers.models.auto.configuration_auto import (  # type: ignore[attr-defined]  # not re-exported
+            CONFIG_MAPPING,
+            CONFIG_MAPPING_NAMES,
+        )
     except ImportError as exc:
         raise RebuildError("cannot rebuild: transformers is not installed") from exc
     model_type = config.get("model_type")
@@ -308,7 +311,7 @@ def _options(fingerprint: Dict[str, Any]) -> ExtractionOptions:
             or fingerprint.get("postprocessing_function") is not None:
         raise RebuildError("cannot rebuild: the extraction options name classes or functions, which a rebuild "
                            "would have to import")
-    flags = {k: v for k, v in fingerprint.items() if isinstance(v, bool)}
+    flags: Dict[str, Any] = {k: v for k, v in fingerprint.items() if isinstance(v, bool)}
     try:
         options = ExtractionOptions(**flags)
     except TypeError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 
 import torch
 
@@ -169,9 +169,45 @@ def traced_sources(graph: torch.fx.Graph) -> Dict[str, str]:
     return out
 
 
+def _trace(model: torch.nn.Module, inputs: CallInputs,
+           options: ExtractionOptions) -> Tuple[Any, Frame, ModuleGraph, Dict[str, str]]:
+    """(the capture, the root frame, its graphs as data, the modules made opaque and why):
+    traced again with more modules opaque until every graph serializes."""
+    opaque: Set[int] = set()
+    failures: Dict[str, str] = {}
+    while True:
+        cap = capture(model, inputs.args, inputs.kwargs, options, opaque, failures)
+        _check_unused(model, {id(c.module) for c in cap.recorder.calls}, options)
+        # split reads the mapping only (ExtractionOptions types it as a Mapping)
+        root = split(model, cap, cast(Dict[type, Callable[..., Any]], options.custom_extraction_functions))
+        try:
+            data = frame_to_data(root)
+            break
+        except SerializationError as exc:
+            module = getattr(exc, "module", None)
+            if module is None or id(module) in cap.opaque or options.error_on_compilation_failure:
+                raise
+            # every module of that class would fail the same way: make them opaque at once
+            opaque = set(cap.opaque) | {id(m) for m in model.modules() if type(m) is type(module)}
+            failures = dict(cap.failures)
+            failures[getattr(exc, "module_path", "?")] = exc.message.splitlines()[0]
+            if options.warn_on_compilation_failure:
+                warnings.warn(
+                    f"graphpatch_cache: module {getattr(exc, 'module_path', '?')!r} stays opaque: {exc.message}",
+                    stacklevel=3,
+                )
+    if root.hidden:
+        raise ExtractionError(
+            f"{type(model).__name__} reads values that are neither its inputs nor its parameters or "
+            f"buffers: {[n.name for n in root.hidden]}",
+            hint="register such tensors as buffers, or pass them as inputs",
+        )
+    return cap, root, data, failures
+
+
 def extract(
     model: torch.nn.Module,
-    args: tuple = (),
+    args: Tuple[Any, ...] = (),
     kwargs: Optional[Dict[str, Any]] = None,
     options: Optional[ExtractionOptions] = None,
     *,
@@ -189,34 +225,7 @@ def extract(
     options = options or ExtractionOptions()
     if inputs is None:
         inputs = CallInputs.of(model, args, kwargs)
-    opaque: Set[int] = set()
-    failures: Dict[str, str] = {}
-    while True:
-        cap = capture(model, inputs.args, inputs.kwargs, options, opaque, failures)
-        _check_unused(model, {id(c.module) for c in cap.recorder.calls}, options)
-        root = split(model, cap, options.custom_extraction_functions)
-        try:
-            data = frame_to_data(root)
-            break
-        except SerializationError as exc:
-            module = getattr(exc, "module", None)
-            if module is None or id(module) in cap.opaque or options.error_on_compilation_failure:
-                raise
-            # every module of that class would fail the same way: make them opaque at once
-            opaque = set(cap.opaque) | {id(m) for m in model.modules() if type(m) is type(module)}
-            failures = dict(cap.failures)
-            failures[getattr(exc, "module_path", "?")] = exc.message.splitlines()[0]
-            if options.warn_on_compilation_failure:
-                warnings.warn(
-                    f"graphpatch_cache: module {getattr(exc, 'module_path', '?')!r} stays opaque: {exc.message}",
-                    stacklevel=2,
-                )
-    if root.hidden:
-        raise ExtractionError(
-            f"{type(model).__name__} reads values that are neither its inputs nor its parameters or "
-            f"buffers: {[n.name for n in root.hidden]}",
-            hint="register such tensors as buffers, or pass them as inputs",
-        )
+    cap, root, data, failures = _trace(model, inputs, options)
     paths = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     specialized = {paths.get(id(cap.recorder.calls[i].module), "?"): why for i, why in cap.recorder.specialized.items()}
     data = _with_opaque_children(model, root, data, options, specialized)
