@@ -2,56 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 import click
 
-from .options import common_options, is_verbose, model_options, open_store
-from .output import artifact_summary, emit_json, human_size, progress_enabled, short_class, spinner
+from graphpatch_cache import CacheError
+from graphpatch_cache import build as build_graph
+from graphpatch_cache.cache import DEVICE_MAP_STRATEGIES, artifact_summary
+
+from .options import common_options, model_options, model_spec, open_store
+from .output import emit_json, human_size, progress_enabled, short_class, spinner
 from .presets import PRESETS
-
-
-def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int,
-               attention_mask: bool = False, use_cache: bool = False, past_length: int = 0) -> dict:
-    """The config, meta-model arguments and example signature for MODEL and the model options
-    (shared with ``show MODEL``)."""
-    import torch
-    from graphpatch_cache import ExampleSignature
-
-    from .presets import resolve_model
-
-    if not is_verbose():  # transformers' and bitsandbytes' advice is noise here; -v shows it
-        import logging
-
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    resolved = resolve_model(model)
-    if dtype == "auto":
-        torch_dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
-        if isinstance(torch_dtype, str):
-            torch_dtype = getattr(torch, torch_dtype, None)
-        torch_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    return {
-        "resolved": resolved,
-        "dtype": torch_dtype,
-        "quantization": "8bit" if load_in_8bit else None,
-        "signature": ExampleSignature(batch_size=batch_size, seq_len=seq_len, attention_mask=attention_mask,
-                                      use_cache=use_cache, past_length=past_length),
-    }
-
-
-def model_key(spec: dict) -> str:
-    """The key ``build`` stores MODEL's graph under, computed without extracting."""
-    from graphpatch_cache import cache_key
-    from graphpatch_cache.cache import meta_model
-
-    model = meta_model(spec["resolved"].config, dtype=spec["dtype"], quantization=spec["quantization"])
-    return cache_key(model, **spec["signature"].inputs(model.config, model))
 
 
 @click.command(epilog=f"""\b
@@ -91,19 +54,15 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: 
     stored under the key load_cached() computes for the real model loaded with
     from_pretrained() in the same dtype, with inputs of the same shape class.
     """
-    from graphpatch_cache import build as build_graph
-
     spec = model_spec(model, dtype, load_in_8bit, batch_size, seq_len, attention_mask, use_cache, past_length)
     store = open_store(cache_dir)
     resolved = spec["resolved"]
     with spinner(f"extracting {model}", progress_enabled(as_json)):
         result = build_graph(resolved.config, dtype=spec["dtype"], quantization=spec["quantization"],
-                             cache=store, signature=spec["signature"], force=force,
+                             store=store, signature=spec["signature"], force=force,
                              device_map=_device_map(device_map))
     entry = result.entry
     if entry is None:
-        from graphpatch_cache import CacheError
-
         raise CacheError(f"the graph was extracted but could not be stored in {store.root}", path=str(store.root),
                          hint="check that the cache directory is writable, or pass --cache-dir")
     summary = artifact_summary(result.artifact)
@@ -142,10 +101,6 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: 
 
 def _device_map(text: Optional[str]) -> Any:
     """--device-map: a strategy name, a JSON object, or a JSON file holding one."""
-    import json
-
-    from graphpatch_cache.cache.build import DEVICE_MAP_STRATEGIES
-
     if text is None or text in DEVICE_MAP_STRATEGIES:
         return text
     source = text
@@ -164,4 +119,4 @@ def _device_map(text: Optional[str]) -> Any:
     return value
 
 
-__all__ = ["build", "model_key", "model_spec"]
+__all__ = ["build"]

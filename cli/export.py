@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import click
 
-from graphpatch_cache._files import write_atomic
+from graphpatch_cache.cache import environment_fingerprint, export_portable, import_portable
 
 from .options import common_options, open_store
 from .output import emit_json, human_size, note
@@ -50,11 +50,9 @@ Examples:
 @common_options
 def export(key: str, output: str, cache_dir: Optional[Path], as_json: bool) -> None:
     """Write every graph variant of KEY to one portable file."""
-    from graphpatch_cache.cache.transfer import export_portable
-
     store = open_store(cache_dir)
     key = store.resolve(key)
-    data = export_portable(store, key)
+    data = export_portable(store, key, None if output == "-" else Path(output))  # written atomically
     variants = len(store.variants(key))
     if output == "-":
         if as_json:
@@ -62,7 +60,6 @@ def export(key: str, output: str, cache_dir: Optional[Path], as_json: bool) -> N
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    write_atomic(Path(output), data)
     if as_json:
         emit_json({"key": key, "file": output, "variants": variants, "size": len(data)})
     else:
@@ -94,16 +91,13 @@ Examples:
 @common_options
 def import_(file: str, key_option: Optional[str], cache_dir: Optional[Path], as_json: bool) -> None:
     """Store the graphs in FILE (written by `export`) in the cache, under its key."""
-    from graphpatch_cache.cache import environment_fingerprint
-    from graphpatch_cache.cache.transfer import import_portable
-
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     name = "<stdin>" if file == "-" else file
     store = open_store(cache_dir)
     result = import_portable(store, data, name, key_option)  # checks everything first; stores nothing on failure
     key, entries, artifacts = result.key, result.entries, result.artifacts
     env = environment_fingerprint()
-    matches = all(a.versions.get(k) == env.get(k) for a in artifacts for k in ("torch", "transformers", "python"))
+    matches = result.matches_environment
     if as_json:
         variants: List[Dict[str, Any]] = [{"variant": e.variant, "digest": e.digest, "size": e.size} for e in entries]
         emit_json({"key": key, "root": str(store.root), "matches_environment": matches,

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import click
+
+from graphpatch_cache.cache import SUPPORTED_SCHEMA_VERSIONS, environment_fingerprint
 
 from .options import common_options, open_store
 from .output import emit_json, human_size
 
 
 def _version(package: str) -> Optional[str]:
-    from importlib import metadata
-
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -43,9 +44,6 @@ def info(cache_dir: Optional[Path], as_json: bool) -> None:
     Two machines share cache entries only when their environment lines match. accelerate and
     bitsandbytes enter the key only of models that use them (offloaded or 8-bit).
     """
-    from graphpatch_cache.artifact import SUPPORTED_SCHEMA_VERSIONS
-    from graphpatch_cache.cache import environment_fingerprint
-
     store = open_store(cache_dir)
     entries = store.entries()
     data: Dict[str, Any] = {

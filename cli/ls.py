@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import click
 
+from graphpatch_cache.cache import CacheEntry, CacheStore, entry_dtype
+
 from .options import common_options, open_store
-from .output import emit_json, human_size, iso_time, local_time, model_dtype, short_class, table
+from .output import emit_json, human_size, iso_time, local_time, short_class, table
 
 
-def describe(store: Any, entry: Any) -> Dict[str, Any]:
+def describe(store: CacheStore, entry: CacheEntry) -> Dict[str, Any]:
     """One entry as ``ls --json`` prints it (the dtype comes from the verified blob)."""
-    dtype = quantization = None
-    data = store.read_blob(entry.digest, where=f"key {entry.key[:12]}")
-    if data is not None:
-        try:
-            structure = json.loads(data).get("extraction", {}).get("structure") or {}
-            dtype, quantization = model_dtype(structure)
-        except (ValueError, AttributeError):
-            pass  # `verify` reports it
+    intact, dtype, quantization = entry_dtype(store, entry)
     return {
         "key": entry.key,
         "variant": entry.variant,
@@ -32,7 +26,7 @@ def describe(store: Any, entry: Any) -> Dict[str, Any]:
         "size": entry.size,
         "created": iso_time(entry.created),
         "versions": dict(entry.versions),
-        "intact": data is not None,
+        "intact": intact,
     }
 
 

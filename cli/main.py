@@ -11,9 +11,11 @@ import errno
 import sys
 import traceback
 import warnings
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import click
+
+from graphpatch_cache.errors import GraphPatchCacheError
 
 from .build import build
 from .export import export, import_
@@ -50,8 +52,6 @@ def _one_line(text: str) -> str:
 
 def translate(exc: BaseException) -> LibraryError:
     """The CLI's view of an exception raised by a command."""
-    from graphpatch_cache.errors import GraphPatchCacheError
-
     if isinstance(exc, GraphPatchCacheError):
         return LibraryError(_one_line(exc.message), exc.hint and _one_line(exc.hint))
     if isinstance(exc, OSError):
@@ -119,7 +119,7 @@ for _command in (build, ls, show, verify, gc, rm, export, import_, info):
     cli.add_command(_command)
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of ``graphpatch-cache`` and ``python -m graphpatch_cache``."""
     cli.main(args=argv, prog_name="graphpatch-cache")
 

@@ -2,15 +2,23 @@
 
 Every command takes ``--cache-dir``, ``--json`` and ``-v``; ``build`` and ``show`` share the
 options that pick a model's graph (``--dtype``, ``--load-in-8bit``, ``--batch-size``,
-``--seq-len``), so ``show MODEL`` finds exactly the key ``build MODEL`` wrote.
+``--seq-len``) and what they mean (:func:`model_spec`, :func:`model_key`), so ``show MODEL``
+finds exactly the key ``build MODEL`` wrote.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import click
+import torch
+
+from graphpatch_cache import CacheStore, ExampleSignature, cache_key
+from graphpatch_cache.cache import meta_model, parse_duration, parse_size
+
+from .presets import resolve_model
 
 VERBOSE_KEY = "graphpatch_cache.verbose"
 JSON_KEY = "graphpatch_cache.json"
@@ -74,38 +82,67 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-class _Parsed(click.ParamType):
-    """A value read by one of the store's parsers (its ValueError becomes a usage error)."""
+class _Parsed(click.ParamType):  # type: ignore[type-arg]  # generic in click >= 8.2 only
+    """A value read by one of the library's parsers (its ValueError becomes a usage error)."""
 
-    def __init__(self, name: str, parser_name: str) -> None:
+    def __init__(self, name: str, parser: Callable[[Any], Any]) -> None:
         self.name = name
-        self._parser_name = parser_name
+        self._parser = parser
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
-        from graphpatch_cache.cache import store
-
         try:
-            return getattr(store, self._parser_name)(value)
+            return self._parser(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
 #: ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` -> seconds
-DURATION = _Parsed("duration", "parse_duration")
+DURATION = _Parsed("duration", parse_duration)
 #: ``5GB``, ``500MB``, ``2GiB``, ``1024`` -> bytes (powers of 1024)
-SIZE = _Parsed("size", "parse_size")
+SIZE = _Parsed("size", parse_size)
 
 
-def open_store(cache_dir: Optional[Path]) -> Any:
+def open_store(cache_dir: Optional[Path]) -> CacheStore:
     """The :class:`~graphpatch_cache.CacheStore` at ``cache_dir`` (or the default root)."""
-    from graphpatch_cache import CacheStore
-
     return CacheStore(cache_dir)
 
 
-def resolve_keys(store: Any, prefixes: Any) -> list:
+def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int,
+               attention_mask: bool = False, use_cache: bool = False, past_length: int = 0) -> Dict[str, Any]:
+    """The config, meta-model arguments and example signature for MODEL and the model options
+    (``build MODEL`` and ``show MODEL``)."""
+    if not is_verbose():  # transformers' and bitsandbytes' advice is noise here; -v shows it
+        # deferred: transformers loads only for commands that need a model
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    resolved = resolve_model(model)
+    if dtype == "auto":
+        torch_dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
+        if isinstance(torch_dtype, str):
+            torch_dtype = getattr(torch, torch_dtype, None)
+        torch_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    return {
+        "resolved": resolved,
+        "dtype": torch_dtype,
+        "quantization": "8bit" if load_in_8bit else None,
+        "signature": ExampleSignature(batch_size=batch_size, seq_len=seq_len, attention_mask=attention_mask,
+                                      use_cache=use_cache, past_length=past_length),
+    }
+
+
+def model_key(spec: Dict[str, Any]) -> str:
+    """The key ``build`` stores MODEL's graph under, computed without extracting."""
+    model = meta_model(spec["resolved"].config, dtype=spec["dtype"], quantization=spec["quantization"])
+    return cache_key(model, **spec["signature"].inputs(model.config, model))
+
+
+def resolve_keys(store: CacheStore, prefixes: Any) -> List[str]:
     """Full keys for key prefixes (each must match exactly one key)."""
-    out = []
+    out: List[str] = []
     for prefix in prefixes:
         key = store.resolve(prefix)
         if key not in out:
@@ -119,4 +156,4 @@ def is_verbose(ctx: Optional[click.Context] = None) -> bool:
 
 
 __all__ = ["DTYPES", "DURATION", "SIZE", "cache_dir_option", "common_options", "is_verbose", "json_option",
-           "model_options", "open_store", "resolve_keys", "verbose_option"]
+           "model_key", "model_options", "model_spec", "open_store", "resolve_keys", "verbose_option"]

@@ -13,8 +13,7 @@ import json
 import sys
 import threading
 import time
-from collections import Counter
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import click
 
@@ -56,31 +55,6 @@ def table(headers: Sequence[str], rows: List[Sequence[str]]) -> None:
 
 def short_class(qualified: str) -> str:
     return qualified.rpartition(".")[2]
-
-
-def artifact_summary(artifact: Any) -> Dict[str, Any]:
-    """Counts and dtype of an artifact (or of its decoded JSON payload)."""
-    data = artifact if isinstance(artifact, dict) else artifact.to_dict()
-    graphs = nodes = 0
-    stack = [data["root"]]
-    while stack:
-        graph = stack.pop()
-        graphs += 1
-        nodes += len(graph["nodes"])
-        stack.extend(graph["children"])
-    structure = data.get("extraction", {}).get("structure") or {}
-    dtype, quantization = model_dtype(structure)
-    return {"graphs": graphs, "nodes": nodes, "modules": len(structure.get("modules", [])) or None,
-            "dtype": dtype, "quantization": quantization}
-
-
-def model_dtype(structure: Dict[str, Any]) -> tuple:
-    """(the parameters' dtype, ``"8bit"`` or ``None``) from an artifact's recorded structure."""
-    counts = Counter(t[3] for t in structure.get("tensors", []) if t[0] == "param")
-    quantization = "8bit" if counts.get("torch.int8") else None
-    floats = [(n, d) for d, n in counts.items() if d != "torch.int8"]
-    dtype = max(floats)[1].removeprefix("torch.") if floats else None
-    return dtype, quantization
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -154,5 +128,5 @@ def progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
         bar.close()
 
 
-__all__ = ["Progress", "artifact_summary", "emit_json", "human_size", "iso_time", "local_time", "model_dtype",
-           "note", "progress", "progress_enabled", "short_class", "spinner", "table"]
+__all__ = ["Progress", "emit_json", "human_size", "iso_time", "local_time", "note", "progress", "progress_enabled",
+           "short_class", "spinner", "table"]

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from graphpatch_cache.cache import BuildError
+from graphpatch_cache.errors import close_matches
+
 _GPT2_COMMON: Dict[str, Any] = {
     "activation_function": "gelu_new",
     "architectures": ["GPT2LMHeadModel"],
@@ -169,14 +172,14 @@ class ResolvedModel:
 
 def preset_config(preset: Preset) -> Any:
     """The transformers config of ``preset``, made as ``from_pretrained`` makes it."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers loads only for commands that need a model
 
     data = dict(preset.config)
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 def _load_config(location: str, **kwargs: Any) -> Any:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers loads only for commands that need a model
 
     return AutoConfig.from_pretrained(location, local_files_only=True, **kwargs)
 
@@ -186,9 +189,6 @@ def resolve_model(spec: str) -> ResolvedModel:
 
     :raises BuildError: none of these, with a hint saying how to get the config.
     """
-    from graphpatch_cache.cache import BuildError
-    from graphpatch_cache.errors import close_matches
-
     if spec in PRESETS:
         return ResolvedModel(spec, "preset", preset_config(PRESETS[spec]))
     path = Path(spec).expanduser()

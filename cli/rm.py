@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
@@ -30,7 +30,7 @@ def rm(keys: Tuple[str, ...], cache_dir: Optional[Path], as_json: bool) -> None:
     """Remove the entries of KEY (and of any further KEYs)."""
     store = open_store(cache_dir)
     full = resolve_keys(store, keys)  # all resolve before anything is removed
-    removed = [{"key": key, "variants": store.remove(key)} for key in full]
+    removed: List[Dict[str, Any]] = [{"key": key, "variants": store.remove(key)} for key in full]
     if as_json:
         emit_json({"root": str(store.root), "removed": removed})
         return

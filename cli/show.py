@@ -8,21 +8,20 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import click
 
-from .options import common_options, model_options, open_store
+from graphpatch_cache.cache import CacheEntry, CacheStore, node_tree
+from graphpatch_cache.errors import CacheMissError, GraphPatchCacheError
+
+from .options import common_options, model_key, model_options, model_spec, open_store
 from .output import emit_json, note
 
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 
 
-def find_entry(store: Any, target: str, model_args: Dict[str, Any]) -> Tuple[Any, Any]:
+def find_entry(store: CacheStore, target: str, model_args: Dict[str, Any]) -> Tuple[CacheEntry, Any]:
     """(entry, artifact) for a key prefix, or for MODEL built with ``model_args``.
 
     :raises CacheMissError: neither a key in the cache nor a model whose graph is cached.
     """
-    from graphpatch_cache import CacheMissError, GraphPatchCacheError
-
-    from .build import model_key, model_spec
-
     key = None
     if _HEX.match(target):
         try:
@@ -56,7 +55,10 @@ def find_entry(store: Any, target: str, model_args: Dict[str, Any]) -> Tuple[Any
 
 
 def _nodes(node: Any, depth: Optional[int], grep: Optional[str]) -> List[Dict[str, Any]]:
-    """The nodes below ``node`` as ``show --json`` lists them (depth first)."""
+    """The nodes below ``node`` as ``show --json`` lists them (depth first).
+
+    The substring filter repeats NodePath's tree filtering (``NodePath._tree``): the
+    runtime has no public walk of a filtered subtree yet for this to call."""
     out: List[Dict[str, Any]] = []
 
     def paths(n: Any) -> Iterator[str]:
@@ -113,13 +115,11 @@ def show(target: str, node_path: str, depth: Optional[int], pattern: Optional[st
     model options. NODE_PATH (e.g. transformer.h_0.mlp) picks a subtree; the paths printed
     are the ones pg.patch() takes.
     """
-    from graphpatch_cache import NodePath
-
     store = open_store(cache_dir)
     model_args = {"dtype": dtype, "load_in_8bit": load_in_8bit, "batch_size": batch_size, "seq_len": seq_len,
                   "attention_mask": attention_mask, "use_cache": use_cache, "past_length": past_length}
     entry, artifact = find_entry(store, target, model_args)
-    root = NodePath.from_graph(artifact.root)
+    root = node_tree(artifact)
     node = root[node_path] if node_path else root
     if code:
         text = node._code

@@ -7,19 +7,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
+from graphpatch_cache.cache import Problem, RebuildReport, check_node_tree, check_rebuilds
+
 from .options import common_options, open_store, resolve_keys
 from .output import emit_json, progress, progress_enabled
-
-
-def tree_check(artifact: Any) -> None:
-    """The node-path tree builds (what ``show`` and patching need), beyond what the loader's
-    :func:`~graphpatch_cache.validate.read_artifact` already checked.
-
-    :raises GraphPatchCacheError: naming the node.
-    """
-    from graphpatch_cache import NodePath
-
-    NodePath.from_graph(artifact.root)
 
 
 @click.command(epilog="""\b
@@ -65,16 +56,18 @@ def verify(keys: Tuple[str, ...], fix: bool, rebuild: bool, cache_dir: Optional[
         todo = resolve_keys(store, keys)
     else:
         todo = store.keys()
-    problems: List[Any] = []
-    rebuilt: List[Any] = []
+    problems: List[Problem] = []
+    rebuilt: List[RebuildReport] = []
     checked = 0
     with progress("verifying", progress_enabled(as_json) and (len(todo) > 1 or rebuild)) as bar:
         for i, key in enumerate(todo):
-            report = store.check([key], fix=fix, rebuild_check=tree_check)
+            report = store.check([key], fix=fix, rebuild_check=check_node_tree)
             checked += report.checked
             problems += report.problems
-            if rebuild:
-                rebuilt += _rebuild(store, key, report.problems, fix, problems)
+            if rebuild:  # the variants that passed the other checks; a differing digest is a problem
+                reports, found = check_rebuilds(store, key, skip={p.variant for p in report.problems}, fix=fix)
+                rebuilt += reports
+                problems += found
             bar(i + 1, len(todo))
     failed = len({(p.key, p.variant) for p in problems})
     if as_json:
@@ -104,22 +97,4 @@ def verify(keys: Tuple[str, ...], fix: bool, rebuild: bool, cache_dir: Optional[
         click.get_current_context().exit(1)
 
 
-def _rebuild(store: Any, key: str, found: List[Any], fix: bool, problems: List[Any]) -> List[Any]:
-    """Rebuild the variants of ``key`` that passed the other checks; a digest that differs
-    (or an entry that cannot be rebuilt) becomes a problem."""
-    from graphpatch_cache.cache import Problem, verify_rebuild
-
-    bad = {p.variant for p in found}
-    reports = [r for r in verify_rebuild(store, key) if r.variant not in bad]
-    for r in reports:
-        if r.ok:
-            continue
-        kind = "rebuild-differs" if r.status == "differs" else "cannot-rebuild"
-        ref = store.root / "refs" / r.key / f"{r.variant}.json"
-        problems.append(Problem(path=str(ref), key=r.key, message=r.message, variant=r.variant, kind=kind))
-        if fix and kind == "rebuild-differs":
-            store.quarantine_variant(r.key, r.variant)
-    return reports
-
-
-__all__ = ["tree_check", "verify"]
+__all__ = ["verify"]

@@ -232,3 +232,15 @@ __all__ = [
     "UnusedSubmoduleError",
     "close_matches",
 ]
+
+
+class BuildError(GraphPatchCacheError):
+    """A build request cannot be carried out (unknown config class, missing package...)."""
+
+
+class RebuildError(BuildError):
+    """An entry cannot be rebuilt here (not a transformers model, options naming code, an
+    entry of an older release, another environment, a device this machine lacks...)."""
+
+
+__all__ += ["BuildError", "RebuildError"]

@@ -123,7 +123,7 @@ def child_hit(name: str, root: str, local: str, seq: int) -> None:
     first in this process (parse, schema, loader checks and bind all paid here)."""
     model, vocab = MODELS[name]()
     inputs = _inputs(vocab, seq)
-    pg, seconds = _timed(lambda: load_cached(model, cache=CacheStore(root, local_dir=local), **inputs))
+    pg, seconds = _timed(lambda: load_cached(model, store=CacheStore(root, local_dir=local), **inputs))
     print(json.dumps({"seconds": seconds, "hits": pg.cache_stats.hits, "misses": pg.cache_stats.misses}))
 
 
@@ -148,12 +148,12 @@ def bench(name: str, seq: int, hits: int, fresh_runs: int = 0) -> dict:
     fresh, fresh_s = _timed(lambda: PatchableGraph(model, **inputs))
     with tempfile.TemporaryDirectory(prefix="gpc_bench_") as tmp:
         store = CacheStore(Path(tmp) / "root", local_dir=Path(tmp) / "local")
-        miss, miss_s = _timed(lambda: load_cached(model, cache=store, **inputs))
+        miss, miss_s = _timed(lambda: load_cached(model, store=store, **inputs))
         miss_stats = (miss.cache_stats.hits, miss.cache_stats.misses)
         hit_times, hit_stats = [], []
         hit = None
         for _ in range(hits):
-            hit, seconds = _timed(lambda: load_cached(model, cache=store, **inputs))
+            hit, seconds = _timed(lambda: load_cached(model, store=store, **inputs))
             hit_times.append(seconds)
             hit_stats.append((hit.cache_stats.hits, hit.cache_stats.misses))
         fresh_hits = fresh_process_hits(name, Path(tmp) / "root", Path(tmp) / "local", seq, fresh_runs)

@@ -2,47 +2,76 @@
 
 Call map::
 
-    load_cached(model, *inputs)  -> CachingExtractor(store)(model, inputs)
-        cache_key(model, inputs) -> store.variants(key) -> signature fits? -> store.load_entry
+    load_cached(model, *inputs, store=)  -> CallInputs.of(model, inputs)   (canonical, once)
+      -> CachingExtractor(store).load(model, call)
+        key_material(call) -> store.variants(key) -> signature fits? -> store.load_entry
         hit: proof.live_disagreement? -> quarantine the ref, warn once, go on (a miss)
-        miss: store.lock(key) -> extract -> store.put(key, artifact, material=, example=)
+        miss: store.lock(key) -> extract(call) -> store.put(key, artifact, material=, example=)
       -> PatchableGraph.from_artifact(model, artifact, extractor=the same CachingExtractor)
 
-    store.check(keys, fix=)   read-only without fix: refs, blobs, read_artifact, proof
+    store.check(keys, fix=)   (maintenance.py) read-only without fix: refs, blobs, read_artifact, proof
     verify_rebuild(store, key) -> rebuild.rebuild_artifact (meta device) -> digest comparison
+
+Modules: settings (default roots, units, the key pattern), records (entries, reports),
+store (put/get/read/lock/layout), maintenance (check/remove/gc), locking, local (the
+per-user tier), keys, proof, load, build, rebuild, transfer (export/import), summary
+(what an artifact holds, for the CLI).
 """
 
-from .build import BuildError, BuildResult, ExampleSignature, build, meta_model
+from __future__ import annotations
+
+from ..artifact import SUPPORTED_SCHEMA_VERSIONS
+from ..errors import BuildError, RebuildError
+from ..integrations.transformers import DEVICE_MAP_STRATEGIES, check_device_map, meta_model
+from .build import BuildResult, ExampleSignature, build
 from .keys import cache_key, environment_fingerprint, key_material
-from .load import CacheStats, CachingExtractor, load_cached
-from .rebuild import RebuildError, RebuildReport, rebuild_artifact, verify_rebuild
+from .load import CacheStats, CachingExtractor, StoreLike, load_cached
+from .maintenance import ArtifactCheck
+from .rebuild import RebuildReport, check_rebuilds, rebuild_artifact, verify_rebuild
+from .records import CacheEntry, CheckReport, GcReport, Problem
+from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
+from .store import CacheStore
+from .summary import artifact_summary, check_node_tree, entry_dtype, model_dtype, node_tree
 from .transfer import ImportResult, export_portable, import_portable
-from .store import CacheEntry, CacheStore, CheckReport, GcReport, Problem, default_local_dir, default_root
 
 __all__ = [
+    "ArtifactCheck",
     "BuildError",
     "BuildResult",
-    "ExampleSignature",
-    "build",
-    "meta_model",
     "CacheEntry",
     "CacheStats",
     "CacheStore",
     "CachingExtractor",
     "CheckReport",
+    "DEVICE_MAP_STRATEGIES",
+    "ExampleSignature",
     "GcReport",
     "ImportResult",
     "Problem",
     "RebuildError",
     "RebuildReport",
+    "SUPPORTED_SCHEMA_VERSIONS",
+    "StoreLike",
+    "artifact_summary",
+    "build",
     "cache_key",
+    "check_device_map",
+    "check_node_tree",
+    "check_rebuilds",
     "default_local_dir",
     "default_root",
+    "entry_dtype",
     "environment_fingerprint",
     "export_portable",
     "import_portable",
+    "is_key",
     "key_material",
     "load_cached",
+    "meta_model",
+    "model_dtype",
+    "node_tree",
+    "parse_duration",
+    "parse_size",
     "rebuild_artifact",
     "verify_rebuild",
 ]

@@ -24,18 +24,18 @@ import inspect
 import json
 import marshal
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple, Union
 
 import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION
+from ..artifact.signature import _const
 from ..live.environment import environment_versions
+from ..live.inputs import CallInputs, Inputs, flat_inputs
 from ..live.sources import module_file_digest
 from ..live.structure import module_list, tensor_list
 from ..options import ExtractionOptions
-from ..artifact.signature import _const
-from ..live.inputs import canonical_inputs, flat_inputs
 
 #: config fields that describe the machine or the download, not the model's structure, and
 #: fields the tensors already say better (the dtype a config was saved with vs loaded in)
@@ -79,7 +79,8 @@ def config_fingerprint(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
         return None
     data = {k: v for k, v in config.to_dict().items() if k not in _MACHINE_CONFIG_FIELDS}
     data["_attn_implementation"] = getattr(config, "_attn_implementation", None)
-    return _jsonable(data)
+    fingerprint: Dict[str, Any] = _jsonable(data)
+    return fingerprint
 
 
 def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
@@ -87,7 +88,7 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
     modules = module_list(model)
     tensors = tensor_list(model)
     files = set()
-    code_digests: set = set()
+    code_digests: Set[str] = set()
     for m in model.modules():
         for cls in type(m).__mro__:
             if cls in (torch.nn.Module, object):
@@ -111,9 +112,12 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
     }
 
 
-def input_fingerprint(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
-    """The example inputs' shape class: sizes 0 and 1 are distinct, larger sizes are not."""
-    leaves, spec = flat_inputs(inputs)
+def input_fingerprint(inputs: Union[Inputs, CallInputs]) -> Dict[str, Any]:
+    """The example inputs' shape class: sizes 0 and 1 are distinct, larger sizes are not.
+
+    :param inputs: canonical inputs, or the :class:`~graphpatch_cache.live.inputs.CallInputs` of a call.
+    """
+    leaves, spec = (inputs.leaves, inputs.spec) if isinstance(inputs, CallInputs) else flat_inputs(inputs)
     out = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
@@ -126,13 +130,20 @@ def input_fingerprint(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
 
 def key_material(
     model: torch.nn.Module,
-    args: tuple,
-    kwargs: dict,
+    args: Tuple[Any, ...] = (),
+    kwargs: Optional[Dict[str, Any]] = None,
     options: Optional[ExtractionOptions] = None,
     environment: Optional[Dict[str, Any]] = None,
+    *,
+    inputs: Optional[CallInputs] = None,
 ) -> Dict[str, Any]:
-    """Everything the key is a digest of (useful to see why two keys differ)."""
-    inputs = canonical_inputs(model, tuple(args), dict(kwargs))
+    """Everything the key is a digest of (useful to see why two keys differ).
+
+    :param inputs: the call's :class:`~graphpatch_cache.live.inputs.CallInputs`, when the
+        caller has them (then ``args``/``kwargs`` are not read).
+    """
+    if inputs is None:
+        inputs = CallInputs.of(model, tuple(args), dict(kwargs or {}))
     return {
         "environment": environment if environment is not None else environment_fingerprint(model),
         "model": structure_fingerprint(model),

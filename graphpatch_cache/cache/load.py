@@ -9,32 +9,33 @@ and are cached under their own keys.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union, cast
 
 import torch
 
-from ..integrations import kv_cache
 from ..artifact import GraphArtifact
-from ..live.sources import sources_unchanged
-from ..errors import CacheError
-from ..options import ExtractionOptions
-from ..compose import PatchableGraph, default_extractor
 from ..artifact.signature import SignatureMatcher
-from ..live.inputs import canonical_inputs, concrete_signature, flat_inputs
+from ..compose import PatchableGraph, extract
+from ..errors import CacheError
+from ..integrations import kv_cache
+from ..live.inputs import CallInputs
+from ..live.sources import sources_unchanged
+from ..options import ExtractionOptions
 from .keys import digest_of, key_material
 from .proof import canonical, disagreement, live_disagreement, recorded_material
 from .store import CacheStore
 
-_WARNED_ROOTS: set = set()
-_WARNED: set = set()
+_WARNED_ROOTS: Set[str] = set()
+_WARNED: Set[str] = set()
 
 
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message, stacklevel=5)
 
 
 @dataclass
@@ -55,12 +56,11 @@ class CachingExtractor:
         self.store = store
         self.stats = CacheStats()
 
-    def _lookup(self, key: str, material: Dict[str, Any], inputs: Any) -> Optional[GraphArtifact]:
-        leaves, spec = flat_inputs(inputs)
+    def _lookup(self, key: str, material: Dict[str, Any], inputs: CallInputs) -> Optional[GraphArtifact]:
         recorded_text: Optional[str] = None
         for entry in self.store.variants(key, repair=True):
             try:
-                fits = bool(entry.signature) and SignatureMatcher(entry.signature).fits(leaves, spec)
+                fits = bool(entry.signature) and SignatureMatcher(entry.signature).fits(list(inputs.leaves), inputs.spec)
             except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):
                 self.store.quarantine_ref(entry, "malformed signature")  # a ref's spec is data from the root
                 continue
@@ -80,11 +80,19 @@ class CachingExtractor:
             return artifact
         return None
 
-    def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict, options: ExtractionOptions) -> GraphArtifact:
-        material = key_material(model, tuple(args), dict(kwargs), options)
+    def __call__(self, model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                 options: ExtractionOptions) -> GraphArtifact:
+        """The extractor protocol (what :class:`PatchableGraph` calls for a new signature)."""
+        return self.load(model, CallInputs.of(model, args, kwargs), options)
+
+    def load(self, model: torch.nn.Module, inputs: CallInputs, options: ExtractionOptions,
+             material: Optional[Dict[str, Any]] = None) -> GraphArtifact:
+        """The artifact for ``model`` called with ``inputs``: from the store, else extracted
+        and stored. ``material``: the call's key material, when the caller computed it."""
+        if material is None:
+            material = key_material(model, options=options, inputs=inputs)
         key = digest_of(material)
         self.stats.keys.append(key)
-        inputs = canonical_inputs(model, tuple(args), dict(kwargs))
         artifact = self._lookup(key, material, inputs)
         if artifact is not None:
             self.stats.hits += 1
@@ -94,50 +102,63 @@ class CachingExtractor:
             if artifact is not None:
                 self.stats.hits += 1
                 return artifact
-            artifact = default_extractor(model, args, kwargs, options)
+            artifact = extract(model, options=options, inputs=inputs)
             self.stats.misses += 1
-            why = disagreement(material, artifact)
-            if why is not None:  # never store an entry that every later hit would refuse
-                self.stats.write_failures += 1
-                _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {why} "
-                           "(a bug in graphpatch-cache; please report it)")
-                return artifact
-            try:
-                self.store.put(key, artifact, material=material, example=concrete_signature(inputs))
-            except CacheError as exc:  # the entry would not prove its key: keep it out of the cache
-                self.stats.write_failures += 1
-                _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {exc.message} "
-                           "(a bug in graphpatch-cache; please report it)")
-            except OSError as exc:
-                self.stats.write_failures += 1
-                root = str(self.store.root)
-                if root not in _WARNED_ROOTS:
-                    _WARNED_ROOTS.add(root)
-                    warnings.warn(
-                        f"graphpatch_cache: cannot write to the cache at {root} ({exc.strerror or exc}); "
-                        "graphs are extracted in memory and not cached",
-                        stacklevel=4,
-                    )
+            self._put(model, key, material, inputs, artifact)
         return artifact
 
+    def _put(self, model: torch.nn.Module, key: str, material: Dict[str, Any], inputs: CallInputs,
+             artifact: GraphArtifact) -> None:
+        """Store a fresh extraction; a failure is counted and warned about, never raised."""
+        why = disagreement(material, artifact)
+        if why is not None:  # never store an entry that every later hit would refuse
+            self.stats.write_failures += 1
+            _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {why} "
+                       "(a bug in graphpatch-cache; please report it)")
+            return
+        try:
+            self.store.put(key, artifact, material=material, example=inputs.concrete_signature)
+        except CacheError as exc:  # the entry would not prove its key: keep it out of the cache
+            self.stats.write_failures += 1
+            _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {exc.message} "
+                       "(a bug in graphpatch-cache; please report it)")
+        except OSError as exc:
+            self.stats.write_failures += 1
+            root = str(self.store.root)
+            if root not in _WARNED_ROOTS:
+                _WARNED_ROOTS.add(root)
+                warnings.warn(
+                    f"graphpatch_cache: cannot write to the cache at {root} ({exc.strerror or exc}); "
+                    "graphs are extracted in memory and not cached",
+                    stacklevel=5,
+                )
 
-def _store(cache: Union[CacheStore, str, Any, None]) -> CacheStore:
-    if isinstance(cache, CacheStore):
-        return cache
-    return CacheStore(cache)
+
+#: what ``store=`` (and the deprecated ``cache=``) take: a store, a root directory, or None
+StoreLike = Union[CacheStore, str, "os.PathLike[str]", None]
 
 
-def store_and_inputs(cache: Any, store: Any, example_kwargs: dict) -> Tuple[CacheStore, dict]:
-    """Resolve ``cache=``, which names our graph cache *and* (transformers >= 5) a model's
-    key/value cache argument: with ``store=`` given, ``cache=`` is a model input; without
-    it, a transformers ``Cache`` object passed as ``cache=`` is a model input, and anything
-    else (a CacheStore, a path, None) is the graph cache."""
+def _store(store: StoreLike) -> CacheStore:
+    if isinstance(store, CacheStore):
+        return store
+    return CacheStore(store)
+
+
+def store_and_inputs(cache: Any, store: StoreLike, example_kwargs: Dict[str, Any],
+                     caller: str = "load_cached") -> Tuple[CacheStore, Dict[str, Any]]:
+    """Resolve ``store=`` and ``cache=``. ``store=`` names the graph store; ``cache=`` is a
+    model's key/value cache argument (transformers >= 5) whenever ``store=`` is given or it
+    holds a transformers ``Cache``. Otherwise ``cache=`` is the deprecated name of the graph
+    store (a CacheStore or a path): it still works, with a ``DeprecationWarning``."""
     if store is not None:
         if cache is not None:
             example_kwargs = dict(example_kwargs, cache=cache)
         return _store(store), example_kwargs
     if kv_cache.is_cache(cache):
         return _store(None), dict(example_kwargs, cache=cache)
+    if cache is not None:
+        warnings.warn(f"{caller}(cache=...) for the graph store is deprecated: pass it as store= "
+                      "(cache= is a transformers model's key/value cache argument)", DeprecationWarning, stacklevel=3)
     return _store(cache), example_kwargs
 
 
@@ -145,29 +166,29 @@ def load_cached(
     model: torch.nn.Module,
     *example_args: Any,
     options: Optional[ExtractionOptions] = None,
-    cache: Union[CacheStore, str, Any, None] = None,
-    store: Union[CacheStore, str, None] = None,
+    store: StoreLike = None,
+    cache: Any = None,
     **example_kwargs: Any,
 ) -> PatchableGraph:
-    """A :class:`PatchableGraph` for ``model``, from the cache when possible.
+    """A :class:`PatchableGraph` for ``model``, from the graph store when possible.
 
     On a hit the artifact is rebuilt and bound to ``model``'s own parameters (no copies); on
-    a miss the graphs are extracted, stored and bound. If the cache cannot be written (a
+    a miss the graphs are extracted, stored and bound. If the store cannot be written (a
     read-only or full filesystem) the graph is still returned, with one warning.
 
-    :param cache: a :class:`CacheStore`, a root directory, or ``None`` for the default root
-        (``$GRAPHPATCH_CACHE_DIR`` or the user cache dir). A transformers ``Cache`` (the
-        model's own ``cache=`` argument) is passed to the model instead.
-    :param store: the graph cache, as ``cache``; with it, ``cache=`` is always a model input
-        (``load_cached(model, store=s, input_ids=ids, cache=kv, use_cache=True)``).
+    :param store: a :class:`CacheStore`, a root directory, or ``None`` for the default root
+        (``$GRAPHPATCH_CACHE_DIR`` or the user cache dir).
+    :param cache: a model input (a transformers ``Cache``, the model's own ``cache=``
+        argument: ``load_cached(model, store=s, input_ids=ids, cache=kv, use_cache=True)``).
+        Deprecated: a CacheStore or a path as ``cache=`` is the graph store (use ``store=``).
     """
     options = options or ExtractionOptions()
     graph_store, example_kwargs = store_and_inputs(cache, store, example_kwargs)
     extractor = CachingExtractor(graph_store)
-    artifact = extractor(model, example_args, example_kwargs, options)
-    pg = PatchableGraph.from_artifact(model, artifact, options=options, extractor=extractor)
-    pg.cache_stats = extractor.stats
+    artifact = extractor.load(model, CallInputs.of(model, example_args, example_kwargs), options)
+    pg = cast(PatchableGraph, PatchableGraph.from_artifact(model, artifact, options=options, extractor=extractor))
+    setattr(pg, "cache_stats", extractor.stats)  # nn.Module's __setattr__ is typed for tensors and modules only
     return pg
 
 
-__all__ = ["CacheStats", "CachingExtractor", "load_cached"]
+__all__ = ["CacheStats", "CachingExtractor", "StoreLike", "load_cached"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 #: local blobs beyond this many bytes are evicted (least recently used first)
 DEFAULT_SIZE_LIMIT = 2 * 1024**3
@@ -21,11 +21,11 @@ class LocalTier:
     def __init__(self, directory: Path, size_limit: int = DEFAULT_SIZE_LIMIT) -> None:
         self.directory = Path(directory)
         self.size_limit = size_limit
-        self._cache = None
+        self._cache: Any = None
 
-    def _open(self):
+    def _open(self) -> Any:
         if self._cache is None:
-            import diskcache
+            import diskcache  # deferred: the local tier opens (and imports diskcache) on first use
 
             self.directory.mkdir(parents=True, exist_ok=True)
             self._cache = diskcache.Cache(str(self.directory), size_limit=self.size_limit,

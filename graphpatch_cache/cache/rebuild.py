@@ -29,26 +29,23 @@ import collections
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from .. import _compat
-from ..integrations import kv_cache
 from ..artifact import GraphArtifact, decode_value
-from ..errors import GraphPatchCacheError
+from ..compose import extract
+from ..errors import BuildError, GraphPatchCacheError, RebuildError
+from ..integrations import kv_cache
+from ..integrations.transformers import meta_model
+from ..live.inputs import CallInputs
 from ..options import ExtractionOptions
-from ..live.inputs import concrete_signature, canonical_inputs
 from ..trust.validate import read_artifact
-from .build import BuildError, meta_model
 from .keys import digest_of, key_material
 from .proof import canonical, complete_material, entry_disagreement
-from .store import CacheEntry, CacheStore
-
-
-class RebuildError(BuildError):
-    """An entry cannot be rebuilt here (not a transformers model, options naming code, an
-    entry of an older release, another environment, a device this machine lacks...)."""
+from .records import CacheEntry, Problem
+from .store import CacheStore
 
 
 @dataclass(frozen=True)
@@ -115,6 +112,27 @@ def verify_rebuild(store: CacheStore, key: str) -> List[RebuildReport]:
     return reports
 
 
+def check_rebuilds(store: CacheStore, key: str, *, skip: Iterable[str] = (),
+                   fix: bool = False) -> Tuple[List[RebuildReport], List[Problem]]:
+    """``verify --rebuild``: rebuild the variants of ``key`` (but those in ``skip``, e.g. the
+    ones :meth:`CacheStore.check` already found bad) and turn each one whose digest differs,
+    or that cannot be rebuilt here, into a :class:`Problem` (kinds ``rebuild-differs`` and
+    ``cannot-rebuild``). With ``fix``, the refs whose rebuild differs are quarantined (those
+    that cannot be rebuilt here are kept)."""
+    skipped = set(skip)
+    reports = [r for r in verify_rebuild(store, key) if r.variant not in skipped]
+    problems: List[Problem] = []
+    for r in reports:
+        if r.ok:
+            continue
+        kind = "rebuild-differs" if r.status == "differs" else "cannot-rebuild"
+        ref = store._ref_dir(r.key) / f"{r.variant}.json"
+        problems.append(Problem(path=str(ref), key=r.key, message=r.message, variant=r.variant, kind=kind))
+        if fix and kind == "rebuild-differs":
+            store.quarantine_variant(r.key, r.variant)
+    return reports, problems
+
+
 def _stored_artifact(store: CacheStore, entry: CacheEntry) -> GraphArtifact:
     data, why = store._read_shared(entry.digest)
     if data is None:
@@ -152,16 +170,14 @@ def rebuild_artifact(material: Optional[Dict[str, Any]], example: Optional[Dict[
         _materialize(model, device)
     if material["model"].get("training"):
         model.train()
-    args, kwargs = _example(example, model, device)
+    inputs = _example(example, model, device)
     if key is not None:
-        rebuilt = key_material(model, args, kwargs, options)
+        rebuilt = key_material(model, options=options, inputs=inputs)
         if digest_of(rebuilt) != key:
             raise RebuildError(f"cannot rebuild here: {_material_difference(material, rebuilt)}",
                                hint="rebuild where the entry was built (same python, torch, transformers and "
                                     "graphpatch-cache versions)")
-    from ..compose import default_extractor
-
-    return default_extractor(model, args, kwargs, options)
+    return extract(model, options=options, inputs=inputs)
 
 
 def _materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -188,7 +204,7 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
 # -- the model ------------------------------------------------------------------------------------
 def _architectures(model_type: str) -> List[str]:
     """Every model class name transformers' auto mappings give ``model_type``."""
-    from transformers.models.auto import modeling_auto
+    from transformers.models.auto import modeling_auto  # optional dependency, deferred
 
     names: List[str] = []
     for attr in dir(modeling_auto):
@@ -209,9 +225,12 @@ def _model_plan(material: Dict[str, Any]) -> Tuple[Any, type, Optional[str]]:
         raise RebuildError(f"cannot rebuild: not a transformers model ({model_class})",
                            hint="a custom model is rebuilt where its code is: load_cached(model, ...) with "
                                 "store=CacheStore(<empty directory>) and compare the digests")
-    try:
+    try:  # optional dependency, deferred: importing the cache must not import transformers
         import transformers
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+        from transformers.models.auto.configuration_auto import (  # type: ignore[attr-defined]  # not re-exported
+            CONFIG_MAPPING,
+            CONFIG_MAPPING_NAMES,
+        )
     except ImportError as exc:
         raise RebuildError("cannot rebuild: transformers is not installed") from exc
     model_type = config.get("model_type")
@@ -292,7 +311,7 @@ def _options(fingerprint: Dict[str, Any]) -> ExtractionOptions:
             or fingerprint.get("postprocessing_function") is not None:
         raise RebuildError("cannot rebuild: the extraction options name classes or functions, which a rebuild "
                            "would have to import")
-    flags = {k: v for k, v in fingerprint.items() if isinstance(v, bool)}
+    flags: Dict[str, Any] = {k: v for k, v in fingerprint.items() if isinstance(v, bool)}
     try:
         options = ExtractionOptions(**flags)
     except TypeError as exc:
@@ -307,7 +326,7 @@ def _options(fingerprint: Dict[str, Any]) -> ExtractionOptions:
 _MAX_ELEMENTS = 1 << 28
 
 
-def _example(example: Dict[str, Any], model: torch.nn.Module, device: torch.device) -> Tuple[tuple, dict]:
+def _example(example: Dict[str, Any], model: torch.nn.Module, device: torch.device) -> CallInputs:
     """Example inputs of the recorded concrete signature: integer and boolean tensors of
     ones (a valid token, an all-ones mask), float tensors of zeros; constants decoded (never
     a callable). Graphs do not depend on the values (dynamo traces shapes, not data)."""
@@ -323,13 +342,13 @@ def _example(example: Dict[str, Any], model: torch.nn.Module, device: torch.devi
             and isinstance(inputs[1], dict)):
         raise RebuildError("cannot rebuild: the example inputs are not (args, kwargs)")
     args, kwargs = inputs
-    kwargs = {k: (_cache_like(v) if isinstance(v, kv_cache.CacheState) else v) for k, v in kwargs.items()}
+    kwargs = {k: (kv_cache.new_cache(v) if isinstance(v, kv_cache.CacheState) else v) for k, v in kwargs.items()}
     if any(isinstance(a, kv_cache.CacheState) for a in args):
         raise RebuildError("cannot rebuild: a positional key/value cache")
-    args, kwargs = canonical_inputs(model, args, kwargs)
-    if concrete_signature((args, kwargs)) != example:
+    inputs = CallInputs.of(model, args, kwargs)
+    if inputs.concrete_signature != example:
         raise RebuildError("cannot rebuild: the example inputs made from the record do not have its signature")
-    return args, kwargs
+    return inputs
 
 
 def _leaf(leaf: Dict[str, Any], device: torch.device) -> Any:
@@ -350,10 +369,6 @@ def _leaf(leaf: Dict[str, Any], device: torch.device) -> Any:
         raise RebuildError(f"cannot rebuild: an example tensor of {count} elements")
     fill = torch.ones if (dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex)) else torch.zeros
     return fill(dims, dtype=dtype, device=where)
-
-
-def _cache_like(state: kv_cache.CacheState) -> Any:
-    return kv_cache.new_cache(state)
 
 
 def _no_nodes(name: str) -> Any:
@@ -382,4 +397,4 @@ def _material_difference(recorded: Dict[str, Any], rebuilt: Dict[str, Any]) -> s
     return "the rebuilt key material differs from the entry's"
 
 
-__all__ = ["RebuildError", "RebuildReport", "rebuild_artifact", "verify_rebuild"]
+__all__ = ["RebuildError", "RebuildReport", "check_rebuilds", "rebuild_artifact", "verify_rebuild"]

@@ -10,8 +10,7 @@ Layout under the root::
 
 Writes go to ``tmp/``, are fsynced and renamed into place; the blob is published before
 the ref that names it. Readers verify every blob's digest: a corrupt or missing blob is a
-miss (quarantined, warned about once), never a wrong graph. Correctness never depends on the
-locks, because some network filesystems only pretend to lock.
+miss (quarantined, warned about once), never a wrong graph. Locks are advisory (:mod:`.locking`).
 
 A ref records what its key was computed from (the key material, less the module/tensor
 lists the artifact holds) and the example inputs the graphs were extracted with, so an entry
@@ -22,6 +21,7 @@ use; :meth:`CacheStore.check` without ``fix`` is read-only.
 
 A per-user local tier (:class:`~graphpatch_cache.cache.local.LocalTier`, diskcache) sits in
 front of the shared root and memoizes blobs by digest; it never lives under the root.
+Defaults and units: :mod:`.settings`; entries: :mod:`.records`; check/gc: :mod:`.maintenance`.
 """
 
 from __future__ import annotations
@@ -30,125 +30,25 @@ import contextlib
 import hashlib
 import json
 import os
-import re
-import shutil
 import stat
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+from .._files import write_atomic
 from ..artifact import GraphArtifact
-from ..errors import CacheError, CacheMissError
 from ..artifact.signature import signature_key
+from ..errors import CacheError, CacheMissError
 from ..trust.validate import read_artifact
+from . import maintenance
 from .local import LocalTier
+from .locking import advisory_lock
+from .maintenance import ArtifactCheck
 from .proof import entry_disagreement, recorded_material
-
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-
-
-def default_root() -> Path:
-    """``$GRAPHPATCH_CACHE_DIR``, else the platform's user cache dir."""
-    env = os.environ.get("GRAPHPATCH_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("graphpatch-cache")) / "store"
-
-
-def default_local_dir() -> Path:
-    """``$GRAPHPATCH_CACHE_LOCAL_DIR``, else ``local`` in the platform's user cache dir."""
-    env = os.environ.get("GRAPHPATCH_CACHE_LOCAL_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("graphpatch-cache")) / "local"
-
-
-def parse_duration(value: Union[str, float, int]) -> float:
-    """Seconds from ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or a number of seconds."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _DURATION_RE.match(str(value))
-    if not match:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 30d, 12h, 90m, 2w)")
-    number, unit = float(match.group(1)), match.group(2) or "s"
-    return number * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
-
-
-def parse_size(value: Union[str, int]) -> int:
-    """Bytes from ``5GB``, ``500MB``, ``2GiB``, ``1024`` ..."""
-    if isinstance(value, int):
-        return value
-    match = _SIZE_RE.match(str(value))
-    if not match:
-        raise ValueError(f"not a size: {value!r} (use e.g. 5GB, 500MB)")
-    number, unit = float(match.group(1)), match.group(2).lower().rstrip("b").rstrip("i")
-    return int(number * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[unit])
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """One cached graph variant."""
-
-    key: str
-    variant: str
-    digest: str
-    model_class: str
-    size: int
-    created: float
-    versions: Dict[str, str]
-    signature: Dict[str, Any] = field(repr=False, default_factory=dict)
-    ref_path: str = ""
-    #: the key material the ref records (less the module/tensor lists); None in refs of older releases
-    material: Optional[Dict[str, Any]] = field(repr=False, default=None)
-    #: the concrete signature of the example inputs the graphs were extracted with
-    example: Optional[Dict[str, Any]] = field(repr=False, default=None)
-
-    def ref(self) -> Dict[str, Any]:
-        """The ref's fields that the proof (:mod:`~graphpatch_cache.cache.proof`) reads."""
-        return {"material": self.material, "signature": self.signature, "example": self.example}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something :meth:`CacheStore.check` found wrong.
-
-    :ivar kind: ``malformed-ref``, ``missing-blob``, ``corrupt-blob``, ``invalid-artifact``,
-        ``wrong-key`` (the entry does not belong to its key), ``unproven`` (its ref records
-        no key material: written by an older release, or ``import --key`` of a ``pg.save()``
-        file), ``rebuild-differs`` or ``cannot-rebuild`` (``verify --rebuild``).
-    """
-
-    path: str
-    key: str
-    message: str
-    variant: str = ""
-    kind: str = ""
-
-
-@dataclass
-class CheckReport:
-    """What :meth:`CacheStore.check` looked at and found."""
-
-    checked: int = 0
-    problems: List[Problem] = field(default_factory=list)
-    fixed: bool = False
-
-
-@dataclass
-class GcReport:
-    removed: List[str] = field(default_factory=list)
-    freed_bytes: int = 0
-    kept_bytes: int = 0
-    dry_run: bool = False
+from .records import CacheEntry, CheckReport, GcReport, Problem, entry_from_ref, read_ref
+from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
 
 
 class CacheStore:
@@ -162,9 +62,9 @@ class CacheStore:
 
     def __init__(
         self,
-        root: Union[str, os.PathLike, None] = None,
+        root: Union[str, "os.PathLike[str]", None] = None,
         *,
-        local_dir: Union[str, os.PathLike, None, bool] = None,
+        local_dir: Union[str, "os.PathLike[str]", None, bool] = None,
         locking: bool = True,
         lock_timeout: float = 600.0,
     ) -> None:
@@ -174,7 +74,7 @@ class CacheStore:
         self._warned: set[str] = set()
         self.local: Optional[LocalTier] = None
         if local_dir is not False:
-            local_path = Path(local_dir).expanduser() if local_dir not in (None, True) else default_local_dir()
+            local_path = default_local_dir() if local_dir is None or local_dir is True else Path(local_dir).expanduser()
             if _inside(local_path, self.root):
                 raise CacheError(
                     f"the local tier {local_path} is inside the cache root {self.root}",
@@ -195,7 +95,7 @@ class CacheStore:
         return self.root / "refs" / key
 
     def _check_key(self, key: str) -> str:
-        if not isinstance(key, str) or not _KEY_RE.match(key):
+        if not is_key(key):
             raise CacheError(f"not a cache key: {key!r}", hint="keys are 64 hex digits; see graphpatch_cache.cache_key()")
         return key
 
@@ -219,28 +119,12 @@ class CacheStore:
                 current = current.parent
 
     def _atomic_write(self, dest: Path, data: bytes) -> None:
-        """tmp file on the same filesystem, fsync, rename, fsync the directory."""
+        """:func:`~graphpatch_cache._files.write_atomic` via ``tmp/`` (same filesystem),
+        group-writable in a shared root, the directory fsynced too."""
         self._mkdir(self.root / "tmp")
         self._mkdir(dest.parent)
-        tmp = self.root / "tmp" / f"{dest.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if self._shared_mode():
-                os.chmod(tmp, 0o664)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        with contextlib.suppress(OSError):
-            fd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        write_atomic(dest, data, tmp_dir=self.root / "tmp", mode=0o664 if self._shared_mode() else None,
+                     sync_dir=True)
 
     def put(
         self,
@@ -296,7 +180,7 @@ class CacheStore:
         self._atomic_write(ref, json.dumps(meta, sort_keys=True).encode())
         if self.local is not None:
             self.local.put_blob(digest, data)
-        return _entry(key, variant, meta, ref)
+        return entry_from_ref(key, variant, meta, ref)
 
     # -- reading ---------------------------------------------------------------------------------
     def _scan(self, key: str) -> Tuple[List[CacheEntry], List[Tuple[Path, str]]]:
@@ -306,22 +190,16 @@ class CacheStore:
             refs = sorted(folder.iterdir())
         except (FileNotFoundError, NotADirectoryError):
             return [], []
-        entries, bad = [], []
+        entries: List[CacheEntry] = []
+        bad: List[Tuple[Path, str]] = []
         for ref in refs:
             if ref.suffix != ".json":
                 continue
-            try:
-                meta = json.loads(ref.read_bytes())
-            except FileNotFoundError:
-                continue  # removed meanwhile (gc, another process's repair)
-            except (OSError, ValueError, RecursionError):
-                bad.append((ref, "unreadable ref"))
-                continue
-            entry = _parse_ref(key, ref, meta)
-            if entry is None:
-                bad.append((ref, "malformed ref"))
-            else:
+            entry, why = read_ref(key, ref)
+            if entry is not None:
                 entries.append(entry)
+            elif why != "gone":
+                bad.append((ref, why))
         return entries, bad
 
     def variants(self, key: str, *, repair: bool = False) -> List[CacheEntry]:
@@ -334,7 +212,7 @@ class CacheStore:
         entries, bad = self._scan(key)
         if repair:
             for ref, why in bad:
-                self._quarantine(ref, why, name=f"{key}.{ref.name}")
+                self.quarantine(ref, why=why, name=f"{key}.{ref.name}")
         return entries
 
     def read_blob(self, digest: str, *, where: str = "") -> Optional[bytes]:
@@ -351,7 +229,7 @@ class CacheStore:
         except FileNotFoundError:
             return None
         if hashlib.sha256(data).hexdigest() != digest:
-            self._quarantine(blob, f"digest mismatch{' for ' + where if where else ''}")
+            self.quarantine(blob, why=f"digest mismatch{' for ' + where if where else ''}")
             return None
         if self.local is not None:
             self.local.put_blob(digest, data)
@@ -401,9 +279,7 @@ class CacheStore:
         :raises CacheMissError: no key or several keys start with it.
         """
         prefix = prefix.strip().lower()
-        refs = self.root / "refs"
-        keys = sorted(p.name for p in refs.iterdir()) if refs.is_dir() else []
-        found = [k for k in keys if k.startswith(prefix)] if prefix else []
+        found = [k for k in self.keys() if k.startswith(prefix)] if prefix else []
         if len(found) == 1:
             return found[0]
         if not found:
@@ -415,40 +291,33 @@ class CacheStore:
     def keys(self) -> List[str]:
         """Every key with a ref folder (also one whose refs are all malformed)."""
         refs = self.root / "refs"
-        return sorted(p.name for p in refs.iterdir() if _KEY_RE.match(p.name)) if refs.is_dir() else []
+        return sorted(p.name for p in refs.iterdir() if is_key(p.name)) if refs.is_dir() else []
 
     def entries(self) -> List[CacheEntry]:
         """Every variant in the store (reads refs only)."""
-        refs = self.root / "refs"
-        if not refs.is_dir():
-            return []
-        out: List[CacheEntry] = []
-        for folder in sorted(refs.iterdir()):
-            if _KEY_RE.match(folder.name):
-                out.extend(self.variants(folder.name))
-        return out
+        return [entry for key in self.keys() for entry in self.variants(key)]
 
-    # -- maintenance -----------------------------------------------------------------------------
-    def _move_to_quarantine(self, path: Path, name: str = "") -> bool:
+    # -- quarantine and maintenance (:mod:`.maintenance`) ----------------------------------------
+    def quarantine(self, path: Path, *, why: Optional[str] = None, name: str = "") -> bool:
+        """Move ``path`` (a blob or a ref) to ``quarantine/`` (as ``name``, default its own
+        name, plus a random suffix); with ``why``, warn once per path that it will be rebuilt.
+        Returns whether it was moved (it may be gone already)."""
         try:
             self._mkdir(self.root / "quarantine")
             os.replace(path, self.root / "quarantine" / f"{name or path.name}.{uuid.uuid4().hex[:8]}")
-            return True
+            moved = True
         except OSError:
-            return False
-
-    def _quarantine(self, path: Path, why: str, *, name: str = "") -> None:
-        self._move_to_quarantine(path, name)
-        message = f"graphpatch_cache: {why}: {path} (moved to quarantine; it will be rebuilt)"
-        if str(path) not in self._warned:
+            moved = False
+        if why is not None and str(path) not in self._warned:
             self._warned.add(str(path))
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(f"graphpatch_cache: {why}: {path} (moved to quarantine; it will be rebuilt)", stacklevel=3)
+        return moved
 
     def quarantine_ref(self, entry: CacheEntry, why: str) -> None:
         """Move ``entry``'s ref to ``quarantine/`` (its key becomes a miss for that variant)
         and warn once. Its blob stays: another key's ref may name it legitimately (``gc``
         removes it once nothing does)."""
-        self._quarantine(Path(entry.ref_path), f"{why}; ref", name=f"{entry.key}.{Path(entry.ref_path).name}")
+        self.quarantine(Path(entry.ref_path), why=f"{why}; ref", name=f"{entry.key}.{Path(entry.ref_path).name}")
 
     def quarantine_variant(self, key: str, variant: str) -> bool:
         """Move the ref of ``key``'s ``variant`` to ``quarantine/`` (no warning: for
@@ -457,94 +326,22 @@ class CacheStore:
         ref = self._ref_dir(key) / f"{variant}.json"
         if ref.parent != self._ref_dir(key) or not ref.is_file():
             return False
-        return self._move_to_quarantine(ref, f"{key}.{ref.name}")
+        return self.quarantine(ref, name=f"{key}.{ref.name}")
 
-    def check(self, keys: Optional[List[str]] = None, *, fix: bool = False, rebuild_check: Any = None) -> CheckReport:
-        """Check every ref (of ``keys``, or of the whole store) the way the loader would:
-        the ref parses, its blob is present with the right digest, the artifact passes
-        :func:`~graphpatch_cache.validate.read_artifact` (schema, allowlist, argument and
-        structure rules), and the entry proves it belongs to its key
-        (:func:`~graphpatch_cache.cache.proof.entry_disagreement`).
+    def check(self, keys: Optional[List[str]] = None, *, fix: bool = False,
+              rebuild_check: Optional[ArtifactCheck] = None) -> CheckReport:
+        """The loader's checks and the key proof for every ref (of ``keys``, or of the whole
+        store); with ``fix``, bad entries are quarantined. See :func:`.maintenance.check`."""
+        return maintenance.check(self, keys, fix=fix, rebuild_check=rebuild_check)
 
-        Without ``fix`` nothing on disk changes. With ``fix`` each bad ref is quarantined,
-        and so is its blob where the blob itself is bad (corrupt, or not a loadable artifact);
-        an intact blob that is merely under the wrong key stays (another key may name it).
-
-        :param rebuild_check: ``fn(artifact)`` raising on failure, for extra checks.
-        """
-        report = CheckReport(fixed=fix)
-        for key in self.keys() if keys is None else keys:
-            entries, bad = self._scan(self._check_key(key))
-            report.checked += len(entries) + len(bad)
-            for ref, why in bad:
-                report.problems.append(Problem(path=str(ref), key=key, message=why, variant=ref.stem, kind="malformed-ref"))
-                if fix:
-                    self._move_to_quarantine(ref, f"{key}.{ref.name}")
-            for entry in entries:
-                problem, blob_too = self._check_entry(entry, rebuild_check)
-                if problem is None:
-                    continue
-                report.problems.append(problem)
-                if fix:
-                    if blob_too:
-                        self._move_to_quarantine(self._blob_path(entry.digest))
-                    self._move_to_quarantine(Path(entry.ref_path), f"{entry.key}.{Path(entry.ref_path).name}")
-        return report
-
-    def _check_entry(self, entry: CacheEntry, rebuild_check: Any) -> Tuple[Optional[Problem], bool]:
-        """(the entry's problem or None, whether its blob is bad too)."""
-        blob = str(self._blob_path(entry.digest))
-
-        def problem(kind: str, message: str, path: str = blob) -> Problem:
-            return Problem(path=path, key=entry.key, message=message, variant=entry.variant, kind=kind)
-
-        data, why = self._read_shared(entry.digest)
-        if data is None:
-            if why == "missing":
-                return problem("missing-blob", "blob missing"), False
-            if why == "corrupt":
-                return problem("corrupt-blob", "digest mismatch: the blob is damaged"), True
-            return problem("missing-blob", f"blob {why}"), False
-        try:
-            artifact = read_artifact(data, blob)
-            if rebuild_check is not None:
-                rebuild_check(artifact)
-        except Exception as exc:  # any refusal is a problem to report, never a crash of verify
-            return problem("invalid-artifact", f"invalid artifact: {exc}"), True
-        why = entry_disagreement(entry.key, entry.variant, entry.ref(), artifact)
-        if why is not None:
-            kind = "unproven" if entry.material is None else "wrong-key"
-            return problem(kind, f"does not belong to its key: {why}", entry.ref_path), False
-        return None, False
-
-    def verify(self, keys: Optional[List[str]] = None, *, fix: bool = False, rebuild_check: Any = None) -> List[Problem]:
+    def verify(self, keys: Optional[List[str]] = None, *, fix: bool = False,
+               rebuild_check: Optional[ArtifactCheck] = None) -> List[Problem]:
         """The problems :meth:`check` finds (an empty list: everything is intact)."""
         return self.check(keys, fix=fix, rebuild_check=rebuild_check).problems
 
     def remove(self, key: str) -> int:
-        """Remove every variant of ``key`` (blobs other keys share are kept). Returns the
-        number of variants removed.
-
-        :raises CacheMissError: no such key.
-        """
-        self._check_key(key)
-        entries = self.variants(key)
-        folder = self._ref_dir(key)
-        if not folder.exists():
-            raise CacheMissError(f"no cache entry with key {key[:12]}", path=str(folder))
-        shutil.rmtree(folder, ignore_errors=True)
-        self._drop_unreferenced({e.digest for e in entries})
-        return len(entries)
-
-    def _drop_unreferenced(self, digests: set) -> int:
-        live = {e.digest for e in self.entries()}
-        freed = 0
-        for digest in digests - live:
-            blob = self._blob_path(digest)
-            with contextlib.suppress(OSError):
-                freed += blob.stat().st_size
-                blob.unlink()
-        return freed
+        """Remove every variant of ``key``. See :func:`.maintenance.remove`."""
+        return maintenance.remove(self, key)
 
     def gc(
         self,
@@ -552,50 +349,10 @@ class CacheStore:
         older_than: Union[str, float, None] = None,
         max_bytes: Union[str, int, None] = None,
         dry_run: bool = False,
-        progress: Any = None,
+        progress: Optional[Callable[[int, int], Any]] = None,
     ) -> GcReport:
-        """Remove variants created more than ``older_than`` ago, then the oldest until the
-        store holds at most ``max_bytes``; also stale temp files and unreferenced blobs.
-
-        :param progress: optional ``fn(done, total)`` called as entries are examined.
-        """
-        report = GcReport(dry_run=dry_run)
-        now = time.time()
-        entries = sorted(self.entries(), key=lambda e: e.created)
-        doomed: List[CacheEntry] = []
-        if older_than is not None:
-            limit = parse_duration(older_than)
-            doomed += [e for e in entries if now - e.created > limit]
-        if max_bytes is not None:
-            budget = parse_size(max_bytes)
-            kept = [e for e in entries if e not in doomed]
-            total = sum(e.size for e in kept)
-            for e in kept:
-                if total <= budget:
-                    break
-                doomed.append(e)
-                total -= e.size
-        for i, entry in enumerate(doomed):
-            report.removed.append(f"{entry.key}/{entry.variant}")
-            report.freed_bytes += entry.size
-            if not dry_run:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.ref_path)
-                with contextlib.suppress(OSError):
-                    self._ref_dir(entry.key).rmdir()
-            if progress is not None:
-                progress(i + 1, len(doomed))
-        if not dry_run:
-            self._drop_unreferenced({e.digest for e in doomed})
-            tmp = self.root / "tmp"
-            if tmp.is_dir():
-                for stale in tmp.iterdir():  # writes abandoned for a day (killed processes)
-                    with contextlib.suppress(OSError):
-                        if now - stale.stat().st_mtime > 86400:
-                            stale.unlink()
-        report.kept_bytes = sum(e.size for e in self.entries()) if not dry_run else sum(
-            e.size for e in entries if e not in doomed)
-        return report
+        """Remove old entries, then the oldest beyond ``max_bytes``. See :func:`.maintenance.gc`."""
+        return maintenance.gc(self, older_than=older_than, max_bytes=max_bytes, dry_run=dry_run, progress=progress)
 
     # -- locking -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -605,27 +362,14 @@ class CacheStore:
         if not self.locking:
             yield False
             return
-        import filelock
-
         try:
             self._mkdir(self.root / "locks")
-            # group-writable in a shared (setgid) root, so teammates can take the lock too.
-            # An OS lock dies with its process, so a killed extraction leaves no stale lock;
-            # where locks are fake or never granted, the timeout lets the caller proceed.
-            lock = filelock.FileLock(
-                str(self.root / "locks" / f"{key}.lock"),
-                timeout=self.lock_timeout,
-                mode=0o664 if self._shared_mode() else -1,
-            )
-            lock.acquire()
-        except (filelock.Timeout, OSError):
+        except OSError:
             yield False
             return
-        try:
-            yield True
-        finally:
-            with contextlib.suppress(OSError):
-                lock.release()
+        with advisory_lock(self.root / "locks" / f"{key}.lock", timeout=self.lock_timeout,
+                           group_writable=self._shared_mode()) as acquired:
+            yield acquired
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -643,36 +387,6 @@ def _digest_file(path: Path) -> str:
         return ""
 
 
-def _entry(key: str, variant: str, meta: Dict[str, Any], ref: Path) -> CacheEntry:
-    return CacheEntry(
-        key=key,
-        variant=variant,
-        digest=meta["digest"],
-        model_class=str(meta.get("model_class", "?")),
-        size=int(meta.get("size", 0)),
-        created=float(meta.get("created", 0.0)),
-        versions=dict(meta.get("versions", {})),
-        signature=dict(meta.get("signature", {})),
-        ref_path=str(ref),
-        material=meta.get("material"),
-        example=meta.get("example"),
-    )
-
-
-_REF_TYPES = {"size": int, "created": (int, float), "model_class": str, "versions": dict, "signature": dict,
-              "material": dict, "example": dict}
-
-
-def _parse_ref(key: str, ref: Path, meta: Any) -> Optional[CacheEntry]:
-    """A ref's entry, or None when it is not a well-formed ref (a digest of 64 hex digits,
-    fields of the types ``put`` writes)."""
-    if not isinstance(meta, dict) or not isinstance(meta.get("digest"), str) or not _KEY_RE.match(meta["digest"]):
-        return None
-    for name, types in _REF_TYPES.items():
-        if name in meta and (not isinstance(meta[name], types) or isinstance(meta[name], bool)):
-            return None
-    return _entry(key, ref.stem, meta, ref)
-
-
+# the records and settings stay importable from here, where they used to live
 __all__ = ["CacheEntry", "CacheStore", "CheckReport", "GcReport", "Problem", "default_local_dir", "default_root",
            "parse_duration", "parse_size"]

@@ -11,22 +11,25 @@ stores anything.
 
 from __future__ import annotations
 
-import re
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
-from ..artifact import portable_payload, portable_to_bytes
+from .._files import write_atomic
+from ..artifact import GraphArtifact, portable_payload, portable_to_bytes
 from ..errors import ArtifactFormatError, CacheError, CacheMissError
 from ..artifact.signature import signature_key
 from ..trust.validate import read_portable
+from .keys import environment_fingerprint
 from .proof import entry_disagreement
-from .store import CacheEntry, CacheStore
+from .records import CacheEntry
+from .settings import is_key
+from .store import CacheStore
 
-_KEY = re.compile(r"^[0-9a-f]{64}$")
 
-
-def export_portable(store: CacheStore, key: str) -> bytes:
-    """Every graph variant of ``key`` (a full key) as one portable file, with provenance.
+def export_portable(store: CacheStore, key: str, path: Union[str, "os.PathLike[str]", None] = None) -> bytes:
+    """Every graph variant of ``key`` (a full key) as one portable file, with provenance;
+    also written to ``path`` (atomically: the old file or the whole new one) when given.
 
     :raises CacheMissError: no variants, or one whose blob is missing or damaged.
     :raises CacheError: a variant does not belong to ``key`` (run ``verify --fix``).
@@ -46,7 +49,10 @@ def export_portable(store: CacheStore, key: str) -> bytes:
         provenance.append({"material": entry.material, "example": entry.example})
     if not artifacts:
         raise CacheMissError(f"key {key[:12]} has no graph variants", path=str(store.root))
-    return portable_to_bytes(artifacts, key=key, provenance=provenance)
+    data = portable_to_bytes(artifacts, key=key, provenance=provenance)
+    if path is not None:
+        write_atomic(path, data)
+    return data
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,11 @@ class ImportResult:
 
     key: str
     entries: List[CacheEntry]
-    artifacts: List[Any]
+    artifacts: List[GraphArtifact]
     proven: bool
+    #: every graph was built with this environment's torch, transformers and python, so
+    #: ``load_cached`` here can use it (other environments' graphs sit under their own keys)
+    matches_environment: bool = True
 
 
 def import_portable(store: CacheStore, data: bytes, name: str, key: Optional[str] = None) -> ImportResult:
@@ -77,7 +86,7 @@ def import_portable(store: CacheStore, data: bytes, name: str, key: Optional[str
         if key is None:
             raise ArtifactFormatError(f"{name} holds no cache key (a file written by pg.save()?)", path=name,
                                       hint="pass --key with the full key, or export it with `graphpatch-cache export`")
-    if not isinstance(key, str) or not _KEY.match(key.lower()):
+    if not isinstance(key, str) or not is_key(key.lower()):
         raise ArtifactFormatError(f"{name}: {key!r} is not a cache key", path=name, hint="keys are 64 hex digits")
     key = key.lower()
     provenance = payload.get("provenance")
@@ -99,8 +108,10 @@ def import_portable(store: CacheStore, data: bytes, name: str, key: Optional[str
                                           "that verifies")
         records.append((artifact, material, example))
     entries = [store.put(key, a, recorded=m, example=e) for a, m, e in records]
+    env = environment_fingerprint()
+    matches = all(a.versions.get(k) == env.get(k) for a in artifacts for k in ("torch", "transformers", "python"))
     return ImportResult(key=key, entries=entries, artifacts=artifacts,
-                        proven=all(m is not None for _, m, _ in records))
+                        proven=all(m is not None for _, m, _ in records), matches_environment=matches)
 
 
 __all__ = ["ImportResult", "export_portable", "import_portable"]

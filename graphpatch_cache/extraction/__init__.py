@@ -2,8 +2,8 @@
 
 Call map::
 
-    extract(model, args, kwargs, options)
-      -> signature.canonical_inputs        positional -> keyword, as forward() binds them
+    extract(model, args, kwargs, options)     (or inputs=CallInputs, canonicalized by the caller)
+      -> live.inputs.CallInputs.of         positional -> keyword, as forward() binds them
       -> capture.capture                    eager recording + one dynamo trace with markers
       -> split.split                        one fx graph per module call
       -> serialize.frame_to_data            pure data, call targets as allowlisted names
@@ -12,19 +12,21 @@ Call map::
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 
 import torch
 
 from .. import _compat
 from ..trust import validate
 from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
-from ..errors import GraphPatchCacheError, SerializationError, UnusedSubmoduleError
+from ..errors import ExtractionError, GraphPatchCacheError, SerializationError, UnusedSubmoduleError
 from ..live import environment as live_environment
+from ..live.inputs import CallInputs
+from ..live.sources import module_file_digest, module_name_for_file
 from ..live.structure import structure
 from ..options import ExtractionOptions
-from ..live.inputs import call_signature, canonical_inputs, flat_inputs
 from .capture import capture
 from .serialize import frame_to_data
 from .split import Frame, split
@@ -38,7 +40,7 @@ def environment_versions() -> Dict[str, str]:
     return {name: v for name, v in live_environment.environment_versions().items() if v is not None}
 
 
-def _check_unused(model: torch.nn.Module, called: set, options: ExtractionOptions) -> None:
+def _check_unused(model: torch.nn.Module, called: Set[int], options: ExtractionOptions) -> None:
     """Raise for never-called submodules that own parameters. Parameterless ones (a dropout
     that sdpa attention bypasses) have nothing to patch or bind and are always allowed."""
     if options.allow_unused_submodules:
@@ -69,8 +71,8 @@ def _check_unused(model: torch.nn.Module, called: set, options: ExtractionOption
         )
 
 
-def _dynamic_dims(root: Frame, inputs: Tuple[tuple, dict]) -> list:
-    dims = []
+def _dynamic_dims(root: Frame, inputs: CallInputs) -> List[Optional[List[bool]]]:
+    dims: List[Optional[List[bool]]] = []
     for node in [n for n in root.graph.nodes if n.op == "placeholder"][: _count_tensors(inputs)]:
         fake = node.meta.get("example_value")
         if isinstance(fake, torch.Tensor):
@@ -82,9 +84,8 @@ def _dynamic_dims(root: Frame, inputs: Tuple[tuple, dict]) -> list:
     return dims
 
 
-def _count_tensors(inputs: Any) -> int:
-    leaves, _ = flat_inputs(inputs)
-    return sum(isinstance(x, torch.Tensor) for x in leaves)
+def _count_tensors(inputs: CallInputs) -> int:
+    return sum(isinstance(x, torch.Tensor) for x in inputs.leaves)
 
 
 def _reroot(graph: ModuleGraph, prefix: str, name: str, signature: Dict[str, Any]) -> ModuleGraph:
@@ -146,7 +147,7 @@ def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph
     return visit(data, "")
 
 
-_FILE_RE = __import__("re").compile(r'File "([^"]+)", line')
+_FILE_RE = re.compile(r'File "([^"]+)", line')
 
 
 def traced_sources(graph: torch.fx.Graph) -> Dict[str, str]:
@@ -154,8 +155,6 @@ def traced_sources(graph: torch.fx.Graph) -> Dict[str, str]:
     (the model's own files, and helpers they call in other files), except torch and this
     package (their versions are in the key). A cache hit re-checks them, so editing any
     traced file makes the old graph a miss."""
-    from ..live.sources import module_file_digest, module_name_for_file
-
     paths = set()
     for node in graph.nodes:
         paths.update(_FILE_RE.findall(node.meta.get("stack_trace") or ""))
@@ -170,26 +169,17 @@ def traced_sources(graph: torch.fx.Graph) -> Dict[str, str]:
     return out
 
 
-def extract(
-    model: torch.nn.Module,
-    args: tuple = (),
-    kwargs: Optional[Dict[str, Any]] = None,
-    options: Optional[ExtractionOptions] = None,
-) -> GraphArtifact:
-    """Trace ``model(*args, **kwargs)`` and return its graphs as a :class:`GraphArtifact`.
-
-    :raises ExtractionError: tracing failed and ``error_on_compilation_failure`` is set.
-    :raises UnusedSubmoduleError: a submodule was never called (see ``allow_unused_submodules``).
-    :raises SerializationError: a graph calls something that cannot be stored as data.
-    """
-    options = options or ExtractionOptions()
-    inputs = canonical_inputs(model, tuple(args), dict(kwargs or {}))
-    opaque: set = set()
+def _trace(model: torch.nn.Module, inputs: CallInputs,
+           options: ExtractionOptions) -> Tuple[Any, Frame, ModuleGraph, Dict[str, str]]:
+    """(the capture, the root frame, its graphs as data, the modules made opaque and why):
+    traced again with more modules opaque until every graph serializes."""
+    opaque: Set[int] = set()
     failures: Dict[str, str] = {}
     while True:
-        cap = capture(model, inputs[0], inputs[1], options, opaque, failures)
+        cap = capture(model, inputs.args, inputs.kwargs, options, opaque, failures)
         _check_unused(model, {id(c.module) for c in cap.recorder.calls}, options)
-        root = split(model, cap, options.custom_extraction_functions)
+        # split reads the mapping only (ExtractionOptions types it as a Mapping)
+        root = split(model, cap, cast(Dict[type, Callable[..., Any]], options.custom_extraction_functions))
         try:
             data = frame_to_data(root)
             break
@@ -204,16 +194,38 @@ def extract(
             if options.warn_on_compilation_failure:
                 warnings.warn(
                     f"graphpatch_cache: module {getattr(exc, 'module_path', '?')!r} stays opaque: {exc.message}",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
     if root.hidden:
-        from ..errors import ExtractionError
-
         raise ExtractionError(
             f"{type(model).__name__} reads values that are neither its inputs nor its parameters or "
             f"buffers: {[n.name for n in root.hidden]}",
             hint="register such tensors as buffers, or pass them as inputs",
         )
+    return cap, root, data, failures
+
+
+def extract(
+    model: torch.nn.Module,
+    args: Tuple[Any, ...] = (),
+    kwargs: Optional[Dict[str, Any]] = None,
+    options: Optional[ExtractionOptions] = None,
+    *,
+    inputs: Optional[CallInputs] = None,
+) -> GraphArtifact:
+    """Trace ``model(*args, **kwargs)`` and return its graphs as a :class:`GraphArtifact`.
+
+    :param inputs: the call's :class:`~graphpatch_cache.live.inputs.CallInputs`, when the
+        caller has canonicalized them already (then ``args``/``kwargs`` are not read).
+
+    :raises ExtractionError: tracing failed and ``error_on_compilation_failure`` is set.
+    :raises UnusedSubmoduleError: a submodule was never called (see ``allow_unused_submodules``).
+    :raises SerializationError: a graph calls something that cannot be stored as data.
+    """
+    options = options or ExtractionOptions()
+    if inputs is None:
+        inputs = CallInputs.of(model, args, kwargs)
+    cap, root, data, failures = _trace(model, inputs, options)
     paths = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     specialized = {paths.get(id(cap.recorder.calls[i].module), "?"): why for i, why in cap.recorder.specialized.items()}
     data = _with_opaque_children(model, root, data, options, specialized)
@@ -225,16 +237,15 @@ def extract(
     # (on-demand) variant.
     dims = None if cap.generic else _dynamic_dims(root, inputs)
     if specialized:
-        dims = [[False] * x.dim() for x in flat_inputs(inputs)[0] if isinstance(x, torch.Tensor)]
-    signature = call_signature(inputs, dims)
-    _, spec = flat_inputs(inputs)
+        dims = [[False] * x.dim() for x in inputs.leaves if isinstance(x, torch.Tensor)]
+    signature = inputs.signature(dims)
     devices = sorted({str(p.device) for p in list(model.parameters()) + list(model.buffers())})
     artifact = GraphArtifact(
         schema_version=SCHEMA_VERSION,
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
         root=data,
         signature=signature,
-        input_spec=_compat.treespec_dumps(spec),
+        input_spec=_compat.treespec_dumps(inputs.spec),
         extraction={
             "options": options.fingerprint(),
             "devices": devices,

@@ -1,18 +1,29 @@
 """A live call's inputs as graphs see them: canonical ``(args, kwargs)`` bound to
-``forward``'s signature, their flat leaves, and the signature of a concrete call."""
+``forward``'s signature, their flat leaves, and the signature of a concrete call.
+
+:class:`CallInputs` holds all of these for one call, computed once: the cache key, the
+store lookup and extraction all receive it rather than re-deriving them layer by layer."""
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
 import torch
+
 from .. import _compat
 from ..integrations import kv_cache
 from ..artifact.signature import SignatureMatcher, _const, describe_mismatch
 
 
-def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict,
-                     signature: Optional[inspect.Signature] = None) -> Tuple[tuple, dict]:
+#: canonical inputs: positional arguments and keyword arguments, as ``forward`` binds them
+Inputs = Tuple[Tuple[Any, ...], Dict[str, Any]]
+
+
+def canonical_inputs(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                     signature: Optional[inspect.Signature] = None) -> Inputs:
     """Bind a call to ``module.forward``'s signature: positional arguments that have names
     become keywords (in signature order), so ``m(x)`` and ``m(input=x)`` look the same.
     ``signature``: ``inspect.signature(module.forward)``, when the caller keeps it (it costs
@@ -27,7 +38,7 @@ def canonical_inputs(module: torch.nn.Module, args: tuple, kwargs: dict,
     has_var_args = any(
         sig.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL and v for n, v in bound.arguments.items()
     )
-    out_args: tuple = ()
+    out_args: Tuple[Any, ...] = ()
     out_kwargs: Dict[str, Any] = {}
     for name, value in bound.arguments.items():
         kind = sig.parameters[name].kind
@@ -68,7 +79,7 @@ class InputBinder:
         self.signature = signature if signature is not None else inspect.signature(module.forward)
         self._plans: Dict[Tuple[Any, ...], Tuple[Tuple[Any, ...], Tuple[Tuple[str, Any], ...]]] = {}
 
-    def __call__(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    def __call__(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Inputs:
         form = (len(args), *kwargs)
         plan = self._plans.get(form)
         if plan is None:
@@ -84,23 +95,38 @@ class InputBinder:
         )
 
 
-def flat_inputs(inputs: Tuple[tuple, dict]) -> Tuple[List[Any], Any]:
+def flat_inputs(inputs: Inputs) -> Tuple[List[Any], Any]:
     """Leaves and spec of canonical inputs as graphs take them: a key/value cache argument
-    counts as its tensors (see :mod:`graphpatch_cache.kv_cache`)."""
+    counts as its tensors (see :mod:`graphpatch_cache.integrations.kv_cache`)."""
     return _compat.tree_flatten(kv_cache.as_states(inputs))
 
 
-def call_signature(inputs: Tuple[tuple, dict], dynamic_dims: Optional[List[Optional[List[bool]]]] = None) -> Dict[str, Any]:
+def call_signature(inputs: Inputs, dynamic_dims: Optional[Sequence[Optional[List[bool]]]] = None) -> Dict[str, Any]:
     """The signature of canonical inputs. ``dynamic_dims[i][d]`` says whether dim ``d`` of
     tensor leaf ``i`` was traced symbolically (default: all dims dynamic)."""
     leaves, spec = flat_inputs(inputs)
+    return _signature(leaves, spec, dynamic_dims)
+
+
+def concrete_signature(inputs: Inputs) -> Dict[str, Any]:
+    """The signature of an actual call: every dimension concrete."""
+    leaves, spec = flat_inputs(inputs)
+    return _signature(leaves, spec, _concrete_dims(leaves))
+
+
+def _concrete_dims(leaves: Sequence[Any]) -> List[Optional[List[bool]]]:
+    return [[False] * x.dim() for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _signature(leaves: Sequence[Any], spec: Any,
+               dynamic_dims: Optional[Sequence[Optional[List[bool]]]]) -> Dict[str, Any]:
     out: List[Dict[str, Any]] = []
     t = 0
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             dyn = dynamic_dims[t] if dynamic_dims is not None and t < len(dynamic_dims) else None
             t += 1
-            dims = []
+            dims: List[Any] = []
             for d, size in enumerate(leaf.shape):
                 is_dyn = True if dyn is None else dyn[d]
                 dims.append("dyn" if is_dyn and size > 1 else int(size))
@@ -117,14 +143,47 @@ def call_signature(inputs: Tuple[tuple, dict], dynamic_dims: Optional[List[Optio
     return {"spec": _compat.treespec_dumps(spec), "leaves": out}
 
 
-def concrete_signature(inputs: Tuple[tuple, dict]) -> Dict[str, Any]:
-    """The signature of an actual call: every dimension concrete."""
-    leaves, _ = flat_inputs(inputs)
-    n = sum(isinstance(x, torch.Tensor) for x in leaves)
-    return call_signature(inputs, [[False] * x.dim() for x in leaves if isinstance(x, torch.Tensor)][:n])
+@dataclass(frozen=True, eq=False)
+class CallInputs:
+    """One call's inputs, canonicalized once (:func:`canonical_inputs`) and flattened once
+    (:func:`flat_inputs`); the concrete signature is computed on first use.
+
+    Build it with :meth:`of`; the key (:func:`~graphpatch_cache.cache.keys.key_material`),
+    the store lookup and :func:`~graphpatch_cache.extraction.extract` all take it.
+    """
+
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    leaves: Tuple[Any, ...]
+    spec: Any
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+           signature: Optional[inspect.Signature] = None) -> "CallInputs":
+        """The canonical inputs of ``module(*args, **kwargs)``.
+
+        :raises TypeError: ``module.forward`` does not accept them.
+        """
+        canonical = canonical_inputs(module, tuple(args), dict(kwargs or {}), signature)
+        leaves, spec = flat_inputs(canonical)
+        return cls(canonical[0], canonical[1], tuple(leaves), spec)
+
+    @property
+    def canonical(self) -> Inputs:
+        """``(args, kwargs)``, as :func:`canonical_inputs` returns them."""
+        return self.args, self.kwargs
+
+    def signature(self, dynamic_dims: Optional[Sequence[Optional[List[bool]]]] = None) -> Dict[str, Any]:
+        """:func:`call_signature` of these inputs."""
+        return _signature(self.leaves, self.spec, dynamic_dims)
+
+    @functools.cached_property
+    def concrete_signature(self) -> Dict[str, Any]:
+        """:func:`concrete_signature` of these inputs (computed once)."""
+        return _signature(self.leaves, self.spec, _concrete_dims(self.leaves))
 
 
-def input_names(inputs: Tuple[tuple, dict]) -> List[str]:
+def input_names(inputs: Inputs) -> List[str]:
     """Readable names of the leaves of canonical inputs (``attention_mask``, ``args[0]``)."""
     out = []
     for path, _ in _compat.tree_flatten_with_path(kv_cache.as_states(inputs))[0]:
@@ -134,7 +193,11 @@ def input_names(inputs: Tuple[tuple, dict]) -> List[str]:
     return out
 
 
-def mismatch(matcher: SignatureMatcher, inputs: Tuple[tuple, dict]) -> str:
+def mismatch(matcher: SignatureMatcher, inputs: Inputs) -> str:
     """A sentence naming the first input of ``inputs`` that differs from ``matcher``'s
     extraction call."""
     return describe_mismatch(matcher.signature, concrete_signature(inputs), input_names(inputs))
+
+
+__all__ = ["CallInputs", "InputBinder", "Inputs", "call_signature", "canonical_inputs", "concrete_signature",
+           "flat_inputs", "input_names", "mismatch"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import graphpatch_cache.cache.store as store_mod
+import graphpatch_cache._files as files_mod
 from graphpatch_cache import PatchableGraph, ProbePatch, ZeroPatch, cache_key, load_cached
 from graphpatch_cache.cache import CacheStore
 from graphpatch_cache.errors import ArtifactFormatError, CacheMissError, ModelStructureError
@@ -324,7 +324,7 @@ def test_full_disk_leaves_nothing_half_written(m1, tmp_path, monkeypatch):
         f = real_open(path, mode, *args, **kwargs)
         return Failing(f) if "w" in mode else f
 
-    monkeypatch.setattr(store_mod, "open", failing_open, raising=False)
+    monkeypatch.setattr(files_mod, "open", failing_open, raising=False)
     message = _two_loads(model, inputs, expected, lambda: store(root, tmp_path / "local"))
     assert str(root) in message and os.strerror(code) in message
     assert not files_under(root / "tmp")

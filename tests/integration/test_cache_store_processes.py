@@ -155,7 +155,7 @@ KILLED_SCRIPT = textwrap.dedent(
     import torch
     from tiny_models import tiny_gpt2, token_inputs
     from graphpatch_cache import CacheStore, load_cached
-    import graphpatch_cache.cache.store as store_mod
+    import graphpatch_cache._files as files_mod
 
     root, stall_at = sys.argv[1], int(sys.argv[2])
     real_open, count = builtins.open, [0]
@@ -184,7 +184,7 @@ KILLED_SCRIPT = textwrap.dedent(
                 return Stall(f)
         return f
 
-    store_mod.open = stalling_open
+    files_mod.open = stalling_open
     model = tiny_gpt2(n_layer=1, seed=0)
     load_cached(model, cache=CacheStore(root, local_dir=False), **token_inputs())
     print("NOT STALLED", flush=True)

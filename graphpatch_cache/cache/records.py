@@ -1,0 +1,117 @@
+"""What the store reads and reports: a ref's entry (:class:`CacheEntry`), the ref's JSON
+parsed and checked field by field, and the reports of ``check`` and ``gc``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from .settings import is_key
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached graph variant."""
+
+    key: str
+    variant: str
+    digest: str
+    model_class: str
+    size: int
+    created: float
+    versions: Dict[str, str]
+    signature: Dict[str, Any] = field(repr=False, default_factory=dict)
+    ref_path: str = ""
+    #: the key material the ref records (less the module/tensor lists); None in refs of older releases
+    material: Optional[Dict[str, Any]] = field(repr=False, default=None)
+    #: the concrete signature of the example inputs the graphs were extracted with
+    example: Optional[Dict[str, Any]] = field(repr=False, default=None)
+
+    def ref(self) -> Dict[str, Any]:
+        """The ref's fields that the proof (:mod:`~graphpatch_cache.cache.proof`) reads."""
+        return {"material": self.material, "signature": self.signature, "example": self.example}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something :meth:`CacheStore.check` found wrong.
+
+    :ivar kind: ``malformed-ref``, ``missing-blob``, ``corrupt-blob``, ``invalid-artifact``,
+        ``wrong-key`` (the entry does not belong to its key), ``unproven`` (its ref records
+        no key material: written by an older release, or ``import --key`` of a ``pg.save()``
+        file), ``rebuild-differs`` or ``cannot-rebuild`` (``verify --rebuild``).
+    """
+
+    path: str
+    key: str
+    message: str
+    variant: str = ""
+    kind: str = ""
+
+
+@dataclass
+class CheckReport:
+    """What :meth:`CacheStore.check` looked at and found."""
+
+    checked: int = 0
+    problems: List[Problem] = field(default_factory=list)
+    fixed: bool = False
+
+
+@dataclass
+class GcReport:
+    removed: List[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    kept_bytes: int = 0
+    dry_run: bool = False
+
+
+def entry_from_ref(key: str, variant: str, meta: Dict[str, Any], ref: Path) -> CacheEntry:
+    """The entry of a ref's fields ``meta`` (as ``put`` writes them)."""
+    return CacheEntry(
+        key=key,
+        variant=variant,
+        digest=meta["digest"],
+        model_class=str(meta.get("model_class", "?")),
+        size=int(meta.get("size", 0)),
+        created=float(meta.get("created", 0.0)),
+        versions=dict(meta.get("versions", {})),
+        signature=dict(meta.get("signature", {})),
+        ref_path=str(ref),
+        material=meta.get("material"),
+        example=meta.get("example"),
+    )
+
+
+_REF_TYPES: Dict[str, Union[type, Tuple[type, ...]]] = {
+    "size": int, "created": (int, float), "model_class": str, "versions": dict, "signature": dict,
+    "material": dict, "example": dict}
+
+
+def parse_ref(key: str, ref: Path, meta: Any) -> Optional[CacheEntry]:
+    """A ref's entry, or None when it is not a well-formed ref (a digest of 64 hex digits,
+    fields of the types ``put`` writes)."""
+    if not isinstance(meta, dict) or not is_key(meta.get("digest")):
+        return None
+    for name, types in _REF_TYPES.items():
+        if name in meta and (not isinstance(meta[name], types) or isinstance(meta[name], bool)):
+            return None
+    return entry_from_ref(key, ref.stem, meta, ref)
+
+
+def read_ref(key: str, ref: Path) -> Tuple[Optional[CacheEntry], str]:
+    """(the entry of the ref file, ``""``), or (None, why): ``"gone"`` (removed meanwhile),
+    ``"unreadable ref"`` or ``"malformed ref"``. Changes nothing."""
+    try:
+        meta = json.loads(ref.read_bytes())
+    except FileNotFoundError:
+        return None, "gone"  # removed meanwhile (gc, another process's repair)
+    except (OSError, ValueError, RecursionError):
+        return None, "unreadable ref"
+    entry = parse_ref(key, ref, meta)
+    return (entry, "") if entry is not None else (None, "malformed ref")
+
+
+__all__ = ["CacheEntry", "CheckReport", "GcReport", "Problem", "entry_from_ref", "parse_ref", "read_ref"]

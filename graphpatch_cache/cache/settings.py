@@ -1,0 +1,63 @@
+"""Where the cache lives by default (environment variables, platform dirs) and the units
+``gc`` takes (durations, sizes)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Union
+
+import platformdirs
+
+#: a cache key, a blob's digest: a sha256 as 64 lowercase hex digits (the one pattern)
+KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+
+
+def is_key(value: object) -> bool:
+    """Whether ``value`` is a full cache key (64 lowercase hex digits)."""
+    return isinstance(value, str) and KEY_PATTERN.match(value) is not None
+
+
+def default_root() -> Path:
+    """``$GRAPHPATCH_CACHE_DIR``, else the platform's user cache dir."""
+    env = os.environ.get("GRAPHPATCH_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_cache_dir("graphpatch-cache")) / "store"
+
+
+def default_local_dir() -> Path:
+    """``$GRAPHPATCH_CACHE_LOCAL_DIR``, else ``local`` in the platform's user cache dir."""
+    env = os.environ.get("GRAPHPATCH_CACHE_LOCAL_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_cache_dir("graphpatch-cache")) / "local"
+
+
+def parse_duration(value: Union[str, float, int]) -> float:
+    """Seconds from ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or a number of seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION_RE.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30d, 12h, 90m, 2w)")
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return number * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+
+
+def parse_size(value: Union[str, int]) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``2GiB``, ``1024`` ..."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 5GB, 500MB)")
+    number, unit = float(match.group(1)), match.group(2).lower().rstrip("b").rstrip("i")
+    return int(number * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[unit])
+
+
+__all__ = ["KEY_PATTERN", "default_local_dir", "default_root", "is_key", "parse_duration", "parse_size"]
