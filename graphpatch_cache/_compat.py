@@ -181,10 +181,6 @@ def fake_value(node: torch.fx.Node) -> Any:
 
 tree_leaves = pytree.tree_leaves
 
-#: what dynamo records for ``with torch.no_grad():`` / ``torch.enable_grad()`` (torch 2.x
-#: traces grad-mode switches as calls of this private function); the splitter rewrites them
-GRAD_MODE_SWITCH = torch._C._set_grad_enabled
-
 #: torch's usage logging, which dynamo records as a call although it has no effect on values
 #: (torch 2.x); the splitter drops it
 API_USAGE_LOG = torch._C._log_api_usage_once
@@ -222,7 +218,9 @@ def quiet_symbolic_shapes_log() -> Iterator[None]:
 
 #: ``torch._C._set_grad_enabled`` (torch 1.x-2.13): switch grad mode without building the
 #: ``torch.set_grad_enabled`` context object; graph functions switch it per call and
-#: :func:`graphpatch_cache.runtime.guards.preserved_global_state` restores it per call.
+#: :func:`graphpatch_cache.runtime.guards.preserved_global_state` restores it per call. It is
+#: also what dynamo records for ``with torch.no_grad():`` / ``torch.enable_grad()`` (torch 2.x
+#: traces grad-mode switches as calls of it): extraction's splitter rewrites those calls.
 set_grad_enabled = torch._C._set_grad_enabled
 
 #: pytree registration of our own containers (the key/value cache state); torch has no public
@@ -298,4 +296,19 @@ __all__ = [
     "treespec_loads",
     "check_spec",
     "UnsafeSpecError",
+    "API_USAGE_LOG",
+    "MappingKey",
+    "TORCH_NN_BUILTINS",
+    "TORCH_VARIABLE_FUNCTIONS",
+    "detect_fake_mode",
+    "find_builtin",
+    "is_op_overload",
+    "is_op_overload_packet",
+    "op_name",
+    "op_schemas",
+    "operator_schemas",
+    "quiet_symbolic_shapes_log",
+    "register_tree_node",
+    "set_grad_enabled",
+    "tree_leaves",
 ]

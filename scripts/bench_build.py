@@ -26,11 +26,11 @@ def main() -> None:
         store = CacheStore(f"{tmp}/root", local_dir=f"{tmp}/local")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start = time.perf_counter()
-        result = build(config, cache=store, dtype=torch.float16)
+        result = build(config, store=store, dtype=torch.float16)
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         again = time.perf_counter()
-        cached = build(config, cache=store, dtype=torch.float16)
+        cached = build(config, store=store, dtype=torch.float16)
         rebuild_s = time.perf_counter() - again
     print(json.dumps({
         "model": "Llama-2-7B configuration (hidden 4096, 32 layers, vocab 32000), float16, meta device",

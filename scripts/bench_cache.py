@@ -198,7 +198,7 @@ def bench(name: str, seq: int, hits: int, fresh_runs: int = 0) -> dict:
         "outputs_equal": same,
         "artifact_json_identical": artifact_identical,
     }
-    del model, fresh, miss, hit
+    model = fresh = miss = hit = None  # free them before the next model (the lambdas above read them)
     gc.collect()
     return result
 

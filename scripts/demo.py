@@ -36,7 +36,7 @@ def main() -> None:
         model = GPT2LMHeadModel(config).eval()  # random weights: any weights share the graph
         inputs = ExampleSignature().inputs(model.config)
         start = time.perf_counter()
-        pg = load_cached(model, cache=CacheStore(root, local_dir=local), **inputs)
+        pg = load_cached(model, store=CacheStore(root, local_dir=local), **inputs)
         load_s = time.perf_counter() - start
         print(f"\nload_cached: {'cache hit' if pg.cache_stats.hits else 'extracted'} in {load_s:.2f} s, "
               f"{len(pg.graph._np_index)} node paths")

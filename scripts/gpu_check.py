@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from graphpatch_cache import CacheStore, PatchableGraph, ProbePatch, ZeroPatch, load_cached  # noqa: E402
+from graphpatch_cache import CacheStore, ProbePatch, ZeroPatch, load_cached  # noqa: E402
 
 
 def _tiny(folder: str) -> None:

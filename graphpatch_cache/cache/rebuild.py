@@ -227,7 +227,7 @@ def _model_plan(material: Dict[str, Any]) -> Tuple[Any, type, Optional[str]]:
                                 "store=CacheStore(<empty directory>) and compare the digests")
     try:  # optional dependency, deferred: importing the cache must not import transformers
         import transformers
-        from transformers.models.auto.configuration_auto import (  # type: ignore[attr-defined]  # not re-exported
+        from transformers.models.auto.configuration_auto import (  # not re-exported at the top level
             CONFIG_MAPPING,
             CONFIG_MAPPING_NAMES,
         )

@@ -18,7 +18,8 @@ from ..trust.functions import restore_grad_enabled, set_grad_enabled
 from .frames import Frame
 
 #: what dynamo records for a grad-mode switch (a private torch function, see _compat)
-GRAD_MODE_SWITCH = _compat.GRAD_MODE_SWITCH
+#: the grad-mode switch dynamo records (:data:`graphpatch_cache._compat.set_grad_enabled`)
+GRAD_MODE_SWITCH = _compat.set_grad_enabled
 
 
 class GradModes:

@@ -10,4 +10,4 @@ three see the same facts.
 
 from __future__ import annotations
 
-__all__: list = []
+__all__: list[str] = []

@@ -31,7 +31,7 @@ def m1(tmp_path_factory):
     model = tiny_gpt2(n_layer=1)
     inputs = token_inputs()
     expected = logits(model, inputs)
-    pg = load_cached(model, cache=store(base / "root", base / "local"), **inputs)
+    pg = load_cached(model, store=store(base / "root", base / "local"), **inputs)
     assert pg.cache_stats.misses == 1 and pg.cache_stats.hits == 0
     fresh = PatchableGraph(model, **inputs)
     return model, inputs, expected, base / "root", base / "local", fresh

@@ -47,35 +47,35 @@ def test_build_from_config_is_a_hit_for_from_pretrained(saved_llama, tmp_path, d
     path, _ = saved_llama
     store = _store(tmp_path)
     config = LlamaConfig.from_pretrained(path)
-    result = build(config, cache=store, dtype=dtype)
+    result = build(config, store=store, dtype=dtype)
     assert not result.cached and result.entry is not None
     meta = meta_model(config, dtype=dtype)  # what build traced: no weight memory at all
     assert all(p.device.type == "meta" for p in meta.parameters())
     kwargs = {"dtype": dtype} if dtype is not None else {}
     real = LlamaForCausalLM.from_pretrained(path, **kwargs).eval()
     inputs = ExampleSignature().inputs(real.config)
-    pg = load_cached(real, cache=store, **inputs)
+    pg = load_cached(real, store=store, **inputs)
     assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
     assert torch.equal(pg(**inputs).logits, real(**inputs).logits)
     more = {"input_ids": torch.randint(0, 128, (1, 13)), "use_cache": False}
     assert torch.equal(pg(**more).logits, real(**more).logits)
-    assert build(config, cache=store, dtype=dtype).cached  # a second build finds it
+    assert build(config, store=store, dtype=dtype).cached  # a second build finds it
 
 
 def test_build_bad_input_writes_nothing(tmp_path):
     store = _store(tmp_path)
     with pytest.raises(BuildError, match="config"):
-        build(object(), cache=store)
+        build(object(), store=store)
     with pytest.raises(BuildError, match="quantization"):
         build(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                          vocab_size=64), cache=store, quantization="3bit")
+                          vocab_size=64), store=store, quantization="3bit")
     from transformers import PretrainedConfig
 
     class UnknownConfig(PretrainedConfig):
         model_type = "graphpatch-unknown"
 
     with pytest.raises(BuildError, match="UnknownConfig") as info:
-        build(UnknownConfig(), cache=store)
+        build(UnknownConfig(), store=store)
     assert info.value.hint
     assert store.entries() == []
 
@@ -87,20 +87,20 @@ def test_build_checks_the_device_map_before_extracting(tmp_path):
     good = {"model.embed_tokens": "cpu", "model.layers.0": 0, "model.layers.1": "disk", "model.norm": "cpu",
             "model.rotary_emb": "cpu", "lm_head": "cpu"}
     with pytest.raises(BuildError, match="model.layers.7") as info:  # a layer this config lacks
-        build(config, cache=store, device_map=dict(good, **{"model.layers.7": "cpu"}))
+        build(config, store=store, device_map=dict(good, **{"model.layers.7": "cpu"}))
     assert "model.layers.1" in info.value.hint  # close matches
     with pytest.raises(BuildError, match="not a device"):
-        build(config, cache=store, device_map=dict(good, lm_head="gpu-please"))
+        build(config, store=store, device_map=dict(good, lm_head="gpu-please"))
     partial = {k: v for k, v in good.items() if k != "model.layers.1"}
     with pytest.raises(BuildError, match="model.layers.1.*") as info:
-        build(config, cache=store, device_map=partial)
+        build(config, store=store, device_map=partial)
     assert "add" in info.value.hint
     assert store.entries() == []  # nothing written for a bad map
     # a good map (or a strategy) builds the one entry that serves every map
-    first = build(config, cache=store, device_map=good)
+    first = build(config, store=store, device_map=good)
     assert not first.cached
-    assert build(config, cache=store, device_map="auto").cached
-    assert build(config, cache=store).cached and len(store.entries()) == 1
+    assert build(config, store=store, device_map="auto").cached
+    assert build(config, store=store).cached and len(store.entries()) == 1
 
 
 def test_8bit_build_without_bitsandbytes_is_a_typed_error(tmp_path, monkeypatch):
@@ -110,7 +110,7 @@ def test_8bit_build_without_bitsandbytes_is_a_typed_error(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64)
     with pytest.raises(BuildError, match="bitsandbytes") as info:
-        build(config, cache=store, quantization="8bit")
+        build(config, store=store, quantization="8bit")
     assert "pip install" in info.value.hint
     assert store.entries() == []
 
@@ -174,9 +174,9 @@ def test_8bit_load_cached_and_meta_build_hit(saved_llama, llama_8bit, tmp_path):
     model, inputs, _ = llama_8bit
     store = _store(tmp_path)
     config = LlamaConfig.from_pretrained(path)
-    build(config, cache=store, quantization="8bit")
+    build(config, store=store, quantization="8bit")
     example = ExampleSignature().inputs(model.config)
-    pg = load_cached(model, cache=store, **example)
+    pg = load_cached(model, store=store, **example)
     assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
     assert torch.equal(pg(**example).logits, model(**example).logits)
     assert pg._variants[0].root.model.layers_1.mlp.up_proj.weight is model.model.layers[1].mlp.up_proj.weight
@@ -199,14 +199,14 @@ def test_offloaded_model_exact_and_weights_stay_offloaded(offloaded, tmp_path):
     inputs = token_inputs()
     gate = model.model.layers[1].mlp.gate_proj
     assert gate.weight.device.type == "meta"  # offloaded to disk
-    pg = load_cached(model, cache=_store(tmp_path), **inputs)
+    pg = load_cached(model, store=_store(tmp_path), **inputs)
     assert gate.weight.device.type == "meta"  # binding did not load it
     assert pg.artifact.extraction["opaque"] == {}
     assert torch.equal(pg(**inputs).logits, original(**inputs).logits)
     assert gate.weight.device.type == "meta"  # and the hooks offloaded it again after the forward
     other = token_inputs(3, 5)
     assert torch.equal(pg(**other).logits, original(**other).logits)
-    again = load_cached(model, cache=_store(tmp_path), **inputs)
+    again = load_cached(model, store=_store(tmp_path), **inputs)
     assert again.cache_stats.hits == 1 and torch.equal(again(**inputs).logits, original(**inputs).logits)
 
 
@@ -256,9 +256,9 @@ def test_gpt2_8bit_exact_and_meta_build_hit(tmp_path):
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2",
                                             quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
     store = _store(tmp_path)
-    build(GPT2Config.from_pretrained(tmp_path / "gpt2"), cache=store, quantization="8bit")
+    build(GPT2Config.from_pretrained(tmp_path / "gpt2"), store=store, quantization="8bit")
     inputs = ExampleSignature().inputs(model.config)
-    pg = load_cached(model, cache=store, **inputs)
+    pg = load_cached(model, store=store, **inputs)
     assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
     assert torch.equal(pg(**inputs).logits, model(**inputs).logits)
     other = token_inputs(3, 5)
@@ -273,7 +273,7 @@ def test_offloaded_cached_generation(offloaded, tmp_path):
     mask = torch.ones_like(ids)
     gate = model.model.layers[1].mlp.gate_proj
     expected = original.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)
-    pg = load_cached(model, cache=_store(tmp_path), input_ids=ids, attention_mask=mask, use_cache=True)
+    pg = load_cached(model, store=_store(tmp_path), input_ids=ids, attention_mask=mask, use_cache=True)
     assert torch.equal(pg.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
     assert gate.weight.device.type == "meta"  # still offloaded after every step
     with pg.patch({"model.layers_1.mlp.output": CustomPatch(custom_op=lambda t: t * 40)}):

@@ -96,16 +96,16 @@ def test_helper_source_change_is_never_served_stale(tmp_path, monkeypatch):
         store = CacheStore(tmp_path / "root", local_dir=tmp_path / "local")
         torch.manual_seed(0)
         model_a = importlib.import_module(user).Net()
-        pg_a = load_cached(model_a, x, cache=store)
+        pg_a = load_cached(model_a, x, store=store)
         before = model_a(x)
         assert pg_a.cache_stats.misses == 1 and torch.equal(pg_a(x), before)
-        assert load_cached(model_a, x, cache=store).cache_stats.hits == 1
+        assert load_cached(model_a, x, store=store).cache_stats.hits == 1
         _write_module(tmp_path / f"{helper}.py", _HELPER_SRC.format(factor=3))
         importlib.reload(importlib.import_module(helper))
         torch.manual_seed(0)
         model_b = importlib.reload(importlib.import_module(user)).Net()
         assert not torch.equal(before, model_b(x))
-        pg_b = load_cached(model_b, x, cache=store)
+        pg_b = load_cached(model_b, x, store=store)
         assert pg_b.cache_stats.misses == 1, "a stale graph was served after the helper changed"
         assert torch.equal(pg_b(x), model_b(x))
     finally:
@@ -139,10 +139,10 @@ def test_sourceless_class_change_changes_key(tmp_path, monkeypatch):
     x = torch.randn(2, 4)
     store = CacheStore(tmp_path / "root", local_dir=tmp_path / "local")
     model_a = _notebook_net(2)
-    load_cached(model_a, x, cache=store)
+    load_cached(model_a, x, store=store)
     model_b = _notebook_net(3)  # the "cell" re-run with another forward
     assert not torch.equal(model_a(x), model_b(x))
-    pg_b = load_cached(model_b, x, cache=store)
+    pg_b = load_cached(model_b, x, store=store)
     assert torch.equal(pg_b(x), model_b(x)), f"stale graph from the cache (stats {pg_b.cache_stats})"
 
 
@@ -168,14 +168,14 @@ def primed(tmp_path_factory, gpt2):
     """A store holding the base GPT-2's graphs (one miss)."""
     tmp = tmp_path_factory.mktemp("primed")
     store = CacheStore(tmp / "root", local_dir=tmp / "local")
-    pg = load_cached(gpt2, cache=store, **token_inputs())
+    pg = load_cached(gpt2, store=store, **token_inputs())
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
     return store, pg.cache_stats.keys[0]
 
 
 def _assert_hit(model, store, key, **inputs):
     inputs = inputs or token_inputs()
-    pg = load_cached(model, cache=store, **inputs)
+    pg = load_cached(model, store=store, **inputs)
     assert pg.cache_stats.misses == 0 and pg.cache_stats.hits >= 1
     assert pg.cache_stats.keys[0] == key
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_hit_other_cache_location(primed, gpt2, tmp_path):
 def test_hit_save_pretrained_two_dirs(tmp_path):
     store = CacheStore(tmp_path / "root", local_dir=tmp_path / "local")
     a, b = _save_and_reload(tiny_gpt2(), [tmp_path / "one", tmp_path / "two"])
-    first = load_cached(a, cache=store, **token_inputs())
+    first = load_cached(a, store=store, **token_inputs())
     assert first.cache_stats.misses == 1
     _assert_hit(b, store, first.cache_stats.keys[0])
 

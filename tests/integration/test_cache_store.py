@@ -61,7 +61,7 @@ def test_layout_after_a_miss(m1):
 def test_hit_is_exact_and_has_the_same_paths(m1, primed, local):
     model, inputs, expected, _, _, fresh = m1
     root, local_dir = primed
-    pg = load_cached(model, cache=store(root, local_dir if local == "local" else False), **inputs)
+    pg = load_cached(model, store=store(root, local_dir if local == "local" else False), **inputs)
     assert (pg.cache_stats.hits, pg.cache_stats.misses, pg.cache_stats.write_failures) == (1, 0, 0)
     assert torch.equal(logits(pg, inputs), expected)
     assert repr(pg.graph) == repr(fresh.graph)
@@ -71,7 +71,7 @@ def test_hit_is_exact_and_has_the_same_paths(m1, primed, local):
 
 def test_hit_patches_like_a_fresh_graph_and_like_a_hook(m1, primed):
     model, inputs, expected, _, _, fresh = m1
-    pg = load_cached(model, cache=store(*primed), **inputs)
+    pg = load_cached(model, store=store(*primed), **inputs)
     assert pg.cache_stats.hits == 1
     # oracle: zero the GELU output with a forward hook on the unwrapped model
     act = model.transformer.h[0].mlp.act
@@ -131,7 +131,7 @@ def test_corrupt_blob_is_quarantined_warned_and_rebuilt(m1, primed, how, local):
     s = store(root, local_dir if local != "no-local" else False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        pg = load_cached(model, cache=s, **inputs)
+        pg = load_cached(model, store=s, **inputs)
     found = cache_warnings(record)
     assert len(found) == 1, [str(w.message) for w in found]
     assert str(blob) in str(found[0].message) and "digest" in str(found[0].message)
@@ -141,7 +141,7 @@ def test_corrupt_blob_is_quarantined_warned_and_rebuilt(m1, primed, how, local):
     assert [q.read_bytes() for q in quarantined] == [bad]
     assert blob.read_bytes() == good  # rebuilt in place
     assert s.verify() == []
-    again = load_cached(model, cache=store(root, False), **inputs)
+    again = load_cached(model, store=store(root, False), **inputs)
     assert again.cache_stats.hits == 1
 
 
@@ -154,7 +154,7 @@ def test_corrupt_local_copy_is_dropped_and_the_shared_blob_used(m1, primed):
     s = store(root, local_dir)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        pg = load_cached(model, cache=s, **inputs)
+        pg = load_cached(model, store=s, **inputs)
     assert not cache_warnings(record)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (0, 1)
     assert torch.equal(logits(pg, inputs), expected)
@@ -175,7 +175,7 @@ def test_ref_to_missing_blob_is_a_miss(m1, primed):
     blob.unlink()
     s = store(root, False)
     assert not s.contains(cache_key(model, **inputs))
-    pg = load_cached(model, cache=s, **inputs)
+    pg = load_cached(model, store=s, **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
     assert torch.equal(logits(pg, inputs), expected)
     assert blob.read_bytes() == good
@@ -189,7 +189,7 @@ def test_ref_to_unknown_digest_is_a_miss(m1, primed):
     meta = json.loads(ref.read_bytes())
     meta["digest"] = hashlib.sha256(b"nothing").hexdigest()
     ref.write_text(json.dumps(meta))
-    pg = load_cached(model, cache=store(root, False), **inputs)
+    pg = load_cached(model, store=store(root, False), **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
     assert torch.equal(logits(pg, inputs), expected)
 
@@ -201,7 +201,7 @@ def test_malformed_ref_is_quarantined_and_a_miss(m1, primed):
     ref.write_bytes(b'{"digest": ')
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        pg = load_cached(model, cache=store(root, False), **inputs)
+        pg = load_cached(model, store=store(root, False), **inputs)
     assert len(cache_warnings(record)) == 1
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
     assert torch.equal(logits(pg, inputs), expected)
@@ -230,7 +230,7 @@ def test_unknown_schema_version_is_a_clear_error(m1, primed, local):
     meta.update(digest=digest, size=len(data), schema_version=99)
     ref.write_text(json.dumps(meta))
     with pytest.raises(ArtifactFormatError) as info:
-        load_cached(model, cache=store(root, local_dir if local == "local" else False), **inputs)
+        load_cached(model, store=store(root, local_dir if local == "local" else False), **inputs)
     message = str(info.value)
     assert str(new_blob) in message
     assert "[1]" in message and "99" in message
@@ -247,7 +247,7 @@ def test_unknown_schema_version_is_a_clear_error(m1, primed, local):
 def _two_loads(model, inputs, expected, make_store):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        pgs = [load_cached(model, cache=make_store(), **inputs) for _ in range(2)]
+        pgs = [load_cached(model, store=make_store(), **inputs) for _ in range(2)]
     for pg in pgs:
         assert (pg.cache_stats.misses, pg.cache_stats.write_failures) == (1, 1)
         assert torch.equal(logits(pg, inputs), expected)
@@ -350,7 +350,7 @@ def test_read_only_root_still_serves_hits(m1, primed, monkeypatch):
     before = {p: p.read_bytes() for p in files_under(root)}
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        pg = load_cached(model, cache=store(root, False), **inputs)
+        pg = load_cached(model, store=store(root, False), **inputs)
     assert not cache_warnings(record)
     assert (pg.cache_stats.hits, pg.cache_stats.misses, pg.cache_stats.write_failures) == (1, 0, 0)
     assert torch.equal(logits(pg, inputs), expected)
@@ -368,7 +368,7 @@ def test_a_lock_that_is_never_released_only_delays(m1, tmp_path):
     with open(root / "locks" / f"{key}.lock", "a+") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as if a hung process held it
         started = time.monotonic()
-        pg = load_cached(model, cache=store(root, False, lock_timeout=0.5), **inputs)
+        pg = load_cached(model, store=store(root, False, lock_timeout=0.5), **inputs)
         elapsed = time.monotonic() - started
     assert elapsed >= 0.5
     assert (pg.cache_stats.misses, pg.cache_stats.write_failures) == (1, 0)
@@ -396,7 +396,7 @@ def test_setgid_root_makes_group_writable_files(m1, tmp_path, umask_022):
     os.chmod(root, 0o2775)
     if not root.stat().st_mode & stat.S_ISGID:
         pytest.skip("this filesystem drops the setgid bit")
-    pg = load_cached(model, cache=store(root, tmp_path / "local"), **inputs)
+    pg = load_cached(model, store=store(root, tmp_path / "local"), **inputs)
     assert pg.cache_stats.misses == 1
     (blob,) = blobs(root)
     good = blob.read_bytes()
@@ -450,11 +450,11 @@ def test_local_copy_serves_a_ref_whose_shared_blob_was_deleted(m1, primed):
     model, inputs, expected, *_ = m1
     root, local_dir = primed
     shutil.rmtree(root / "objects")
-    pg = load_cached(model, cache=store(root, local_dir), **inputs)
+    pg = load_cached(model, store=store(root, local_dir), **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (0, 1)
     assert torch.equal(logits(pg, inputs), expected)
     # without the local tier it is a miss, and the rebuild restores the shared blob
-    pg = load_cached(model, cache=store(root, False), **inputs)
+    pg = load_cached(model, store=store(root, False), **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
     (blob,) = blobs(root)
     assert sha256_file(blob) == blob.name
@@ -464,15 +464,15 @@ def test_deleting_the_local_dir_between_calls_is_harmless(m1, primed):
     model, inputs, expected, *_ = m1
     root, local_dir = primed
     s = store(root, local_dir)
-    pg = load_cached(model, cache=s, **inputs)
+    pg = load_cached(model, store=s, **inputs)
     assert pg.cache_stats.hits == 1
     shutil.rmtree(local_dir)
-    pg = load_cached(model, cache=s, **inputs)  # same store object, its diskcache deleted under it
+    pg = load_cached(model, store=s, **inputs)  # same store object, its diskcache deleted under it
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (0, 1)
     assert torch.equal(logits(pg, inputs), expected)
     shutil.rmtree(local_dir, ignore_errors=True)
     s2 = store(root, local_dir)  # a new store object
-    pg = load_cached(model, cache=s2, **inputs)
+    pg = load_cached(model, store=s2, **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (0, 1)
     assert torch.equal(logits(pg, inputs), expected)
     (blob,) = blobs(root)
@@ -489,7 +489,7 @@ def test_a_second_signature_is_stored_under_its_own_key(m1, primed):
     root, local_dir = primed
     masked = token_inputs(mask=True)
     s = store(root, local_dir)
-    pg = load_cached(model, cache=s, **inputs)
+    pg = load_cached(model, store=s, **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (0, 1)
     assert torch.equal(logits(pg, masked), logits(model, masked))
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 1)
@@ -499,7 +499,7 @@ def test_a_second_signature_is_stored_under_its_own_key(m1, primed):
     assert set(pg.cache_stats.keys) == {cache_key(model, **inputs), key_masked}
     assert sorted(e.key for e in s.entries()) == sorted({cache_key(model, **inputs), key_masked})
     assert len(blobs(root)) == 2 and s.verify() == []
-    again = load_cached(model, cache=store(root, False), **masked)
+    again = load_cached(model, store=store(root, False), **masked)
     assert (again.cache_stats.misses, again.cache_stats.hits) == (0, 1)
     assert torch.equal(logits(again, masked), logits(model, masked))
     assert torch.equal(logits(again, inputs), expected)  # the unmasked graph: another hit
@@ -610,11 +610,11 @@ def test_hit_does_not_copy_parameters(tmp_path):
     assert param_bytes >= 40 * 1024**2
     inputs = token_inputs(vocab=16384)
     root = tmp_path / "root"
-    first = load_cached(model, cache=store(root, tmp_path / "local"), **inputs)
+    first = load_cached(model, store=store(root, tmp_path / "local"), **inputs)
     assert first.cache_stats.misses == 1
     del first
     before = _rss()
-    pg = load_cached(model, cache=store(root, tmp_path / "local"), **inputs)
+    pg = load_cached(model, store=store(root, tmp_path / "local"), **inputs)
     after = _rss()
     assert pg.cache_stats.hits == 1
     assert after - before < 0.25 * param_bytes, (after - before, param_bytes)

@@ -65,7 +65,7 @@ def test_entries_contains_remove(m1, primed):
     assert not s.contains(key) and s.entries() == []
     with pytest.raises(CacheMissError):
         s.remove(key)
-    pg = load_cached(model, cache=s, **inputs)
+    pg = load_cached(model, store=s, **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
 
 
@@ -119,7 +119,7 @@ def test_verify_finds_a_flipped_byte_and_fix_quarantines(m1, primed):
     assert not blob.exists() and not ref.exists()
     assert sorted(q.read_bytes() for q in files_under(root / "quarantine")) == sorted([bad, ref_bytes])
     assert s.verify() == [] and s.entries() == []
-    pg = load_cached(model, cache=s, **inputs)
+    pg = load_cached(model, store=s, **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
     assert torch.equal(logits(pg, inputs), expected)
 
@@ -177,7 +177,7 @@ def test_gc_older_than_and_max_bytes(m1, primed):
     assert report.kept_bytes == real.size
     assert [e.key for e in s.entries()] == [real.key]
     assert s.gc(max_bytes="1GiB", older_than="1d").removed == []
-    pg = load_cached(model, cache=s, **inputs)
+    pg = load_cached(model, store=s, **inputs)
     assert pg.cache_stats.hits == 1 and torch.equal(logits(pg, inputs), expected)
     assert s.gc(max_bytes=0).removed == [f"{real.key}/{real.variant}"]
     assert not blobs(root) and not refs(root)

@@ -60,7 +60,7 @@ CONCURRENT_SCRIPT = textwrap.dedent(
             os.read(go_r, 1)  # returns when the launcher closes its end: all start together
             try:
                 store = CacheStore(root, local_dir=f"{{local_base}}-{{i}}", locking=locking)
-                pg = load_cached(model, cache=store, **inputs)
+                pg = load_cached(model, store=store, **inputs)
                 with torch.no_grad():
                     out, own = digest(pg(**inputs).logits), digest(model(**inputs).logits)
                 s = pg.cache_stats
@@ -141,7 +141,7 @@ def test_concurrent_processes_without_locks_are_still_correct(m1, tmp_path):
     assert sha256_file(blob) == blob.name
     assert len(refs(root)) == 1
     assert store(root, False).verify() == []
-    pg = load_cached(model, cache=store(root, False), **inputs)
+    pg = load_cached(model, store=store(root, False), **inputs)
     assert pg.cache_stats.hits == 1 and torch.equal(logits(pg, inputs), expected)
 
 
@@ -186,7 +186,7 @@ KILLED_SCRIPT = textwrap.dedent(
 
     files_mod.open = stalling_open
     model = tiny_gpt2(n_layer=1, seed=0)
-    load_cached(model, cache=CacheStore(root, local_dir=False), **token_inputs())
+    load_cached(model, store=CacheStore(root, local_dir=False), **token_inputs())
     print("NOT STALLED", flush=True)
     """
 ).format(tests=HELPERS_DIR)
@@ -224,7 +224,7 @@ def test_sigkill_mid_write_leaves_nothing_valid_looking(m1, tmp_path, stall_at):
     started = time.monotonic()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        pg = load_cached(model, cache=s, **inputs)
+        pg = load_cached(model, store=s, **inputs)
     assert time.monotonic() - started < 60  # the dead writer's lock did not hold us up
     assert not cache_warnings(record)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)

@@ -465,8 +465,8 @@ def test_which_calls_use_the_fallback():
 def test_cache_hit_keeps_the_names(tmp_path):
     model = make(Mixed)
     x0 = rand(B0, D)
-    fresh = load_cached(model, x0, cache=CacheStore(tmp_path / "root", local_dir=False))
-    hit = load_cached(model, x0, cache=CacheStore(tmp_path / "root", local_dir=False))
+    fresh = load_cached(model, x0, store=CacheStore(tmp_path / "root", local_dir=False))
+    hit = load_cached(model, x0, store=CacheStore(tmp_path / "root", local_dir=False))
     assert (fresh.cache_stats.misses, hit.cache_stats.hits) == (1, 1)
     assert calls(hit.artifact.root) == calls(fresh.artifact.root) == {"b_0": "b", "a_0": "a", "a_1": "a", "b_1": "b"}
     assert repr(hit.graph) == repr(fresh.graph)

@@ -86,7 +86,7 @@ def test_built_graph_is_what_load_cached_uses_for_from_pretrained(built, local_d
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     store = CacheStore(built[0], local_dir=local_dir)
     ids = torch.randint(0, 128, (1, 5))
-    pg = load_cached(model, input_ids=ids, use_cache=False, cache=store)
+    pg = load_cached(model, input_ids=ids, use_cache=False, store=store)
     assert pg.cache_stats.hits == 1 and pg.cache_stats.misses == 0
     assert torch.equal(pg(input_ids=ids, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits)
 

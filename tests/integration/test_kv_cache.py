@@ -146,10 +146,10 @@ def test_cached_variants_come_from_the_cache_next_session(tmp_path):
     ids = _ids(seq=5)
     mask = torch.ones_like(ids)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)
-    first = load_cached(model, cache=store, input_ids=ids, attention_mask=mask, use_cache=True)
+    first = load_cached(model, store=store, input_ids=ids, attention_mask=mask, use_cache=True)
     assert torch.equal(first.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
     assert first.cache_stats.misses == 2  # the prompt's graph and the one-token-with-cache graph
-    second = load_cached(model, cache=store, input_ids=ids, attention_mask=mask, use_cache=True)
+    second = load_cached(model, store=store, input_ids=ids, attention_mask=mask, use_cache=True)
     assert torch.equal(second.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
     assert (second.cache_stats.hits, second.cache_stats.misses) == (2, 0)
     # and through a portable file: both variants travel, no extraction on the other side
@@ -213,11 +213,11 @@ def test_build_from_config_makes_the_decode_graph_a_hit(tmp_path):
 
     for bad in (ExampleSignature(past_length=4), ExampleSignature(use_cache=True, past_length=1)):
         with pytest.raises(BuildError, match="needs use_cache=True and a length of at least 2") as info:
-            build(model.config, cache=store, signature=bad)
+            build(model.config, store=store, signature=bad)
         assert "--past-length" in info.value.hint
     assert store.entries() == []
     signature = ExampleSignature(batch_size=2, seq_len=1, use_cache=True, past_length=4)
-    result = build(model.config, cache=store, signature=signature)
+    result = build(model.config, store=store, signature=signature)
     assert not result.cached
     prefix = _cache_of(model(input_ids=_ids(seq=6), use_cache=True))
     token = _ids(seq=1, seed=9)
@@ -228,7 +228,7 @@ def test_build_from_config_makes_the_decode_graph_a_hit(tmp_path):
                        model(input_ids=token, cache=ref, use_cache=True).logits)
     _same_cache(mine, ref)
     # the prompt's graph (the model makes the cache) built on the meta device: a hit, exact
-    build(model.config, cache=store, signature=ExampleSignature(batch_size=2, seq_len=6, use_cache=True,
+    build(model.config, store=store, signature=ExampleSignature(batch_size=2, seq_len=6, use_cache=True,
                                                                 attention_mask=True))
     ids, mask = _ids(seq=6), torch.ones(2, 6, dtype=torch.long)
     prompt = load_cached(model, store=store, input_ids=ids, attention_mask=mask, use_cache=True)
