@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
@@ -55,32 +55,12 @@ def find_entry(store: CacheStore, target: str, model_args: Dict[str, Any]) -> Tu
 
 
 def _nodes(node: Any, depth: Optional[int], grep: Optional[str]) -> List[Dict[str, Any]]:
-    """The nodes below ``node`` as ``show --json`` lists them (depth first).
-
-    The substring filter repeats NodePath's tree filtering (``NodePath._tree``): the
-    runtime has no public walk of a filtered subtree yet for this to call."""
+    """The nodes below ``node`` as ``show --json`` lists them: the walk the tree draws."""
     out: List[Dict[str, Any]] = []
-
-    def paths(n: Any) -> Iterator[str]:
-        yield str(n)
-        for child in n:
-            yield from paths(child)
-
-    def matches(n: Any) -> bool:  # as NodePath._tree: the branch holds a path containing grep
-        return grep is None or any(grep in p for p in paths(n))
-
-    def walk(n: Any, level: int) -> None:
-        if depth is not None and level >= depth:
-            return
-        for child in n:
-            if not matches(child):
-                continue
-            shape = child._shape
-            out.append({"path": str(child), "kind": "value" if child._is_value else "graph",
-                        "shape": list(shape) if isinstance(shape, tuple) else shape})
-            walk(child, level + 1)
-
-    walk(node, 0)
+    for child, _level, _last in node._walk(depth, grep):
+        shape = child._shape
+        out.append({"path": str(child), "kind": "value" if child._is_value else "graph",
+                    "shape": list(shape) if isinstance(shape, tuple) else shape})
     return out
 
 

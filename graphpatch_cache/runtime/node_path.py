@@ -349,7 +349,9 @@ class NodePath:
         return found._np_graph_path, found._np_node.name, found._np_keys + extra
 
     def _np_all_paths(self) -> List[str]:
-        return sorted(p for p in self._np_index if p.startswith(self._np_path))
+        """This path and every path below it (``h_1`` holds ``h_1.mlp``, not ``h_10``)."""
+        own = self._np_path
+        return sorted(p for p in self._np_index if not own or p == own or p.startswith((own + ".", own + SUBPATH_SEP)))
 
     # -- display ---------------------------------------------------------------------------------
     def _np_label(self) -> str:
@@ -364,24 +366,30 @@ class NodePath:
             label = f"{label} (alias: {self._np_alias_name})" if label else f"(alias: {self._np_alias_name})"
         return f"{name}: {label}" if label else name
 
-    def _tree(self, depth: Optional[int] = None, grep: Optional[str] = None) -> str:
-        """The tree below this path, ``depth`` levels deep, only branches whose path
-        contains ``grep``. A graph's tree lists its nodes; a value's lists its parts."""
-        lines = [self._np_label()]
+    def _walk(self, depth: Optional[int] = None, grep: Optional[str] = None) -> Iterator[Tuple["NodePath", int, bool]]:
+        """``(node, level, is_last_sibling)`` below this path, depth first, ``depth`` levels deep,
+        only branches holding a path that contains ``grep``; a graph lists its nodes, a value its
+        parts. ``repr`` draws this walk; ``graphpatch-cache show --json`` lists it."""
         parts = self._np_graph is None
-
-        def walk(node: "NodePath", prefix: str, level: int) -> None:
-            if depth is not None and level >= depth:
-                return
-            if node._np_graph is None and not parts:
+        def walk(node: "NodePath", level: int) -> Iterator[Tuple["NodePath", int, bool]]:
+            if (depth is not None and level >= depth) or (node._np_graph is None and not parts):
                 return
             items = [c for c in node._np_children.values() if grep is None or any(grep in p for p in c._np_all_paths())]
             for i, child in enumerate(items):
-                last = i == len(items) - 1
-                lines.append(prefix + ("└─" if last else "├─") + child._np_label())
-                walk(child, prefix + ("   " if last else "│  "), level + 1)
+                yield child, level, i == len(items) - 1
+                yield from walk(child, level + 1)
 
-        walk(self, "", 0)
+        return walk(self, 0)
+
+    def _tree(self, depth: Optional[int] = None, grep: Optional[str] = None) -> str:
+        """The tree below this path as text (see :meth:`_walk`)."""
+        lines = [self._np_label()]
+        open_levels: List[bool] = []  # per level above: whether that branch has siblings below
+        for node, level, last in self._walk(depth, grep):
+            del open_levels[level:]
+            prefix = "".join("│  " if more else "   " for more in open_levels)
+            lines.append(prefix + ("└─" if last else "├─") + node._np_label())
+            open_levels.append(not last)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
