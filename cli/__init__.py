@@ -16,3 +16,5 @@ Shared options (and what the model options mean: ``model_spec``, ``model_key``) 
 ``options.py``, printing (JSON, tables, progress) in ``output.py``.
 The CLI holds no logic the library lacks: it parses, calls the public API and prints.
 """
+
+__all__: list[str] = []
