@@ -4,7 +4,8 @@ Layout: ``tests/unit`` never runs a dynamo trace (it is the fast layer), ``tests
 extracts graphs; ``tests/helpers`` holds plain modules the tests import by their bare names
 (``tiny_models``: the tiny model factories and inputs; ``hand_built``: artifacts written by
 hand; ``store_files``: what is on disk under a cache root; ``hostile``: the attack corpus;
-``structure_modules``: small ``nn.Module``s).
+``structure_modules``, ``call_name_modules``: small ``nn.Module``s; ``cli_run``: the click app
+in-process; ``schema_walk``: the artifact JSON beside its schema).
 
 Import path: this file puts ``tests/helpers`` at the front of ``sys.path`` when pytest loads it
 (it always does, before any test module, whatever the rootdir or the invocation directory),
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
@@ -74,3 +77,30 @@ def _allowlist_not_too_tight(request, monkeypatch):
     monkeypatch.setattr(extraction, "extract", extract)
     yield
     assert not refused, f"the closed allowlist refused ops of a test model (review and add them): {refused}"
+
+
+@pytest.fixture
+def planted_package(tmp_path, monkeypatch):
+    """A package on sys.path whose every module writes a marker file when imported."""
+    name = f"gpc_planted_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "MARKER"
+    payload = f"open({str(marker)!r}, 'w').write(__name__)\n"
+    (tmp_path / "site" / name / "sub").mkdir(parents=True)
+    (tmp_path / "site" / name / "__init__.py").write_text(payload)
+    (tmp_path / "site" / name / "sub" / "__init__.py").write_text(payload)
+    (tmp_path / "site" / name / "sub" / "mod.py").write_text(payload)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    yield name, marker, tmp_path / "site" / name
+    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[mod]
+
+
+@pytest.fixture(scope="module")
+def local_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli-local")
+
+
+@pytest.fixture(scope="module")
+def runner(local_dir):
+    return CliRunner(env={"GRAPHPATCH_CACHE_LOCAL_DIR": str(local_dir)})
+

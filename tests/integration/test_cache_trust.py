@@ -18,7 +18,6 @@ import hashlib
 import json
 import shutil
 import sys
-import uuid
 import warnings
 from pathlib import Path
 
@@ -262,20 +261,6 @@ def test_an_entry_without_key_material_is_reported_as_unproven(primed, root_a):
 # point 6: nothing named by an artifact is imported
 
 
-@pytest.fixture
-def planted_package(tmp_path, monkeypatch):
-    """A package on sys.path whose every module writes a marker file when imported."""
-    name = f"gpc_planted_{uuid.uuid4().hex[:8]}"
-    marker = tmp_path / "MARKER"
-    payload = f"open({str(marker)!r}, 'w').write(__name__)\n"
-    (tmp_path / "site" / name / "sub").mkdir(parents=True)
-    (tmp_path / "site" / name / "__init__.py").write_text(payload)
-    (tmp_path / "site" / name / "sub" / "__init__.py").write_text(payload)
-    (tmp_path / "site" / name / "sub" / "mod.py").write_text(payload)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    yield name, marker, tmp_path / "site" / name
-    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-        del sys.modules[mod]
 
 
 def test_source_checks_never_import_a_name_from_the_artifact(primed, root_a, planted_package):

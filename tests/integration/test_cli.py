@@ -16,29 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from cli_run import invoke
 from graphpatch_cache import CacheStore
-from graphpatch_cache.cli.main import cli
 from graphpatch_cache.cli.presets import PRESETS, preset_config
 
 pytestmark = pytest.mark.slow  # the module fixture builds the tiny-gpt2 preset
 
 
-@pytest.fixture(scope="module")
-def local_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cli-local")
-
-
-@pytest.fixture(scope="module")
-def runner(local_dir):
-    return CliRunner(env={"GRAPHPATCH_CACHE_LOCAL_DIR": str(local_dir)})
-
-
-def invoke(runner, *args, code=0):
-    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import uuid
 
-import pytest
 
 from graphpatch_cache.live.sources import current_module_digest
 
@@ -24,20 +22,6 @@ def sha256(data: bytes) -> str:
 # point 6: nothing named by an artifact is imported
 
 
-@pytest.fixture
-def planted_package(tmp_path, monkeypatch):
-    """A package on sys.path whose every module writes a marker file when imported."""
-    name = f"gpc_planted_{uuid.uuid4().hex[:8]}"
-    marker = tmp_path / "MARKER"
-    payload = f"open({str(marker)!r}, 'w').write(__name__)\n"
-    (tmp_path / "site" / name / "sub").mkdir(parents=True)
-    (tmp_path / "site" / name / "__init__.py").write_text(payload)
-    (tmp_path / "site" / name / "sub" / "__init__.py").write_text(payload)
-    (tmp_path / "site" / name / "sub" / "mod.py").write_text(payload)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    yield name, marker, tmp_path / "site" / name
-    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-        del sys.modules[mod]
 
 
 def test_module_digests_are_found_without_importing(planted_package):

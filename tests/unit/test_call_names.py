@@ -6,11 +6,10 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn as nn
 
+from call_name_modules import Containers, IndexedList, ThroughGlobalAndList
 from graphpatch_cache.extraction import naming
 
-D = 4
 
 
 def make(cls, seed=0):
@@ -18,51 +17,12 @@ def make(cls, seed=0):
     return cls().eval()
 
 
-class Containers(nn.Module):
-    """One Linear shared by a nested ModuleDict/ModuleList, a Sequential and an attribute."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(D, D)
-        baz = nn.ModuleList([nn.Linear(D, D), nn.Linear(D, D), self.lin])
-        self.md = nn.ModuleDict({"bar": nn.ModuleDict({"baz": baz})})
-        self.seq = nn.Sequential(self.lin, nn.ReLU())
-
-    def forward(self, x):
-        y = self.md["bar"]["baz"][2](x)
-        return self.seq(y) + self.lin(x)
 
 
-class IndexedList(nn.Module):
-    """A ModuleList with one Linear at 0 and 2, called by constant (also negative) index."""
-
-    def __init__(self):
-        super().__init__()
-        shared = nn.Linear(D, D)
-        self.layers = nn.ModuleList([shared, nn.Linear(D, D), shared])
-
-    def forward(self, x):
-        y = self.layers[0](x)
-        return self.layers[-1](y) + self.layers[1](x)
 
 
-_GLOBAL_LINEAR = None
 
 
-class ThroughGlobalAndList(nn.Module):
-    """Calls that have no registered attribute path: through a global and a plain list."""
-
-    def __init__(self):
-        super().__init__()
-        global _GLOBAL_LINEAR
-        self.g = nn.Linear(D, D)
-        self.h = self.g  # a second registered name: the fallback takes the first, ``g``
-        _GLOBAL_LINEAR = self.g
-        self.a = nn.Linear(D, D)
-        self.plain = [self.a]  # not registered: a plain Python list
-
-    def forward(self, x):
-        return _GLOBAL_LINEAR(x) + self.plain[0](x * 2) + self.a(x * 3)
 
 
 def test_source_forms_resolve_on_the_objects():

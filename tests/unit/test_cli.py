@@ -7,28 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from graphpatch_cache.cli.main import cli
+from cli_run import invoke
 from graphpatch_cache.cli.presets import PRESETS, preset_config
 
 COMMANDS = ["build", "ls", "show", "verify", "gc", "rm", "export", "import", "info"]
 
 
-@pytest.fixture(scope="module")
-def local_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cli-local")
-
-
-@pytest.fixture(scope="module")
-def runner(local_dir):
-    return CliRunner(env={"GRAPHPATCH_CACHE_LOCAL_DIR": str(local_dir)})
-
-
-def invoke(runner, *args, code=0):
-    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
 
 
 def test_build_checks_the_device_map(runner, tmp_path):
