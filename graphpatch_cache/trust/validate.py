@@ -102,6 +102,7 @@ def check_artifact(artifact: GraphArtifact, *, path: str = "") -> None:
         if not isinstance(artifact.root, ModuleGraph):
             raise checker.malformed("", "the root is not a module graph")
         checker.params = checker.structure(artifact.extraction.get("structure"))
+        checker.devices(artifact.extraction.get("devices", []))
         tensors = sum(1 for leaf in artifact.signature.get("leaves", []) if leaf.get("kind") == "tensor")
         checker.graph(artifact.root, "", 0, placeholders=tensors)
         object.__setattr__(artifact, "_graphpatch_checked", True)  # frozen dataclass: checked once

@@ -45,6 +45,12 @@ class ValueChecker:
         return ArtifactFormatError(f"{self.path or 'artifact'}: {why}{at}", path=self.path,
                                    hint="the file is damaged or not written by graphpatch-cache; rebuild it")
 
+    def devices(self, devices: Any) -> None:
+        """``extraction.devices``: device names the loader parses (a malformed one would make
+        ``torch.device`` raise an untyped error at bind)."""
+        if not isinstance(devices, list) or not all(isinstance(d, str) and _DEVICE.match(d) for d in devices):
+            raise self.malformed("extraction.devices", f"not a list of device names: {devices!r:.120}")
+
     def refuse(self, where: str, target: str, why: str) -> DisallowedTargetError:
         return DisallowedTargetError(
             f"refusing node {where or '<root>'!r} ({target!s:.80}): {why}", node_path=where, target=str(target)[:200],

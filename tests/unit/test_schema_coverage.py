@@ -16,7 +16,8 @@ import fastjsonschema
 import pytest
 
 from graphpatch_cache.artifact import schema_text, validate_artifact
-from graphpatch_cache.errors import GraphPatchCacheError
+from graphpatch_cache.errors import ArtifactFormatError, GraphPatchCacheError
+from graphpatch_cache.trust.validate import check_artifact
 from schema_walk import SCHEMA, SCHEMA_FILE, minimal_artifact, undeclared
 
 
@@ -73,3 +74,16 @@ def test_a_signature_leaf_must_be_complete():
     del data["signature"]["leaves"][0]["dims"]
     with pytest.raises(GraphPatchCacheError, match=r"signature\.leaves"):
         validate_artifact(data)
+
+
+@pytest.mark.parametrize("devices", [["file:///etc"], ["cuda:x"], "cpu", [3]])
+def test_a_malformed_device_list_is_a_typed_refusal_before_binding(devices):
+    """``extraction.devices`` is parsed at bind: a malformed entry is refused by the loader's
+    checks (typed, naming the field) instead of surfacing as torch's RuntimeError."""
+    data = minimal_artifact()
+    data["extraction"]["devices"] = devices
+    artifact = GraphArtifact.from_dict(data)
+    with pytest.raises(ArtifactFormatError, match=r"extraction\.devices"):
+        check_artifact(artifact)
+    data["extraction"]["devices"] = ["cpu", "cuda:0"]
+    check_artifact(GraphArtifact.from_dict(data))  # well-formed names pass
