@@ -15,7 +15,7 @@ import copy
 import fastjsonschema
 import pytest
 
-from graphpatch_cache.artifact import schema_text, validate_artifact
+from graphpatch_cache.artifact import GraphArtifact, schema_text, validate_artifact
 from graphpatch_cache.errors import ArtifactFormatError, GraphPatchCacheError
 from graphpatch_cache.trust.validate import check_artifact
 from schema_walk import SCHEMA, SCHEMA_FILE, minimal_artifact, undeclared
