@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import sys
 from typing import Any, Dict
 
 import torch
@@ -43,13 +47,41 @@ def describe_value(value: Any) -> Dict[str, Any]:
     return {"type": type(value).__name__}
 
 
+_FRAME = re.compile(r'^File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$')
+#: this package's own files: a frame there (the call markers' wrapper) is no model source
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+@functools.lru_cache(maxsize=4096)
+def portable_file(path: str) -> str:
+    """A traced file's path as every machine writes it: relative to the longest ``sys.path``
+    entry that holds it (``transformers/models/gpt2/modeling_gpt2.py`` wherever the
+    site-packages are), else its base name. Stored artifacts hold no path of the machine that
+    wrote them, so two teammates' installs extract the same bytes (``verify --rebuild``
+    compares digests)."""
+    full = os.path.abspath(path)
+    best = ""
+    for entry in sys.path:
+        root = os.path.join(os.path.abspath(entry or os.curdir), "")
+        if full.startswith(root) and len(root) > len(best):
+            best = root
+    return full[len(best):].replace(os.sep, "/") if best else os.path.basename(full)
+
+
 def _source(node: torch.fx.Node) -> str:
+    """The innermost model source line of ``node``'s stack trace, as ``File "path", line N,
+    in fn: code`` with a portable path; frames of this package (the call markers) are
+    skipped."""
     trace = node.meta.get("stack_trace") or ""
     # Python 3.11+ adds caret lines (^^^^ / ~~~~) under the source line: skip them.
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip() and set(ln.strip()) - set("^~ ")]
-    if len(lines) >= 2 and lines[-2].startswith("File "):
-        return f"{lines[-2]}: {lines[-1]}"
-    return lines[-1] if lines else ""
+    frames = [(m, lines[i + 1] if i + 1 < len(lines) else "") for i, ln in enumerate(lines)
+              if (m := _FRAME.match(ln)) is not None]
+    if not frames:
+        return lines[-1] if lines else ""
+    outside = [f for f in frames if not os.path.abspath(f[0]["file"]).startswith(_PACKAGE_DIR)]
+    match, code = (outside or frames)[-1]
+    return f'File "{portable_file(match["file"])}", line {match["line"]}, in {match["func"]}: {code}'
 
 
 def _located(frame: Frame, exc: SerializationError) -> SerializationError:
@@ -136,4 +168,4 @@ def _target(frame: Frame, node: torch.fx.Node, where: str) -> str:
     return str(node.target)
 
 
-__all__ = ["describe_value", "frame_to_data"]
+__all__ = ["portable_file", "describe_value", "frame_to_data"]
