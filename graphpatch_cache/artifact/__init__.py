@@ -12,6 +12,7 @@ code is kept for humans only. It imports nothing of the library above :mod:`erro
 - :mod:`.format`: bytes <-> artifacts (one artifact, or a portable file of several), JSON
   limits and JSON Schema validation.
 - :mod:`.signature`: call signatures as data, and the one rule for whether a call fits one.
+- :mod:`.names`: how names are spelled (``module.QualName``, dotted paths).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .format import (
     schema_text,
     validate_artifact,
 )
+from .names import join_path, qualname
 from .model import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, GraphArtifact, ModuleGraph, NodeData
 from .signature import SignatureMatcher, describe_mismatch, signature_key
 
@@ -43,11 +45,13 @@ __all__ = [
     "decode_value",
     "describe_mismatch",
     "encode_value",
+    "join_path",
     "parse_json",
     "portable_digest",
     "portable_from_bytes",
     "portable_payload",
     "portable_to_bytes",
+    "qualname",
     "schema_text",
     "signature_key",
     "validate_artifact",

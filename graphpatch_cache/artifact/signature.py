@@ -18,13 +18,14 @@ import torch
 
 from .. import _compat
 from .codec import encode_value
+from .names import qualname
 
 
 def _const(value: Any) -> Any:
     try:
         return encode_value(value, lambda v: None, lambda f: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}")
     except Exception:
-        return {"repr": f"{type(value).__module__}.{type(value).__qualname__}"}
+        return {"repr": qualname(type(value))}
 
 
 def signature_key(signature: Dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ from ..live.inputs import CallInputs, Inputs, flat_inputs
 from ..live.sources import module_file_digest
 from ..live.structure import module_list, tensor_list
 from ..options import ExtractionOptions
+from ..artifact.names import qualname
 
 #: config fields that describe the machine or the download, not the model's structure, and
 #: fields the tensors already say better (the dtype a config was saved with vs loaded in)
@@ -47,7 +48,7 @@ _MACHINE_CONFIG_FIELDS = frozenset(
 def _code_digest(cls: type) -> str:
     """For a class with no source file (a notebook cell, exec'd code): a digest of its
     functions' bytecode and constants."""
-    h = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode())
+    h = hashlib.sha256(qualname(cls).encode())
     for name, value in sorted(vars(cls).items()):
         code = getattr(value, "__code__", None)
         if code is not None:
@@ -103,7 +104,7 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
                 code_digests.add(_code_digest(cls))
     sources = sorted({module_file_digest(p) or "unreadable:" + p for p in files} | code_digests)
     return {
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_class": qualname(type(model)),
         "training": bool(model.training),
         "config": config_fingerprint(model),
         "modules": modules,

@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from .. import _compat
-from ..artifact import GraphArtifact, decode_value
+from ..artifact import GraphArtifact, decode_value, qualname
 from ..compose import extract
 from ..errors import BuildError, GraphPatchCacheError, RebuildError
 from ..integrations import kv_cache
@@ -241,7 +241,7 @@ def _model_plan(material: Dict[str, Any]) -> Tuple[Any, type, Optional[str]]:
         raise RebuildError(f"cannot rebuild: {model_class} is not a class transformers maps model_type "
                            f"{model_type!r} to")
     cls = getattr(transformers, name, None)
-    if not isinstance(cls, type) or f"{cls.__module__}.{cls.__qualname__}" != model_class:
+    if not isinstance(cls, type) or qualname(cls) != model_class:
         raise RebuildError(f"cannot rebuild: transformers' {name} is not {model_class}")
     _check_config(config, "config")
     data = dict(config)

@@ -30,6 +30,7 @@ from ..options import ExtractionOptions
 from .capture import capture
 from .serialize import frame_to_data
 from .split import Frame, split
+from ..artifact.names import qualname, join_path
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.ParameterList, torch.nn.ParameterDict)
 
@@ -93,7 +94,7 @@ def _reroot(graph: ModuleGraph, prefix: str, name: str, signature: Dict[str, Any
 
     def fix(g: ModuleGraph, top: bool) -> ModuleGraph:
         path = prefix if not g.module_path else (f"{prefix}.{g.module_path}" if prefix else g.module_path)
-        attrs = {k: (f"{prefix}.{v}" if prefix else v) for k, v in g.attributes.items()}
+        attrs = {k: join_path(prefix, v) for k, v in g.attributes.items()}
         return dataclasses.replace(
             g,
             name=name if top else g.name,
@@ -242,7 +243,7 @@ def extract(
     devices = sorted({str(p.device) for p in list(model.parameters()) + list(model.buffers())})
     artifact = GraphArtifact(
         schema_version=SCHEMA_VERSION,
-        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        model_class=qualname(type(model)),
         root=data,
         signature=signature,
         input_spec=_compat.treespec_dumps(inputs.spec),

@@ -27,6 +27,7 @@ from ..integrations import accelerate, kv_cache
 from ..integrations.bitsandbytes import leaf_handler
 from ..options import ExtractionOptions
 from .markers import OPAQUE, Recorder
+from ..artifact.names import join_path
 
 
 class _StopAfterCapture(Exception):
@@ -65,7 +66,7 @@ def _tensor_names(model: torch.nn.Module) -> Dict[int, List[str]]:
     for mname, module in model.named_modules(remove_duplicate=False):
         for attr, value in vars(module).items():
             if isinstance(value, torch.Tensor) and not attr.startswith("__"):
-                names.setdefault(id(value), []).append(f"{mname}.{attr}" if mname else attr)
+                names.setdefault(id(value), []).append(join_path(mname, attr))
     return names
 
 

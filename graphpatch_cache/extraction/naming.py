@@ -54,6 +54,7 @@ import torch
 from .local_names import escape_name
 from .markers import ENTER, OPAQUE
 from .records import CallRecord
+from ..artifact.names import join_path
 
 #: where capture's root puts the model: ``_CaptureRoot.model``, traced as ``L['self']``
 _ROOT = "L['self'].model"
@@ -334,7 +335,7 @@ def name_calls(
             rel = relative_path(model, source, caller.module, call.module)
         resolved = rel is not None
         if rel is not None:
-            path = f"{caller_path}.{rel}" if caller_path else rel
+            path = join_path(caller_path, rel)
         else:
             path = fallback_path(names, call.module, caller_path)
             rel = path[len(caller_path) + 1:] if caller_path and path.startswith(caller_path + ".") else path

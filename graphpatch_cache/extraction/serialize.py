@@ -17,6 +17,7 @@ from ..integrations.bitsandbytes import stored_dtype
 from ..trust import allowlist
 from ..trust.allowlist import check_method, target_name
 from .frames import Frame
+from ..artifact.names import qualname
 
 
 def _size(size: Any) -> Any:
@@ -103,7 +104,7 @@ def frame_to_data(frame: Frame, path: str = "") -> ModuleGraph:
     return ModuleGraph(
         name=frame.local_name,
         module_path=frame.path,
-        module_class=f"{type(frame.module).__module__}.{type(frame.module).__qualname__}",
+        module_class=qualname(type(frame.module)),
         kind=frame.kind,
         call_index=0 if frame.record is None else frame.record.index,
         nodes=nodes,

@@ -12,10 +12,11 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..integrations.bitsandbytes import stored_dtype
+from ..artifact.names import qualname
 
 
 def module_list(model: torch.nn.Module) -> List[List[str]]:
-    return [[name, f"{type(m).__module__}.{type(m).__qualname__}"] for name, m in model.named_modules(remove_duplicate=False)]
+    return [[name, qualname(type(m))] for name, m in model.named_modules(remove_duplicate=False)]
 
 
 def tensor_list(model: torch.nn.Module) -> List[List[Any]]:

@@ -24,6 +24,7 @@ from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_at
 from ..trust.validate import check_artifact
 from . import guards
 from .routing import HookedGraph, routes, submodule, unwrap
+from ..artifact.names import qualname
 
 MODULE_REF_ATTR = "_graphpatch_module"
 
@@ -126,7 +127,7 @@ def _bound_module(data: ModuleGraph, model: torch.nn.Module, node_path: str) -> 
             hint="this artifact was extracted from a differently structured model",
         ) from exc
     expected = data.module_class
-    actual = f"{type(module).__module__}.{type(module).__qualname__}"
+    actual = qualname(type(module))
     if expected != actual:
         raise ModelStructureError(
             f"graph {node_path or '<root>'!r} was extracted from a {expected}, but module "

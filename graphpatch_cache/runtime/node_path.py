@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 from ..artifact import ModuleGraph, NodeData
 from ..errors import NodePathError, NotAValueError, close_matches
 from .shapes import InputBinder, ShapeScope, describe_meta, scope_of, shape_from_meta
+from ..artifact.names import join_path
 
 SUBPATH_SEP = "|"
 _HIDDEN_NODES = {"_graphpatch_module"}
@@ -130,7 +131,7 @@ class NodePath:
                 if nd.op == "placeholder":
                     placeholders.append(child)
         for name, sub in children.items():  # graphs an opaque module calls itself
-            child_path = f"{path}.{name}" if path else name
+            child_path = join_path(path, name)
             self._np_children[name] = NodePath(child_path, graph=sub, index=self._np_index, scope=self._np_scope)
         for ph in placeholders:
             loc = _location(ph._np_meta)
@@ -143,7 +144,7 @@ class NodePath:
             alias = SUBPATH_SEP.join([param] + [_segment(k) for k in keys])
             if self._np_aliases.setdefault(loc, ph) is ph:
                 ph._np_alias_name = alias
-            self._np_index.setdefault(f"{path}.{alias}" if path else alias, ph)
+            self._np_index.setdefault(join_path(path, alias), ph)
 
     def _np_build_parts(self) -> None:
         meta = self._np_meta

@@ -32,6 +32,7 @@ from .guards import preserved_global_state
 from .node_path import NodePath
 from .patch_stack import StackEntry, Variant, active_patches, patch_lists
 from .patching import PatchInstaller, SlotKey
+from ..artifact.names import join_path
 
 #: ``(model, args, kwargs, options) -> GraphArtifact``; the cache plugs in a memoized one.
 Extractor = Callable[[torch.nn.Module, Tuple[Any, ...], Dict[str, Any], ExtractionOptions], GraphArtifact]
@@ -180,7 +181,7 @@ class PatchableGraph(torch.nn.Module):
         variant = self._variant_for(inputs, leaves, spec)
         if variant.installer.missing:
             graph_path, node, _ = variant.installer.missing[0]
-            path = f"{graph_path}.{node}" if graph_path else node
+            path = join_path(graph_path, node)
             raise NodePathError(
                 f"node {path!r} is patched, but the graph for this call's signature has no such node "
                 f"(it exists in the graph of another call signature)",

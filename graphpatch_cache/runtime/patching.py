@@ -17,6 +17,7 @@ from ..integrations.bitsandbytes import patch_view
 from ..patches import Patch
 from .bind import ModuleGraphModule
 from .routing import unwrap
+from ..artifact.names import join_path
 
 SlotKey = Tuple[str, str, Tuple[Any, ...]]  # (graph path, node name, sub-path keys)
 _SLOT_PREFIX = "_graphpatch_slot_"
@@ -126,7 +127,7 @@ class PatchInstaller:
             for name, child in gm.named_children():
                 child = unwrap(child)
                 if isinstance(child, ModuleGraphModule):
-                    walk(child, f"{path}.{name}" if path else name)
+                    walk(child, join_path(path, name))
 
         walk(cast(ModuleGraphModule, unwrap(root)), "")
         self.slots: Dict[SlotKey, Tuple[PatchSlot, torch.fx.Node]] = {}
@@ -180,7 +181,7 @@ class PatchInstaller:
         graph_path, node_name, keys = key
         gm = self.modules[graph_path]
         target = next(n for n in gm.graph.nodes if n.name == node_name)
-        node_path = f"{graph_path}.{node_name}" if graph_path else node_name
+        node_path = join_path(graph_path, node_name)
         slot = PatchSlot(node_path, keys)
         self._counter += 1
         attr = f"{_SLOT_PREFIX}{self._counter}"

@@ -25,6 +25,7 @@ import torch
 
 from .. import _compat
 from ..errors import DisallowedTargetError
+from ..artifact.names import qualname
 
 ALLOWLIST_FILE = "allowlist-v1.json"
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -71,7 +72,7 @@ def register_target(fn: Callable[..., Any], name: Optional[str] = None) -> Calla
     :raises DisallowedTargetError: ``name`` is not a dotted identifier name, or names an
         entry of the shipped list (which cannot be replaced).
     """
-    key = name or f"{fn.__module__}.{fn.__qualname__}"
+    key = name or qualname(fn)
     if not valid_dotted(key):
         raise DisallowedTargetError(f"cannot register {fn!r} under {key!r}: not a dotted name of identifiers",
                                     target=key, hint="pass name='package.module.function'")

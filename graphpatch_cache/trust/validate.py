@@ -38,6 +38,7 @@ from .op_schemas import function_signatures, kind, method_signatures, signature_
 from .rules import MODULE_ATTRIBUTE, MODULE_REF, RULES, TAKES_MODULE, ref
 from .values import ValueChecker
 from .writes import may_alias_input, written_inputs
+from ..artifact.names import join_path
 
 #: bounds that no real graph comes near; past them an artifact is refused quickly
 MAX_NODES = 500_000  # per artifact
@@ -163,12 +164,12 @@ class _Checker(ValueChecker):
                 raise self.refuse(where, local, "attribute names must be identifiers, not keywords or dunders")
             if not isinstance(qualified, str) or not qualified.startswith(prefix) or not all(
                     _SEGMENT.match(p) and not is_dunder(p) for p in qualified.split(".")):
-                raise self.refuse(f"{where}.{local}" if where else local, qualified,
+                raise self.refuse(join_path(where, local), qualified,
                                   "an attribute must name a tensor of the graph's own module (dotted names, "
                                   "no dunders)")
             base = re.sub(r"\W", "_", qualified[len(prefix):])
             if not re.fullmatch(rf"(sub_)?{re.escape(base)}(_\d+)?_*", local):
-                raise self.refuse(f"{where}.{local}" if where else local, qualified,
+                raise self.refuse(join_path(where, local), qualified,
                                   f"attribute {local!r} binds {qualified!r}: a local name is its tensor's name")
         if g.input_spec is not None:
             self.spec(g.input_spec, where)
