@@ -35,6 +35,13 @@ class ModuleGraphModule(torch.fx.GraphModule):
     _graphpatch_data: ModuleGraph
     _graphpatch_node_path: str
 
+    def _recompile_submodules(self) -> List[Any]:
+        """Compile this graph alone. ``GraphModule.recompile`` (torch 2.x) also recompiles every
+        child GraphModule, recursively: with one graph per module call that made binding
+        compile deep graphs once per ancestor, and a patch on the root regenerate the code of
+        the whole tree. Each of our graphs compiles itself when it changes."""
+        return []
+
 
 def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
     for tensor in itertools.chain(module.parameters(), module.buffers()):  # (lazily: stops at the first)

@@ -1,0 +1,54 @@
+"""Entering and leaving ``pg.patch`` regenerates the code of the graphs that hold a patched
+node and of no other (torch's ``GraphModule.recompile`` would also recompile every child
+graph, recursively: the whole tree for a patch on the root)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graphpatch_cache import PatchableGraph, ProbePatch, ZeroPatch
+from graphpatch_cache.runtime.bind import ModuleGraphModule
+
+
+class Leaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+class Tree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = Leaf()
+        self.b = nn.Sequential(Leaf(), Leaf())
+
+    def forward(self, x):
+        return self.b(self.a(x)) + x
+
+
+def _forwards(pg):
+    return {name: type(m).forward for name, m in pg.named_modules() if isinstance(m, ModuleGraphModule)}
+
+
+def test_a_patch_recompiles_only_the_graphs_it_touches():
+    torch.manual_seed(0)
+    model = Tree().eval()
+    x = torch.randn(3, 4)
+    pg = PatchableGraph(model, x)
+    before = _forwards(pg)
+    root = next(name for name, m in pg.named_modules() if isinstance(m, ModuleGraphModule)
+                and m._graphpatch_node_path == "")
+    leaf = next(name for name, m in pg.named_modules() if isinstance(m, ModuleGraphModule)
+                and m._graphpatch_node_path == "b.sub_1")
+    with pg.patch({"add": ZeroPatch(), "b.sub_1.relu": (probe := ProbePatch())}):
+        patched = _forwards(pg)
+        assert torch.equal(pg(x), torch.zeros(3, 4))
+    assert {n for n in before if patched[n] is not before[n]} == {root, leaf}
+    after = _forwards(pg)
+    assert {n for n in before if after[n] is not before[n]} == {root, leaf}
+    assert torch.equal(pg(x), model(x))
+    assert torch.equal(probe.activation, model.b[1](model.b[0](model.a(x))))
