@@ -2,7 +2,9 @@
 
 Unpatched graphs carry no patch machinery at all (their code is exactly the extracted
 graph). Entering a patch context inserts a :class:`PatchSlot` after each patched node of the
-affected module graphs and regenerates only those modules' code; leaving removes them.
+affected module graphs and gives only those graphs new code; leaving removes the slots and
+restores the graphs' own code. Code is generated once per graph and set of slots, so a patch
+context entered again (the usual loop) generates none.
 """
 
 from __future__ import annotations
@@ -100,6 +102,20 @@ def _is_slot(node: torch.fx.Node) -> bool:
     return node.op == "call_module" and str(node.target).startswith(_SLOT_PREFIX)
 
 
+def _slot_layout(graph: torch.fx.Graph) -> Tuple[Any, ...]:
+    """What the code of a graph with slots depends on beyond the extracted graph: each slot
+    (by its module's name) in graph order, with what it reads (a node, or the slot before it
+    on the same value; node names of slots are not stable across entries, their targets are)."""
+    def reads(value: Any) -> str:
+        return str(torch.fx.node.map_arg(value, lambda n: str(n.target) if _is_slot(n) else n.name))
+
+    return tuple((node.target, reads(node.args[0])) for node in graph.nodes if _is_slot(node))
+
+
+def _compiled_of(gm: torch.fx.GraphModule) -> Tuple[Any, str, Any]:
+    return type(gm).forward, gm.code, getattr(gm, "_lineno_map", None)
+
+
 class PatchSlot(torch.nn.Module):
     """The extra node that applies a patch list to one value."""
 
@@ -132,7 +148,13 @@ class PatchInstaller:
         walk(cast(ModuleGraphModule, unwrap(root)), "")
         self.slots: Dict[SlotKey, Tuple[PatchSlot, torch.fx.Node]] = {}
         self._mark_patched()
-        self._counter = 0
+        #: each key's slot module and attribute name, kept registered once made: the code
+        #: generated for a set of slots names them, so it stays valid for the next entry
+        self._made: Dict[SlotKey, Tuple[PatchSlot, str]] = {}
+        #: per graph path: {its slots in graph order: (forward, code, lineno map)}; the
+        #: unpatched code is there from the start, so leaving a context compiles nothing
+        self._compiled: Dict[str, Dict[Tuple[Any, ...], Tuple[Any, str, Any]]] = {
+            path: {(): _compiled_of(gm)} for path, gm in self.modules.items()}
         #: active patch keys whose node this graph variant does not have
         self.missing: List[SlotKey] = []
 
@@ -151,7 +173,6 @@ class PatchInstaller:
             for user in list(node.users):  # an output with extras holds the slot in a tuple
                 user.args = torch.fx.node.map_arg(user.args, lambda n: node.args[0] if n is node else n)
             gm.graph.erase_node(node)
-            delattr(gm, str(node.target))
             touched.add(key[0])
         self.missing = list(missing) + [key for key in active if not self.has(key)]
         for key, patches in active.items():
@@ -162,8 +183,24 @@ class PatchInstaller:
                 touched.add(key[0])
             self.slots[key][0].patches = list(patches)
         for graph_path in touched:
-            self.modules[graph_path].recompile()
+            self._compile(graph_path)
         self._mark_patched()
+
+    def _compile(self, graph_path: str) -> None:
+        """Give the graph the code of its current slots: generated once per set of slots (fx
+        code generation costs ~1 ms a graph; entering and leaving a patch context touches
+        every graph holding a patched node)."""
+        gm = self.modules[graph_path]
+        layout = _slot_layout(gm.graph)
+        known = self._compiled[graph_path].get(layout)
+        if known is None:
+            gm.recompile()
+            self._compiled[graph_path][layout] = _compiled_of(gm)
+            return
+        forward, code, lineno_map = known
+        type(gm).forward = forward  # fx gives every GraphModule a class of its own
+        gm._code = code
+        gm._lineno_map = lineno_map
 
     def _mark_patched(self) -> None:
         """Flag each graph that holds a slot, itself or below (``_graphpatch_patched``): an
@@ -182,10 +219,12 @@ class PatchInstaller:
         gm = self.modules[graph_path]
         target = next(n for n in gm.graph.nodes if n.name == node_name)
         node_path = join_path(graph_path, node_name)
-        slot = PatchSlot(node_path, keys)
-        self._counter += 1
-        attr = f"{_SLOT_PREFIX}{self._counter}"
-        gm.add_module(attr, slot)
+        made = self._made.get(key)
+        if made is None:
+            slot, attr = PatchSlot(node_path, keys), f"{_SLOT_PREFIX}{len(self._made) + 1}"
+            gm.add_module(attr, slot)
+            self._made[key] = made = (slot, attr)
+        slot, attr = made
         graph = gm.graph
         if target.op == "output" and target.meta.get("graphpatch", {}).get("extras"):
             # (the module's output, values returned for its parent only): patch the former

@@ -48,7 +48,15 @@ def test_a_patch_recompiles_only_the_graphs_it_touches():
         patched = _forwards(pg)
         assert torch.equal(pg(x), torch.zeros(3, 4))
     assert {n for n in before if patched[n] is not before[n]} == {root, leaf}
-    after = _forwards(pg)
-    assert {n for n in before if after[n] is not before[n]} == {root, leaf}
+    assert _forwards(pg) == before  # leaving restores each graph's own code, compiling nothing
     assert torch.equal(pg(x), model(x))
     assert torch.equal(probe.activation, model.b[1](model.b[0](model.a(x))))
+    # the same patch set again: the code made the first time, no new code
+    with pg.patch({"add": ZeroPatch(), "b.sub_1.relu": ProbePatch()}):
+        assert _forwards(pg) == patched
+        assert torch.equal(pg(x), torch.zeros(3, 4))
+    with pg.patch({"b.sub_1.relu": ZeroPatch()}):  # other patches on the same slots: the same code
+        other = _forwards(pg)
+        assert {n for n in before if other[n] is not before[n]} == {leaf} and other[leaf] is patched[leaf]
+        assert torch.equal(pg(x), x)  # the second block's output is zero: only the residual is left
+    assert torch.equal(pg(x), model(x))
