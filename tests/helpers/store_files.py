@@ -10,7 +10,7 @@ import torch
 
 from graphpatch_cache.cache import CacheStore
 
-__all__ = ["sha256_file", "blobs", "refs", "files_under", "logits", "cache_warnings", "store"]
+__all__ = ["corrupt", "sha256_file", "blobs", "refs", "files_under", "logits", "cache_warnings", "store"]
 
 
 def sha256_file(path: Path) -> str:
@@ -44,3 +44,15 @@ def cache_warnings(record) -> list:
 def store(root: Path, local=None, **kw) -> CacheStore:
     """A store whose local tier is ``local`` (a path), or disabled (``False``)."""
     return CacheStore(root, local_dir=local, **kw)
+
+
+def corrupt(path: Path, how: str) -> bytes:
+    """Damage a file in place: ``"flip"`` one bit in the middle, else cut it in half; returns
+    the damaged bytes."""
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    return bytes(data)

@@ -29,7 +29,7 @@ from graphpatch_cache import PatchableGraph, ProbePatch, ZeroPatch, cache_key, l
 from graphpatch_cache.cache import CacheStore
 from graphpatch_cache.errors import ArtifactFormatError, CacheMissError, ModelStructureError
 
-from store_files import blobs, cache_warnings, files_under, logits, refs, sha256_file, store
+from store_files import blobs, cache_warnings, corrupt, files_under, logits, refs, sha256_file, store
 from tiny_models import tiny_gpt2, token_inputs
 
 pytestmark = pytest.mark.slow  # m1 (integration conftest) extracts a GPT-2
@@ -102,16 +102,6 @@ def test_hit_patches_like_a_fresh_graph_and_like_a_hook(m1, primed):
 # 4. corruption
 
 
-def _corrupt(path: Path, how: str) -> bytes:
-    data = bytearray(path.read_bytes())
-    if how == "flip":
-        data[len(data) // 2] ^= 0x01
-    else:
-        data = data[: len(data) // 2]
-    path.write_bytes(bytes(data))
-    return bytes(data)
-
-
 def _local_value_files(local: Path) -> list:
     return sorted(local.rglob("*.val"))
 
@@ -123,11 +113,11 @@ def test_corrupt_blob_is_quarantined_warned_and_rebuilt(m1, primed, how, local):
     root, local_dir = primed
     (blob,) = blobs(root)
     good = blob.read_bytes()
-    bad = _corrupt(blob, how)
+    bad = corrupt(blob, how)
     if local == "local-corrupt-too":
         (val,) = _local_value_files(local_dir)
         assert val.read_bytes() == good
-        _corrupt(val, how)
+        corrupt(val, how)
     s = store(root, local_dir if local != "no-local" else False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -150,7 +140,7 @@ def test_corrupt_local_copy_is_dropped_and_the_shared_blob_used(m1, primed):
     root, local_dir = primed
     (blob,) = blobs(root)
     (val,) = _local_value_files(local_dir)
-    _corrupt(val, "flip")
+    corrupt(val, "flip")
     s = store(root, local_dir)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -400,7 +390,7 @@ def test_setgid_root_makes_group_writable_files(m1, tmp_path, umask_022):
     assert pg.cache_stats.misses == 1
     (blob,) = blobs(root)
     good = blob.read_bytes()
-    _corrupt(blob, "flip")
+    corrupt(blob, "flip")
     s = store(root, False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

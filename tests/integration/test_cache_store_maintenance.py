@@ -17,23 +17,9 @@ import torch
 from graphpatch_cache import cache_key, load_cached
 from graphpatch_cache.errors import CacheError, CacheMissError
 
-from store_files import blobs, files_under, logits, refs, store
+from store_files import blobs, corrupt, files_under, logits, refs, store
 
 pytestmark = pytest.mark.slow  # m1 (integration conftest) extracts a GPT-2
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. corruption
-
-
-def _corrupt(path: Path, how: str) -> bytes:
-    data = bytearray(path.read_bytes())
-    if how == "flip":
-        data[len(data) // 2] ^= 0x01
-    else:
-        data = data[: len(data) // 2]
-    path.write_bytes(bytes(data))
-    return bytes(data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,7 +95,7 @@ def test_verify_finds_a_flipped_byte_and_fix_quarantines(m1, primed):
     assert s.verify() == []
     (blob,) = blobs(root)
     (ref,) = refs(root)
-    bad = _corrupt(blob, "flip")
+    bad = corrupt(blob, "flip")
     (problem,) = s.verify()
     assert problem.path == str(blob) and problem.key == ref.parent.name
     assert "digest" in problem.message
