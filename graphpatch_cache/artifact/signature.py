@@ -21,7 +21,9 @@ from .codec import encode_value
 from .names import qualname
 
 
-def _const(value: Any) -> Any:
+def constant_value(value: Any) -> Any:
+    """How a signature (and a key) records a non-tensor input: its encoded value, or its
+    type's name where it has no data form."""
     try:
         return encode_value(value, lambda v: None, lambda f: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}")
     except Exception:
@@ -116,9 +118,9 @@ class SignatureMatcher:
             if dims_fit is not None:  # a tensor
                 if not (isinstance(leaf, torch.Tensor) and leaf.dtype is dtype and dims_fit(leaf.shape) is True):
                     return False
-            elif isinstance(leaf, torch.Tensor) or _const(leaf) != want["value"]:
+            elif isinstance(leaf, torch.Tensor) or constant_value(leaf) != want["value"]:
                 return False
         return True
 
 
-__all__ = ["SignatureMatcher", "describe_mismatch", "dims_rule", "matches", "signature_key"]
+__all__ = ["SignatureMatcher", "constant_value", "describe_mismatch", "dims_rule", "matches", "signature_key"]

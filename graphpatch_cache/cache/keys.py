@@ -30,7 +30,7 @@ import torch
 
 from .. import _compat
 from ..artifact import SCHEMA_VERSION
-from ..artifact.signature import _const
+from ..artifact.signature import constant_value
 from ..live.environment import environment_versions
 from ..live.inputs import CallInputs, Inputs, flat_inputs
 from ..live.sources import module_file_digest
@@ -125,7 +125,7 @@ def input_fingerprint(inputs: Union[Inputs, CallInputs]) -> Dict[str, Any]:
             dims = [s if s < 2 else "n" for s in leaf.shape]
             out.append(["tensor", str(leaf.dtype), dims])
         else:
-            out.append(["const", _const(leaf)])
+            out.append(["const", constant_value(leaf)])
     return {"spec": _compat.treespec_dumps(spec), "leaves": out}
 
 

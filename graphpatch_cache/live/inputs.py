@@ -15,7 +15,7 @@ import torch
 
 from .. import _compat
 from ..integrations import kv_cache
-from ..artifact.signature import SignatureMatcher, _const, describe_mismatch
+from ..artifact.signature import SignatureMatcher, constant_value, describe_mismatch
 
 
 #: canonical inputs: positional arguments and keyword arguments, as ``forward`` binds them
@@ -139,7 +139,7 @@ def _signature(leaves: Sequence[Any], spec: Any,
                 }
             )
         else:
-            out.append({"kind": "const", "value": _const(leaf)})
+            out.append({"kind": "const", "value": constant_value(leaf)})
     return {"spec": _compat.treespec_dumps(spec), "leaves": out}
 
 
