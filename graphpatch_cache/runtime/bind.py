@@ -8,7 +8,7 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch
 import torch.fx
@@ -190,6 +190,8 @@ class _GraphBuilder:
         # attributes of accelerate-hooked modules are read at call time (see live_attr)
         self.live = dict(data.attributes) if hooked else {}
         self.module_ref_node: Optional[torch.fx.Node] = None
+        #: nodes whose value is a tensor this graph made (a write into one needs no guard)
+        self.fresh: Set[str] = set()
 
     def add(self, nd: Any) -> None:
         where = f"{self.node_path}.{nd.name}" if self.node_path else nd.name
@@ -216,7 +218,9 @@ class _GraphBuilder:
         else:
             op, call = nd.op, target
             if nd.op in ("call_function", "call_method"):
-                op, call = _guarded_writes(nd, target, args, kwargs, self.model, where)
+                op, call, written = _guarded_writes(nd, target, args, kwargs, self.model, where, self.fresh)
+                if guards.is_fresh(nd.op, nd.target, written, self.fresh):
+                    self.fresh.add(nd.name)
             node = self.graph.create_node(op, call, tuple(args), dict(kwargs), name=nd.name)
         if node.name != nd.name:
             raise SerializationError(f"node name {nd.name!r} is not valid in graph {self.node_path!r}",
@@ -299,21 +303,22 @@ def _check_opaque_attributes(module: torch.nn.Module, names: List[Any], where: s
 
 
 def _guarded_writes(nd: Any, target: Any, args: Any, kwargs: Any, model: torch.nn.Module,
-                    where: str) -> Tuple[str, Any]:
+                    where: str, fresh: Set[str]) -> Tuple[str, Any, List[Any]]:
     """Guard a node that writes one of its inputs (a write into what may statically alias a
     parameter was already refused by :func:`check_artifact`, from the recorded structure,
-    which binding has matched against the live model).
+    which binding has matched against the live model); a write into a tensor the graph made
+    (a node named in ``fresh``) is left unguarded.
 
-    :returns: the (op, target) to create the fx node with.
+    :returns: the (op, target) to create the fx node with, and the values it writes.
     """
     written = guards.written_inputs(nd.op, nd.target, target, args, kwargs)
-    nodes = [v for v in written if isinstance(v, torch.fx.Node)]
+    nodes = [v for v in written if isinstance(v, torch.fx.Node) and v.name not in fresh]
     if not nodes:
-        return nd.op, target
+        return nd.op, target, written
     positions = [i for i, a in enumerate(args) if any(a is n for n in nodes)]
     keywords = [k for k, v in kwargs.items() if any(v is n for n in nodes)]
     call = guards.method_call(target) if nd.op == "call_method" else target
-    return "call_function", guards.guarded(call, positions, keywords, model, where, str(nd.target))
+    return "call_function", guards.guarded(call, positions, keywords, model, where, str(nd.target)), written
 
 
 def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:

@@ -7,8 +7,10 @@
   is refused at load by :func:`~graphpatch_cache.trust.validate.check_artifact`, with
   :class:`~graphpatch_cache.errors.ProtectedWriteError`. Binding wraps every remaining
   writing node so that, at call time, a write into a tensor sharing storage with any of the
-  model's parameters raises the same error *before* the write happens. Graphs without
-  writing nodes (most models) carry no guard at all.
+  model's parameters raises the same error *before* the write happens. A write into a
+  tensor the graph itself created (:func:`is_fresh`: a factory such as ``new_ones`` or an
+  out-of-place operator, perhaps written in place since) needs no guard. Graphs without
+  other writing nodes (most models) carry no guard at all.
 - **Global state is the same after every call.** :func:`preserved_global_state` restores
   grad mode, autocast and the default dtype around a call of the root graph, whatever the
   graph did.
@@ -26,6 +28,34 @@ import torch
 from .. import _compat
 from ..errors import ProtectedWriteError
 from ..trust.writes import written_inputs  # noqa: F401  (the rules, shared with the loader)
+
+#: ops whose result is always a tensor they allocate (never one of their inputs): an explicit
+#: list, as an op's schema does not say so reliably (``type_as`` and ``atleast_1d`` return
+#: their input as it is when nothing needs converting, though their schemas declare no alias)
+_CREATES = frozenset({
+    "new_ones", "new_zeros", "new_full", "new_empty", "new_tensor", "clone",
+    "torch.ones", "torch.zeros", "torch.full", "torch.empty", "torch.arange", "torch.tensor",
+    "torch.ones_like", "torch.zeros_like", "torch.full_like", "torch.empty_like", "torch.clone",
+    "_operator.add", "_operator.sub", "_operator.mul", "_operator.truediv", "_operator.floordiv",
+    "_operator.neg", "_operator.and_", "_operator.or_", "_operator.xor", "_operator.invert",
+    "_operator.eq", "_operator.ne", "_operator.lt", "_operator.le", "_operator.gt", "_operator.ge",
+})
+#: in-place forms that return the tensor they wrote into
+_RETURNS_WRITTEN = frozenset({"_operator.iadd", "_operator.isub", "_operator.imul", "_operator.itruediv",
+                              "_operator.iand", "_operator.ior", "_operator.ixor"})
+
+
+def is_fresh(op: str, name: str, written: Sequence[Any], fresh: Set[str]) -> bool:
+    """Whether a node's result is a tensor the graph made itself (so never a parameter's
+    storage): made by an op of ``_CREATES``, or by an in-place operator writing into such a
+    tensor (``fresh`` holds the names of the graph's fresh nodes so far; ``written`` the
+    node's written inputs)."""
+    if op not in ("call_function", "call_method"):
+        return False
+    if name in _CREATES and not written:
+        return True
+    return name in _RETURNS_WRITTEN and len(written) == 1 and getattr(written[0], "name", None) in fresh
+
 
 def param_storages(model: torch.nn.Module) -> Set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"} - {0}
@@ -85,4 +115,4 @@ def preserved_global_state() -> Iterator[None]:
                 torch.set_autocast_dtype(device, adtype)
 
 
-__all__ = ["guarded", "method_call", "param_storages", "preserved_global_state", "written_inputs"]
+__all__ = ["guarded", "is_fresh", "method_call", "param_storages", "preserved_global_state", "written_inputs"]

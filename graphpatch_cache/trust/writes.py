@@ -18,6 +18,8 @@ _INPLACE_OPERATORS = frozenset({"_operator.iadd", "_operator.isub", "_operator.i
                                 "_operator.ifloordiv", "_operator.imod", "_operator.ipow", "_operator.iand",
                                 "_operator.ior", "_operator.ixor", "_operator.ilshift", "_operator.irshift",
                                 "_operator.imatmul", "_operator.setitem"})
+#: operator functions whose trailing underscore only avoids a keyword: ``a & b`` writes nothing
+_KEYWORD_NAMES = frozenset({"_operator.and_", "_operator.or_", "_operator.not_", "_operator.is_"})
 #: ops that return (part of) their input: their results may alias a parameter
 _ALIASING_FUNCTIONS = frozenset({"_operator.getitem", "builtins.getattr", "graphpatch_cache.functions.tree_build"})
 
@@ -71,7 +73,7 @@ def written_inputs(op: str, name: str, fn: Any, args: Sequence[Any], kwargs: Dic
     if op != "call_function":
         return out
     short = name.rsplit(".", 1)[-1]
-    if name in _INPLACE_OPERATORS or (short.endswith("_") and not short.startswith("_")):
+    if name in _INPLACE_OPERATORS or (short.endswith("_") and not short.startswith("_") and name not in _KEYWORD_NAMES):
         if args:
             out.append(args[0])
     if _compat.is_op_overload(fn) or _compat.is_op_overload_packet(fn):

@@ -50,3 +50,26 @@ def test_global_state_is_restored():
         torch.set_autocast_enabled("cpu", True)
     assert torch.get_default_dtype() == dtype and torch.is_grad_enabled() == grad
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_keyword_named_operators_write_nothing():
+    x, y = object(), object()
+    for name in ("_operator.and_", "_operator.or_", "_operator.not_", "_operator.is_"):
+        assert guards.written_inputs("call_function", name, None, [x, y], {}) == []
+    assert guards.written_inputs("call_function", "_operator.iand", None, [x, y], {}) == [x]
+
+
+def test_fresh_results_are_only_what_the_graph_allocated():
+    class Node:  # the part of an fx node is_fresh reads
+        def __init__(self, name):
+            self.name = name
+
+    fresh = set()
+    assert guards.is_fresh("call_method", "new_ones", [], fresh)
+    fresh.add("made")
+    assert guards.is_fresh("call_function", "_operator.iand", [Node("made")], fresh)  # returns what it wrote
+    assert not guards.is_fresh("call_function", "_operator.iand", [Node("weight")], fresh)
+    # may return their input unchanged (no copy) although their schemas declare no alias
+    for op, name in (("call_method", "type_as"), ("call_function", "torch.atleast_1d"), ("call_method", "to"),
+                     ("call_method", "add_"), ("get_attr", "weight"), ("placeholder", "x")):
+        assert not guards.is_fresh(op, name, [], fresh)
