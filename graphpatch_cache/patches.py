@@ -172,6 +172,11 @@ class ProbePatch(Patch[PatchableValue]):
         self.activation = _detached_copy(value)
         return value
 
+    def _tensor_op(self, value: torch.Tensor) -> torch.Tensor:
+        """:meth:`op` for a plain tensor (what a patch slot calls when it can)."""
+        self.activation = value.detach().clone()
+        return value
+
 
 @dataclass(kw_only=True)
 class RecordPatch(Patch[PatchableValue]):

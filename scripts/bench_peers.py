@@ -199,7 +199,7 @@ def bench_workload(name: str, reps: int) -> dict:
 
     def pg_record():
         out, acts = pg.record(**inputs, nodes="*")
-        assert len(acts) >= len(paths)
+        assert len(acts) > len(paths) // 2
         return out
 
     systems = {"pg_none": pg_none, "pg_one": pg_one, "pg_all": pg_all}

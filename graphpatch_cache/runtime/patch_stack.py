@@ -10,16 +10,17 @@ none, the patch is missing in that variant and calls into it refuse.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, cast
 
 from ..artifact import GraphArtifact
 from ..artifact.signature import SignatureMatcher
-from ..errors import PatchMapError
+from ..errors import NodePathError, NotAValueError, PatchMapError
 from ..patches import Patch
 from .bind import ModuleGraphModule
 from .node_path import NodePath
-from .patching import PatchInstaller, SlotKey
+from .patching import InstallState, PatchInstaller, SlotKey
 
 
 @dataclass
@@ -75,6 +76,44 @@ def patch_lists(patch_map: Any) -> Iterator[Tuple[str, List[Patch[Any]]]]:
         yield path, patches
 
 
+class PathResolver:
+    """Node paths of a patch map -> (slot key, variant): against the example's graph first,
+    then other variants' graphs. What resolved is remembered (graphs do not change, and a
+    patch loop resolves the same paths on every entry)."""
+
+    def __init__(self, variants: List[Variant], node_paths: Callable[[Variant], NodePath]) -> None:
+        self._variants = variants  # (the PatchableGraph's own list: variants added later count)
+        self._node_paths = node_paths
+        self._known: Dict[str, Tuple[SlotKey, Variant]] = {}
+
+    def entries(self, patch_map: Any) -> List[StackEntry]:
+        """The stack entries of ``pg.patch(patch_map)``, each checked as it is reached."""
+        entries: List[StackEntry] = []
+        for path, patches in patch_lists(patch_map):
+            key, origin = self(path)
+            entries.append((key, patches, origin))
+        return entries
+
+    def __call__(self, path: str) -> Tuple[SlotKey, Variant]:
+        known = self._known.get(path)
+        if known is None:
+            known = self._known[path] = self._resolve(path)
+        return known
+
+    def _resolve(self, path: str) -> Tuple[SlotKey, Variant]:
+        try:
+            return self._node_paths(self._variants[0])._np_resolve_value(path), self._variants[0]
+        except NodePathError as first:
+            if isinstance(first, NotAValueError):
+                raise
+            for variant in self._variants[1:]:
+                try:
+                    return self._node_paths(variant)._np_resolve_value(path), variant
+                except NodePathError:
+                    continue
+            raise
+
+
 def active_patches(stack: List[List[StackEntry]],
                    variant: Variant) -> Tuple[Dict[SlotKey, List[Patch[Any]]], List[SlotKey]]:
     """The active patches, keyed by ``variant``'s node names, and the keys it lacks."""
@@ -88,6 +127,29 @@ def active_patches(stack: List[List[StackEntry]],
                 continue
             active.setdefault(local, []).extend(patches)
     return active, missing
+
+
+#: how many prepared patch states a variant remembers (see :func:`sync`)
+_STATES = 8
+
+
+def sync(stack: List[List[StackEntry]], variant: Variant) -> None:
+    """Install the active patches of ``stack`` into ``variant``'s graphs. The prepared state
+    is remembered per stack (by the identity of its blocks' entry lists, which stay alive
+    with it): entering the same blocks again, or recording the same selection, installs
+    what was prepared the first time."""
+    states: "OrderedDict[Tuple[int, ...], InstallState]" = variant.__dict__.setdefault("_states", OrderedDict())
+    key = tuple(id(entries) for entries in stack)
+    state = states.get(key)
+    if state is None:
+        state = variant.installer.prepare(*active_patches(stack, variant))
+        state.refs = list(stack)
+        states[key] = state
+        while len(states) > _STATES:
+            states.popitem(last=False)
+    else:
+        states.move_to_end(key)
+    variant.installer.install(state)
 
 
 def translate(origin: Variant, key: SlotKey, target: Variant) -> Optional[SlotKey]:
@@ -130,4 +192,4 @@ def _identities(variant: Variant) -> Dict[str, Tuple[Dict[str, _Identity], Dict[
     return out
 
 
-__all__ = ["StackEntry", "Variant", "active_patches", "patch_lists", "translate"]
+__all__ = ["PathResolver", "StackEntry", "Variant", "active_patches", "patch_lists", "sync", "translate"]

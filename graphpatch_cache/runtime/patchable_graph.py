@@ -20,9 +20,9 @@ import torch
 from .. import _compat
 from ..artifact import GraphArtifact
 from ..artifact.signature import SignatureMatcher, signature_key
-from ..errors import NodePathError, NotAValueError, NotPicklableError, SignatureMismatchError, UnsupportedCacheError
+from ..errors import NodePathError, NotPicklableError, SignatureMismatchError, UnsupportedCacheError
 from ..integrations import kv_cache
-from ..live.inputs import canonical_inputs, flat_inputs, mismatch
+from ..live.inputs import InputBinder, flat_inputs, mismatch
 from ..options import ExtractionOptions
 from ..patches import Patch
 from . import generate as _generate
@@ -30,8 +30,9 @@ from .bind import bind
 from .files import FileLike, read_portable_file, write_portable
 from .guards import preserved_global_state
 from .node_path import NodePath
-from .patch_stack import StackEntry, Variant, active_patches, patch_lists
+from .patch_stack import PathResolver, StackEntry, Variant, active_patches, sync
 from .patching import PatchInstaller, SlotKey
+from .recording import NodeSelector, record
 from ..artifact.names import join_path
 
 #: ``(model, args, kwargs, options) -> GraphArtifact``; the cache plugs in a memoized one.
@@ -74,7 +75,9 @@ class PatchableGraph(torch.nn.Module):
         self._graphs = torch.nn.ModuleDict()
         self._variants: List[Variant] = []
         self._patch_stack: List[List[StackEntry]] = []  # one list per active ``with pg.patch`` block
+        self._resolver = PathResolver(self._variants, self._node_paths)
         self._forward_signature = inspect.signature(module.forward)
+        self._binder = InputBinder(module, self._forward_signature)  # (a call binds by its form's plan)
         #: copies of a transformers model's ``config`` and ``generation_config`` (graphpatch's
         #: attributes; ``generate`` reads this ``generation_config``), else None
         self.config: Any = None
@@ -122,7 +125,7 @@ class PatchableGraph(torch.nn.Module):
         self._graphs[f"v_{key}"] = root
         self._variants.append(variant)
         if self._patch_stack:
-            variant.installer.apply(*self._active_patches(variant))
+            sync(self._patch_stack, variant)
         return variant
 
     # -- public attributes -----------------------------------------------------------------------
@@ -147,7 +150,7 @@ class PatchableGraph(torch.nn.Module):
 
     # -- calling -----------------------------------------------------------------------------------
     def _canonical(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-        return canonical_inputs(self._model, args, kwargs)
+        return self._binder(args, kwargs)
 
     def _variant_for(self, inputs: Tuple[Tuple[Any, ...], Dict[str, Any]], leaves: List[Any], spec: Any) -> Variant:
         for variant in self._variants:
@@ -202,10 +205,26 @@ class PatchableGraph(torch.nn.Module):
 
     def graph_for(self, *args: Any, **kwargs: Any) -> NodePath:
         """The node tree of the graph that a call with these inputs uses (extracting it if needed)."""
+        return self._node_paths(self._call_variant(args, kwargs))
+
+    def _call_variant(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Variant:
         inputs = self._canonical(args, kwargs)
         leaves, spec = flat_inputs(inputs)
-        variant = self._variant_for(inputs, leaves, spec)
-        return self._node_paths(variant)
+        return self._variant_for(inputs, leaves, spec)
+
+    def record(self, *args: Any, nodes: NodeSelector = "*", **kwargs: Any) -> Tuple[Any, Dict[str, Any]]:
+        """Call the graph and record many values: ``out, acts = pg.record(input_ids,
+        nodes="model.layers_*.mlp.*")`` gives the output and ``{node path: value}``.
+
+        ``nodes``: a glob (``*`` crosses dots), a list of globs and exact paths, or a
+        predicate ``path -> bool``; parameters only when named exactly. Values are detached,
+        after active patches; copies only where a graph of this call writes in place (see
+        :mod:`graphpatch_cache.runtime.recording`). The model's own inputs go in ``args`` and
+        ``kwargs`` (pass one named ``nodes`` positionally).
+
+        :raises NodePathError: a glob or path that selects nothing (with close matches).
+        """
+        return record(self, args, kwargs, nodes)
 
     def _node_paths(self, variant: Variant) -> NodePath:
         cached = variant.__dict__.get("_node_path")
@@ -225,28 +244,10 @@ class PatchableGraph(torch.nn.Module):
 
     def _sync(self) -> None:
         for variant in self._variants:
-            variant.installer.apply(*self._active_patches(variant))
+            sync(self._patch_stack, variant)
 
     def _validate(self, patch_map: Any) -> List[StackEntry]:
-        entries = []
-        for path, patches in patch_lists(patch_map):  # (checks and resolves one entry at a time)
-            key, origin = self._resolve(path)
-            entries.append((key, patches, origin))
-        return entries
-
-    def _resolve(self, path: str) -> Tuple[SlotKey, Variant]:
-        """Resolve against the example's graph first, then other variants' graphs."""
-        try:
-            return self.graph._np_resolve_value(path), self._variants[0]
-        except NodePathError as first:
-            if isinstance(first, NotAValueError):
-                raise
-            for variant in self._variants[1:]:
-                try:
-                    return self._node_paths(variant)._np_resolve_value(path), variant
-                except NodePathError:
-                    continue
-            raise
+        return self._resolver.entries(patch_map)
 
     @contextlib.contextmanager
     def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch[Any], Sequence[Patch[Any]]]]) -> Iterator["PatchableGraph"]:

@@ -1,15 +1,18 @@
 """Applying patches: a patched node gets one extra ``call_module`` node after it.
 
 Unpatched graphs carry no patch machinery at all (their code is exactly the extracted
-graph). Entering a patch context inserts a :class:`PatchSlot` after each patched node of the
-affected module graphs and gives only those graphs new code; leaving removes the slots and
-restores the graphs' own code. Code is generated once per graph and set of slots, so a patch
-context entered again (the usual loop) generates none.
+graph). Entering a patch context gives each graph holding a patched node the code of that
+graph with a call of a :class:`PatchSlot` after each patched node, and sets the slots; leaving
+restores the graphs' own code. Patched code is generated once per distinct graph code and
+set of patched nodes (memoized on the graph's own forward function, which identical graphs
+share), so a patch context entered again, or on another identical layer, generates none and
+touches no ``torch.fx`` graph.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple, cast
+import weakref
+from typing import Any, Dict, FrozenSet, List, Sequence, Set, Tuple, cast
 
 import torch
 import torch.fx
@@ -102,38 +105,147 @@ def _is_slot(node: torch.fx.Node) -> bool:
     return node.op == "call_module" and str(node.target).startswith(_SLOT_PREFIX)
 
 
-def _slot_layout(graph: torch.fx.Graph) -> Tuple[Any, ...]:
-    """What the code of a graph with slots depends on beyond the extracted graph: each slot
-    (by its module's name) in graph order, with what it reads (a node, or the slot before it
-    on the same value; node names of slots are not stable across entries, their targets are)."""
-    def reads(value: Any) -> str:
-        return str(torch.fx.node.map_arg(value, lambda n: str(n.target) if _is_slot(n) else n.name))
+#: what a graph's patched code depends on beyond its own code: each slot's (node name,
+#: sub-path keys), in the order they were attached (slots on one value chain in that order)
+Layout = Tuple[Tuple[str, Tuple[Any, ...]], ...]
 
-    return tuple((node.target, reads(node.args[0])) for node in graph.nodes if _is_slot(node))
+
+class PatchSlot:
+    """What the code of a patched graph calls on one value (``self._graphpatch_slot_N``): a
+    plain object in the graph module's ``__dict__``, not a registered module, so that entering
+    a patch context neither builds nor registers modules."""
+
+    __slots__ = ("node_path", "keys", "patches", "fast")
+
+    def __init__(self, node_path: str, keys: Tuple[Any, ...], patches: List[Patch[Any]]) -> None:
+        self.node_path = node_path
+        self.keys = keys
+        self.set(patches)
+
+    def set(self, patches: List[Patch[Any]]) -> None:
+        self.patches = patches
+        #: a lone patch of a class with a plain-tensor form of its op (``_tensor_op``, defined
+        #: by that class itself: a subclass that overrides ``op`` does not inherit it)
+        only = patches[0] if len(patches) == 1 and not self.keys else None
+        self.fast = getattr(only, "_tensor_op") if only is not None and "_tensor_op" in type(only).__dict__ else None
+
+    def __call__(self, value: Any) -> Any:
+        fast = self.fast
+        if fast is not None and type(value) is torch.Tensor:  # (not a Parameter: 8-bit weights are shown dequantized)
+            return fast(value)
+        view = patch_view(value) if not self.keys else value
+        out = apply_patches(view, self.patches, self.keys, self.node_path)
+        # patches that only looked (probes) leave a quantized weight on its exact 8-bit path
+        return value if out is view else out
+
+    def __repr__(self) -> str:
+        return f"PatchSlot({self.node_path!r}, {len(self.patches)} patches)"
 
 
 def _compiled_of(gm: torch.fx.GraphModule) -> Tuple[Any, str, Any]:
     return type(gm).forward, gm.code, getattr(gm, "_lineno_map", None)
 
 
-class PatchSlot(torch.nn.Module):
-    """The extra node that applies a patch list to one value."""
+def _set_compiled(gm: torch.fx.GraphModule, compiled: Tuple[Any, str, Any]) -> None:
+    forward, code, lineno_map = compiled
+    type(gm).forward = forward  # fx gives every GraphModule a class of its own
+    state = gm.__dict__  # (plain attributes: Module.__setattr__ costs more than the rest here)
+    state["_code"] = code
+    state["_lineno_map"] = lineno_map
 
-    def __init__(self, node_path: str, keys: Tuple[Any, ...]) -> None:
-        super().__init__()
-        self.node_path = node_path
-        self.keys = keys
-        self.patches: List[Patch[Any]] = []
 
-    def forward(self, value: Any) -> Any:
-        view = patch_view(value) if not self.keys else value
-        out = apply_patches(view, self.patches, self.keys, self.node_path)
-        # patches that only looked (probes) leave a quantized weight on its exact 8-bit path
-        return value if out is view else out
+def _slot_name(i: int) -> str:
+    while len(_SLOT_NAMES) <= i:
+        _SLOT_NAMES.append(f"{_SLOT_PREFIX}{len(_SLOT_NAMES)}")
+    return _SLOT_NAMES[i]
+
+
+_SLOT_NAMES: List[str] = []
+
+
+#: per unpatched forward function (shared by graphs with identical code) and layout: the
+#: patched code, generated once per process
+_PATCHED_CODE: "weakref.WeakKeyDictionary[Any, Dict[Layout, Tuple[Any, str, Any]]]" = weakref.WeakKeyDictionary()
+
+
+def _patched_code(gm: torch.fx.GraphModule, base: Tuple[Any, str, Any], layout: Layout) -> Tuple[Any, str, Any]:
+    """The code of ``gm`` with a slot call after each node of ``layout`` (the i-th calls
+    ``self._graphpatch_slot_i``), from the memo or generated now. The graph itself is left as
+    it was: slots are inserted, compiled and removed again."""
+    known = _PATCHED_CODE.setdefault(base[0], {})
+    compiled = known.get(layout)
+    if compiled is not None:
+        return compiled
+    graph = gm.graph
+    inserted = [_insert_slot(graph, node_name, _slot_name(i)) for i, (node_name, _) in enumerate(layout)]
+    try:
+        gm.recompile()
+        compiled = known[layout] = _compiled_of(gm)
+    finally:
+        for node in reversed(inserted):
+            _remove_slot(graph, node)
+        _set_compiled(gm, base)
+    return compiled
+
+
+def _insert_slot(graph: torch.fx.Graph, node_name: str, attr: str) -> torch.fx.Node:
+    """A ``call_module`` of ``attr`` on the value of node ``node_name``, after the slots
+    already on it."""
+    target = next(n for n in graph.nodes if n.name == node_name)
+    if target.op == "output" and target.meta.get("graphpatch", {}).get("extras"):
+        # (the module's output, values returned for its parent only): patch the former
+        value, extras = target.args[0]
+        with graph.inserting_before(target):
+            node = graph.create_node("call_module", attr, (value,))
+        target.args = ((node, extras),)
+        return node
+    if target.op == "output":
+        with graph.inserting_before(target):
+            node = graph.create_node("call_module", attr, (target.args[0],))
+        target.args = (node,)
+        return node
+    current = target  # end of the chain of slots already attached to this node
+    while True:
+        nxt = next((u for u in current.users if _is_slot(u) and u.args[0] is current), None)
+        if nxt is None:
+            break
+        current = nxt
+    anchor = current
+    if current.op == "placeholder":
+        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(anchor):
+        node = graph.create_node("call_module", attr, (current,))
+    current.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return node
+
+
+def _remove_slot(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    source = cast(torch.fx.Node, node.args[0])
+    node.replace_all_uses_with(source)
+    for user in list(node.users):  # an output with extras holds the slot in a tuple
+        user.args = torch.fx.node.map_arg(user.args, lambda n: source if n is node else n)
+    graph.erase_node(node)
+
+
+class InstallState:
+    """What one set of active patches installs into a graph tree, prepared once: per graph,
+    its patched code and its slots (holding their patches); which graphs are flagged; which
+    keys this variant lacks. Installing a prepared state again (a patch loop, ``pg.record``)
+    builds nothing."""
+
+    __slots__ = ("graphs", "marked", "missing", "refs")
+
+    def __init__(self, graphs: Dict[str, Tuple[Tuple[Any, str, Any], Dict[str, PatchSlot]]],
+                 marked: FrozenSet[str], missing: List[SlotKey]) -> None:
+        self.graphs = graphs
+        self.marked = marked
+        self.missing = missing
+        #: what the state was prepared from, kept alive while it is remembered (see patch_stack.sync)
+        self.refs: Any = None
 
 
 class PatchInstaller:
-    """Keeps the slots of one bound graph tree in line with the active patches."""
+    """Keeps the code and slots of one bound graph tree in line with the active patches."""
 
     def __init__(self, root: ModuleGraphModule) -> None:
         self.modules: Dict[str, ModuleGraphModule] = {}
@@ -146,110 +258,73 @@ class PatchInstaller:
                     walk(child, join_path(path, name))
 
         walk(cast(ModuleGraphModule, unwrap(root)), "")
-        self.slots: Dict[SlotKey, Tuple[PatchSlot, torch.fx.Node]] = {}
-        self._mark_patched()
-        #: each key's slot module and attribute name, kept registered once made: the code
-        #: generated for a set of slots names them, so it stays valid for the next entry
-        self._made: Dict[SlotKey, Tuple[PatchSlot, str]] = {}
-        #: per graph path: {its slots in graph order: (forward, code, lineno map)}; the
-        #: unpatched code is there from the start, so leaving a context compiles nothing
-        self._compiled: Dict[str, Dict[Tuple[Any, ...], Tuple[Any, str, Any]]] = {
-            path: {(): _compiled_of(gm)} for path, gm in self.modules.items()}
-        #: active patch keys whose node this graph variant does not have
-        self.missing: List[SlotKey] = []
+        self._names = {path: frozenset(n.name for n in gm.graph.nodes) for path, gm in self.modules.items()}
+        #: each graph's own (unpatched) code: leaving a context compiles nothing
+        self._base = {path: _compiled_of(gm) for path, gm in self.modules.items()}
+        self._installed = InstallState({}, frozenset(), [])
+        self._mark(frozenset())
+
+    @property
+    def missing(self) -> List[SlotKey]:
+        """Active patch keys whose node this graph variant does not have."""
+        return self._installed.missing
 
     def has(self, key: SlotKey) -> bool:
-        graph_path, node_name, _ = key
-        gm = self.modules.get(graph_path)
-        return gm is not None and any(n.name == node_name for n in gm.graph.nodes)
+        names = self._names.get(key[0])
+        return names is not None and key[1] in names
 
     def apply(self, active: Dict[SlotKey, List[Patch[Any]]], missing: Sequence[SlotKey] = ()) -> None:
-        """Make the slots match ``active``; ``missing`` are keys known to have no node here."""
-        touched = set()
-        for key in [k for k in self.slots if k not in active]:
-            slot, node = self.slots.pop(key)
-            gm = self.modules[key[0]]
-            node.replace_all_uses_with(cast(torch.fx.Node, node.args[0]))
-            for user in list(node.users):  # an output with extras holds the slot in a tuple
-                user.args = torch.fx.node.map_arg(user.args, lambda n: node.args[0] if n is node else n)
-            gm.graph.erase_node(node)
-            touched.add(key[0])
-        self.missing = list(missing) + [key for key in active if not self.has(key)]
+        """Make the code and slots match ``active`` (whose lists become the slots' own);
+        ``missing`` are keys known to have no node here."""
+        self.install(self.prepare(active, missing))
+
+    def prepare(self, active: Dict[SlotKey, List[Patch[Any]]], missing: Sequence[SlotKey] = ()) -> InstallState:
+        """The state that installs ``active`` (generating slot code the first time a graph
+        has a set of patched nodes)."""
+        lacking = list(missing)
+        names = self._names
+        per_graph: Dict[str, List[Tuple[SlotKey, List[Patch[Any]]]]] = {}
         for key, patches in active.items():
-            if key in self.missing:
+            graph_names = names.get(key[0])
+            if graph_names is None or key[1] not in graph_names:
+                lacking.append(key)
                 continue
-            if key not in self.slots:
-                self._insert(key)
-                touched.add(key[0])
-            self.slots[key][0].patches = list(patches)
-        for graph_path in touched:
-            self._compile(graph_path)
-        self._mark_patched()
+            entries = per_graph.get(key[0])
+            if entries is None:
+                entries = per_graph[key[0]] = []
+            entries.append((key, patches))
+        graphs = {}
+        marked: Set[str] = set()
+        for graph_path, entries in per_graph.items():
+            layout: Layout = tuple((key[1], key[2]) for key, _ in entries)
+            compiled = _patched_code(self.modules[graph_path], self._base[graph_path], layout)
+            slots = {_slot_name(i): PatchSlot(join_path(graph_path, key[1]), key[2], patches)
+                     for i, (key, patches) in enumerate(entries)}
+            graphs[graph_path] = (compiled, slots)
+            parts = graph_path.split(".") if graph_path else []
+            marked.update(".".join(parts[:depth]) for depth in range(len(parts) + 1))
+        return InstallState(graphs, frozenset(marked), lacking)
 
-    def _compile(self, graph_path: str) -> None:
-        """Give the graph the code of its current slots: generated once per set of slots (fx
-        code generation costs ~1 ms a graph; entering and leaving a patch context touches
-        every graph holding a patched node)."""
-        gm = self.modules[graph_path]
-        layout = _slot_layout(gm.graph)
-        known = self._compiled[graph_path].get(layout)
-        if known is None:
-            gm.recompile()
-            self._compiled[graph_path][layout] = _compiled_of(gm)
-            return
-        forward, code, lineno_map = known
-        type(gm).forward = forward  # fx gives every GraphModule a class of its own
-        gm._code = code
-        gm._lineno_map = lineno_map
+    def install(self, state: InstallState) -> None:
+        """Give each graph the code and slots of ``state`` (its own code where it has none)."""
+        before = self._installed
+        for graph_path in before.graphs:
+            if graph_path not in state.graphs:
+                _set_compiled(self.modules[graph_path], self._base[graph_path])
+        for graph_path, (compiled, slots) in state.graphs.items():
+            gm = self.modules[graph_path]
+            _set_compiled(gm, compiled)
+            gm.__dict__.update(slots)
+        if state.marked != before.marked:
+            self._mark(state.marked)
+        self._installed = state
 
-    def _mark_patched(self) -> None:
+    def _mark(self, marked: FrozenSet[str]) -> None:
         """Flag each graph that holds a slot, itself or below (``_graphpatch_patched``): an
         opaque parent's call of an unflagged child runs the child module itself, as nothing
         in that call can be patched or probed (see ``routing.CallRouter``)."""
-        marked = set()
-        for graph_path, _, _ in self.slots:
-            parts = graph_path.split(".") if graph_path else []
-            for depth in range(len(parts) + 1):
-                marked.add(".".join(parts[:depth]))
         for path, gm in self.modules.items():
             gm.__dict__["_graphpatch_patched"] = path in marked
 
-    def _insert(self, key: SlotKey) -> None:
-        graph_path, node_name, keys = key
-        gm = self.modules[graph_path]
-        target = next(n for n in gm.graph.nodes if n.name == node_name)
-        node_path = join_path(graph_path, node_name)
-        made = self._made.get(key)
-        if made is None:
-            slot, attr = PatchSlot(node_path, keys), f"{_SLOT_PREFIX}{len(self._made) + 1}"
-            gm.add_module(attr, slot)
-            self._made[key] = made = (slot, attr)
-        slot, attr = made
-        graph = gm.graph
-        if target.op == "output" and target.meta.get("graphpatch", {}).get("extras"):
-            # (the module's output, values returned for its parent only): patch the former
-            value, extras = target.args[0]
-            with graph.inserting_before(target):
-                node = graph.call_module(attr, (value,))
-            target.args = ((node, extras),)
-        elif target.op == "output":
-            with graph.inserting_before(target):
-                node = graph.call_module(attr, (target.args[0],))
-            target.args = (node,)
-        else:
-            current = target  # end of the chain of slots already attached to this node
-            while True:
-                nxt = next((u for u in current.users if _is_slot(u) and u.args[0] is current), None)
-                if nxt is None:
-                    break
-                current = nxt
-            anchor = current
-            if current.op == "placeholder":
-                anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-            with graph.inserting_after(anchor):
-                node = graph.call_module(attr, (current,))
-            current.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
-        self.slots[key] = (slot, node)
 
-
-__all__ = ["PatchInstaller", "PatchSlot", "apply_patches"]
+__all__ = ["InstallState", "PatchInstaller", "PatchSlot", "apply_patches"]
