@@ -60,3 +60,28 @@ def test_a_patch_recompiles_only_the_graphs_it_touches():
         assert {n for n in before if other[n] is not before[n]} == {leaf} and other[leaf] is patched[leaf]
         assert torch.equal(pg(x), x)  # the second block's output is zero: only the residual is left
     assert torch.equal(pg(x), model(x))
+
+
+def test_remembered_patch_states_stay_correct_past_the_memo_and_when_nested():
+    torch.manual_seed(0)
+    model = Tree().eval()
+    x = torch.randn(3, 4)
+    pg = PatchableGraph(model, x)
+    a_out = model.a(x)
+    maps = [{"a.output": ZeroPatch()}, {"b.sub_0.relu": ZeroPatch()}, {"add": ZeroPatch()}]
+    expected = [model.b(torch.zeros(3, 4)) + x, model.b[1](torch.zeros(3, 4)) + x, torch.zeros(3, 4)]
+    for round_ in range(12):  # more distinct blocks than a variant remembers states
+        fresh = [dict(m) for m in maps] if round_ % 2 else maps  # new dicts: new blocks, new states
+        for patch_map, want in zip(fresh, expected):
+            with pg.patch(patch_map):
+                assert torch.equal(pg(x), want)
+        assert torch.equal(pg(x), model(x))
+    probe = ProbePatch()
+    with pg.patch({"a.output": probe}):
+        with pg.patch({"a.output": ZeroPatch()}):  # inner runs after outer: the probe saw a's output
+            assert torch.equal(pg(x), model.b(torch.zeros(3, 4)) + x)
+            _, acts = pg.record(x, nodes=["a.output"])
+            assert not acts["a.output"].any()
+        assert torch.equal(probe.activation, a_out)
+        assert torch.equal(pg(x), model(x))
+    assert len(pg._variants[0].__dict__["_states"]) <= 8
