@@ -12,7 +12,8 @@ touches no ``torch.fx`` graph.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, FrozenSet, List, Sequence, Set, Tuple, cast
+from collections import OrderedDict
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple, cast
 
 import torch
 import torch.fx
@@ -227,21 +228,39 @@ def _remove_slot(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     graph.erase_node(node)
 
 
-class InstallState:
-    """What one set of active patches installs into a graph tree, prepared once: per graph,
-    its patched code and its slots (holding their patches); which graphs are flagged; which
-    keys this variant lacks. Installing a prepared state again (a patch loop, ``pg.record``)
-    builds nothing."""
+class Skeleton:
+    """What a set of patched nodes installs into a graph tree, whatever the patches: per
+    graph, its patched code and its slots; the slot of each active key in order (None where
+    this variant has no such node); which graphs are flagged. Made once per set of patched
+    nodes and reused: entering a patch loop's next block with new patch objects on the same
+    nodes only hands the slots their new patches."""
 
-    __slots__ = ("graphs", "marked", "missing", "refs")
+    __slots__ = ("graphs", "order", "marked", "lacking")
 
     def __init__(self, graphs: Dict[str, Tuple[Tuple[Any, str, Any], Dict[str, PatchSlot]]],
-                 marked: FrozenSet[str], missing: List[SlotKey]) -> None:
+                 order: List[Optional[PatchSlot]], marked: FrozenSet[str], lacking: List[SlotKey]) -> None:
         self.graphs = graphs
+        self.order = order
         self.marked = marked
+        self.lacking = lacking
+
+
+class InstallState:
+    """One set of active patches, ready to install: a :class:`Skeleton`, the patch list of
+    each of its slots, and the keys this variant lacks."""
+
+    __slots__ = ("skeleton", "patches", "missing", "refs")
+
+    def __init__(self, skeleton: Skeleton, patches: List[List[Patch[Any]]], missing: List[SlotKey]) -> None:
+        self.skeleton = skeleton
+        self.patches = patches
         self.missing = missing
         #: what the state was prepared from, kept alive while it is remembered (see patch_stack.sync)
         self.refs: Any = None
+
+
+#: how many skeletons an installer remembers
+_SKELETONS = 8
 
 
 class PatchInstaller:
@@ -261,7 +280,8 @@ class PatchInstaller:
         self._names = {path: frozenset(n.name for n in gm.graph.nodes) for path, gm in self.modules.items()}
         #: each graph's own (unpatched) code: leaving a context compiles nothing
         self._base = {path: _compiled_of(gm) for path, gm in self.modules.items()}
-        self._installed = InstallState({}, frozenset(), [])
+        self._skeletons: "OrderedDict[Tuple[SlotKey, ...], Skeleton]" = OrderedDict()
+        self._installed = InstallState(Skeleton({}, [], frozenset(), []), [], [])
         self._mark(frozenset())
 
     @property
@@ -279,44 +299,63 @@ class PatchInstaller:
         self.install(self.prepare(active, missing))
 
     def prepare(self, active: Dict[SlotKey, List[Patch[Any]]], missing: Sequence[SlotKey] = ()) -> InstallState:
-        """The state that installs ``active`` (generating slot code the first time a graph
-        has a set of patched nodes)."""
-        lacking = list(missing)
+        """The state that installs ``active``."""
+        keys = tuple(active)
+        skeleton = self._skeletons.get(keys)
+        if skeleton is None:
+            skeleton = self._skeletons[keys] = self._skeleton(keys)
+            while len(self._skeletons) > _SKELETONS:
+                self._skeletons.popitem(last=False)
+        else:
+            self._skeletons.move_to_end(keys)
+        return InstallState(skeleton, list(active.values()), list(missing) + skeleton.lacking)
+
+    def _skeleton(self, keys: Tuple[SlotKey, ...]) -> Skeleton:
+        """The code and slots of a set of patched nodes (generating slot code the first time
+        a graph code has these patched nodes)."""
         names = self._names
-        per_graph: Dict[str, List[Tuple[SlotKey, List[Patch[Any]]]]] = {}
-        for key, patches in active.items():
+        per_graph: Dict[str, List[SlotKey]] = {}
+        order: List[Optional[PatchSlot]] = []
+        lacking: List[SlotKey] = []
+        for key in keys:
             graph_names = names.get(key[0])
             if graph_names is None or key[1] not in graph_names:
                 lacking.append(key)
-                continue
-            entries = per_graph.get(key[0])
-            if entries is None:
-                entries = per_graph[key[0]] = []
-            entries.append((key, patches))
+            else:
+                per_graph.setdefault(key[0], []).append(key)
+        slot_of: Dict[SlotKey, PatchSlot] = {}
         graphs = {}
         marked: Set[str] = set()
-        for graph_path, entries in per_graph.items():
-            layout: Layout = tuple((key[1], key[2]) for key, _ in entries)
+        for graph_path, graph_keys in per_graph.items():
+            layout: Layout = tuple((key[1], key[2]) for key in graph_keys)
             compiled = _patched_code(self.modules[graph_path], self._base[graph_path], layout)
-            slots = {_slot_name(i): PatchSlot(join_path(graph_path, key[1]), key[2], patches)
-                     for i, (key, patches) in enumerate(entries)}
+            slots = {}
+            for i, key in enumerate(graph_keys):
+                slots[_slot_name(i)] = slot_of[key] = PatchSlot(join_path(graph_path, key[1]), key[2], [])
             graphs[graph_path] = (compiled, slots)
             parts = graph_path.split(".") if graph_path else []
             marked.update(".".join(parts[:depth]) for depth in range(len(parts) + 1))
-        return InstallState(graphs, frozenset(marked), lacking)
+        order = [slot_of.get(key) for key in keys]
+        return Skeleton(graphs, order, frozenset(marked), lacking)
 
     def install(self, state: InstallState) -> None:
-        """Give each graph the code and slots of ``state`` (its own code where it has none)."""
-        before = self._installed
-        for graph_path in before.graphs:
-            if graph_path not in state.graphs:
-                _set_compiled(self.modules[graph_path], self._base[graph_path])
-        for graph_path, (compiled, slots) in state.graphs.items():
-            gm = self.modules[graph_path]
-            _set_compiled(gm, compiled)
-            gm.__dict__.update(slots)
-        if state.marked != before.marked:
-            self._mark(state.marked)
+        """Give each graph the code and slots of ``state`` (its own code where it has none),
+        and each slot its patches."""
+        before = self._installed.skeleton
+        skeleton = state.skeleton
+        if skeleton is not before:
+            for graph_path in before.graphs:
+                if graph_path not in skeleton.graphs:
+                    _set_compiled(self.modules[graph_path], self._base[graph_path])
+            for graph_path, (compiled, slots) in skeleton.graphs.items():
+                gm = self.modules[graph_path]
+                _set_compiled(gm, compiled)
+                gm.__dict__.update(slots)
+            if skeleton.marked != before.marked:
+                self._mark(skeleton.marked)
+        for slot, patches in zip(skeleton.order, state.patches):
+            if slot is not None and slot.patches is not patches:
+                slot.set(patches)
         self._installed = state
 
     def _mark(self, marked: FrozenSet[str]) -> None:
@@ -327,4 +366,4 @@ class PatchInstaller:
             gm.__dict__["_graphpatch_patched"] = path in marked
 
 
-__all__ = ["InstallState", "PatchInstaller", "PatchSlot", "apply_patches"]
+__all__ = ["InstallState", "PatchInstaller", "Skeleton", "PatchSlot", "apply_patches"]
