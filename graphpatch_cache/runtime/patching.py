@@ -166,22 +166,27 @@ _SLOT_NAMES: List[str] = []
 
 #: per unpatched forward function (shared by graphs with identical code) and layout: the
 #: patched code, generated once per process
-_PATCHED_CODE: "weakref.WeakKeyDictionary[Any, Dict[Layout, Tuple[Any, str, Any]]]" = weakref.WeakKeyDictionary()
+_PATCHED_CODE: "weakref.WeakKeyDictionary[Any, OrderedDict[Layout, Tuple[Any, str, Any]]]" = weakref.WeakKeyDictionary()
+#: layouts remembered per graph code (a sweep patching one node after another makes one each)
+_LAYOUTS = 256
 
 
 def _patched_code(gm: torch.fx.GraphModule, base: Tuple[Any, str, Any], layout: Layout) -> Tuple[Any, str, Any]:
     """The code of ``gm`` with a slot call after each node of ``layout`` (the i-th calls
     ``self._graphpatch_slot_i``), from the memo or generated now. The graph itself is left as
     it was: slots are inserted, compiled and removed again."""
-    known = _PATCHED_CODE.setdefault(base[0], {})
+    known = _PATCHED_CODE.setdefault(base[0], OrderedDict())
     compiled = known.get(layout)
     if compiled is not None:
+        known.move_to_end(layout)
         return compiled
     graph = gm.graph
     inserted = [_insert_slot(graph, node_name, _slot_name(i)) for i, (node_name, _) in enumerate(layout)]
     try:
         gm.recompile()
         compiled = known[layout] = _compiled_of(gm)
+        while len(known) > _LAYOUTS:
+            known.popitem(last=False)
     finally:
         for node in reversed(inserted):
             _remove_slot(graph, node)
@@ -352,18 +357,19 @@ class PatchInstaller:
                 _set_compiled(gm, compiled)
                 gm.__dict__.update(slots)
             if skeleton.marked != before.marked:
-                self._mark(skeleton.marked)
+                self._mark(skeleton.marked, before.marked ^ skeleton.marked)
         for slot, patches in zip(skeleton.order, state.patches):
             if slot is not None and slot.patches is not patches:
                 slot.set(patches)
         self._installed = state
 
-    def _mark(self, marked: FrozenSet[str]) -> None:
+    def _mark(self, marked: FrozenSet[str], changed: Optional[FrozenSet[str]] = None) -> None:
         """Flag each graph that holds a slot, itself or below (``_graphpatch_patched``): an
         opaque parent's call of an unflagged child runs the child module itself, as nothing
-        in that call can be patched or probed (see ``routing.CallRouter``)."""
-        for path, gm in self.modules.items():
-            gm.__dict__["_graphpatch_patched"] = path in marked
+        in that call can be patched or probed (see ``routing.CallRouter``). ``changed``: the
+        only graphs whose flag changes (default: all)."""
+        for path in self.modules if changed is None else changed:
+            self.modules[path].__dict__["_graphpatch_patched"] = path in marked
 
 
 __all__ = ["InstallState", "PatchInstaller", "Skeleton", "PatchSlot", "apply_patches"]
