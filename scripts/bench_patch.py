@@ -24,15 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from graphpatch_cache import PatchableGraph, ProbePatch  # noqa: E402
 
-
-def value_paths(node, out):
-    for child in node:
-        if child._is_value and "|" not in str(child):
-            if not str(child).endswith(("weight", "bias")):
-                out.append(str(child))
-        else:
-            value_paths(child, out)
-    return out
+from bench_peers import value_paths  # noqa: E402  (this directory: run as a script)
 
 
 def main() -> None:
