@@ -129,6 +129,15 @@ def active_patches(stack: List[List[StackEntry]],
     return active, missing
 
 
+def leave(stack: List[List[StackEntry]], entries: List[StackEntry]) -> None:
+    """Take a block's entries off the stack, by identity (``list.remove`` compares contents,
+    and dataclass patches compare their fields: a probe's recorded tensor among them)."""
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is entries:
+            del stack[i]
+            return
+
+
 #: how many prepared patch states a variant remembers (see :func:`sync`)
 _STATES = 8
 
@@ -192,4 +201,4 @@ def _identities(variant: Variant) -> Dict[str, Tuple[Dict[str, _Identity], Dict[
     return out
 
 
-__all__ = ["PathResolver", "StackEntry", "Variant", "active_patches", "patch_lists", "sync", "translate"]
+__all__ = ["PathResolver", "StackEntry", "Variant", "active_patches", "leave", "patch_lists", "sync", "translate"]

@@ -30,7 +30,7 @@ from .bind import bind
 from .files import FileLike, read_portable_file, write_portable
 from .guards import preserved_global_state
 from .node_path import NodePath
-from .patch_stack import PathResolver, StackEntry, Variant, active_patches, sync
+from .patch_stack import PathResolver, StackEntry, Variant, active_patches, leave, sync
 from .patching import PatchInstaller, SlotKey
 from .recording import NodeSelector, record
 from ..artifact.names import join_path
@@ -273,7 +273,7 @@ class PatchableGraph(torch.nn.Module):
         try:
             yield self
         finally:
-            self._patch_stack.remove(entries)
+            leave(self._patch_stack, entries)
             self._sync()
 
     # -- generation --------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .. import _compat
 from ..errors import NodePathError, close_matches
 from ..patches import Patch
 from .node_path import NodePath
-from .patch_stack import StackEntry, Variant
+from .patch_stack import StackEntry, Variant, leave
 from .patching import SlotKey
 
 #: what ``pg.record(nodes=...)`` takes
@@ -163,7 +163,7 @@ def record(pg: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], nodes: NodeSe
         pg._sync()
         output = pg(*args, **kwargs)
     finally:
-        pg._patch_stack.remove(plan.entries)
+        leave(pg._patch_stack, plan.entries)
         pg._sync()
     values = {path: plan.store[path] for path in plan.paths if path in plan.store}
     plan.store.clear()

@@ -85,3 +85,20 @@ def test_remembered_patch_states_stay_correct_past_the_memo_and_when_nested():
         assert torch.equal(probe.activation, a_out)
         assert torch.equal(pg(x), model(x))
     assert len(pg._variants[0].__dict__["_states"]) <= 8
+
+
+def test_nested_blocks_with_equal_patch_maps_leave_in_any_order():
+    """Blocks are left by identity: two blocks probing one node hold equal-looking entries
+    (dataclass patches compare by their fields, a recorded tensor among them)."""
+    torch.manual_seed(0)
+    model = Tree().eval()
+    x = torch.randn(3, 4)
+    pg = PatchableGraph(model, x)
+    outer, inner = ProbePatch(), ProbePatch()
+    with pg.patch({"a.output": outer}):
+        pg(x)
+        with pg.patch({"a.output": inner}):
+            pg(x)
+        pg(x + 1)  # only the outer probe is still active
+    assert torch.equal(outer.activation, model.a(x + 1)) and torch.equal(inner.activation, model.a(x))
+    assert torch.equal(pg(x), model(x))
