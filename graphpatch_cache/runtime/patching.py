@@ -282,7 +282,8 @@ class PatchInstaller:
                     walk(child, join_path(path, name))
 
         walk(cast(ModuleGraphModule, unwrap(root)), "")
-        self._names = {path: frozenset(n.name for n in gm.graph.nodes) for path, gm in self.modules.items()}
+        # (node names from the graphs' data: reading gm.graph would build a lazily bound graph)
+        self._names = {path: frozenset(nd.name for nd in gm._graphpatch_data.nodes) for path, gm in self.modules.items()}
         #: each graph's own (unpatched) code: leaving a context compiles nothing
         self._base = {path: _compiled_of(gm) for path, gm in self.modules.items()}
         self._skeletons: "OrderedDict[Tuple[SlotKey, ...], Skeleton]" = OrderedDict()
