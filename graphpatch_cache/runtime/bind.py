@@ -23,6 +23,7 @@ from ..trust.allowlist import check_method, resolve_function
 from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
 from ..trust.validate import check_artifact
 from . import guards
+from .codegen import SharedCode, install_pending
 from .routing import HookedGraph, routes, submodule, unwrap
 from ..artifact.names import qualname
 
@@ -41,6 +42,12 @@ class ModuleGraphModule(torch.fx.GraphModule):
         compile deep graphs once per ancestor, and a patch on the root regenerate the code of
         the whole tree. Each of our graphs compiles itself when it changes."""
         return []
+
+    def recompile(self) -> Any:
+        """fx's ``recompile``, except a graph's first compile at binding takes the code of an
+        identical graph compiled before (:mod:`.codegen`) when binding found one."""
+        shared = install_pending(self)
+        return shared if shared is not None else super().recompile()
 
 
 def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
@@ -85,17 +92,22 @@ def bind_graph(
     device: Optional[torch.device] = None,
     traced_on: FrozenSet[str] = frozenset(),
     hooked: Optional[bool] = None,
+    shared: Optional[SharedCode] = None,
 ) -> ModuleGraphModule:
     """Rebuild one module graph (and its children) bound to ``model``'s tensors.
+
+    :param shared: code generated for the graphs bound so far, reused for identical ones.
 
     :raises DisallowedTargetError: a node calls something outside the allowlist.
     :raises ModelStructureError: a module or tensor the graph binds is missing or differs.
     """
     module = _bound_module(data, model, node_path)
     device = _module_device(module, device)
+    if shared is None:
+        shared = SharedCode()
     children = {
         child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device, traced_on,
-                               hooked)
+                               hooked, shared)
         for child in data.children
     }
     # Children go in as empty stand-ins and are swapped in afterwards: GraphModule's graph
@@ -109,11 +121,14 @@ def bind_graph(
         builder.add(nd)
     if data.kind == "leaf":
         register_quantized_owner(module)
+    key = shared.key(builder.graph)
+    shared.attach(builder.graph, key)
     try:
         gm = ModuleGraphModule(attrs, builder.graph, class_name=type(module).__name__)
     except (SyntaxError, NameError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise ArtifactFormatError(f"graph {node_path or '<root>'!r} does not compile to code: {exc!s:.200}",
                                   hint="the artifact is damaged; rebuild it") from exc
+    shared.remember(key, gm)
     for name, child in children.items():  # (also graphs an opaque module calls itself: no call_module)
         gm._modules[name] = child
     gm._graphpatch_data = data

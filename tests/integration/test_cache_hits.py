@@ -1,0 +1,309 @@
+"""A cache hit is fast without checking less (issue 12).
+
+- Generated code is shared between identical graphs of one binding: one compiled ``forward``
+  function per distinct graph, while every graph keeps its own class; graphs whose code text
+  is the same but whose globals name other objects (write guards, targets) never share.
+- Patching one of several identical layers patches that layer only.
+- The JSON limits and JSON Schema of a blob run once per digest (remembered in the per-user
+  local tier, under the schema and allowlist versions); the loader's own checks run on every
+  load, and different bytes are validated in full whatever the local tier says.
+
+Oracles: the plain model (torch.equal, forward hooks), function identity, and whether the
+validation functions actually ran (spies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx
+
+from graphpatch_cache import CacheStore, PatchableGraph, ProbePatch, ZeroPatch, load_cached
+from graphpatch_cache.artifact import format as artifact_format
+from graphpatch_cache.cache.local import LocalTier
+from graphpatch_cache.errors import ArtifactFormatError, DisallowedTargetError
+from graphpatch_cache.runtime.bind import ModuleGraphModule
+from graphpatch_cache.runtime.codegen import SharedCode
+from graphpatch_cache.trust import digests, validate
+
+from tiny_models import tiny_llama, token_inputs
+
+
+def graph_modules(pg) -> dict:
+    return {name: m for name, m in pg.named_modules() if isinstance(m, ModuleGraphModule)}
+
+
+def layer(pg, path: str) -> ModuleGraphModule:
+    (found,) = [m for name, m in graph_modules(pg).items() if name.endswith(path)]
+    return found
+
+
+@pytest.fixture(scope="module")
+def llama5():
+    return tiny_llama(n_layer=5)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return token_inputs(batch=1, seq=6)
+
+
+@pytest.fixture(scope="module")
+def hit(llama5, inputs, tmp_path_factory):
+    """A graph bound from a store entry (after the miss that wrote it)."""
+    tmp = tmp_path_factory.mktemp("hits")
+    store = CacheStore(tmp / "root", local_dir=tmp / "local")
+    load_cached(llama5, store=store, **inputs)
+    pg = load_cached(llama5, store=store, **inputs)
+    assert pg.cache_stats.hits == 1
+    return pg
+
+
+# -- shared code ---------------------------------------------------------------------------------
+def test_identical_layers_share_one_forward_function_and_keep_their_own_classes(hit, llama5, inputs):
+    layers = [layer(hit, f"model.layers_{i}") for i in range(5)]
+    mlps = [layer(hit, f"model.layers_{i}.mlp") for i in range(5)]
+    assert len({type(m).forward for m in layers}) == 1
+    assert len({type(m).forward for m in mlps}) == 1
+    assert len({type(m) for m in layers + mlps}) == 10  # one class per instance, as fx makes them
+    assert type(layers[0]).forward is not type(mlps[0]).forward  # different graphs: different code
+    every = graph_modules(hit)
+    assert len({type(m).forward for m in every.values()}) < len(every) / 2
+    with torch.no_grad():
+        assert torch.equal(hit(**inputs).logits, llama5(**inputs).logits)
+
+
+def test_fresh_and_hit_bind_the_same_node_paths_and_share_the_same_way(hit, llama5, inputs):
+    fresh = PatchableGraph(llama5, **inputs)
+    assert repr(fresh.graph) == repr(hit.graph)
+    assert sorted(graph_modules(fresh)) == sorted(graph_modules(hit))
+    assert all(a.code == b.code for a, b in zip(graph_modules(fresh).values(), graph_modules(hit).values()))
+    fresh_forwards = {type(m).forward for m in graph_modules(fresh).values()}
+    assert len(fresh_forwards) == len({type(m).forward for m in graph_modules(hit).values()})
+
+
+def test_patching_one_of_identical_layers_patches_that_layer_only(hit, llama5, inputs):
+    seen = {}
+
+    def zero(module, args, output):
+        return torch.zeros_like(output)
+
+    def record(module, args, output):
+        seen["mlp4"] = output.detach().clone()
+
+    handles = [llama5.model.layers[3].mlp.register_forward_hook(zero),
+               llama5.model.layers[4].mlp.register_forward_hook(record)]
+    try:
+        with torch.no_grad():
+            want = llama5(**inputs).logits
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        plain = llama5(**inputs).logits
+    for pg in (hit, PatchableGraph(llama5, **inputs)):
+        probe = ProbePatch()
+        with torch.no_grad(), pg.patch({"model.layers_3.mlp.output": ZeroPatch(), "model.layers_4.mlp.output": probe}):
+            got = pg(**inputs).logits
+            assert type(layer(pg, "model.layers_3.mlp")).forward is not type(layer(pg, "model.layers_2.mlp")).forward
+        assert not torch.equal(got, plain)
+        assert torch.equal(got, want)
+        assert torch.equal(probe.activation, seen["mlp4"])
+        assert probe.activation.abs().sum() > 0  # layer 4 itself was not zeroed
+        with torch.no_grad():
+            assert torch.equal(pg(**inputs).logits, plain)  # leaving restores every layer
+        assert len({type(layer(pg, f"model.layers_{i}.mlp")).forward for i in range(5)}) == 1
+
+
+def _graph_calling(fn) -> torch.fx.Graph:
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(fn, (x,)))
+    return g
+
+
+def _bind_like_bind(shared: SharedCode, graph: torch.fx.Graph) -> ModuleGraphModule:
+    """What runtime.bind.bind_graph does with a graph: key, attach, construct, remember."""
+    key = shared.key(graph)
+    shared.attach(graph, key)
+    gm = ModuleGraphModule({}, graph)
+    shared.remember(key, gm)
+    return gm
+
+
+def test_same_code_text_with_other_objects_behind_its_globals_is_not_shared():
+    def closure(k):
+        def write_guard(x):  # the same name for each: fx gives both the same global name
+            return x + k
+        return write_guard
+
+    shared = SharedCode()
+    one, two = closure(1), closure(2)
+    gm1 = _bind_like_bind(shared, _graph_calling(one))
+    gm2 = _bind_like_bind(shared, _graph_calling(two))
+    gm1b = _bind_like_bind(shared, _graph_calling(one))
+    assert gm1.code == gm2.code  # identical text ...
+    assert type(gm1).forward is not type(gm2).forward  # ... but other objects: never shared
+    assert type(gm1b).forward is type(gm1).forward and type(gm1b) is not type(gm1)
+    x = torch.zeros(2)
+    assert torch.equal(gm1(x), x + 1) and torch.equal(gm2(x), x + 2) and torch.equal(gm1b(x), x + 1)
+    assert shared.hits == 1
+
+
+def test_constants_differing_only_in_type_or_sign_are_not_shared():
+    shared = SharedCode()
+
+    def graph(c):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        g.output(g.call_function(torch.add, (x, c)))
+        return g
+
+    gms = [_bind_like_bind(shared, graph(c)) for c in (0.0, -0.0, 0, 2, 2.0, 2)]
+    assert shared.hits == 1  # only the second 2
+    assert type(gms[5]).forward is type(gms[3]).forward
+    assert len({type(m).forward for m in gms}) == 5
+
+
+def test_a_recompile_after_binding_generates_code_again(hit):
+    gm = layer(hit, "model.layers_1.mlp")
+    other = layer(hit, "model.layers_2.mlp")
+    shared_forward = type(gm).forward
+    assert type(other).forward is shared_forward
+    gm.recompile()  # what patching does after editing a graph: fx's own code generation
+    assert type(gm).forward is not shared_forward and gm.code == other.code
+    assert type(other).forward is shared_forward
+
+
+# -- validation once per digest ------------------------------------------------------------------
+class Spy:
+    def __init__(self, monkeypatch, module, name):
+        self.calls = 0
+        real = getattr(module, name)
+
+        def spy(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, spy)
+
+
+def new_process(monkeypatch):
+    """What a new process starts without: the loader's per-process memo of checked blobs."""
+    monkeypatch.setattr(validate, "_CHECKED", {})
+
+
+@pytest.fixture()
+def filled(llama5, inputs, tmp_path):
+    tiny = tiny_llama(n_layer=1)
+    store = CacheStore(tmp_path / "root", local_dir=tmp_path / "local")
+    load_cached(tiny, store=store, **inputs)
+    (entry,) = store.entries()
+    return tiny, tmp_path, entry
+
+
+def test_schema_runs_once_per_digest_and_the_loader_checks_every_time(filled, inputs, monkeypatch):
+    tiny, tmp, entry = filled
+    with torch.no_grad():
+        want = tiny(**inputs).logits
+    for n in range(3):
+        new_process(monkeypatch)
+        schema, checks = Spy(monkeypatch, artifact_format, "validate_artifact"), Spy(monkeypatch, validate, "check_artifact")
+        pg = load_cached(tiny, store=CacheStore(tmp / "root", local_dir=tmp / "local"), **inputs)
+        assert pg.cache_stats.hits == 1
+        assert schema.calls == (1 if n == 0 else 0)
+        assert checks.calls >= 1
+        with torch.no_grad():
+            assert torch.equal(pg(**inputs).logits, want)
+    assert LocalTier(tmp / "local").validated(entry.digest, digests.validation_tag())
+    # without a local tier nothing is remembered: full validation
+    new_process(monkeypatch)
+    schema = Spy(monkeypatch, artifact_format, "validate_artifact")
+    load_cached(tiny, store=CacheStore(tmp / "root", local_dir=False), **inputs)
+    assert schema.calls == 1
+
+
+@pytest.mark.parametrize("changed", ["schema", "allowlist", "version"])
+def test_a_changed_schema_allowlist_or_release_validates_again(filled, inputs, monkeypatch, changed):
+    tiny, tmp, _ = filled
+    new_process(monkeypatch)
+    load_cached(tiny, store=CacheStore(tmp / "root", local_dir=tmp / "local"), **inputs)  # remembered now
+    new_process(monkeypatch)
+    if changed == "schema":
+        real = artifact_format.schema_text
+        monkeypatch.setattr(artifact_format, "schema_text", lambda v=1: real(v) + " ")
+        monkeypatch.setattr(artifact_format, "_TAG", [])
+    elif changed == "allowlist":
+        monkeypatch.setattr(digests, "ALLOWLIST_DIGEST", "0" * 64)
+    else:
+        monkeypatch.setattr(artifact_format, "__version__", "9.9.9")
+        monkeypatch.setattr(artifact_format, "_TAG", [])
+    schema = Spy(monkeypatch, artifact_format, "validate_artifact")
+    pg = load_cached(tiny, store=CacheStore(tmp / "root", local_dir=tmp / "local"), **inputs)
+    assert pg.cache_stats.hits == 1 and schema.calls == 1
+
+
+def _blob_bytes(tmp: Path, digest: str) -> bytes:
+    return (tmp / "root" / "objects" / digest[:2] / digest).read_bytes()
+
+
+def test_remembered_digests_never_let_other_bytes_skip_validation(filled, inputs, monkeypatch):
+    tiny, tmp, entry = filled
+    new_process(monkeypatch)
+    load_cached(tiny, store=CacheStore(tmp / "root", local_dir=tmp / "local"), **inputs)  # the first hit
+    local = LocalTier(tmp / "local")
+    good = _blob_bytes(tmp, entry.digest)
+    tag = digests.validation_tag()
+    assert local.validated(entry.digest, tag)
+    payload = json.loads(good)
+    payload["root"]["nodes"][0]["surprise"] = 1  # schema-invalid, still JSON
+    tampered = json.dumps(payload, sort_keys=True).encode()
+    new_process(monkeypatch)
+    schema = Spy(monkeypatch, artifact_format, "validate_artifact")
+    with pytest.raises(ArtifactFormatError):
+        validate.read_artifact(tampered, "tampered", remembered=local)
+    assert schema.calls == 1
+    assert not local.validated(hashlib.sha256(tampered).hexdigest(), tag)  # a refusal is not remembered
+
+
+def test_a_remembered_digest_still_gets_the_loaders_checks(filled, monkeypatch):
+    """Even a record for the very bytes (say, a user's local tier claims a hostile blob passed)
+    skips only the JSON Schema: the allowlist refuses the call target all the same."""
+    tiny, tmp, entry = filled
+    local = LocalTier(tmp / "local")
+    payload = json.loads(_blob_bytes(tmp, entry.digest))
+
+    def swap(graph):
+        for nd in graph["nodes"]:
+            if nd["op"] == "call_function":
+                nd["target"] = "os.system"
+                return True
+        return any(swap(c) for c in graph["children"])
+
+    assert swap(payload["root"])
+    hostile = json.dumps(payload, sort_keys=True).encode()
+    local.mark_validated(hashlib.sha256(hostile).hexdigest(), digests.validation_tag())
+    new_process(monkeypatch)
+    schema = Spy(monkeypatch, artifact_format, "validate_artifact")
+    with pytest.raises(DisallowedTargetError):
+        validate.read_artifact(hostile, "hostile", remembered=local)
+    assert schema.calls == 0
+
+
+def test_a_tampered_shared_blob_with_a_remembered_digest_is_a_miss_not_a_graph(filled, inputs, monkeypatch):
+    tiny, tmp, entry = filled
+    new_process(monkeypatch)
+    load_cached(tiny, store=CacheStore(tmp / "root", local_dir=tmp / "local"), **inputs)  # remembered
+    LocalTier(tmp / "local").drop_blob(entry.digest)  # the shared copy is read next
+    blob = tmp / "root" / "objects" / entry.digest[:2] / entry.digest
+    blob.write_bytes(blob.read_bytes().replace(b'"torch.nn.functional.linear"', b'"torch.nn.functional.relu__"', 1))
+    new_process(monkeypatch)
+    with pytest.warns(UserWarning, match="digest mismatch"):
+        pg = load_cached(tiny, store=CacheStore(tmp / "root", local_dir=tmp / "local"), **inputs)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses) == (0, 1)
+    with torch.no_grad():
+        assert torch.equal(pg(**inputs).logits, tiny(**inputs).logits)
