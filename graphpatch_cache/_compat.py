@@ -314,7 +314,14 @@ def install_graph_code(gm: torch.fx.GraphModule, forward: Any, python_code: Any)
     cls.__call__ = call_wrapped  # type: ignore[method-assign]
 
 
+def assign_graph_attr(value: Any, gm: torch.fx.GraphModule, target: str) -> None:
+    """Put ``value`` at ``target`` of ``gm`` as ``GraphModule.__init__`` does with a dict root
+    (torch 2.x ``torch.fx.graph_module._assign_attr``: plain tensors become buffers)."""
+    torch.fx.graph_module._assign_attr(value, gm, target)
+
+
 __all__ = [
+    "assign_graph_attr",
     "install_graph_code",
     "shares_graph_code",
     "dynamo_capture_config",

@@ -23,7 +23,7 @@ from ..trust.allowlist import check_method, resolve_function
 from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
 from ..trust.validate import check_artifact
 from . import guards
-from .codegen import SharedCode, install_pending
+from .codegen import LAZY_ATTR, SharedCode, install_pending
 from .routing import HookedGraph, routes, submodule, unwrap
 from ..artifact.names import qualname
 
@@ -48,6 +48,26 @@ class ModuleGraphModule(torch.fx.GraphModule):
         identical graph compiled before (:mod:`.codegen`) when binding found one."""
         shared = install_pending(self)
         return shared if shared is not None else super().recompile()
+
+    @property  # type: ignore[override]
+    def graph(self) -> torch.fx.Graph:
+        """The fx graph; a graph bound as the twin of an identical one builds it (from its own
+        data, bound to its own module) on first access."""
+        build = self.__dict__.pop(LAZY_ATTR, None)
+        if build is not None:
+            graph = build()
+            self._graph = graph
+            graph.owning_module = self
+        return self._graph
+
+    @graph.setter
+    def graph(self, g: torch.fx.Graph) -> None:
+        self.__dict__.pop(LAZY_ATTR, None)
+        torch.fx.GraphModule.graph.fset(self, g)  # type: ignore[attr-defined]
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        self.graph  # (built first: fx copies the graph object)
+        return super().__deepcopy__(memo)
 
 
 def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
@@ -116,19 +136,23 @@ def bind_graph(
     attrs.update(_bound_tensors(data, model, node_path))
     if hooked is None:
         hooked = accelerate.is_hooked(model)
-    builder = _GraphBuilder(data, model, module, node_path, children, attrs, _device_mapper(device, traced_on), hooked)
-    for nd in data.nodes:
-        builder.add(nd)
+    map_device = _device_mapper(device, traced_on)
     if data.kind == "leaf":
         register_quantized_owner(module)
-    key = shared.key(builder.graph)
-    shared.attach(builder.graph, key)
-    try:
-        gm = ModuleGraphModule(attrs, builder.graph, class_name=type(module).__name__)
-    except (SyntaxError, NameError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-        raise ArtifactFormatError(f"graph {node_path or '<root>'!r} does not compile to code: {exc!s:.200}",
-                                  hint="the artifact is damaged; rebuild it") from exc
-    shared.remember(key, gm)
+    twin = None if hooked else shared.twin_of(data, device)
+    if twin is not None:  # node data equal to a graph bound before: its code; our graph when asked for
+        gm = shared.twin(twin, ModuleGraphModule, type(module).__name__, attrs, data, lambda: _build(
+            _GraphBuilder(data, model, module, node_path, children, attrs, map_device, hooked)).graph)
+    else:
+        builder = _build(_GraphBuilder(data, model, module, node_path, children, attrs, map_device, hooked))
+        key = shared.key(builder.graph)
+        shared.attach(builder.graph, key)
+        try:
+            gm = ModuleGraphModule(attrs, builder.graph, class_name=type(module).__name__)
+        except (SyntaxError, NameError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise ArtifactFormatError(f"graph {node_path or '<root>'!r} does not compile to code: {exc!s:.200}",
+                                      hint="the artifact is damaged; rebuild it") from exc
+        shared.remember(key, gm, data, device, reusable=not (hooked or builder.per_node))
     for name, child in children.items():  # (also graphs an opaque module calls itself: no call_module)
         gm._modules[name] = child
     gm._graphpatch_data = data
@@ -192,8 +216,15 @@ def _bound_tensors(data: ModuleGraph, model: torch.nn.Module, node_path: str) ->
     return attrs
 
 
+def _build(builder: "_GraphBuilder") -> "_GraphBuilder":
+    for nd in builder.data.nodes:
+        builder.add(nd)
+    return builder
+
+
 class _GraphBuilder:
-    """Adds one graph's nodes, from their data, to a new ``torch.fx.Graph``."""
+    """Adds one graph's nodes, from their data, to a new ``torch.fx.Graph``. ``per_node``: some
+    node got a target of its own (a write guard, a live attribute) or a check of the module."""
 
     def __init__(self, data: ModuleGraph, model: torch.nn.Module, module: torch.nn.Module, node_path: str,
                  children: Dict[str, "ModuleGraphModule"], attrs: Dict[str, Any],
@@ -205,6 +236,7 @@ class _GraphBuilder:
         # attributes of accelerate-hooked modules are read at call time (see live_attr)
         self.live = dict(data.attributes) if hooked else {}
         self.module_ref_node: Optional[torch.fx.Node] = None
+        self.per_node = False
 
     def add(self, nd: Any) -> None:
         where = f"{self.node_path}.{nd.name}" if self.node_path else nd.name
@@ -228,10 +260,12 @@ class _GraphBuilder:
             target = self.target(nd, where)
         if nd.op == "get_attr" and nd.target in self.live:
             node = self.live_attribute(nd)
+            self.per_node = True
         else:
             op, call = nd.op, target
             if nd.op in ("call_function", "call_method"):
                 op, call = _guarded_writes(nd, target, args, kwargs, self.model, where)
+                self.per_node = self.per_node or op != nd.op or call is not target
             node = self.graph.create_node(op, call, tuple(args), dict(kwargs), name=nd.name)
         if node.name != nd.name:
             raise SerializationError(f"node name {nd.name!r} is not valid in graph {self.node_path!r}",
@@ -241,6 +275,7 @@ class _GraphBuilder:
 
     def check_call(self, target: Any, name: str, args: Any, where: str) -> None:
         """What binding checks of our own graph functions' arguments against the live module."""
+        self.per_node = self.per_node or target in (run_opaque, module_attribute, tree_build)
         if target is run_opaque:
             _check_opaque_tensors(self.module, args, where, name)
             _check_opaque_attributes(self.module, list(args[6]) if len(args) == 7 else [], where, name)
@@ -258,6 +293,7 @@ class _GraphBuilder:
                 raise SerializationError(f"node {where!r} calls unknown child graph {nd.target!r}", node_path=where)
         elif nd.op == "get_attr":
             if nd.target == MODULE_REF_ATTR:
+                self.per_node = True
                 self.attrs[MODULE_REF_ATTR] = ModuleRef(self.module, routes(self.data, self.module, self.children,
                                                                             self.model))
             elif nd.target not in self.data.attributes:

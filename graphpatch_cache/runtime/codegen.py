@@ -17,7 +17,7 @@ fx would print (stack traces, annotations) is never shared.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, cast
 
 import torch
 import torch.fx
@@ -34,6 +34,8 @@ _SILENT_META = frozenset({"graphpatch"})
 
 #: set on a graph (and popped by its GraphModule's first ``recompile``): the code to install
 PENDING_ATTR = "_graphpatch_shared_code"
+#: set on a twin GraphModule until its fx graph is built (``ModuleGraphModule.graph``)
+LAZY_ATTR = "_graphpatch_build_graph"
 
 
 class SharedCode:
@@ -47,6 +49,7 @@ class SharedCode:
     def __init__(self) -> None:
         self._known: Dict[Hashable, Tuple[Any, Any]] = {}
         self._keep: List[Any] = []
+        self._templates: Dict[Hashable, List[Tuple[Any, Hashable]]] = {}
         self.hits = 0
 
     def key(self, graph: torch.fx.Graph) -> Optional[Hashable]:
@@ -88,13 +91,47 @@ class SharedCode:
             graph.__dict__[PENDING_ATTR] = self._known[key]
             self.hits += 1
 
-    def remember(self, key: Optional[Hashable], gm: torch.fx.GraphModule) -> None:
-        """Record the code ``gm`` (just compiled for a graph with ``key``) has now."""
-        if key is not None and key not in self._known:
+    def remember(self, key: Optional[Hashable], gm: torch.fx.GraphModule, data: Any = None, device: Any = None,
+                 reusable: bool = False) -> None:
+        """Record the code ``gm`` (just compiled for a graph with ``key``) has now; with
+        ``reusable``, its module graph ``data`` (bound on ``device``) is a template: a graph
+        whose data equals it gets the same code and builds its fx graph only when asked."""
+        if key is None:
+            return
+        if key not in self._known:
             forward = type(gm).forward
             self._known[key] = (forward, torch.fx.graph.PythonCode(
                 src=gm.code, globals=forward.__globals__, _lineno_map=getattr(gm, "_lineno_map", None),
                 _prologue_start=getattr(gm, "_prologue_start", 0)))
+        if reusable and data is not None:
+            self._templates.setdefault(_data_key(data, device), []).append((data.nodes, key))
+
+    def twin_of(self, data: Any, device: Any) -> Optional[Hashable]:
+        """The code key of a template whose node data equals ``data``'s (same module class,
+        kind, children, attribute names and device), or None."""
+        for nodes, key in self._templates.get(_data_key(data, device), ()):
+            if nodes == data.nodes:
+                return key
+        return None
+
+    def twin(self, key: Hashable, cls: Any, class_name: str, attrs: Dict[str, Any], data: Any,
+             build: Callable[[], torch.fx.Graph]) -> Any:
+        """A ``cls`` GraphModule with the template's code and the attributes fx would give it
+        (the targets of ``get_attr``/``call_module`` nodes); its fx graph is ``build()``, made
+        on first access (see :class:`~graphpatch_cache.runtime.bind.ModuleGraphModule`)."""
+        placeholder = torch.fx.Graph()
+        self.attach(placeholder, key)
+        gm = cls({}, placeholder, class_name=class_name)
+        targets = {nd.target for nd in data.nodes if nd.op in ("get_attr", "call_module")}
+        for target in sorted(targets, key=lambda t: t.count(".")):
+            _compat.assign_graph_attr(attrs[target], gm, target)
+        gm.__dict__[LAZY_ATTR] = build
+        return gm
+
+
+def _data_key(data: Any, device: Any) -> Hashable:
+    return (data.module_class, data.kind, tuple(c.name for c in data.children), tuple(sorted(data.attributes)),
+            str(device), len(data.nodes))
 
 
 def install_pending(gm: torch.fx.GraphModule) -> Optional[torch.fx.graph.PythonCode]:
@@ -108,4 +145,4 @@ def install_pending(gm: torch.fx.GraphModule) -> Optional[torch.fx.graph.PythonC
     return python_code  # type: ignore[no-any-return]
 
 
-__all__ = ["PENDING_ATTR", "SharedCode", "install_pending"]
+__all__ = ["LAZY_ATTR", "PENDING_ATTR", "SharedCode", "install_pending"]

@@ -14,6 +14,7 @@ validation functions actually ran (spies).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -117,6 +118,77 @@ def test_patching_one_of_identical_layers_patches_that_layer_only(hit, llama5, i
         with torch.no_grad():
             assert torch.equal(pg(**inputs).logits, plain)  # leaving restores every layer
         assert len({type(layer(pg, f"model.layers_{i}.mlp")).forward for i in range(5)}) == 1
+
+
+def test_twin_graphs_build_their_own_fx_graph_when_asked(llama5, inputs):
+    pg = PatchableGraph(llama5, **inputs)
+    first, twin = layer(pg, "model.layers_0.mlp"), layer(pg, "model.layers_3.mlp")
+    assert "_graphpatch_build_graph" in twin.__dict__  # not built at binding
+    assert [(n.op, n.name, n.target, str(n.args)) for n in twin.graph.nodes] == [
+        (n.op, n.name, n.target, str(n.args)) for n in first.graph.nodes]
+    assert "_graphpatch_build_graph" not in twin.__dict__
+    assert twin.graph.owning_module is twin and twin.graph is not first.graph
+    assert all(n.meta["graphpatch"] is nd.meta for n, nd in zip(twin.graph.nodes, twin._graphpatch_data.nodes))
+    assert type(twin).forward is type(first).forward  # building the graph compiles nothing
+    assert dict(twin.named_parameters()).keys() == dict(first.named_parameters()).keys()
+    assert any(p is llama5.model.layers[3].mlp.down_proj.weight for p in twin.parameters())  # its own, no copy
+    copied = copy.deepcopy(layer(pg, "model.layers_4.mlp"))
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        assert torch.equal(copied(x), llama5.model.layers[4].mlp(x))
+        assert torch.equal(twin(x), llama5.model.layers[3].mlp(x))
+
+
+def test_every_graph_sharing_a_forward_has_the_same_code_key(hit):
+    """The oracle of sharing: graphs given one forward (by key, or as twins by their data)
+    have fx graphs whose code would be the same, with the same objects behind its globals."""
+    shared = SharedCode()
+    by_forward: dict = {}
+    for gm in graph_modules(hit).values():
+        by_forward.setdefault(type(gm).forward, []).append(gm)
+    assert any(len(group) > 1 for group in by_forward.values())
+    for group in by_forward.values():
+        keys = {shared.key(gm.graph) for gm in group}
+        assert len(keys) == 1 and None not in keys
+
+
+class _Writer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x) * 2
+        h.add_(1.0)  # a write into an intermediate: binding guards it, per node
+        return h
+
+
+class _Writers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Writer() for _ in range(3)])
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        return x
+
+
+def test_graphs_with_per_node_write_guards_do_not_share_code(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Writers().eval(), torch.randn(2, 4)
+    store = CacheStore(tmp_path / "root", local_dir=tmp_path / "local")
+    load_cached(model, x, store=store)
+    pg = load_cached(model, x, store=store)
+    writers = [layer(pg, f"layers_{i}") for i in range(3)]
+    assert len({type(m).forward for m in writers}) == 3  # same code text, a guard of its own each
+    assert len({m.code for m in writers}) == 1
+    guards = [type(m).forward.__globals__ for m in writers]
+    closures = [{v for k, v in g.items() if "guard" in k} for g in guards]
+    assert all(closures) and not (closures[0] & closures[1]) and not (closures[1] & closures[2])
+    assert all("_graphpatch_build_graph" not in m.__dict__ for m in writers)
+    with torch.no_grad():
+        assert torch.equal(pg(x), model(x))
 
 
 def _graph_calling(fn) -> torch.fx.Graph:
