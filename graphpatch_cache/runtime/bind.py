@@ -7,7 +7,6 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
@@ -24,6 +23,7 @@ from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_at
 from ..trust.validate import check_artifact
 from . import guards
 from .codegen import LAZY_ATTR, SharedCode, install_pending
+from .devices import device_mapper, module_device
 from .routing import HookedGraph, routes, submodule, unwrap
 from ..artifact.names import qualname
 
@@ -68,13 +68,6 @@ class ModuleGraphModule(torch.fx.GraphModule):
     def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
         self.graph  # (built first: fx copies the graph object)
         return super().__deepcopy__(memo)
-
-
-def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
-    for tensor in itertools.chain(module.parameters(), module.buffers()):  # (lazily: stops at the first)
-        if tensor.device.type != "meta":
-            return tensor.device
-    return fallback
 
 
 def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> torch.Tensor:
@@ -122,9 +115,9 @@ def bind_graph(
     :raises ModelStructureError: a module or tensor the graph binds is missing or differs.
     """
     module = _bound_module(data, model, node_path)
-    device = _module_device(module, device)
     if shared is None:
         shared = SharedCode()
+    device = module_device(module, device, shared.devices)
     children = {
         child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device, traced_on,
                                hooked, shared)
@@ -136,7 +129,7 @@ def bind_graph(
     attrs.update(_bound_tensors(data, model, node_path))
     if hooked is None:
         hooked = accelerate.is_hooked(model)
-    map_device = _device_mapper(device, traced_on)
+    map_device = device_mapper(device, traced_on)
     if data.kind == "leaf":
         register_quantized_owner(module)
     twin = None if hooked else shared.twin_of(data, device)
@@ -182,17 +175,6 @@ def _bound_module(data: ModuleGraph, model: torch.nn.Module, node_path: str) -> 
             hint="this artifact was extracted from a differently structured model",
         )
     return module
-
-
-def _device_mapper(device: Optional[torch.device], traced_on: FrozenSet[str]) -> Callable[[torch.device], torch.device]:
-    def map_device(d: torch.device) -> torch.device:
-        # Device constants traced on the meta device (a build from a config) or on the
-        # device the example ran on mean "the module's device" here.
-        if device is not None and (d.type == "meta" or d.type in traced_on) and d != device:
-            return device
-        return d
-
-    return map_device
 
 
 def _bound_tensors(data: ModuleGraph, model: torch.nn.Module, node_path: str) -> Dict[str, torch.Tensor]:

@@ -50,6 +50,8 @@ class SharedCode:
         self._known: Dict[Hashable, Tuple[Any, Any]] = {}
         self._keep: List[Any] = []
         self._templates: Dict[Hashable, List[Tuple[Any, Hashable]]] = {}
+        #: (id(module), "_parameters"/"_buffers") -> the first device not meta below it (bind's look-up)
+        self.devices: Dict[Tuple[int, str], Any] = {}
         self.hits = 0
 
     def key(self, graph: torch.fx.Graph) -> Optional[Hashable]:

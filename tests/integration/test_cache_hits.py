@@ -379,3 +379,28 @@ def test_a_tampered_shared_blob_with_a_remembered_digest_is_a_miss_not_a_graph(f
     assert (pg.cache_stats.hits, pg.cache_stats.misses) == (0, 1)
     with torch.no_grad():
         assert torch.equal(pg(**inputs).logits, tiny(**inputs).logits)
+
+
+# -- the device look-up at binding, memoized per binding -------------------------------------------
+def test_module_device_memoized_agrees_with_the_plain_walk(llama5):
+    import itertools
+
+    from accelerate import init_empty_weights
+
+    from graphpatch_cache.runtime.devices import module_device
+
+    def plain(module, fallback):
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.device.type != "meta":
+                return tensor.device
+        return fallback
+
+    with init_empty_weights(include_buffers=False):
+        meta = type(llama5)(llama5.config)
+    with init_empty_weights(include_buffers=True):
+        all_meta = type(llama5)(llama5.config)
+    for model in (llama5, meta, all_meta):
+        memo: dict = {}
+        for name, module in model.named_modules():
+            for fallback in (None, torch.device("cpu")):
+                assert module_device(module, fallback, memo) == plain(module, fallback), name
