@@ -13,6 +13,12 @@ what the code spells), and every object the code reaches through its globals *by
 call targets (two write guards made for different nodes are different closures behind the
 same global name), and any other non-constant argument. A graph whose nodes carry metadata
 fx would print (stack traces, annotations) is never shared.
+
+Twins: a graph whose artifact data equals a template's (module class, kind, children,
+attribute names, device and node list; the template needed nothing per node: no write guard,
+live attribute or check of its module) would resolve to the same fx graph, so it is not built
+at binding at all: it gets the template's forward and its own attributes, and builds its own
+fx graph from its own data on first access to ``.graph`` (patching, inspection, deepcopy).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.fx
 
 from graphpatch_cache import CacheStore, PatchableGraph, ProbePatch, ZeroPatch, load_cached
 from graphpatch_cache.artifact import format as artifact_format
@@ -32,6 +31,8 @@ from graphpatch_cache.runtime.codegen import SharedCode
 from graphpatch_cache.trust import digests, validate
 
 from tiny_models import tiny_llama, token_inputs
+
+pytestmark = pytest.mark.slow  # the fixtures extract Llamas
 
 
 def graph_modules(pg) -> dict:
@@ -189,56 +190,6 @@ def test_graphs_with_per_node_write_guards_do_not_share_code(tmp_path):
     assert all("_graphpatch_build_graph" not in m.__dict__ for m in writers)
     with torch.no_grad():
         assert torch.equal(pg(x), model(x))
-
-
-def _graph_calling(fn) -> torch.fx.Graph:
-    g = torch.fx.Graph()
-    x = g.placeholder("x")
-    g.output(g.call_function(fn, (x,)))
-    return g
-
-
-def _bind_like_bind(shared: SharedCode, graph: torch.fx.Graph) -> ModuleGraphModule:
-    """What runtime.bind.bind_graph does with a graph: key, attach, construct, remember."""
-    key = shared.key(graph)
-    shared.attach(graph, key)
-    gm = ModuleGraphModule({}, graph)
-    shared.remember(key, gm)
-    return gm
-
-
-def test_same_code_text_with_other_objects_behind_its_globals_is_not_shared():
-    def closure(k):
-        def write_guard(x):  # the same name for each: fx gives both the same global name
-            return x + k
-        return write_guard
-
-    shared = SharedCode()
-    one, two = closure(1), closure(2)
-    gm1 = _bind_like_bind(shared, _graph_calling(one))
-    gm2 = _bind_like_bind(shared, _graph_calling(two))
-    gm1b = _bind_like_bind(shared, _graph_calling(one))
-    assert gm1.code == gm2.code  # identical text ...
-    assert type(gm1).forward is not type(gm2).forward  # ... but other objects: never shared
-    assert type(gm1b).forward is type(gm1).forward and type(gm1b) is not type(gm1)
-    x = torch.zeros(2)
-    assert torch.equal(gm1(x), x + 1) and torch.equal(gm2(x), x + 2) and torch.equal(gm1b(x), x + 1)
-    assert shared.hits == 1
-
-
-def test_constants_differing_only_in_type_or_sign_are_not_shared():
-    shared = SharedCode()
-
-    def graph(c):
-        g = torch.fx.Graph()
-        x = g.placeholder("x")
-        g.output(g.call_function(torch.add, (x, c)))
-        return g
-
-    gms = [_bind_like_bind(shared, graph(c)) for c in (0.0, -0.0, 0, 2, 2.0, 2)]
-    assert shared.hits == 1  # only the second 2
-    assert type(gms[5]).forward is type(gms[3]).forward
-    assert len({type(m).forward for m in gms}) == 5
 
 
 def test_a_recompile_after_binding_generates_code_again(hit):
