@@ -279,7 +279,51 @@ def find_builtin(fn: Any) -> Optional[str]:
     return found if isinstance(found, str) else None
 
 
+# torch 2.x: what ``GraphModule.recompile`` does once code is generated (the class's forward,
+# ``_code``/``_lineno_map``/``_prologue_start``, and its ``__call__`` through the private
+# ``torch.fx.graph_module._WrappedCall``), so a forward compiled for one graph can be given to
+# an identical one without generating code again. Feature-checked: where torch differs (no
+# ``_WrappedCall``, profiler metadata on, a codegen other than the plain one) the caller
+# compiles normally.
+def shares_graph_code(graph: torch.fx.Graph) -> bool:
+    """Whether a graph's code may be shared: torch's plain codegen, no profiler metadata."""
+    import torch.fx.experimental._config as fx_config  # (loaded with torch.fx: a dict look-up)
+
+    return (type(getattr(graph, "_codegen", None)) is torch.fx.graph.CodeGen
+            and hasattr(torch.fx.graph_module, "_WrappedCall")
+            and not getattr(fx_config, "enrich_profiler_metadata", False)
+            and not getattr(graph, "_co_fields", None))
+
+
+def install_graph_code(gm: torch.fx.GraphModule, forward: Any, python_code: Any) -> None:
+    """Give ``gm`` (its own class) ``forward``, generated from ``python_code`` for an
+    identical graph, exactly as ``GraphModule.recompile`` (torch 2.13) installs its own."""
+    gm._code = python_code.src
+    gm._lineno_map = python_code._lineno_map
+    gm._prologue_start = python_code._prologue_start
+    cls = type(gm)
+    cls.forward = forward
+    cls_call = cls.__call__ if "__call__" in vars(cls) else None
+    if "_wrapped_call" not in vars(cls):
+        cls._wrapped_call = torch.fx.graph_module._WrappedCall(cls, cls_call)  # type: ignore[attr-defined]
+    gm._recompile_submodules()
+
+    def call_wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapped_call(self, *args, **kwargs)
+
+    cls.__call__ = call_wrapped  # type: ignore[method-assign]
+
+
+def assign_graph_attr(value: Any, gm: torch.fx.GraphModule, target: str) -> None:
+    """Put ``value`` at ``target`` of ``gm`` as ``GraphModule.__init__`` does with a dict root
+    (torch 2.x ``torch.fx.graph_module._assign_attr``: plain tensors become buffers)."""
+    torch.fx.graph_module._assign_attr(value, gm, target)
+
+
 __all__ = [
+    "assign_graph_attr",
+    "install_graph_code",
+    "shares_graph_code",
     "dynamo_capture_config",
     "fake_value",
     "has_side_effect",

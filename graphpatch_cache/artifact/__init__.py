@@ -28,6 +28,7 @@ from .format import (
     portable_to_bytes,
     schema_text,
     validate_artifact,
+    validation_tag,
 )
 from .names import join_path, qualname
 from .model import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, GraphArtifact, ModuleGraph, NodeData
@@ -55,4 +56,5 @@ __all__ = [
     "schema_text",
     "signature_key",
     "validate_artifact",
+    "validation_tag",
 ]

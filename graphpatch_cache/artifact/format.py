@@ -11,7 +11,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import fastjsonschema
 
-from .model import SCHEMA_VERSION, GraphArtifact, check_schema_version
+from .model import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, GraphArtifact, check_schema_version
+from .._version import __version__
 from ..errors import ArtifactFormatError, GraphPatchCacheError
 
 
@@ -48,11 +49,29 @@ PORTABLE_FORMAT = "graphpatch-cache-portable"
 def artifact_from_bytes(data: bytes, path: str, *, validate: bool = True) -> GraphArtifact:
     """Parse (and validate against ``cache_schema/``) an artifact read from ``path``.
 
+    :param validate: ``False`` only for bytes that passed this very validation before (the
+        loader remembers the sha256 of bytes it validated, under :func:`validation_tag`):
+        the JSON limits and the JSON Schema are skipped; the schema version is still checked.
     :raises ArtifactFormatError: not an artifact, an unsupported ``schema_version``, or data
         that does not fit the schema; the error names ``path``.
     """
-    payload = parse_json(data, path)
+    payload = parse_json(data, path, limits=validate)
     return _artifact_from_payload(payload, path, validate)
+
+
+_TAG: List[str] = []
+
+
+def validation_tag() -> str:
+    """What a record "these bytes passed :func:`artifact_from_bytes`'s validation" depends
+    on: the package version and the text of every JSON Schema this release reads (a changed
+    schema makes every record stale)."""
+    if not _TAG:
+        h = hashlib.sha256(f"graphpatch-cache {__version__}\n".encode())
+        for version in SUPPORTED_SCHEMA_VERSIONS:
+            h.update(f"schema {version}\n".encode() + schema_text(version).encode() + b"\n")
+        _TAG.append(h.hexdigest())
+    return _TAG[0]
 
 
 #: no container in an artifact file is longer (a 7B model's structure lists hold ~600 entries;
@@ -67,7 +86,7 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON (writers use allow_nan=False)")
 
 
-def parse_json(data: bytes, path: str) -> Any:
+def parse_json(data: bytes, path: str, *, limits: bool = True) -> Any:
     """JSON text of an artifact file, refused quickly when it is not plausibly one: invalid
     JSON, ``NaN``/``Infinity`` tokens, nesting past the parser's limit, or a container longer
     than :data:`MAX_JSON_CONTAINER` (checked before any slower validation walks it).
@@ -80,6 +99,8 @@ def parse_json(data: bytes, path: str) -> Any:
         raise ArtifactFormatError(f"{path} is not a graph artifact file (invalid JSON: {exc!s:.200})", path=path,
                                   hint="pass a file written by PatchableGraph.save(), `graphpatch-cache export` "
                                   "or the cache") from None
+    if not limits:  # (bytes whose limits were checked before; see artifact_from_bytes)
+        return payload
     stack, items = [payload], 0
     while stack:
         value = stack.pop()
@@ -177,4 +198,5 @@ def portable_from_bytes(data: bytes, path: str) -> List[GraphArtifact]:
 
 
 __all__ = ["MAX_JSON_CONTAINER", "MAX_JSON_ITEMS", "PORTABLE_FORMAT", "artifact_from_bytes", "parse_json",
-           "portable_digest", "portable_from_bytes", "portable_payload", "portable_to_bytes", "schema_text", "validate_artifact"]
+           "portable_digest", "portable_from_bytes", "portable_payload", "portable_to_bytes", "schema_text", "validate_artifact",
+           "validation_tag"]

@@ -1,8 +1,9 @@
 """The per-user local tier: a diskcache in front of a (possibly shared, possibly slow) root.
 
 Blobs are immutable and named by their digest, so the local copy of a blob can never be
-stale: readers still verify its digest, and a bad local copy is simply dropped. Deleting the
-whole local directory is always safe.
+stale: readers still verify its digest, and a bad local copy is simply dropped. The tier also
+remembers which digests passed the loader's JSON Schema validation (under the schema and
+allowlist they were validated with). Deleting the whole local directory is always safe.
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ class LocalTier:
     def put_blob(self, digest: str, data: bytes) -> None:
         try:
             self._open().set(f"blob:{digest}", data)
+        except Exception:
+            self._reset()
+
+    # "validated" records (see graphpatch_cache.trust.digests): this tier is the user's own,
+    # never on the shared root, so only this user's processes can have written them
+    def validated(self, digest: str, tag: str) -> bool:
+        """Whether bytes with sha256 ``digest`` passed validation under ``tag`` before."""
+        try:
+            return self._open().get(f"validated:{tag}:{digest}") is True
+        except Exception:
+            self._reset()
+            return False
+
+    def mark_validated(self, digest: str, tag: str) -> None:
+        try:
+            self._open().set(f"validated:{tag}:{digest}", True)
         except Exception:
             self._reset()
 

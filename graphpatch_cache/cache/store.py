@@ -257,7 +257,7 @@ class CacheStore:
         data = self.read_blob(entry.digest, where=f"key {entry.key[:12]}")
         if data is None:
             return None
-        return read_artifact(data, str(self._blob_path(entry.digest)))
+        return read_artifact(data, str(self._blob_path(entry.digest)), remembered=self.local)
 
     def get(self, key: str, signature: Optional[Dict[str, Any]] = None) -> Optional[GraphArtifact]:
         """An artifact stored under ``key`` (the variant with ``signature``, if given)."""

@@ -7,7 +7,6 @@ Every graph is rebuilt from node data; every call target goes through the allowl
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch
@@ -23,6 +22,8 @@ from ..trust.allowlist import check_method, resolve_function
 from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
 from ..trust.validate import check_artifact
 from . import guards
+from .codegen import LAZY_ATTR, SharedCode, install_pending
+from .devices import device_mapper, module_device
 from .routing import HookedGraph, routes, submodule, unwrap
 from ..artifact.names import qualname
 
@@ -36,15 +37,6 @@ class ModuleGraphModule(torch.fx.GraphModule):
     _graphpatch_node_path: str
     _graphpatch_writes: bool
 
-    def recompile(self) -> Any:
-        """fx's recompile, without its per-class ``__call__`` wrapper (which re-raises errors
-        with the generated line quoted, at two extra Python calls per graph call: a tenth of
-        a 32-layer model's time; tracebacks still show the generated code's lines)."""
-        code = super().recompile()
-        if "__call__" in vars(type(self)):
-            delattr(type(self), "__call__")  # (Module.__call__ again)
-        return code
-
     def _recompile_submodules(self) -> List[Any]:
         """Compile this graph alone. ``GraphModule.recompile`` (torch 2.x) also recompiles every
         child GraphModule, recursively: with one graph per module call that made binding
@@ -52,12 +44,37 @@ class ModuleGraphModule(torch.fx.GraphModule):
         the whole tree. Each of our graphs compiles itself when it changes."""
         return []
 
+    def recompile(self) -> Any:
+        """fx's ``recompile``, except that a graph's first compile at binding takes the code of
+        an identical graph compiled before (:mod:`.codegen`) when binding found one, and
+        without fx's per-class ``__call__`` wrapper (it re-raises errors with the generated
+        line quoted, at two extra Python calls per graph call: a tenth of a 32-layer model's
+        time; tracebacks still show the generated code's lines)."""
+        shared = install_pending(self)
+        code = shared if shared is not None else super().recompile()
+        if "__call__" in vars(type(self)):
+            delattr(type(self), "__call__")  # (Module.__call__ again)
+        return code
 
-def _module_device(module: torch.nn.Module, fallback: Optional[torch.device]) -> Optional[torch.device]:
-    for tensor in itertools.chain(module.parameters(), module.buffers()):  # (lazily: stops at the first)
-        if tensor.device.type != "meta":
-            return tensor.device
-    return fallback
+    @property  # type: ignore[override]
+    def graph(self) -> torch.fx.Graph:
+        """The fx graph; a graph bound as the twin of an identical one builds it (from its own
+        data, bound to its own module) on first access."""
+        build = self.__dict__.pop(LAZY_ATTR, None)
+        if build is not None:
+            graph = build()
+            self._graph = graph
+            graph.owning_module = self
+        return self._graph
+
+    @graph.setter
+    def graph(self, g: torch.fx.Graph) -> None:
+        self.__dict__.pop(LAZY_ATTR, None)
+        torch.fx.GraphModule.graph.fset(self, g)  # type: ignore[attr-defined]
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        self.graph  # (built first: fx copies the graph object)
+        return super().__deepcopy__(memo)
 
 
 def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> torch.Tensor:
@@ -95,17 +112,22 @@ def bind_graph(
     device: Optional[torch.device] = None,
     traced_on: FrozenSet[str] = frozenset(),
     hooked: Optional[bool] = None,
+    shared: Optional[SharedCode] = None,
 ) -> ModuleGraphModule:
     """Rebuild one module graph (and its children) bound to ``model``'s tensors.
+
+    :param shared: code generated for the graphs bound so far, reused for identical ones.
 
     :raises DisallowedTargetError: a node calls something outside the allowlist.
     :raises ModelStructureError: a module or tensor the graph binds is missing or differs.
     """
     module = _bound_module(data, model, node_path)
-    device = _module_device(module, device)
+    if shared is None:
+        shared = SharedCode()
+    device = module_device(module, device, shared.devices)
     children = {
         child.name: bind_graph(child, model, f"{node_path}.{child.name}" if node_path else child.name, device, traced_on,
-                               hooked)
+                               hooked, shared)
         for child in data.children
     }
     # Children go in as empty stand-ins and are swapped in afterwards: GraphModule's graph
@@ -114,21 +136,32 @@ def bind_graph(
     attrs.update(_bound_tensors(data, model, node_path))
     if hooked is None:
         hooked = accelerate.is_hooked(model)
-    builder = _GraphBuilder(data, model, module, node_path, children, attrs, _device_mapper(device, traced_on), hooked)
-    for nd in data.nodes:
-        builder.add(nd)
+    map_device = device_mapper(device, traced_on)
     if data.kind == "leaf":
         register_quantized_owner(module)
-    try:
-        gm = ModuleGraphModule(attrs, builder.graph, class_name=type(module).__name__)
-    except (SyntaxError, NameError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-        raise ArtifactFormatError(f"graph {node_path or '<root>'!r} does not compile to code: {exc!s:.200}",
-                                  hint="the artifact is damaged; rebuild it") from exc
+    twin = None if hooked else shared.twin_of(data, device)
+    if twin is not None:  # node data equal to a graph bound before: its code; our graph when asked for
+        writes = shared.writes.get(twin, True)
+        gm = shared.twin(twin, ModuleGraphModule, type(module).__name__, attrs, data, lambda: _build(
+            _GraphBuilder(data, model, module, node_path, children, attrs, map_device, hooked)).graph)
+    else:
+        builder = _build(_GraphBuilder(data, model, module, node_path, children, attrs, map_device, hooked))
+        writes = builder.writes
+        key = shared.key(builder.graph)
+        if key is not None:
+            shared.writes[key] = writes
+        shared.attach(builder.graph, key)
+        try:
+            gm = ModuleGraphModule(attrs, builder.graph, class_name=type(module).__name__)
+        except (SyntaxError, NameError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise ArtifactFormatError(f"graph {node_path or '<root>'!r} does not compile to code: {exc!s:.200}",
+                                      hint="the artifact is damaged; rebuild it") from exc
+        shared.remember(key, gm, data, device, reusable=not (hooked or builder.per_node))
     for name, child in children.items():  # (also graphs an opaque module calls itself: no call_module)
         gm._modules[name] = child
     gm._graphpatch_data = data
     gm._graphpatch_node_path = node_path
-    gm._graphpatch_writes = builder.writes
+    gm._graphpatch_writes = writes
     if accelerate.hook_of(module) is not None:
         return HookedGraph(gm, module)  # type: ignore[return-value]
     return gm
@@ -156,17 +189,6 @@ def _bound_module(data: ModuleGraph, model: torch.nn.Module, node_path: str) -> 
     return module
 
 
-def _device_mapper(device: Optional[torch.device], traced_on: FrozenSet[str]) -> Callable[[torch.device], torch.device]:
-    def map_device(d: torch.device) -> torch.device:
-        # Device constants traced on the meta device (a build from a config) or on the
-        # device the example ran on mean "the module's device" here.
-        if device is not None and (d.type == "meta" or d.type in traced_on) and d != device:
-            return device
-        return d
-
-    return map_device
-
-
 def _bound_tensors(data: ModuleGraph, model: torch.nn.Module, node_path: str) -> Dict[str, torch.Tensor]:
     """The graph's attributes: the live model's own tensors, of the recorded shape and dtype."""
     attrs: Dict[str, torch.Tensor] = {}
@@ -188,8 +210,15 @@ def _bound_tensors(data: ModuleGraph, model: torch.nn.Module, node_path: str) ->
     return attrs
 
 
+def _build(builder: "_GraphBuilder") -> "_GraphBuilder":
+    for nd in builder.data.nodes:
+        builder.add(nd)
+    return builder
+
+
 class _GraphBuilder:
-    """Adds one graph's nodes, from their data, to a new ``torch.fx.Graph``."""
+    """Adds one graph's nodes, from their data, to a new ``torch.fx.Graph``. ``per_node``: some
+    node got a target of its own (a write guard, a live attribute) or a check of the module."""
 
     def __init__(self, data: ModuleGraph, model: torch.nn.Module, module: torch.nn.Module, node_path: str,
                  children: Dict[str, "ModuleGraphModule"], attrs: Dict[str, Any],
@@ -201,6 +230,7 @@ class _GraphBuilder:
         # attributes of accelerate-hooked modules are read at call time (see live_attr)
         self.live = dict(data.attributes) if hooked else {}
         self.module_ref_node: Optional[torch.fx.Node] = None
+        self.per_node = False
         #: nodes whose value is a tensor this graph made (a write into one needs no guard)
         self.fresh: Set[str] = set()
         #: whether a node may write into a tensor in place (one of its own, or an opaque call:
@@ -229,6 +259,7 @@ class _GraphBuilder:
             target = self.target(nd, where)
         if nd.op == "get_attr" and nd.target in self.live:
             node = self.live_attribute(nd)
+            self.per_node = True
         else:
             op, call = nd.op, target
             if nd.op in ("call_function", "call_method"):
@@ -236,6 +267,7 @@ class _GraphBuilder:
                 if guards.is_fresh(nd.op, nd.target, written, self.fresh):
                     self.fresh.add(nd.name)
                 self.writes = self.writes or bool(written) or target is run_opaque
+                self.per_node = self.per_node or op != nd.op or call is not target
             node = self.graph.create_node(op, call, tuple(args), dict(kwargs), name=nd.name)
         if node.name != nd.name:
             raise SerializationError(f"node name {nd.name!r} is not valid in graph {self.node_path!r}",
@@ -245,6 +277,7 @@ class _GraphBuilder:
 
     def check_call(self, target: Any, name: str, args: Any, where: str) -> None:
         """What binding checks of our own graph functions' arguments against the live module."""
+        self.per_node = self.per_node or target in (run_opaque, module_attribute, tree_build)
         if target is run_opaque:
             _check_opaque_tensors(self.module, args, where, name)
             _check_opaque_attributes(self.module, list(args[6]) if len(args) == 7 else [], where, name)
@@ -262,6 +295,7 @@ class _GraphBuilder:
                 raise SerializationError(f"node {where!r} calls unknown child graph {nd.target!r}", node_path=where)
         elif nd.op == "get_attr":
             if nd.target == MODULE_REF_ATTR:
+                self.per_node = True
                 self.attrs[MODULE_REF_ATTR] = ModuleRef(self.module, routes(self.data, self.module, self.children,
                                                                             self.model))
             elif nd.target not in self.data.attributes:

@@ -13,6 +13,7 @@ text: resolving a listed name imports only the torch/stdlib module the reviewed 
 from __future__ import annotations
 
 import builtins
+import hashlib
 import importlib
 import json
 import keyword
@@ -34,9 +35,13 @@ _REGISTERED: Dict[str, Callable[..., Any]] = {}
 _RESOLVED: Dict[str, Any] = {}
 
 
+_TEXT = resources.files("graphpatch_cache.cache_schema").joinpath(ALLOWLIST_FILE).read_text()
+#: sha256 of the reviewed list's text: part of what a "validated" record is kept under
+ALLOWLIST_DIGEST = hashlib.sha256(_TEXT.encode()).hexdigest()
+
+
 def _load() -> Dict[str, Any]:
-    text = resources.files("graphpatch_cache.cache_schema").joinpath(ALLOWLIST_FILE).read_text()
-    data: Dict[str, Any] = json.loads(text)
+    data: Dict[str, Any] = json.loads(_TEXT)
     if data.get("format") != "graphpatch-cache-allowlist" or data.get("version") != 1:
         raise ImportError(f"graphpatch_cache: {ALLOWLIST_FILE} is not an allowlist of version 1")
     return data
@@ -216,7 +221,7 @@ def target_name(fn: Any) -> str:
 
 
 __all__ = [
-    "ATTRIBUTES", "FUNCTIONS", "METHODS", "attribute_allowed", "candidate_name", "check_method",
+    "ALLOWLIST_DIGEST", "ATTRIBUTES", "FUNCTIONS", "METHODS", "attribute_allowed", "candidate_name", "check_method",
     "function_allowed", "is_dunder", "method_allowed", "register_target", "resolve_function",
     "target_name", "valid_dotted",
 ]

@@ -34,6 +34,7 @@ from ..artifact import GraphArtifact, ModuleGraph, artifact_from_bytes, portable
 from ..errors import ArtifactFormatError, GraphPatchCacheError, ProtectedWriteError
 from . import functions  # noqa: F401  (registers the graph functions the rules name)
 from .allowlist import check_method, is_dunder, resolve_function
+from .digests import ValidatedDigests, validation_tag
 from .op_schemas import function_signatures, kind, method_signatures, signature_fits
 from .rules import MODULE_ATTRIBUTE, MODULE_REF, RULES, TAKES_MODULE, ref
 from .values import ValueChecker
@@ -52,18 +53,23 @@ _FITS: Dict[Tuple[Any, ...], bool] = {}  # (target, argument kinds, keyword kind
 
 
 # -- doors -------------------------------------------------------------------------------------
-def read_artifact(data: bytes, path: str) -> GraphArtifact:
+def read_artifact(data: bytes, path: str, *, remembered: Optional[ValidatedDigests] = None) -> GraphArtifact:
     """Parse, schema-validate and check one artifact (a cache blob).
 
+    :param remembered: digests validated before (:mod:`.digests`); check_artifact runs anyway.
     :raises ArtifactFormatError: not an artifact, malformed, or an unsupported version.
     :raises DisallowedTargetError: the graphs name something outside the allowlist.
     """
     digest = hashlib.sha256(data).hexdigest()
     artifact = _CHECKED.get(digest)
     if artifact is None:
-        artifact = _guarded(lambda: artifact_from_bytes(data, path), path)
+        tag = validation_tag() if remembered is not None else ""
+        known = remembered is not None and remembered.validated(digest, tag)  # (keyed by this digest)
+        artifact = _guarded(lambda: artifact_from_bytes(data, path, validate=not known), path)
         check_artifact(artifact, path=path)
         _CHECKED[digest] = artifact
+        if remembered is not None and not known:
+            remembered.mark_validated(digest, tag)
     return artifact
 
 
