@@ -76,6 +76,19 @@ class ModuleGraph:
     call_signature: Optional[Dict[str, Any]] = None
     code: str = ""
 
+    def nodes_json(self) -> str:
+        """The node list as canonical JSON text, computed once per object: equal texts mean
+        equal nodes *with their value types* (``1`` and ``True`` are equal under ``==``, not
+        here). Used to check, and to bind, a model's repeated identical graphs once.
+
+        :raises TypeError: node data that is not JSON data (built in memory).
+        """
+        text = self.__dict__.get("_nodes_json")
+        if text is None:
+            text = json.dumps([[n.name, n.op, n.target, n.args, n.kwargs, n.meta] for n in self.nodes], sort_keys=True)
+            object.__setattr__(self, "_nodes_json", text)  # frozen: a cache, not a field
+        return cast(str, text)
+
     def walk(self) -> Iterator["ModuleGraph"]:
         """Yield this graph and all descendants, depth first."""
         yield self

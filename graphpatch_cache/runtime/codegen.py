@@ -23,6 +23,7 @@ fx graph from its own data on first access to ``.graph`` (patching, inspection, 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, cast
 
 import torch
@@ -55,7 +56,7 @@ class SharedCode:
     def __init__(self) -> None:
         self._known: Dict[Hashable, Tuple[Any, Any]] = {}
         self._keep: List[Any] = []
-        self._templates: Dict[Hashable, List[Tuple[Any, Hashable]]] = {}
+        self._templates: Dict[Hashable, Hashable] = {}
         #: (id(module), "_parameters"/"_buffers") -> the first device not meta below it (bind's look-up)
         self.devices: Dict[Tuple[int, str], Any] = {}
         #: code key -> whether the graph may write in place (a twin's is its template's)
@@ -114,15 +115,16 @@ class SharedCode:
                 src=gm.code, globals=forward.__globals__, _lineno_map=getattr(gm, "_lineno_map", None),
                 _prologue_start=getattr(gm, "_prologue_start", 0)))
         if reusable and data is not None:
-            self._templates.setdefault(_data_key(data, device), []).append((data.nodes, key))
+            with contextlib.suppress(TypeError, ValueError):
+                self._templates[_data_key(data, device)] = key
 
     def twin_of(self, data: Any, device: Any) -> Optional[Hashable]:
         """The code key of a template whose node data equals ``data``'s (same module class,
         kind, children, attribute names and device), or None."""
-        for nodes, key in self._templates.get(_data_key(data, device), ()):
-            if nodes == data.nodes:
-                return key
-        return None
+        try:
+            return self._templates.get(_data_key(data, device))
+        except (TypeError, ValueError):  # (node data that is not JSON: never a twin)
+            return None
 
     def twin(self, key: Hashable, cls: Any, class_name: str, attrs: Dict[str, Any], data: Any,
              build: Callable[[], torch.fx.Graph]) -> Any:
@@ -140,8 +142,9 @@ class SharedCode:
 
 
 def _data_key(data: Any, device: Any) -> Hashable:
+    """Equal keys: equal node data, value types included (:meth:`ModuleGraph.nodes_json`)."""
     return (data.module_class, data.kind, tuple(c.name for c in data.children), tuple(sorted(data.attributes)),
-            str(device), len(data.nodes))
+            str(device), data.nodes_json())
 
 
 def install_pending(gm: torch.fx.GraphModule) -> Optional[torch.fx.graph.PythonCode]:

@@ -25,7 +25,6 @@ per sha256 of the bytes, so a cache hit pays once per blob and process.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -197,7 +196,7 @@ class _Checker(ValueChecker):
         try:
             key = (g.kind, placeholders, tuple(children), frozenset(self.members.get(g.module_path, ())), tuple(sorted(
                 (local, self.params is None or q in self.params) for local, q in g.attributes.items())),
-                json.dumps([[n.name, n.op, n.target, n.args, n.kwargs, n.meta] for n in g.nodes], sort_keys=True))
+                g.nodes_json())
         except (TypeError, ValueError):  # not JSON data: check it the long way
             return self.nodes_of(g, gpath, children, placeholders)
         calls = self.checked_graphs.get(key)

@@ -60,3 +60,27 @@ def test_constants_differing_only_in_type_or_sign_are_not_shared():
     assert shared.hits == 1  # only the second 2
     assert type(gms[5]).forward is type(gms[3]).forward
     assert len({type(m).forward for m in gms}) == 5
+
+
+def test_twins_need_node_data_equal_with_its_value_types():
+    """``1 == True`` in Python, but ``x[1]`` and ``x[True]`` differ: a graph whose data says
+    ``True`` where a template's says ``1`` is no twin of it."""
+    from graphpatch_cache.artifact import ModuleGraph, NodeData
+
+    def data(index):
+        return ModuleGraph(name="m", module_path="m", module_class="x.M", kind="compiled", call_index=0, children=[],
+                           nodes=[NodeData(name="x", op="placeholder", target="x"),
+                                  NodeData(name="getitem", op="call_function", target="_operator.getitem",
+                                           args=[{"n": "x"}, index]),
+                                  NodeData(name="output", op="output", target="output", args=[{"n": "getitem"}])])
+
+    one, true, one_again = data(1), data(True), data(1)
+    assert one.nodes == true.nodes  # what dataclass equality would have said
+    shared = SharedCode()
+    graph = _graph_calling(lambda v: v)
+    key = shared.key(graph)
+    gm = ModuleGraphModule({}, graph)
+    shared.remember(key, gm, one, None, reusable=True)
+    assert shared.twin_of(true, None) is None
+    assert shared.twin_of(one_again, None) == key
+    assert shared.twin_of(one_again, torch.device("cpu")) is None  # another device: no twin either
