@@ -181,3 +181,24 @@ def test_a_probe_subclass_with_its_own_op_is_run_as_written(llama):
             unpatched = pg(**inputs).logits
     assert not torch.equal(patched, unpatched)
     assert torch.equal(doubled.activation, plain.activation)
+
+
+def test_identical_layers_share_their_patched_code_and_keep_their_own_slots(llama):
+    model, inputs, pg = llama
+    graphs = {m._graphpatch_node_path: m for m in pg.modules() if isinstance(m, ModuleGraphModule)}
+    layer1, layer2 = graphs["model.layers_1.mlp"], graphs["model.layers_2.mlp"]
+    assert type(layer1) is not type(layer2) and type(layer1).forward is type(layer2).forward  # shared at binding
+    zero, probe = ZeroPatch(), ProbePatch()
+    with torch.no_grad(), pg.patch({"model.layers_1.mlp.output": zero, "model.layers_2.mlp.output": probe}):
+        assert type(layer1).forward is type(layer2).forward  # one patched code for both
+        assert type(layer1).forward is not type(graphs["model.layers_0.mlp"]).forward  # layer 0 is not patched
+        out = pg(**inputs)
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+    try:
+        _, hooked = _hooked_outputs(model, inputs)
+        with torch.no_grad():
+            expected = model(**inputs)
+    finally:
+        handle.remove()
+    assert torch.equal(out.logits, expected.logits)
+    assert torch.equal(probe.activation, hooked["model.layers.2.mlp"])
