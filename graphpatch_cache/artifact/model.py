@@ -82,10 +82,15 @@ class ModuleGraph:
         here). Used to check, and to bind, a model's repeated identical graphs once.
 
         :raises TypeError: node data that is not JSON data (built in memory).
+        :raises ValueError: node data that refers to itself or nests beyond the recursion limit.
         """
         text = self.__dict__.get("_nodes_json")
         if text is None:
-            text = json.dumps([[n.name, n.op, n.target, n.args, n.kwargs, n.meta] for n in self.nodes], sort_keys=True)
+            try:  # (without json's cycle check, a quarter faster: data that refers to itself recurses)
+                text = json.dumps([[n.name, n.op, n.target, n.args, n.kwargs, n.meta] for n in self.nodes],
+                                  sort_keys=True, check_circular=False)
+            except RecursionError as exc:
+                raise ValueError("node data nests too deeply or refers to itself") from exc
             object.__setattr__(self, "_nodes_json", text)  # frozen: a cache, not a field
         return cast(str, text)
 

@@ -5,6 +5,7 @@ Oracles: function identity and the values the bound graphs compute."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx
 
@@ -84,3 +85,16 @@ def test_twins_need_node_data_equal_with_its_value_types():
     assert shared.twin_of(true, None) is None
     assert shared.twin_of(one_again, None) == key
     assert shared.twin_of(one_again, torch.device("cpu")) is None  # another device: no twin either
+
+
+def test_node_data_that_refers_to_itself_is_never_a_twin():
+    from graphpatch_cache.artifact import ModuleGraph, NodeData
+    from graphpatch_cache.runtime.codegen import SharedCode
+
+    loop = {"t": []}
+    loop["t"].append(loop)
+    data = ModuleGraph(name="", module_path="", module_class="m.M", kind="compiled", call_index=0, children=[],
+                       nodes=[NodeData(name="x", op="placeholder", target="x", args=loop, kwargs={"d": []}, meta={})])
+    with pytest.raises(ValueError, match="refers to itself"):
+        data.nodes_json()
+    assert SharedCode().twin_of(data, None) is None
