@@ -5,7 +5,7 @@ Call map::
     PatchableGraph(model, *inputs)      -> extract -> Variant(bind(artifact, model))
     pg(*args, **kwargs)                 -> canonical inputs -> matching variant (or extract one)
                                            -> root GraphModule(*tensor leaves)
-    with pg.patch({path: patches}):     -> validate all -> PatchInstaller.apply per variant
+    with pg.patch({path: patches}):     -> resolve and check all -> patch_stack.sync per variant
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from .bind import bind
 from .files import FileLike, read_portable_file, write_portable
 from .guards import preserved_global_state
 from .node_path import NodePath
-from .patch_stack import PathResolver, StackEntry, Variant, active_patches, leave, sync
-from .patching import PatchInstaller, SlotKey
+from .patch_stack import PathResolver, StackEntry, Variant, leave, sync
+from .patching import PatchInstaller
 from .recording import NodeSelector, record
 from ..artifact.names import join_path
 
@@ -237,17 +237,9 @@ class PatchableGraph(torch.nn.Module):
         return cached
 
     # -- patching ------------------------------------------------------------------------------------
-    def _active_patches(self, variant: Variant) -> Tuple[Dict[SlotKey, List[Patch[Any]]], List[SlotKey]]:
-        """The active patches, keyed by ``variant``'s node names, and the keys it lacks
-        (:func:`~graphpatch_cache.runtime.patch_stack.active_patches`)."""
-        return active_patches(self._patch_stack, variant)
-
     def _sync(self) -> None:
         for variant in self._variants:
             sync(self._patch_stack, variant)
-
-    def _validate(self, patch_map: Any) -> List[StackEntry]:
-        return self._resolver.entries(patch_map)
 
     @contextlib.contextmanager
     def patch(self, patch_map: Mapping[Union[str, NodePath], Union[Patch[Any], Sequence[Patch[Any]]]]) -> Iterator["PatchableGraph"]:
@@ -262,7 +254,7 @@ class PatchableGraph(torch.nn.Module):
             structure does not have (the error lists close matches or the parts there are).
         :raises NotAValueError: a path names a module graph rather than a value.
         """
-        entries = self._validate(patch_map)
+        entries = self._resolver.entries(patch_map)
         self._patch_stack.append(entries)
         try:
             self._sync()

@@ -295,15 +295,6 @@ class PatchInstaller:
         """Active patch keys whose node this graph variant does not have."""
         return self._installed.missing
 
-    def has(self, key: SlotKey) -> bool:
-        names = self._names.get(key[0])
-        return names is not None and key[1] in names
-
-    def apply(self, active: Dict[SlotKey, List[Patch[Any]]], missing: Sequence[SlotKey] = ()) -> None:
-        """Make the code and slots match ``active`` (whose lists become the slots' own);
-        ``missing`` are keys known to have no node here."""
-        self.install(self.prepare(active, missing))
-
     def prepare(self, active: Dict[SlotKey, List[Patch[Any]]], missing: Sequence[SlotKey] = ()) -> InstallState:
         """The state that installs ``active``."""
         keys = tuple(active)
@@ -321,7 +312,6 @@ class PatchInstaller:
         a graph code has these patched nodes)."""
         names = self._names
         per_graph: Dict[str, List[SlotKey]] = {}
-        order: List[Optional[PatchSlot]] = []
         lacking: List[SlotKey] = []
         for key in keys:
             graph_names = names.get(key[0])

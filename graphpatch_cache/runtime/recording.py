@@ -28,9 +28,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from .. import _compat
 from ..errors import NodePathError, close_matches
-from ..patches import Patch
+from ..patches import Patch, _detached_copy, _map_tensors
 from .node_path import NodePath
 from .patch_stack import StackEntry, Variant, leave
 from .patching import SlotKey
@@ -49,11 +48,7 @@ class Recorder(Patch[Any]):
     copy: bool = False
 
     def op(self, value: Any) -> Any:
-        if self.copy:
-            self.store[self.path] = _compat.tree_map(
-                lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
-        else:
-            self.store[self.path] = _compat.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+        self.store[self.path] = _detached_copy(value) if self.copy else _map_tensors(torch.Tensor.detach, value)
         return value
 
     def _tensor_op(self, value: torch.Tensor) -> torch.Tensor:
