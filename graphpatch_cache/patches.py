@@ -163,7 +163,11 @@ def _same_shape_and_dtype(result: torch.Tensor, value: torch.Tensor, what: str) 
 
 @dataclass(kw_only=True)
 class ProbePatch(Patch[PatchableValue]):
-    """Records a detached copy of the last value seen in ``activation``; passes it through."""
+    """Records the last value seen in ``activation``, detached, as nothing can change it after
+    the call; passes it through. That is a copy, except for a tensor the call made and nothing
+    outside it sees (see ``graphpatch_cache.runtime.ownership``): then it is that tensor, and
+    the activations of a node and of its views may share storage (clone one before writing
+    into it in place)."""
 
     requires_clone: bool = False  # never writes into its input
     activation: Any = field(default=None, repr=False)
@@ -177,6 +181,14 @@ class ProbePatch(Patch[PatchableValue]):
         self.activation = value.detach().clone()
         return value
 
+    def _tensor_op_owned(self, value: torch.Tensor) -> torch.Tensor:
+        """:meth:`op` for a plain tensor that nothing can change after the call: made during it,
+        seen by nothing outside it, in graphs that write nothing in place (what a patch slot
+        calls when it knows that; see ``graphpatch_cache.runtime.ownership``)."""
+        self.activation = value.detach()
+        return value
+
+    _looks_only = True  # returns its value untouched
 
 @dataclass(kw_only=True)
 class RecordPatch(Patch[PatchableValue]):
@@ -188,6 +200,8 @@ class RecordPatch(Patch[PatchableValue]):
     def op(self, value: Any) -> Any:
         self.activations.append(_detached_copy(value))
         return value
+
+    _looks_only = True  # returns its value untouched
 
 
 @dataclass(kw_only=True)

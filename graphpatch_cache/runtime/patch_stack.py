@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, cast
 
 from ..artifact import GraphArtifact
 from ..artifact.signature import SignatureMatcher
@@ -76,6 +76,25 @@ def patch_lists(patch_map: Any) -> Iterator[Tuple[str, List[Patch[Any]]]]:
         yield path, patches
 
 
+#: how many path tuples a resolver remembers as blocks
+_BLOCKS = 8
+
+
+class Block(List[StackEntry]):
+    """The entries of a ``with pg.patch`` block of lone patches, with what installing them
+    needs at hand: the slot keys (one tuple object for every entry of the same paths), the
+    patch lists, the variant whose nodes they all are (None when not one, or a key twice),
+    and the patches' types."""
+
+    def __init__(self, entries: Any, keys: Tuple[SlotKey, ...], lists: List[List[Patch[Any]]],
+                 origin: Optional[Variant], types: Set[type]) -> None:
+        super().__init__(entries)
+        self.keys = keys
+        self.lists = lists
+        self.origin = origin
+        self.types = types
+
+
 class PathResolver:
     """Node paths of a patch map -> (slot key, variant): against the example's graph first,
     then other variants' graphs. What resolved is remembered (graphs do not change, and a
@@ -85,13 +104,54 @@ class PathResolver:
         self._variants = variants  # (the PatchableGraph's own list: variants added later count)
         self._node_paths = node_paths
         self._known: Dict[str, Tuple[SlotKey, Variant]] = {}
+        #: per tuple of paths entered before: (slot keys, origins, the one origin of all of
+        #: them when each key is there once, else None)
+        self._blocks: Dict[Tuple[Any, ...], Tuple[Tuple[SlotKey, ...], Tuple[Variant, ...], Optional[Variant]]] = {}
 
     def entries(self, patch_map: Any) -> List[StackEntry]:
-        """The stack entries of ``pg.patch(patch_map)``, each checked as it is reached."""
+        """The stack entries of ``pg.patch(patch_map)``, each checked as it is reached.
+
+        A patch loop enters the same paths on every call, thousands of them when it records
+        everything: a map of lone patches on paths resolved before as a whole comes back as
+        a :class:`Block` that keeps what is needed to install it (its slot keys, patch
+        lists and patch types) next to the entries."""
+        if type(patch_map) is dict and patch_map:
+            paths = tuple(patch_map)
+            known = self._blocks.get(paths)
+            if known is not None:
+                values = list(patch_map.values())
+                types = set(map(type, values))
+                if all(issubclass(t, Patch) for t in types):
+                    keys, origins, origin = known
+                    lists = [[v] for v in values]
+                    return Block(zip(keys, lists, origins), keys, lists, origin, types)
+        entries = self._entries(patch_map)
+        if type(patch_map) is dict and entries and len(entries) == len(patch_map) and all(
+                type(path) is str for path in patch_map):
+            keys = tuple(e[0] for e in entries)
+            origins = tuple(e[2] for e in entries)
+            first = origins[0]
+            unique = len(set(keys)) == len(keys)
+            origin = first if unique and all(o is first for o in origins) else None
+            self._blocks[tuple(patch_map)] = (keys, origins, origin)
+            while len(self._blocks) > _BLOCKS:
+                del self._blocks[next(iter(self._blocks))]
+        return entries
+
+    def _entries(self, patch_map: Any) -> List[StackEntry]:
+        if not isinstance(patch_map, Mapping):
+            list(patch_lists(patch_map))  # (raises)
+        known = self._known
         entries: List[StackEntry] = []
-        for path, patches in patch_lists(patch_map):
-            key, origin = self(path)
-            entries.append((key, patches, origin))
+        append = entries.append
+        for path, value in patch_map.items():
+            hit = known.get(path) if type(path) is str else None
+            if hit is not None and isinstance(value, Patch):
+                append((hit[0], [value], hit[1]))
+                continue
+            for checked, patches in patch_lists({path: value}):
+                key, origin = self(checked)
+                append((key, patches, origin))
         return entries
 
     def __call__(self, path: str) -> Tuple[SlotKey, Variant]:
@@ -117,7 +177,13 @@ class PathResolver:
 def active_patches(stack: List[List[StackEntry]],
                    variant: Variant) -> Tuple[Dict[SlotKey, List[Patch[Any]]], List[SlotKey]]:
     """The active patches, keyed by ``variant``'s node names, and the keys it lacks."""
-    active: Dict[SlotKey, List[Patch[Any]]] = {}
+    block = stack[0] if len(stack) == 1 else None
+    if block is not None and all(origin is variant for _, _, origin in block):
+        # (one block on this variant's own nodes, each once: its own lists, as they are)
+        active = {key: patches for key, patches, _ in stack[0]}
+        if len(active) == len(stack[0]):
+            return active, []
+    active = {}
     missing: List[SlotKey] = []
     for entries in stack:
         for key, patches, origin in entries:
@@ -138,6 +204,19 @@ def leave(stack: List[List[StackEntry]], entries: List[StackEntry]) -> None:
             return
 
 
+def forget(variants: List[Variant], entries: List[StackEntry]) -> None:
+    """Drop the prepared states of stacks holding a block that is gone for good (a ``with``
+    block's entries are made per entry): they cannot come back, and would keep its patches
+    (and what they recorded) alive; so would the slots no longer installed."""
+    gone = id(entries)
+    for variant in variants:
+        states = variant.__dict__.get("_states")
+        if states:
+            for key in [key for key in states if gone in key]:
+                del states[key]
+        variant.installer.release()
+
+
 #: how many prepared patch states a variant remembers (see :func:`sync`)
 _STATES = 8
 
@@ -151,7 +230,11 @@ def sync(stack: List[List[StackEntry]], variant: Variant) -> None:
     key = tuple(id(entries) for entries in stack)
     state = states.get(key)
     if state is None:
-        state = variant.installer.prepare(*active_patches(stack, variant))
+        block = stack[0] if len(stack) == 1 else None
+        if isinstance(block, Block) and block.origin is variant:
+            state = variant.installer.prepare(dict(zip(block.keys, block.lists)), (), block.keys, block.types)
+        else:
+            state = variant.installer.prepare(*active_patches(stack, variant))
         state.refs = list(stack)
         states[key] = state
         while len(states) > _STATES:
@@ -201,4 +284,4 @@ def _identities(variant: Variant) -> Dict[str, Tuple[Dict[str, _Identity], Dict[
     return out
 
 
-__all__ = ["PathResolver", "StackEntry", "Variant", "active_patches", "leave", "patch_lists", "sync", "translate"]
+__all__ = ["PathResolver", "StackEntry", "Variant", "active_patches", "forget", "leave", "patch_lists", "sync", "translate"]

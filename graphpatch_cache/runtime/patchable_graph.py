@@ -30,7 +30,7 @@ from .bind import bind
 from .files import FileLike, read_portable_file, write_portable
 from .guards import preserved_global_state
 from .node_path import NodePath
-from .patch_stack import PathResolver, StackEntry, Variant, leave, sync
+from .patch_stack import PathResolver, StackEntry, Variant, forget, leave, sync
 from .patching import PatchInstaller
 from .recording import NodeSelector, record
 from ..artifact.names import join_path
@@ -261,12 +261,14 @@ class PatchableGraph(torch.nn.Module):
         except BaseException:
             self._patch_stack.pop()
             self._sync()
+            forget(self._variants, entries)
             raise
         try:
             yield self
         finally:
             leave(self._patch_stack, entries)
             self._sync()
+            forget(self._variants, entries)
 
     # -- generation --------------------------------------------------------------------------------
     @torch.no_grad()

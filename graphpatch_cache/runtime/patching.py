@@ -18,88 +18,15 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple, c
 import torch
 import torch.fx
 
-from ..errors import PatchError
-from ..integrations.bitsandbytes import patch_view
+from ..artifact.names import join_path
 from ..patches import Patch
 from .bind import ModuleGraphModule
+from .ownership import owned_values
 from .routing import unwrap
-from ..artifact.names import join_path
+from .slots import PatchSlot, looks_only
 
 SlotKey = Tuple[str, str, Tuple[Any, ...]]  # (graph path, node name, sub-path keys)
 _SLOT_PREFIX = "_graphpatch_slot_"
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def _get_part(value: Any, key: Any, node_path: str) -> Any:
-    """``value``'s part ``key`` (an int for ``sub_N``). Paths into values whose structure was
-    recorded are checked at ``pg.patch()``; this catches the rest when the graph runs."""
-    part = f"sub_{key}" if isinstance(key, int) else key
-    if isinstance(value, torch.Tensor):
-        # writing the patched part back would be an in-place write into the value (perhaps a
-        # weight): a tensor is patched whole, with a slice inside the patch
-        raise PatchError(
-            f"node {node_path!r}: {_describe(value)} has no parts (asked for {part!r})",
-            node_path=node_path,
-            hint="patch the tensor itself and index it in the patch (slice=...)",
-        )
-    keys = list(value.keys()) if hasattr(value, "keys") else (
-        [f"sub_{i}" for i in range(len(value))] if isinstance(value, (tuple, list)) else []
-    )
-    if isinstance(key, int) and hasattr(value, "keys"):
-        # a ModelOutput also indexes by position, but cannot be rebuilt by one: name the field
-        raise PatchError(f"node {node_path!r}: {_describe(value)} has its parts by name, not {part!r}; parts: {keys}",
-                         node_path=node_path, hint=f"use one of {keys}")
-    try:
-        return value[key]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise PatchError(
-            f"node {node_path!r}: {_describe(value)} has no part {part!r}; parts: {keys}",
-            node_path=node_path,
-        ) from exc
-
-
-def _set_part(value: Any, key: Any, part: Any) -> Any:
-    if isinstance(value, tuple):
-        items = list(value)
-        items[key] = part
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, list):
-        items = list(value)
-        items[key] = part
-        return items
-    if type(value) is dict:
-        out = dict(value)
-        out[key] = part
-        return out
-    value[key] = part  # ModelOutput and other mappings created by this forward pass
-    return value
-
-
-def apply_patches(value: Any, patches: Sequence[Patch[Any]], keys: Tuple[Any, ...], node_path: str) -> Any:
-    """Run ``patches`` in order on ``value`` (or on the part at ``keys``)."""
-    if keys:
-        part = _get_part(value, keys[0], node_path)
-        return _set_part(value, keys[0], apply_patches(part, patches, keys[1:], node_path))
-    for patch in patches:
-        try:
-            value = patch(value)
-        except PatchError:
-            raise
-        except (IndexError, RuntimeError, ValueError, TypeError) as exc:
-            where = getattr(patch, "slice", None)
-            raise PatchError(
-                f"{type(patch).__name__} at node {node_path!r} failed on {_describe(value)}"
-                + (f" with slice {where!r}" if where is not None else "")
-                + f": {exc}",
-                node_path=node_path,
-                hint="check the slice against the node's shape (pg.graph[path]._shape)",
-            ) from exc
-    return value
 
 
 def _is_slot(node: torch.fx.Node) -> bool:
@@ -109,38 +36,6 @@ def _is_slot(node: torch.fx.Node) -> bool:
 #: what a graph's patched code depends on beyond its own code: each slot's (node name,
 #: sub-path keys), in the order they were attached (slots on one value chain in that order)
 Layout = Tuple[Tuple[str, Tuple[Any, ...]], ...]
-
-
-class PatchSlot:
-    """What the code of a patched graph calls on one value (``self._graphpatch_slot_N``): a
-    plain object in the graph module's ``__dict__``, not a registered module, so that entering
-    a patch context neither builds nor registers modules."""
-
-    __slots__ = ("node_path", "keys", "patches", "fast")
-
-    def __init__(self, node_path: str, keys: Tuple[Any, ...], patches: List[Patch[Any]]) -> None:
-        self.node_path = node_path
-        self.keys = keys
-        self.set(patches)
-
-    def set(self, patches: List[Patch[Any]]) -> None:
-        self.patches = patches
-        #: a lone patch of a class with a plain-tensor form of its op (``_tensor_op``, defined
-        #: by that class itself: a subclass that overrides ``op`` does not inherit it)
-        only = patches[0] if len(patches) == 1 and not self.keys else None
-        self.fast = getattr(only, "_tensor_op") if only is not None and "_tensor_op" in type(only).__dict__ else None
-
-    def __call__(self, value: Any) -> Any:
-        fast = self.fast
-        if fast is not None and type(value) is torch.Tensor:  # (not a Parameter: 8-bit weights are shown dequantized)
-            return fast(value)
-        view = patch_view(value) if not self.keys else value
-        out = apply_patches(view, self.patches, self.keys, self.node_path)
-        # patches that only looked (probes) leave a quantized weight on its exact 8-bit path
-        return value if out is view else out
-
-    def __repr__(self) -> str:
-        return f"PatchSlot({self.node_path!r}, {len(self.patches)} patches)"
 
 
 def _compiled_of(gm: torch.fx.GraphModule) -> Tuple[Any, str, Any]:
@@ -254,15 +149,20 @@ class InstallState:
     """One set of active patches, ready to install: a :class:`Skeleton`, the patch list of
     each of its slots, and the keys this variant lacks."""
 
-    __slots__ = ("skeleton", "patches", "missing", "refs")
+    __slots__ = ("skeleton", "patches", "missing", "refs", "plain")
 
-    def __init__(self, skeleton: Skeleton, patches: List[List[Patch[Any]]], missing: List[SlotKey]) -> None:
+    def __init__(self, skeleton: Skeleton, patches: List[List[Patch[Any]]], missing: List[SlotKey],
+                 plain: bool = False) -> None:
         self.skeleton = skeleton
         self.patches = patches
         self.missing = missing
+        #: every patch only looks (see :func:`looks_only`), and no graph writes in place
+        self.plain = plain
         #: what the state was prepared from, kept alive while it is remembered (see patch_stack.sync)
         self.refs: Any = None
 
+
+_NO_PATCHES: List[Patch[Any]] = []
 
 #: how many skeletons an installer remembers
 _SKELETONS = 8
@@ -287,6 +187,8 @@ class PatchInstaller:
         #: each graph's own (unpatched) code: leaving a context compiles nothing
         self._base = {path: _compiled_of(gm) for path, gm in self.modules.items()}
         self._skeletons: "OrderedDict[Tuple[SlotKey, ...], Skeleton]" = OrderedDict()
+        #: id of a keys tuple -> (that tuple, kept alive, and its skeleton)
+        self._by_identity: Dict[int, Tuple[Tuple[SlotKey, ...], Skeleton]] = {}
         self._installed = InstallState(Skeleton({}, [], frozenset(), []), [], [])
         self._mark(frozenset())
 
@@ -295,17 +197,52 @@ class PatchInstaller:
         """Active patch keys whose node this graph variant does not have."""
         return self._installed.missing
 
-    def prepare(self, active: Dict[SlotKey, List[Patch[Any]]], missing: Sequence[SlotKey] = ()) -> InstallState:
-        """The state that installs ``active``."""
-        keys = tuple(active)
-        skeleton = self._skeletons.get(keys)
+    def prepare(self, active: Dict[SlotKey, List[Patch[Any]]], missing: Sequence[SlotKey] = (),
+                keys: Optional[Tuple[SlotKey, ...]] = None, types: Optional[Set[type]] = None) -> InstallState:
+        """The state that installs ``active``. ``keys``: its keys, as a tuple object that comes
+        again for the same keys (a skeleton is found by identity first: hashing thousands of
+        keys costs more than the rest); ``types``: the types of its patches, when known."""
+        skeleton = None
+        if keys is not None:
+            known = self._by_identity.get(id(keys))
+            if known is not None and known[0] is keys:
+                skeleton = known[1]
         if skeleton is None:
-            skeleton = self._skeletons[keys] = self._skeleton(keys)
-            while len(self._skeletons) > _SKELETONS:
-                self._skeletons.popitem(last=False)
-        else:
-            self._skeletons.move_to_end(keys)
-        return InstallState(skeleton, list(active.values()), list(missing) + skeleton.lacking)
+            keys = keys if keys is not None else tuple(active)
+            skeleton = self._skeletons.get(keys)
+            if skeleton is None:
+                skeleton = self._skeletons[keys] = self._skeleton(keys)
+                while len(self._skeletons) > _SKELETONS:
+                    self._skeletons.popitem(last=False)
+            self._by_identity[id(keys)] = (keys, skeleton)
+            while len(self._by_identity) > _SKELETONS:
+                del self._by_identity[next(iter(self._by_identity))]
+        patches = list(active.values())
+        if types is None:
+            types = {type(p) for ps in patches for p in ps}
+        plain = not self.writes and all(looks_only(t) for t in types)
+        return InstallState(skeleton, patches, list(missing) + skeleton.lacking, plain)
+
+    @property
+    def writes(self) -> bool:
+        """Whether any graph of the tree may write into a tensor in place (or runs a module's
+        own code, which may; see bind)."""
+        writes = self.__dict__.get("_writes")
+        if writes is None:
+            writes = self.__dict__["_writes"] = any(
+                gm.__dict__.get("_graphpatch_writes", True) for gm in self.modules.values())
+        return bool(writes)
+
+    def owned(self) -> Dict[str, FrozenSet[str]]:
+        """Per graph path, the nodes whose values a call owns (:mod:`.ownership`; none when a
+        graph writes in place)."""
+        owned = self.__dict__.get("_owned")
+        if owned is None:
+            modules = self.modules
+            owned = self.__dict__["_owned"] = {} if self.writes else owned_values(
+                modules[""]._graphpatch_data,
+                lambda path, name: isinstance(getattr(modules[path], name, None), torch.Tensor))
+        return cast(Dict[str, FrozenSet[str]], owned)
 
     def _skeleton(self, keys: Tuple[SlotKey, ...]) -> Skeleton:
         """The code and slots of a set of patched nodes (generating slot code the first time
@@ -326,8 +263,12 @@ class PatchInstaller:
             layout: Layout = tuple((key[1], key[2]) for key in graph_keys)
             compiled = _patched_code(self.modules[graph_path], self._base[graph_path], layout)
             slots = {}
+            owned = self.owned().get(graph_path, frozenset())
+            home = self.modules[graph_path].__dict__
             for i, key in enumerate(graph_keys):
-                slots[_slot_name(i)] = slot_of[key] = PatchSlot(join_path(graph_path, key[1]), key[2], [])
+                name = _slot_name(i)
+                slots[name] = slot_of[key] = PatchSlot(join_path(graph_path, key[1]), key[2], [],
+                                                       key[1] in owned, home, name)
             graphs[graph_path] = (compiled, slots)
             parts = graph_path.split(".") if graph_path else []
             marked.update(".".join(parts[:depth]) for depth in range(len(parts) + 1))
@@ -344,15 +285,26 @@ class PatchInstaller:
                 if graph_path not in skeleton.graphs:
                     _set_compiled(self.modules[graph_path], self._base[graph_path])
             for graph_path, (compiled, slots) in skeleton.graphs.items():
-                gm = self.modules[graph_path]
-                _set_compiled(gm, compiled)
-                gm.__dict__.update(slots)
+                _set_compiled(self.modules[graph_path], compiled)
+                for each in slots.values():
+                    each.bind()
             if skeleton.marked != before.marked:
                 self._mark(skeleton.marked, before.marked ^ skeleton.marked)
+        plain = state.plain
         for slot, patches in zip(skeleton.order, state.patches):
-            if slot is not None and slot.patches is not patches:
-                slot.set(patches)
+            if slot is not None and (slot.patches is not patches or slot.plain is not plain):
+                slot.set(patches, plain)
         self._installed = state
+
+    def release(self) -> None:
+        """Let go of the patches of every slot not installed now (they would keep what a
+        block's patches recorded alive until the next block)."""
+        installed = self._installed.skeleton
+        for skeleton in {id(s): s for s in [*self._skeletons.values(), *(v[1] for v in self._by_identity.values())]}.values():
+            if skeleton is not installed:
+                for slot in skeleton.order:
+                    if slot is not None and slot.patches:
+                        slot.set(_NO_PATCHES)
 
     def _mark(self, marked: FrozenSet[str], changed: Optional[FrozenSet[str]] = None) -> None:
         """Flag each graph that holds a slot, itself or below (``_graphpatch_patched``): an
@@ -363,4 +315,4 @@ class PatchInstaller:
             self.modules[path].__dict__["_graphpatch_patched"] = path in marked
 
 
-__all__ = ["InstallState", "PatchInstaller", "Skeleton", "PatchSlot", "apply_patches"]
+__all__ = ["InstallState", "PatchInstaller", "Skeleton"]

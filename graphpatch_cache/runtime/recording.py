@@ -56,6 +56,8 @@ class Recorder(Patch[Any]):
         self.store[self.path] = value.detach().clone() if self.copy else value.detach()
         return value
 
+    _looks_only = True  # returns its value untouched
+
 
 @dataclass
 class _Plan:
@@ -139,19 +141,10 @@ def plan_for(variant: Variant, root: NodePath, nodes: NodeSelector, writes: bool
     return plan
 
 
-def tree_writes(variant: Variant) -> bool:
-    """Whether any graph of the variant may write into a tensor in place (see bind)."""
-    cached = variant.__dict__.get("_writes")
-    if cached is None:
-        cached = variant.__dict__["_writes"] = any(
-            gm.__dict__.get("_graphpatch_writes", True) for gm in variant.installer.modules.values())
-    return bool(cached)
-
-
 def record(pg: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], nodes: NodeSelector) -> Tuple[Any, Dict[str, Any]]:
     """``pg.record``: the call's output and ``{node path: value}`` of the selected nodes."""
     variant = pg._call_variant(args, kwargs)
-    plan = plan_for(variant, pg._node_paths(variant), nodes, tree_writes(variant))
+    plan = plan_for(variant, pg._node_paths(variant), nodes, variant.installer.writes)
     plan.store.clear()
     pg._patch_stack.append(plan.entries)
     try:
