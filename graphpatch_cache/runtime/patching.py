@@ -23,7 +23,7 @@ from ..patches import Patch
 from .bind import ModuleGraphModule
 from .ownership import owned_values
 from .routing import unwrap
-from .slots import PatchSlot, looks_only
+from .slots import PatchSlot, looks_only, set_patches
 
 SlotKey = Tuple[str, str, Tuple[Any, ...]]  # (graph path, node name, sub-path keys)
 _SLOT_PREFIX = "_graphpatch_slot_"
@@ -162,8 +162,6 @@ class InstallState:
         self.refs: Any = None
 
 
-_NO_PATCHES: List[Patch[Any]] = []
-
 #: how many skeletons an installer remembers
 _SKELETONS = 8
 
@@ -187,6 +185,8 @@ class PatchInstaller:
         #: each graph's own (unpatched) code: leaving a context compiles nothing
         self._base = {path: _compiled_of(gm) for path, gm in self.modules.items()}
         self._skeletons: "OrderedDict[Tuple[SlotKey, ...], Skeleton]" = OrderedDict()
+        #: skeletons whose slots may hold patches
+        self._holding: Set[Skeleton] = set()
         #: id of a keys tuple -> (that tuple, kept alive, and its skeleton)
         self._by_identity: Dict[int, Tuple[Tuple[SlotKey, ...], Skeleton]] = {}
         self._installed = InstallState(Skeleton({}, [], frozenset(), []), [], [])
@@ -280,31 +280,29 @@ class PatchInstaller:
         and each slot its patches."""
         before = self._installed.skeleton
         skeleton = state.skeleton
-        if skeleton is not before:
+        changed = skeleton is not before
+        if changed:
             for graph_path in before.graphs:
                 if graph_path not in skeleton.graphs:
                     _set_compiled(self.modules[graph_path], self._base[graph_path])
-            for graph_path, (compiled, slots) in skeleton.graphs.items():
+            for graph_path, (compiled, _) in skeleton.graphs.items():
                 _set_compiled(self.modules[graph_path], compiled)
-                for each in slots.values():
-                    each.bind()
             if skeleton.marked != before.marked:
                 self._mark(skeleton.marked, before.marked ^ skeleton.marked)
-        plain = state.plain
-        for slot, patches in zip(skeleton.order, state.patches):
-            if slot is not None and (slot.patches is not patches or slot.plain is not plain):
-                slot.set(patches, plain)
+        set_patches(skeleton.order, state.patches, state.plain, changed)  # (binds the slots of a new skeleton)
+        if state.patches:
+            self._holding.add(skeleton)
         self._installed = state
 
     def release(self) -> None:
         """Let go of the patches of every slot not installed now (they would keep what a
         block's patches recorded alive until the next block)."""
         installed = self._installed.skeleton
-        for skeleton in {id(s): s for s in [*self._skeletons.values(), *(v[1] for v in self._by_identity.values())]}.values():
-            if skeleton is not installed:
-                for slot in skeleton.order:
-                    if slot is not None and slot.patches:
-                        slot.set(_NO_PATCHES)
+        for skeleton in [s for s in self._holding if s is not installed]:
+            for slot in skeleton.order:
+                if slot is not None:
+                    slot.release()
+            self._holding.discard(skeleton)
 
     def _mark(self, marked: FrozenSet[str], changed: Optional[FrozenSet[str]] = None) -> None:
         """Flag each graph that holds a slot, itself or below (``_graphpatch_patched``): an

@@ -56,6 +56,9 @@ class Recorder(Patch[Any]):
         self.store[self.path] = value.detach().clone() if self.copy else value.detach()
         return value
 
+    #: (a value the call owns is recorded as it is: what a slot binds straight into the graph)
+    _tensor_op_owned = _tensor_op
+
     _looks_only = True  # returns its value untouched
 
 

@@ -3,7 +3,7 @@ set on that node (see :mod:`.patching` for how slots get into a graph's code).""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -126,28 +126,28 @@ class PatchSlot:
         self.owned = owned and not keys
         self.home = home
         self.name = name
+        self.patches: List[Patch[Any]] = _NO_PATCHES
+        self.plain = False
+        self.fast: Optional[Callable[[torch.Tensor], Any]] = None
+        self.direct = False
         self.set(patches)
 
     def set(self, patches: List[Patch[Any]], plain: bool = False) -> None:
         """Take ``patches`` (``plain``: every active patch only looks), and :meth:`bind`."""
-        self.patches = patches
-        self.plain = plain
-        fast = None
-        direct = False
-        if len(patches) == 1 and not self.keys:
-            only = patches[0]
-            op, owned_op = _fast_ops(type(only))
-            direct = owned_op is not None and plain and self.owned
-            name = owned_op if direct else op
-            fast = getattr(only, name) if name is not None else None
-        self.fast = fast
-        self.direct = direct
-        self.bind()
+        set_patches((self,), (patches,), plain, True)
 
     def bind(self) -> None:
         """Put what the graph calls under the slot's name: the owned op itself, or the slot."""
         if self.home is not None:
             self.home[self.name] = self.fast if self.direct else self
+
+    def release(self) -> None:
+        """Hold no patches (nor anything they hold) while not installed."""
+        self.patches = _NO_PATCHES
+        self.fast = None
+        self.direct = False
+        if self.home is not None:
+            self.home[self.name] = self
 
     def __call__(self, value: Any) -> Any:
         fast = self.fast
@@ -163,4 +163,38 @@ class PatchSlot:
 
 
 
-__all__ = ["PatchSlot", "apply_patches", "looks_only"]
+_NO_PATCHES: List[Patch[Any]] = []
+
+
+def set_patches(slots: Sequence[Optional[PatchSlot]], lists: Sequence[List[Patch[Any]]], plain: bool,
+                force: bool = False) -> None:
+    """Give each slot its patch list (None: no slot) and bind it; a slot that has that list
+    already, with the same ``plain``, is left as it is (bound again if ``force``). (One loop
+    for every slot of a block: a patch loop sets thousands per call.)"""
+    fast_ops = _FAST_OPS
+    for slot, patches in zip(slots, lists):
+        if slot is None:
+            continue
+        if slot.patches is patches and slot.plain is plain:
+            if force:
+                slot.bind()
+            continue
+        slot.patches = patches
+        slot.plain = plain
+        fast = None
+        direct = False
+        if len(patches) == 1 and not slot.keys:
+            only = patches[0]
+            ops = fast_ops.get(type(only)) or _fast_ops(type(only))
+            direct = ops[1] is not None and plain and slot.owned
+            name = ops[1] if direct else ops[0]
+            if name is not None:
+                fast = getattr(only, name)
+        slot.fast = fast
+        slot.direct = direct
+        home = slot.home
+        if home is not None:
+            home[slot.name] = fast if direct else slot
+
+
+__all__ = ["PatchSlot", "apply_patches", "looks_only", "set_patches"]
