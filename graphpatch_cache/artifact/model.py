@@ -4,6 +4,7 @@ version they are written under. Pure data: no tensors, no pickles, no code that 
 from __future__ import annotations
 
 import json
+import marshal
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, cast
 from ..errors import GraphPatchCacheError
@@ -76,23 +77,27 @@ class ModuleGraph:
     call_signature: Optional[Dict[str, Any]] = None
     code: str = ""
 
-    def nodes_json(self) -> str:
-        """The node list as canonical JSON text, computed once per object: equal texts mean
-        equal nodes *with their value types* (``1`` and ``True`` are equal under ``==``, not
-        here). Used to check, and to bind, a model's repeated identical graphs once.
+    def nodes_key(self) -> bytes:
+        """The node list as bytes that are equal exactly when the nodes are equal *with their
+        value types* (``1`` and ``True`` are equal under ``==``, not here): ``marshal`` keeps
+        every type it writes and reads back what it wrote (format 2: no references between
+        objects, so equal content gives equal bytes whatever objects it shares). Computed once per object; used to
+        check, and to bind, a model's repeated identical graphs once. (Dicts that differ only
+        in order give different bytes: such graphs are just not found to be the same.)
 
-        :raises TypeError: node data that is not JSON data (built in memory).
-        :raises ValueError: node data that refers to itself or nests beyond the recursion limit.
+        :raises ValueError: node data ``marshal`` cannot write (built in memory), or that
+            refers to itself or nests too deeply.
         """
-        text = self.__dict__.get("_nodes_json")
-        if text is None:
-            try:  # (without json's cycle check, a quarter faster: data that refers to itself recurses)
-                text = json.dumps([[n.name, n.op, n.target, n.args, n.kwargs, n.meta] for n in self.nodes],
-                                  sort_keys=True, check_circular=False)
+        key = self.__dict__.get("_nodes_key")
+        if key is None:
+            try:
+                key = marshal.dumps([(n.name, n.op, n.target, n.args, n.kwargs, n.meta) for n in self.nodes], 2)
             except RecursionError as exc:
                 raise ValueError("node data nests too deeply or refers to itself") from exc
-            object.__setattr__(self, "_nodes_json", text)  # frozen: a cache, not a field
-        return cast(str, text)
+            except ValueError as exc:  # (too deeply nested, or not data)
+                raise ValueError(f"node data refers to itself, nests too deeply or is not data ({exc})") from exc
+            object.__setattr__(self, "_nodes_key", key)  # frozen: a cache, not a field
+        return cast(bytes, key)
 
     def walk(self) -> Iterator["ModuleGraph"]:
         """Yield this graph and all descendants, depth first."""

@@ -142,9 +142,9 @@ class SharedCode:
 
 
 def _data_key(data: Any, device: Any) -> Hashable:
-    """Equal keys: equal node data, value types included (:meth:`ModuleGraph.nodes_json`)."""
+    """Equal keys: equal node data, value types included (:meth:`ModuleGraph.nodes_key`)."""
     return (data.module_class, data.kind, tuple(c.name for c in data.children), tuple(sorted(data.attributes)),
-            str(device), data.nodes_json())
+            str(device), data.nodes_key())
 
 
 def install_pending(gm: torch.fx.GraphModule) -> Optional[torch.fx.graph.PythonCode]:

@@ -196,7 +196,7 @@ class _Checker(ValueChecker):
         try:
             key = (g.kind, placeholders, tuple(children), frozenset(self.members.get(g.module_path, ())), tuple(sorted(
                 (local, self.params is None or q in self.params) for local, q in g.attributes.items())),
-                g.nodes_json())
+                g.nodes_key())
         except (TypeError, ValueError):  # not JSON data: check it the long way
             return self.nodes_of(g, gpath, children, placeholders)
         calls = self.checked_graphs.get(key)

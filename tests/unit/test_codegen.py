@@ -96,5 +96,5 @@ def test_node_data_that_refers_to_itself_is_never_a_twin():
     data = ModuleGraph(name="", module_path="", module_class="m.M", kind="compiled", call_index=0, children=[],
                        nodes=[NodeData(name="x", op="placeholder", target="x", args=loop, kwargs={"d": []}, meta={})])
     with pytest.raises(ValueError, match="refers to itself"):
-        data.nodes_json()
+        data.nodes_key()
     assert SharedCode().twin_of(data, None) is None
