@@ -22,60 +22,11 @@ from ..trust.allowlist import check_method, resolve_function
 from ..trust.functions import ModuleRef, attribute_exposed, live_attr, module_attribute, run_opaque, spec_of, tree_build
 from ..trust.validate import check_artifact
 from . import guards
-from .codegen import LAZY_ATTR, SharedCode, install_pending
+from .codegen import SharedCode
 from .devices import device_mapper, module_device
+from .graph_module import MODULE_REF_ATTR, SETTLE_ATTR, ModuleGraphModule
 from .routing import HookedGraph, routes, submodule, unwrap
 from ..artifact.names import qualname
-
-MODULE_REF_ATTR = "_graphpatch_module"
-
-
-class ModuleGraphModule(torch.fx.GraphModule):
-    """A GraphModule for one module call; keeps its artifact data for node-path look-ups."""
-
-    _graphpatch_data: ModuleGraph
-    _graphpatch_node_path: str
-    _graphpatch_writes: bool
-
-    def _recompile_submodules(self) -> List[Any]:
-        """Compile this graph alone. ``GraphModule.recompile`` (torch 2.x) also recompiles every
-        child GraphModule, recursively: with one graph per module call that made binding
-        compile deep graphs once per ancestor, and a patch on the root regenerate the code of
-        the whole tree. Each of our graphs compiles itself when it changes."""
-        return []
-
-    def recompile(self) -> Any:
-        """fx's ``recompile``, except that a graph's first compile at binding takes the code of
-        an identical graph compiled before (:mod:`.codegen`) when binding found one, and
-        without fx's per-class ``__call__`` wrapper (it re-raises errors with the generated
-        line quoted, at two extra Python calls per graph call: a tenth of a 32-layer model's
-        time; tracebacks still show the generated code's lines)."""
-        shared = install_pending(self)
-        code = shared if shared is not None else super().recompile()
-        if "__call__" in vars(type(self)):
-            delattr(type(self), "__call__")  # (Module.__call__ again)
-        return code
-
-    @property  # type: ignore[override]
-    def graph(self) -> torch.fx.Graph:
-        """The fx graph; a graph bound as the twin of an identical one builds it (from its own
-        data, bound to its own module) on first access."""
-        build = self.__dict__.pop(LAZY_ATTR, None)
-        if build is not None:
-            graph = build()
-            self._graph = graph
-            graph.owning_module = self
-        return self._graph
-
-    @graph.setter
-    def graph(self, g: torch.fx.Graph) -> None:
-        self.__dict__.pop(LAZY_ATTR, None)
-        torch.fx.GraphModule.graph.fset(self, g)  # type: ignore[attr-defined]
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
-        self.graph  # (built first: fx copies the graph object)
-        return super().__deepcopy__(memo)
-
 
 def _lookup_tensor(model: torch.nn.Module, qualified: str, node_path: str) -> torch.Tensor:
     """The parameter or buffer ``qualified`` names."""
@@ -390,5 +341,5 @@ def bind(artifact: GraphArtifact, model: torch.nn.Module) -> ModuleGraphModule:
     return bind_graph(artifact.root, model, traced_on=traced_on, hooked=accelerate.is_hooked(model))
 
 
-__all__ = ["HookedGraph", "MODULE_REF_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph",
+__all__ = ["HookedGraph", "MODULE_REF_ATTR", "SETTLE_ATTR", "ModelStructureError", "ModuleGraphModule", "bind", "bind_graph",
            "submodule", "unwrap"]

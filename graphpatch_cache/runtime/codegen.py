@@ -130,7 +130,7 @@ class SharedCode:
              build: Callable[[], torch.fx.Graph]) -> Any:
         """A ``cls`` GraphModule with the template's code and the attributes fx would give it
         (the targets of ``get_attr``/``call_module`` nodes); its fx graph is ``build()``, made
-        on first access (see :class:`~graphpatch_cache.runtime.bind.ModuleGraphModule`)."""
+        on first access (see :class:`~graphpatch_cache.runtime.graph_module.ModuleGraphModule`)."""
         placeholder = torch.fx.Graph()
         self.attach(placeholder, key)
         gm = cls({}, placeholder, class_name=class_name)

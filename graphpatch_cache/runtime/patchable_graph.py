@@ -182,6 +182,7 @@ class PatchableGraph(torch.nn.Module):
             with self._naming_the_model():
                 leaves, spec = flat_inputs(inputs)
         variant = self._variant_for(inputs, leaves, spec)
+        variant.installer.settle()
         if variant.installer.missing:
             graph_path, node, _ = variant.installer.missing[0]
             path = join_path(graph_path, node)

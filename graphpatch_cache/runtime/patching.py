@@ -20,7 +20,7 @@ import torch.fx
 
 from ..artifact.names import join_path
 from ..patches import Patch
-from .bind import ModuleGraphModule
+from .bind import SETTLE_ATTR, ModuleGraphModule
 from .ownership import owned_values
 from .routing import unwrap
 from .slots import PatchSlot, looks_only, set_patches
@@ -39,7 +39,8 @@ Layout = Tuple[Tuple[str, Tuple[Any, ...]], ...]
 
 
 def _compiled_of(gm: torch.fx.GraphModule) -> Tuple[Any, str, Any]:
-    return type(gm).forward, gm.code, getattr(gm, "_lineno_map", None)
+    state = gm.__dict__  # (not gm.code: reading it settles the installer, see graph_module.ModuleGraphModule.code)
+    return type(gm).forward, state["_code"], state.get("_lineno_map")
 
 
 def _set_compiled(gm: torch.fx.GraphModule, compiled: Tuple[Any, str, Any]) -> None:
@@ -190,6 +191,13 @@ class PatchInstaller:
         #: id of a keys tuple -> (that tuple, kept alive, and its skeleton)
         self._by_identity: Dict[int, Tuple[Tuple[SlotKey, ...], Skeleton]] = {}
         self._installed = InstallState(Skeleton({}, [], frozenset(), []), [], [])
+        #: the skeleton whose code the graphs run (the installed one, or the last one after
+        #: leaving every block, until :meth:`settle`)
+        self._code = self._installed.skeleton
+        self._rebind = False
+        me = weakref.ref(self)  # (last: reading a graph's code settles through it)
+        for gm in self.modules.values():
+            gm.__dict__[SETTLE_ATTR] = me
         self._mark(frozenset())
 
     @property
@@ -276,23 +284,39 @@ class PatchInstaller:
         return Skeleton(graphs, order, frozenset(marked), lacking)
 
     def install(self, state: InstallState) -> None:
-        """Give each graph the code and slots of ``state`` (its own code where it has none),
-        and each slot its patches."""
-        before = self._installed.skeleton
-        skeleton = state.skeleton
-        changed = skeleton is not before
-        if changed:
-            for graph_path in before.graphs:
-                if graph_path not in skeleton.graphs:
-                    _set_compiled(self.modules[graph_path], self._base[graph_path])
-            for graph_path, (compiled, _) in skeleton.graphs.items():
-                _set_compiled(self.modules[graph_path], compiled)
-            if skeleton.marked != before.marked:
-                self._mark(skeleton.marked, before.marked ^ skeleton.marked)
-        set_patches(skeleton.order, state.patches, state.plain, changed)  # (binds the slots of a new skeleton)
+        """Give each slot of ``state`` its patches, and each graph the code of ``state`` (its
+        own code where it has none). Leaving every block (a state with no patches) leaves the
+        patched code in place until :meth:`settle`: its slots, released, pass values through,
+        and a patch loop that enters the same nodes again swaps no code at all."""
+        if not state.patches and not state.skeleton.graphs:
+            self._installed = state
+            return
+        self._swap_code(state.skeleton)
+        set_patches(state.skeleton.order, state.patches, state.plain, self._rebind)
+        self._rebind = False
         if state.patches:
-            self._holding.add(skeleton)
+            self._holding.add(state.skeleton)
         self._installed = state
+
+    def settle(self) -> None:
+        """Give every graph the code of the installed state (see :meth:`install`): a call
+        with no patch runs the graphs' own code."""
+        if self._code is not self._installed.skeleton:
+            self._swap_code(self._installed.skeleton)
+
+    def _swap_code(self, skeleton: Skeleton) -> None:
+        before = self._code
+        if skeleton is before:
+            return
+        for graph_path in before.graphs:
+            if graph_path not in skeleton.graphs:
+                _set_compiled(self.modules[graph_path], self._base[graph_path])
+        for graph_path, (compiled, _) in skeleton.graphs.items():
+            _set_compiled(self.modules[graph_path], compiled)
+        if skeleton.marked != before.marked:
+            self._mark(skeleton.marked, before.marked ^ skeleton.marked)
+        self._code = skeleton
+        self._rebind = True  # (the slots of a skeleton are bound when its code is installed)
 
     def release(self) -> None:
         """Let go of the patches of every slot not installed now (they would keep what a

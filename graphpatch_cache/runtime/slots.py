@@ -142,12 +142,17 @@ class PatchSlot:
             self.home[self.name] = self.fast if self.direct else self
 
     def release(self) -> None:
-        """Hold no patches (nor anything they hold) while not installed."""
+        """Hold no patches (nor anything they hold) while not installed. The graph's entry
+        under the slot's name is replaced only where it is this slot's (slots of other sets
+        of patched nodes use the same names)."""
+        home = self.home
+        if home is not None:
+            bound = home.get(self.name)
+            if bound is self.fast and bound is not None or bound is self:
+                home[self.name] = self
         self.patches = _NO_PATCHES
         self.fast = None
         self.direct = False
-        if self.home is not None:
-            self.home[self.name] = self
 
     def __call__(self, value: Any) -> Any:
         fast = self.fast

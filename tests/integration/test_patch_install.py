@@ -48,8 +48,9 @@ def test_a_patch_recompiles_only_the_graphs_it_touches():
         patched = _forwards(pg)
         assert torch.equal(pg(x), torch.zeros(3, 4))
     assert {n for n in before if patched[n] is not before[n]} == {root, leaf}
-    assert _forwards(pg) == before  # leaving restores each graph's own code, compiling nothing
+    assert _forwards(pg) == patched  # leaving keeps the code (its slots let go of their patches) ...
     assert torch.equal(pg(x), model(x))
+    assert _forwards(pg) == before  # ... until a call without patches: each graph's own, compiling nothing
     assert torch.equal(probe.activation, model.b[1](model.b[0](model.a(x))))
     # the same patch set again: the code made the first time, no new code
     with pg.patch({"add": ZeroPatch(), "b.sub_1.relu": ProbePatch()}):
