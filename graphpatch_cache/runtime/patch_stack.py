@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, cast, overload
 
 from ..artifact import GraphArtifact
 from ..artifact.signature import SignatureMatcher
@@ -80,19 +80,36 @@ def patch_lists(patch_map: Any) -> Iterator[Tuple[str, List[Patch[Any]]]]:
 _BLOCKS = 8
 
 
-class Block(List[StackEntry]):
-    """The entries of a ``with pg.patch`` block of lone patches, with what installing them
-    needs at hand: the slot keys (one tuple object for every entry of the same paths), the
-    patch lists, the variant whose nodes they all are (None when not one, or a key twice),
-    and the patches' types."""
+class Block(Sequence[StackEntry]):
+    """The entries of a ``with pg.patch`` block of lone patches, as parallel sequences (its
+    entries are made only when asked for): the slot keys (one tuple object for every entry
+    of the same paths), the patch lists, the origins, the variant whose nodes they all are
+    (None when not one, or a key twice), and the patches' types."""
 
-    def __init__(self, entries: Any, keys: Tuple[SlotKey, ...], lists: List[List[Patch[Any]]],
+    def __init__(self, keys: Tuple[SlotKey, ...], lists: List[List[Patch[Any]]], origins: Tuple[Variant, ...],
                  origin: Optional[Variant], types: Set[type]) -> None:
-        super().__init__(entries)
         self.keys = keys
         self.lists = lists
+        self.origins = origins
         self.origin = origin
         self.types = types
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[StackEntry]:
+        return zip(self.keys, self.lists, self.origins)
+
+    @overload
+    def __getitem__(self, i: int) -> StackEntry: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[StackEntry]: ...
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return list(self)[i]
+        return self.keys[i], self.lists[i], self.origins[i]
 
 
 class PathResolver:
@@ -108,7 +125,7 @@ class PathResolver:
         #: them when each key is there once, else None)
         self._blocks: Dict[Tuple[Any, ...], Tuple[Tuple[SlotKey, ...], Tuple[Variant, ...], Optional[Variant]]] = {}
 
-    def entries(self, patch_map: Any) -> List[StackEntry]:
+    def entries(self, patch_map: Any) -> Sequence[StackEntry]:
         """The stack entries of ``pg.patch(patch_map)``, each checked as it is reached.
 
         A patch loop enters the same paths on every call, thousands of them when it records
@@ -124,7 +141,7 @@ class PathResolver:
                 if all(issubclass(t, Patch) for t in types):
                     keys, origins, origin = known
                     lists = [[v] for v in values]
-                    return Block(zip(keys, lists, origins), keys, lists, origin, types)
+                    return Block(keys, lists, origins, origin, types)
         entries = self._entries(patch_map)
         if type(patch_map) is dict and entries and len(entries) == len(patch_map) and all(
                 type(path) is str for path in patch_map):
@@ -174,7 +191,7 @@ class PathResolver:
             raise
 
 
-def active_patches(stack: List[List[StackEntry]],
+def active_patches(stack: List[Sequence[StackEntry]],
                    variant: Variant) -> Tuple[Dict[SlotKey, List[Patch[Any]]], List[SlotKey]]:
     """The active patches, keyed by ``variant``'s node names, and the keys it lacks."""
     block = stack[0] if len(stack) == 1 else None
@@ -195,7 +212,7 @@ def active_patches(stack: List[List[StackEntry]],
     return active, missing
 
 
-def leave(stack: List[List[StackEntry]], entries: List[StackEntry]) -> None:
+def leave(stack: List[Sequence[StackEntry]], entries: Sequence[StackEntry]) -> None:
     """Take a block's entries off the stack, by identity (``list.remove`` compares contents,
     and dataclass patches compare their fields: a probe's recorded tensor among them)."""
     for i in range(len(stack) - 1, -1, -1):
@@ -204,7 +221,7 @@ def leave(stack: List[List[StackEntry]], entries: List[StackEntry]) -> None:
             return
 
 
-def forget(variants: List[Variant], entries: List[StackEntry]) -> None:
+def forget(variants: List[Variant], entries: Sequence[StackEntry]) -> None:
     """Drop the prepared states of stacks holding a block that is gone for good (a ``with``
     block's entries are made per entry): they cannot come back, and would keep its patches
     (and what they recorded) alive; so would the slots no longer installed."""
@@ -221,7 +238,7 @@ def forget(variants: List[Variant], entries: List[StackEntry]) -> None:
 _STATES = 8
 
 
-def sync(stack: List[List[StackEntry]], variant: Variant) -> None:
+def sync(stack: List[Sequence[StackEntry]], variant: Variant) -> None:
     """Install the active patches of ``stack`` into ``variant``'s graphs. The prepared state
     is remembered per stack (by the identity of its blocks' entry lists, which stay alive
     with it): entering the same blocks again, or recording the same selection, installs

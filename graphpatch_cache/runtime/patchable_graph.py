@@ -74,7 +74,7 @@ class PatchableGraph(torch.nn.Module):
         self._extractor = extractor
         self._graphs = torch.nn.ModuleDict()
         self._variants: List[Variant] = []
-        self._patch_stack: List[List[StackEntry]] = []  # one list per active ``with pg.patch`` block
+        self._patch_stack: List[Sequence[StackEntry]] = []  # one list per active ``with pg.patch`` block
         self._resolver = PathResolver(self._variants, self._node_paths)
         self._forward_signature = inspect.signature(module.forward)
         self._binder = InputBinder(module, self._forward_signature)  # (a call binds by its form's plan)

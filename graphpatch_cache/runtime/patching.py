@@ -23,7 +23,7 @@ from ..patches import Patch
 from .bind import SETTLE_ATTR, ModuleGraphModule
 from .ownership import owned_values
 from .routing import unwrap
-from .slots import PatchSlot, looks_only, set_patches
+from .slots import PatchSlot, looks_only, release, set_patches
 
 SlotKey = Tuple[str, str, Tuple[Any, ...]]  # (graph path, node name, sub-path keys)
 _SLOT_PREFIX = "_graphpatch_slot_"
@@ -323,9 +323,7 @@ class PatchInstaller:
         block's patches recorded alive until the next block)."""
         installed = self._installed.skeleton
         for skeleton in [s for s in self._holding if s is not installed]:
-            for slot in skeleton.order:
-                if slot is not None:
-                    slot.release()
+            release(skeleton.order)
             self._holding.discard(skeleton)
 
     def _mark(self, marked: FrozenSet[str], changed: Optional[FrozenSet[str]] = None) -> None:
