@@ -58,3 +58,17 @@ def generate_with_a_banned_token(pg, model, ids, mask, banned, *, use_cache, max
     oracle = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                             use_cache=use_cache, logits_processor=LogitsProcessorList([Ban()]))
     return patched, oracle
+
+
+class WritesInPlace(torch.nn.Module):
+    """A graph that writes in place into a value it made, after the value is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        a = self.lin(x)
+        b = a.clone()
+        b.mul_(2.0)  # a write after the value of `b` is recorded
+        return b + 1

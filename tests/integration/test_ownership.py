@@ -10,13 +10,12 @@ import weakref
 
 import pytest
 import torch
-from torch import nn
 
 from graphpatch_cache import PatchableGraph, ProbePatch, ZeroPatch
 from graphpatch_cache.artifact.model import ModuleGraph, NodeData
 from graphpatch_cache.runtime.ownership import owned_values
 from graphpatch_cache.runtime.recording import values_of
-from tiny_models import tiny_gpt2, tiny_llama, token_inputs
+from tiny_models import WritesInPlace, tiny_gpt2, tiny_llama, token_inputs
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -91,17 +90,6 @@ def test_parameters_inputs_and_the_output_are_never_kept():
     assert _storage(weight.activation) != _storage(model.model.layers[0].mlp.up_proj.weight)
     assert _storage(ids.activation) != _storage(inputs["input_ids"])
     assert _storage(logits.activation) != _storage(out.logits)
-
-
-class WritesInPlace(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        b = self.lin(x) * 1.0
-        b.mul_(2.0)  # a write after the value of `b` is probed
-        return b + 1
 
 
 def test_a_graph_that_writes_in_place_gets_copies():

@@ -8,7 +8,7 @@ from torch import nn
 
 from graphpatch_cache import NodePathError, NotAValueError, PatchableGraph, ProbePatch, ZeroPatch
 from graphpatch_cache.runtime.bind import ModuleGraphModule
-from tiny_models import tiny_llama, token_inputs
+from tiny_models import WritesInPlace, tiny_llama, token_inputs
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +118,6 @@ def test_selecting_nothing_or_a_module_is_a_clear_error(llama):
         pg.record(**inputs, nodes="model.layers_1.mlp")
     with pytest.raises(TypeError, match="nodes="):
         pg.record(**inputs, nodes=3)
-
-
-class WritesInPlace(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        a = self.lin(x)
-        b = a.clone()
-        b.mul_(2.0)  # a write after the value of `b` is recorded
-        return b + 1
 
 
 def test_values_are_copies_where_the_graph_writes_in_place_and_views_where_not():
