@@ -90,18 +90,21 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
     tensors = tensor_list(model)
     files = set()
     code_digests: Set[str] = set()
+    classes: Dict[type, None] = {}  # (each class once: a 32-layer model repeats a few hundred times)
     for m in model.modules():
         for cls in type(m).__mro__:
             if cls in (torch.nn.Module, object):
                 break
-            try:
-                path = inspect.getsourcefile(cls)
-            except (TypeError, OSError):
-                path = None
-            if path and os.path.exists(path):
-                files.add(path)
-            else:
-                code_digests.add(_code_digest(cls))
+            classes[cls] = None
+    for cls in classes:
+        try:
+            path = inspect.getsourcefile(cls)
+        except (TypeError, OSError):
+            path = None
+        if path and os.path.exists(path):
+            files.add(path)
+        else:
+            code_digests.add(_code_digest(cls))
     sources = sorted({module_file_digest(p) or "unreadable:" + p for p in files} | code_digests)
     return {
         "model_class": qualname(type(model)),
