@@ -92,8 +92,6 @@ class ModuleGraph:
         if key is None:
             try:
                 key = marshal.dumps([(n.name, n.op, n.target, n.args, n.kwargs, n.meta) for n in self.nodes], 2)
-            except RecursionError as exc:
-                raise ValueError("node data nests too deeply or refers to itself") from exc
             except ValueError as exc:  # (too deeply nested, or not data)
                 raise ValueError(f"node data refers to itself, nests too deeply or is not data ({exc})") from exc
             object.__setattr__(self, "_nodes_key", key)  # frozen: a cache, not a field

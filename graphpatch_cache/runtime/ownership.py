@@ -15,7 +15,7 @@ holds
 - no value the root graph returns (the caller may write into it).
 
 Two values may share storage unless the later one is made by an op that always allocates
-its result: an op of :data:`ALLOCATES` (an explicit list: an op's schema does not say
+its result: an op of ``_FUNCTIONS`` or ``_METHODS`` (explicit lists: an op's schema does not say
 reliably whether it may return its input; ``dropout`` in eval mode and ``type_as`` do), an
 arithmetic operator whose left operand is a tensor (``(a,) + (b,)`` holds ``a`` itself, and
 ``(a,) * n`` repeats it), or a child graph whose returned values it owns. Everything else
@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from ..artifact import ModuleGraph
+from ..trust.rules import ref
 
 #: call_function targets that always return a tensor they allocate
 _FUNCTIONS = frozenset({
@@ -60,7 +61,7 @@ _METHODS = frozenset({
 _TENSOR_METHODS = _METHODS | frozenset({
     "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "expand_as", "contiguous",
     "to", "float", "half", "bfloat16", "double", "long", "int", "bool", "type_as", "flatten", "view_as",
-    "reshape_as", "repeat", "narrow", "select", "t", "detach", "masked_fill", "clamp", "float",
+    "reshape_as", "repeat", "narrow", "select", "t", "detach", "clamp",
 })
 #: functions that return a tensor when their first argument is one (perhaps it, or a view of it)
 _TENSOR_FUNCTIONS = frozenset({
@@ -75,9 +76,6 @@ _OPERATORS = frozenset({
     "_operator.xor", "_operator.eq", "_operator.ne", "_operator.lt", "_operator.le", "_operator.gt", "_operator.ge",
 })
 _UNARY = frozenset({"_operator.neg", "_operator.invert"})
-#: every op listed as allocating, for the tests
-ALLOCATES = frozenset({("call_function", t) for t in _FUNCTIONS | _OPERATORS | _UNARY}
-                      | {("call_method", m) for m in _METHODS})
 
 #: a value's inferred type: a tensor, a scalar (numbers, sizes, dtypes: no storage), a tuple
 #: of known element types, or unknown (None)
@@ -92,19 +90,15 @@ _SCALAR_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "
 
 def _refs(value: Any, out: List[str]) -> None:
     """The node names an encoded value refers to (``{"n": name}``), into ``out``."""
-    if isinstance(value, dict):
-        if len(value) == 1 and "n" in value and isinstance(value["n"], str):
-            out.append(value["n"])
-            return
+    name = ref(value)
+    if name is not None:
+        out.append(name)
+    elif isinstance(value, dict):
         for item in value.values():
             _refs(item, out)
     elif isinstance(value, list):
         for item in value:
             _refs(item, out)
-
-
-def _ref(value: Any) -> Optional[str]:
-    return value["n"] if isinstance(value, dict) and len(value) == 1 and isinstance(value.get("n"), str) else None
 
 
 def _positional(nd: Any) -> List[Any]:
@@ -119,7 +113,7 @@ def _keywords(nd: Any) -> List[Any]:
 
 def _type_of(value: Any, types: Dict[str, _Type]) -> _Type:
     """The type of an encoded argument: a node's, a tuple literal's, or unknown."""
-    name = _ref(value)
+    name = ref(value)
     if name is not None:
         return types.get(name)
     if isinstance(value, dict) and isinstance(value.get("t"), list) and len(value) == 1:
@@ -286,13 +280,12 @@ def _summary(graph: ModuleGraph, input_types: Tuple[_Type, ...], path: str,
     return cached
 
 
-def owned_values(root: ModuleGraph, is_tensor: Callable[[str, str], bool],
-                 n_inputs: Optional[int] = None) -> Dict[str, FrozenSet[str]]:
+def owned_values(root: ModuleGraph, is_tensor: Callable[[str, str], bool]) -> Dict[str, FrozenSet[str]]:
     """Per graph path under ``root`` (the root graph of a call: its placeholders are the
     caller's tensors, its output goes to the caller), the tensor nodes whose values the call
     owns (see the module docstring). ``is_tensor(graph path, attribute)``: whether the bound
     graph's attribute is a tensor."""
-    count = n_inputs if n_inputs is not None else sum(1 for nd in root.nodes if nd.op == "placeholder")
+    count = sum(1 for nd in root.nodes if nd.op == "placeholder")
     out: Dict[str, FrozenSet[str]] = {}
 
     def walk(summary: _Summary, path: str, owned_inputs: Set[str], output_owned: bool) -> None:
@@ -318,4 +311,4 @@ def owned_values(root: ModuleGraph, is_tensor: Callable[[str, str], bool],
     return out
 
 
-__all__ = ["ALLOCATES", "TENSOR", "owned_values"]
+__all__ = ["owned_values"]

@@ -144,7 +144,7 @@ class PathResolver:
                     return Block(keys, lists, origins, origin, types)
         entries = self._entries(patch_map)
         if type(patch_map) is dict and entries and len(entries) == len(patch_map) and all(
-                type(path) is str for path in patch_map):
+                type(path) is str for path in patch_map) and tuple(patch_map) not in self._blocks:
             keys = tuple(e[0] for e in entries)
             origins = tuple(e[2] for e in entries)
             first = origins[0]

@@ -275,7 +275,7 @@ class PatchInstaller:
             home = self.modules[graph_path].__dict__
             for i, key in enumerate(graph_keys):
                 name = _slot_name(i)
-                slots[name] = slot_of[key] = PatchSlot(join_path(graph_path, key[1]), key[2], [],
+                slots[name] = slot_of[key] = PatchSlot(join_path(graph_path, key[1]), key[2],
                                                        key[1] in owned, home, name)
             graphs[graph_path] = (compiled, slots)
             parts = graph_path.split(".") if graph_path else []

@@ -119,31 +119,23 @@ class PatchSlot:
 
     __slots__ = ("node_path", "keys", "patches", "fast", "owned", "plain", "direct", "home", "name")
 
-    def __init__(self, node_path: str, keys: Tuple[Any, ...], patches: List[Patch[Any]], owned: bool = False,
+    def __init__(self, node_path: str, keys: Tuple[Any, ...], owned: bool = False,
                  home: Optional[Dict[str, Any]] = None, name: str = "") -> None:
         self.node_path = node_path
         self.keys = keys
         self.owned = owned and not keys
         self.home = home
         self.name = name
+        # (no patches, and not in the graph's dict: installing its skeleton binds it)
         self.patches: List[Patch[Any]] = _NO_PATCHES
         self.plain = False
         self.fast: Optional[Callable[[torch.Tensor], Any]] = None
         self.direct = False
-        self.set(patches)
-
-    def set(self, patches: List[Patch[Any]], plain: bool = False) -> None:
-        """Take ``patches`` (``plain``: every active patch only looks), and :meth:`bind`."""
-        set_patches((self,), (patches,), plain, True)
 
     def bind(self) -> None:
         """Put what the graph calls under the slot's name: the owned op itself, or the slot."""
         if self.home is not None:
             self.home[self.name] = self.fast if self.direct else self
-
-    def release(self) -> None:
-        """Hold no patches (nor anything they hold) while not installed (see :func:`release`)."""
-        release((self,))
 
     def __call__(self, value: Any) -> Any:
         fast = self.fast
@@ -156,7 +148,6 @@ class PatchSlot:
 
     def __repr__(self) -> str:
         return f"PatchSlot({self.node_path!r}, {len(self.patches)} patches)"
-
 
 
 _NO_PATCHES: List[Patch[Any]] = []
