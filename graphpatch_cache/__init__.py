@@ -44,6 +44,7 @@ from ._version import __version__ as __version__
 from .trust import functions as _functions  # noqa: F401  (registers the graph functions as call targets)
 from .artifact import GraphArtifact
 from .errors import (
+    AllocatorError,
     ArtifactFormatError,
     CacheError,
     CacheMissError,
@@ -68,10 +69,14 @@ from .options import ExtractionOptions
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from .compose import PatchableGraph
 from .runtime import NodePath, SymbolicShape
+from .runtime.memory import AllocatorSettings, keep_freed_memory
 from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
 from .trust.allowlist import register_target
 
 __all__ = [
+    "AllocatorError",
+    "AllocatorSettings",
+    "keep_freed_memory",
     "ArtifactFormatError",
     "CacheError",
     "CacheMissError",

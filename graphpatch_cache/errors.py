@@ -244,3 +244,10 @@ class RebuildError(BuildError):
 
 
 __all__ += ["BuildError", "RebuildError"]
+
+
+class AllocatorError(GraphPatchCacheError, RuntimeError):
+    """The process's C allocator cannot be tuned from here (not glibc, or it refused a setting)."""
+
+
+__all__ += ["AllocatorError"]

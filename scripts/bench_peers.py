@@ -25,7 +25,12 @@ requires). Without nnsight its columns are ``null`` with a note.
 Outputs are checked ``torch.equal`` to the plain model's. Prints one JSON object with
 ``targets`` (the issue's table) and which of them hold.
 
-Run: python scripts/bench_peers.py [--reps 15] [--hit-runs 3] [--only W1 W2]   (not collected by pytest)
+``--keep-freed-memory`` calls :func:`graphpatch_cache.keep_freed_memory` first (glibc keeps
+freed pages for the next call instead of refaulting them; see that function). The allocator
+settings in effect (that, ``MALLOC_*`` variables, ``LD_PRELOAD``) are in ``env.allocator``.
+
+Run: python scripts/bench_peers.py [--reps 15] [--hit-runs 3] [--only W1 W2] [--keep-freed-memory]
+(not collected by pytest)
 """
 
 from __future__ import annotations
@@ -290,15 +295,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--hit-runs", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=["W1", "W2", "hits"], default=None)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call graphpatch_cache.keep_freed_memory() first (glibc keeps freed pages for reuse)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    if args.keep_freed_memory:
+        allocator["keep_freed_memory"] = vars(graphpatch_cache.keep_freed_memory())
     if args.child:
         child_hit(*args.child)
         return
     only = args.only or ["W1", "W2", "hits"]
     report = {
         "env": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-                "graphpatch_cache": graphpatch_cache.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
+                "graphpatch_cache": graphpatch_cache.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                "allocator": allocator or "default"},
         "reps": args.reps,
         "workloads": {},
         "hits": {},
