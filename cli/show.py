@@ -64,13 +64,31 @@ def _nodes(node: Any, depth: Optional[int], grep: Optional[str]) -> List[Dict[st
     return out
 
 
+def _codes_matching(entry: CacheEntry, node: Any, depth: Optional[int], pattern: str, as_json: bool) -> None:
+    """``--code --grep PATTERN``: the code of every graph (a value: its source line) below
+    ``node`` whose own path contains PATTERN."""
+    found = [(str(child), child._is_value, child._code) for child, _level, _last in node._walk(depth, pattern)
+             if pattern in str(child) and child._code]
+    if as_json:
+        emit_json({"key": entry.key, "variant": entry.variant, "path": str(node), "grep": pattern,
+                   "codes": [{"path": path, "kind": "value" if is_value else "graph", "code": text}
+                             for path, is_value, text in found]})
+        return
+    if not found:
+        note(f"no node below {str(node) or '<root>'} with code has a path containing {pattern!r}")
+    for i, (path, _is_value, text) in enumerate(found):
+        click.echo(("\n" if i else "") + f"# {path}\n" + str(text).strip("\n"))
+
+
 @click.command(epilog="""\b
 --json prints:
   {"key": 64 hex digits, "variant": str, "path": NODE_PATH ("" for the root),
    "kind": "graph" | "value",
    "nodes": [{"path": node path, "kind": "graph" | "value",
               "shape": [sizes, symbolic ones as strings] | "description" | null}, ...]}
-  with --code, "code": str instead of "nodes".
+  with --code, "code": str instead of "nodes"; with --code and --grep, "grep": PATTERN and
+  "codes": [{"path": node path, "kind": "graph" | "value", "code": str}, ...] (each node whose
+  own path contains PATTERN).
 
 \b
 Examples:
@@ -78,12 +96,13 @@ Examples:
   graphpatch-cache show 3fa9c1 transformer.h_0.mlp
   graphpatch-cache show gpt2 --grep mlp.act
   graphpatch-cache show gpt2 transformer.h_0.attn --code
+  graphpatch-cache show tiny-llama --grep down_proj --code
 """)
 @click.argument("target", metavar="KEY-or-MODEL")
 @click.argument("node_path", required=False, default="")
 @click.option("--depth", type=click.IntRange(min=0), default=None, help="Levels of the tree to print (default: all).")
 @click.option("--grep", "pattern", default=None, metavar="PATTERN", help="Only branches whose node paths contain PATTERN.")
-@click.option("--code", is_flag=True, help="Print the module's generated code (a value's source line).")
+@click.option("--code", is_flag=True, help="Print the module's generated code (a value's source line); with --grep, of each matching node.")
 @model_options
 @common_options
 def show(target: str, node_path: str, depth: Optional[int], pattern: Optional[str], code: bool, dtype: str,
@@ -101,6 +120,9 @@ def show(target: str, node_path: str, depth: Optional[int], pattern: Optional[st
     entry, artifact = find_entry(store, target, model_args)
     root = node_tree(artifact)
     node = root[node_path] if node_path else root
+    if code and pattern is not None:
+        _codes_matching(entry, node, depth, pattern, as_json)
+        return
     if code:
         text = node._code
         if as_json:

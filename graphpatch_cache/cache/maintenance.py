@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, Union
 
 from ..artifact import GraphArtifact
-from ..errors import CacheMissError
+from ..errors import CacheError, CacheMissError
 from ..trust.validate import read_artifact
 from .proof import entry_disagreement
 from .records import CacheEntry, CheckReport, GcReport, Problem
@@ -102,9 +101,23 @@ def remove(store: CacheStore, key: str) -> int:
     folder = store._ref_dir(key)
     if not folder.exists():
         raise CacheMissError(f"no cache entry with key {key[:12]}", path=str(folder))
-    shutil.rmtree(folder, ignore_errors=True)
+    for i, path in enumerate(sorted(folder.iterdir())):
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise _cannot_remove(store, f"{key[:12]}: {i} of its files removed", exc) from exc
+    with contextlib.suppress(OSError):  # a writer may be adding a variant this very moment
+        folder.rmdir()
     drop_unreferenced(store, {e.digest for e in entries})
     return len(entries)
+
+
+def _cannot_remove(store: CacheStore, what: str, exc: OSError) -> CacheError:
+    return CacheError(f"cannot remove from the cache at {store.root} ({what}): {exc.strerror or exc}",
+                      path=str(exc.filename or store.root),
+                      hint="the cache root is read-only for this user (a read-only mount, or no write "
+                           "permission): run this as a user who may write there, or point --cache-dir "
+                           "(GRAPHPATCH_CACHE_DIR) at a root of your own")
 
 
 def drop_unreferenced(store: CacheStore, digests: Set[str]) -> int:
@@ -151,13 +164,18 @@ def gc(store: CacheStore, *, older_than: Union[str, float, None] = None, max_byt
     entries = sorted(store.entries(), key=lambda e: e.created)
     doomed = doomed_entries(entries, now, older_than, max_bytes)
     for i, entry in enumerate(doomed):
-        report.removed.append(f"{entry.key}/{entry.variant}")
-        report.freed_bytes += entry.size
         if not dry_run:
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(entry.ref_path)
+            except FileNotFoundError:
+                pass  # removed meanwhile by another gc or rm: gone either way
+            except OSError as exc:
+                drop_unreferenced(store, {e.digest for e in doomed[:i]})
+                raise _cannot_remove(store, f"{i} of {len(doomed)} entries removed", exc) from exc
             with contextlib.suppress(OSError):
                 store._ref_dir(entry.key).rmdir()
+        report.removed.append(f"{entry.key}/{entry.variant}")
+        report.freed_bytes += entry.size
         if progress is not None:
             progress(i + 1, len(doomed))
     if dry_run:

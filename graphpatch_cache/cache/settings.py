@@ -13,7 +13,7 @@ import platformdirs
 #: a cache key, a blob's digest: a sha256 as 64 lowercase hex digits (the one pattern)
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 
 
@@ -39,13 +39,19 @@ def default_local_dir() -> Path:
 
 
 def parse_duration(value: Union[str, float, int]) -> float:
-    """Seconds from ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or a number of seconds."""
-    if isinstance(value, (int, float)):
+    """Seconds from ``30d``, ``12h``, ``90m``, ``45s``, ``2w``, or a Python number of seconds.
+
+    A string needs its unit: ``"30"`` is refused (meant as days, it would have wiped the cache).
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     match = _DURATION_RE.match(str(value))
     if not match:
         raise ValueError(f"not a duration: {value!r} (use e.g. 30d, 12h, 90m, 2w)")
-    number, unit = float(match.group(1)), match.group(2) or "s"
+    if not match.group(2):
+        n = match.group(1)
+        raise ValueError(f"duration {value!r} has no unit: say {n}d (days), {n}h, {n}m, {n}s or {n}w")
+    number, unit = float(match.group(1)), match.group(2).lower()
     return number * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
 
 

@@ -3,14 +3,18 @@ cache-store tests (``tests/unit/test_cache_store.py``, ``tests/integration/test_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import subprocess
 from pathlib import Path
 
 import torch
 
 from graphpatch_cache.cache import CacheStore
 
-__all__ = ["corrupt", "sha256_file", "blobs", "refs", "files_under", "logits", "cache_warnings", "store"]
+__all__ = ["corrupt", "sha256_file", "blobs", "refs", "files_under", "logits", "cache_warnings", "store",
+           "read_only"]
 
 
 def sha256_file(path: Path) -> str:
@@ -56,3 +60,39 @@ def corrupt(path: Path, how: str) -> bytes:
         data = data[: len(data) // 2]
     path.write_bytes(bytes(data))
     return bytes(data)
+
+
+def _writable(path: Path) -> bool:
+    probe = Path(path) / ".write-probe"
+    try:
+        probe.write_bytes(b"")
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@contextlib.contextmanager
+def read_only(root: Path):
+    """``root`` read-only for this process, whoever it is: every directory under it chmod
+    0555, and where modes do not stop this user (root), a read-only bind mount of it, which
+    stops root too. Restored on exit. Skips (with the reason) only where neither works."""
+    import pytest
+
+    dirs = [Path(root), *(p for p in Path(root).rglob("*") if p.is_dir())]
+    for d in dirs:
+        os.chmod(d, 0o555)
+    mounted = False
+    try:
+        if _writable(root):
+            mount = subprocess.run(f"mount --bind {root} {root} && mount -o remount,bind,ro {root}", shell=True,
+                                   capture_output=True, text=True)
+            mounted = mount.returncode == 0
+            if not mounted or _writable(root):
+                pytest.skip(f"neither chmod nor a read-only bind mount stops this user from writing: {mount.stderr}")
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(root)], check=True)
+        for d in dirs:
+            os.chmod(d, 0o755)

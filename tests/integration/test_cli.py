@@ -139,6 +139,15 @@ def test_show_tree_path_code_and_json(runner, root, built):
     assert sub.splitlines()[0] == "mlp: GPT2MLP" and "mul_3" in sub and "c_proj" not in sub
     code = invoke(runner, "show", key[:8], "transformer.h_0.mlp", "--code", "--cache-dir", root).stdout
     assert code.startswith("def forward(self") and "self.act" in code
+    # --grep with --code: each matching graph's own code, not the root's
+    grepped = invoke(runner, "show", key[:8], "--grep", "mlp.c_proj", "--code", "--cache-dir", root).stdout
+    for layer in (0, 1):
+        one = invoke(runner, "show", key[:8], f"transformer.h_{layer}.mlp.c_proj", "--code", "--cache-dir", root).stdout
+        assert f"# transformer.h_{layer}.mlp.c_proj\n{one.strip()}\n" in grepped + "\n"
+    root_code = invoke(runner, "show", key[:8], "--code", "--cache-dir", root).stdout
+    assert root_code.strip() not in grepped and "# transformer.h_0.mlp.c_fc" not in grepped
+    out = json.loads(invoke(runner, "show", key[:8], "--grep", "mlp.c_proj", "--code", "--json", "--cache-dir", root).stdout)
+    assert {c["path"] for c in out["codes"] if c["kind"] == "graph"} == {f"transformer.h_{i}.mlp.c_proj" for i in (0, 1)}
     out = json.loads(invoke(runner, "show", key[:8], "transformer.h_0.mlp.act", "--json", "--cache-dir", root).stdout)
     assert out["key"] == key and out["kind"] == "graph"
     paths = {n["path"]: n for n in out["nodes"]}
@@ -250,6 +259,10 @@ def ref_bytes(meta: dict) -> bytes:
 def test_gc(runner, root, built):
     out = json.loads(invoke(runner, "gc", "--older-than", "30d", "--cache-dir", root, "--json").stdout)
     assert out["removed"] == [] and out["kept_bytes"] == built[1]["size"]
+    # a duration without a unit is a usage error and removes nothing (it once meant seconds)
+    before = _tree(root)
+    assert "no unit" in invoke(runner, "gc", "--older-than", "30", "--cache-dir", root, code=2).stderr
+    assert _tree(root) == before
     out = json.loads(invoke(runner, "gc", "--max-size", "1KB", "--dry-run", "--cache-dir", root, "--json").stdout)
     assert out["dry_run"] and out["removed"] == [f"{built[1]['key']}/{built[1]['variant']}"]
     assert (root / "refs" / built[1]["key"]).exists()
@@ -267,6 +280,25 @@ def test_rm(runner, root, built):
     assert out["removed"] == [{"key": key, "variants": 1}]
     assert not (root / "refs" / key).exists() and not (root / "objects" / built[1]["digest"][:2] / built[1]["digest"]).exists()
     invoke(runner, "rm", code=2)
+
+
+def test_rm_and_gc_on_a_read_only_root_fail_and_say_so(runner, root, built):
+    """A root this user cannot write (a read-only bind mount stops root too): rm and gc exit 1
+    naming the root, with and without --json, and every file is still there."""
+    from store_files import read_only
+
+    key = built[1]["key"]
+    before = _tree(root)
+    with read_only(root):
+        for args in (["rm", key[:10]], ["rm", key, "--json"], ["gc", "--max-size", "0"],
+                     ["gc", "--older-than", "0s", "--json"]):
+            result = invoke(runner, *args, "--cache-dir", root, code=1)
+            assert "cannot remove" in result.stderr and str(root) in result.stderr, args
+            assert "read-only" in result.stderr and "removed" not in result.stdout, args
+        # a dry run changes nothing, so it works on a read-only root
+        out = json.loads(invoke(runner, "gc", "--max-size", "0", "--dry-run", "--cache-dir", root, "--json").stdout)
+        assert out["removed"] == [f"{key}/{built[1]['variant']}"]
+    assert _tree(root) == before
 
 
 def test_ambiguous_prefix_is_an_error(runner, root, built, local_dir):

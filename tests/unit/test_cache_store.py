@@ -26,13 +26,17 @@ def test_parse_duration_and_size():
     assert parse_duration("12h") == 12 * 3600
     assert parse_duration("90m") == 90 * 60
     assert parse_duration("45s") == 45
-    assert parse_duration("45") == 45
     assert parse_duration("2w") == 14 * 86400
     assert parse_duration("1.5h") == 5400
     assert parse_duration(5) == 5.0
     for bad in ("", "d", "-1d", "3y", "1 day"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+    # a string without a unit is refused (``gc --older-than 30`` once meant 30 seconds)
+    for bare in ("30", "0", "1.5"):
+        with pytest.raises(ValueError, match="no unit") as err:
+            parse_duration(bare)
+        assert f"{bare}d" in str(err.value)
     assert parse_size("1024") == 1024
     assert parse_size(1024) == 1024
     assert parse_size("2GiB") == 2 * 1024**3
