@@ -8,9 +8,7 @@ from typing import Any, Optional
 
 import click
 
-from graphpatch_cache import CacheError
-from graphpatch_cache import build as build_graph
-from graphpatch_cache.cache import DEVICE_MAP_STRATEGIES, artifact_summary
+from graphpatch_cache.errors import CacheError
 
 from .options import common_options, model_options, model_spec, open_store
 from .output import emit_json, human_size, progress_enabled, short_class, spinner
@@ -55,6 +53,9 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: 
     from_pretrained() in the same dtype, with inputs of the same shape class.
     """
     spec = model_spec(model, dtype, load_in_8bit, batch_size, seq_len, attention_mask, use_cache, past_length)
+    from graphpatch_cache.cache import artifact_summary  # deferred: imports torch (after MODEL resolved)
+    from graphpatch_cache.cache import build as build_graph  # deferred: imports torch
+
     store = open_store(cache_dir)
     resolved = spec["resolved"]
     with spinner(f"extracting {model}", progress_enabled(as_json)):
@@ -101,6 +102,8 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: 
 
 def _device_map(text: Optional[str]) -> Any:
     """--device-map: a strategy name, a JSON object, or a JSON file holding one."""
+    from graphpatch_cache.cache import DEVICE_MAP_STRATEGIES  # deferred: imports torch
+
     if text is None or text in DEVICE_MAP_STRATEGIES:
         return text
     source = text

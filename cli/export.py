@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import click
 
-from graphpatch_cache.cache import environment_fingerprint, export_portable, import_portable
+from graphpatch_cache.cache import environment_fingerprint
 
 from .options import common_options, open_store
 from .output import emit_json, human_size, note
@@ -52,6 +52,8 @@ def export(key: str, output: str, cache_dir: Optional[Path], as_json: bool) -> N
     """Write every graph variant of KEY to one portable file."""
     store = open_store(cache_dir)
     key = store.resolve(key)
+    from graphpatch_cache.cache import export_portable  # deferred: imports torch
+
     data = export_portable(store, key, None if output == "-" else Path(output))  # written atomically
     variants = len(store.variants(key))
     if output == "-":
@@ -94,6 +96,8 @@ def import_(file: str, key_option: Optional[str], cache_dir: Optional[Path], as_
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     name = "<stdin>" if file == "-" else file
     store = open_store(cache_dir)
+    from graphpatch_cache.cache import import_portable  # deferred: imports torch
+
     result = import_portable(store, data, name, key_option)  # checks everything first; stores nothing on failure
     key, entries, artifacts = result.key, result.entries, result.artifacts
     env = environment_fingerprint()

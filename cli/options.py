@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import click
-import torch
 
-from graphpatch_cache import CacheStore, ExampleSignature, cache_key
-from graphpatch_cache.cache import meta_model, parse_duration, parse_size
+from graphpatch_cache.cache import CacheStore, parse_duration, parse_size
 
 from .presets import resolve_model
 
@@ -111,13 +109,17 @@ def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_
                attention_mask: bool = False, use_cache: bool = False, past_length: int = 0) -> Dict[str, Any]:
     """The config, meta-model arguments and example signature for MODEL and the model options
     (``build MODEL`` and ``show MODEL``)."""
+    resolved = resolve_model(model)  # first: a misspelt MODEL is reported before torch loads
+    import torch  # deferred: only commands that pick a model import torch (ls, rm, gc answer at once)
+
+    from graphpatch_cache.cache import ExampleSignature  # deferred: imports torch
+
     if not is_verbose():  # transformers' and bitsandbytes' advice is noise here; -v shows it
         # deferred: transformers loads only for commands that need a model
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    resolved = resolve_model(model)
     if dtype == "auto":
         torch_dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
         if isinstance(torch_dtype, str):
@@ -136,6 +138,8 @@ def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_
 
 def model_key(spec: Dict[str, Any]) -> str:
     """The key ``build`` stores MODEL's graph under, computed without extracting."""
+    from graphpatch_cache.cache import cache_key, meta_model  # deferred: imports torch
+
     model = meta_model(spec["resolved"].config, dtype=spec["dtype"], quantization=spec["quantization"])
     return cache_key(model, **spec["signature"].inputs(model.config, model))
 

@@ -184,6 +184,19 @@ def _load_config(location: str, **kwargs: Any) -> Any:
     return AutoConfig.from_pretrained(location, local_files_only=True, **kwargs)
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache may hold ``repo_id``'s config (True when unsure)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache  # optional: transformers' own dependency
+    except ImportError:
+        return True
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed repo id: transformers says what is wrong with it
+        return True
+    return isinstance(found, str)
+
+
 def resolve_model(spec: str) -> ResolvedModel:
     """A preset name, a directory with ``config.json``, or a Hub id in the local HF cache.
 
@@ -206,6 +219,8 @@ def resolve_model(spec: str) -> ResolvedModel:
         raise BuildError(f"{spec} is not a directory" if path.exists() else f"no such directory: {spec}",
                          hint="pass a directory containing config.json, a preset name or a Hub id")
     try:
+        if not _in_hub_cache(spec):  # answers at once, before transformers loads
+            raise OSError(f"{spec} has no config.json in the local Hugging Face cache")
         return ResolvedModel(spec, "hub", _load_config(spec))
     except (OSError, ValueError, KeyError) as exc:
         similar = close_matches(spec, PRESETS)

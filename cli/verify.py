@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import click
 
-from graphpatch_cache.cache import Problem, RebuildReport, check_node_tree, check_rebuilds
+from graphpatch_cache.cache import Problem, check_node_tree
 
 from .options import common_options, open_store, resolve_keys
 from .output import emit_json, progress, progress_enabled
+
+if TYPE_CHECKING:  # deferred below: verify without --rebuild runs without importing transformers
+    from graphpatch_cache.cache import RebuildReport
 
 
 @click.command(epilog="""\b
@@ -52,6 +55,8 @@ Examples:
 def verify(keys: Tuple[str, ...], fix: bool, rebuild: bool, cache_dir: Optional[Path], as_json: bool) -> None:
     """Check every entry (or the given KEYs): refs, digests, loader checks, key proof."""
     store = open_store(cache_dir)
+    from graphpatch_cache.cache import check_rebuilds  # deferred: imports torch
+
     if keys:
         todo = resolve_keys(store, keys)
     else:

@@ -26,7 +26,7 @@ Layers, bottom to top; imports point down only (``tests/unit/test_layers.py``)::
                                                           the loader's checks
     integrations/        kv_cache, bitsandbytes, accelerate (detected at run time)
     artifact/ patches options      the data: artifact model, codec, format, signature
-    errors _compat _files _version the ground: errors, private torch calls, atomic writes
+    errors _compat _files _lazy _version   the ground: errors, private torch calls, atomic writes, lazy faces
 
 Who calls whom: ``PatchableGraph(...)`` -> ``live.inputs`` (canonical inputs) ->
 ``extraction.extract`` (capture, split, serialize; ``trust`` checks what it writes) -> a
@@ -39,39 +39,61 @@ door, the key proof, ``live.sources`` re-checked) and only on a miss calls extra
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ._lazy import exports as _exports
 from ._version import __version__ as __version__
 
-from .trust import functions as _functions  # noqa: F401  (registers the graph functions as call targets)
-from .artifact import GraphArtifact
-from .errors import (
-    AllocatorError,
-    ArtifactFormatError,
-    CacheError,
-    CacheMissError,
-    DisallowedTargetError,
-    ExtractionError,
-    GraphPatchCacheError,
-    ModelStructureError,
-    NoEquivalentError,
-    NodePathError,
-    NotAValueError,
-    NotPicklableError,
-    PatchError,
-    PatchMapError,
-    ShapeError,
-    ProtectedWriteError,
-    SerializationError,
-    SignatureMismatchError,
-    UnsupportedCacheError,
-    UnusedSubmoduleError,
-)
-from .options import ExtractionOptions
-from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
-from .compose import PatchableGraph
-from .runtime import NodePath, SymbolicShape
-from .runtime.memory import AllocatorSettings, keep_freed_memory
-from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
-from .trust.allowlist import register_target
+#: where each public name lives; a part is imported when one of its names is first read, so
+#: ``import graphpatch_cache`` stays cheap (the command line lists a cache without torch)
+_PARTS = {
+    ".artifact": ("GraphArtifact",),
+    ".errors": ("AllocatorError", "ArtifactFormatError", "CacheError", "CacheMissError", "DisallowedTargetError",
+                "ExtractionError", "GraphPatchCacheError", "ModelStructureError", "NoEquivalentError",
+                "NodePathError", "NotAValueError", "NotPicklableError", "PatchError", "PatchMapError", "ShapeError",
+                "ProtectedWriteError", "SerializationError", "SignatureMismatchError", "UnsupportedCacheError",
+                "UnusedSubmoduleError"),
+    ".options": ("ExtractionOptions",),
+    ".patches": ("AddPatch", "CustomPatch", "Patch", "ProbePatch", "RecordPatch", "ReplacePatch", "ZeroPatch"),
+    ".compose": ("PatchableGraph",),
+    ".runtime": ("NodePath", "SymbolicShape"),
+    ".runtime.memory": ("AllocatorSettings", "keep_freed_memory"),
+    ".cache": ("CacheStore", "ExampleSignature", "build", "cache_key", "load_cached"),
+    ".trust.allowlist": ("register_target",),
+}
+__getattr__, __dir__ = _exports(__name__, globals(), _PARTS)
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from .artifact import GraphArtifact
+    from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
+    from .compose import PatchableGraph
+    from .errors import (
+        AllocatorError,
+        ArtifactFormatError,
+        CacheError,
+        CacheMissError,
+        DisallowedTargetError,
+        ExtractionError,
+        GraphPatchCacheError,
+        ModelStructureError,
+        NoEquivalentError,
+        NodePathError,
+        NotAValueError,
+        NotPicklableError,
+        PatchError,
+        PatchMapError,
+        ProtectedWriteError,
+        SerializationError,
+        ShapeError,
+        SignatureMismatchError,
+        UnsupportedCacheError,
+        UnusedSubmoduleError,
+    )
+    from .options import ExtractionOptions
+    from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
+    from .runtime import NodePath, SymbolicShape
+    from .runtime.memory import AllocatorSettings, keep_freed_memory
+    from .trust.allowlist import register_target
 
 __all__ = [
     "AllocatorError",

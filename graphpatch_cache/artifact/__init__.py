@@ -17,22 +17,37 @@ code is kept for humans only. It imports nothing of the library above :mod:`erro
 
 from __future__ import annotations
 
-from .codec import decode_value, encode_value
-from .format import (
-    PORTABLE_FORMAT,
-    artifact_from_bytes,
-    parse_json,
-    portable_digest,
-    portable_from_bytes,
-    portable_payload,
-    portable_to_bytes,
-    schema_text,
-    validate_artifact,
-    validation_tag,
-)
-from .names import join_path, qualname
-from .model import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, GraphArtifact, ModuleGraph, NodeData
-from .signature import SignatureMatcher, describe_mismatch, signature_key
+from typing import TYPE_CHECKING
+
+from .._lazy import exports as _exports
+
+#: where each name lives; a part is imported when one of its names is first read (see _lazy)
+_PARTS = {
+    '.codec': ('decode_value', 'encode_value',),
+    '.format': ('PORTABLE_FORMAT', 'artifact_from_bytes', 'parse_json', 'portable_digest', 'portable_from_bytes', 'portable_payload', 'portable_to_bytes', 'schema_text', 'validate_artifact', 'validation_tag',),
+    '.names': ('join_path', 'qualname',),
+    '.model': ('SCHEMA_VERSION', 'SUPPORTED_SCHEMA_VERSIONS', 'GraphArtifact', 'ModuleGraph', 'NodeData',),
+    '.signature': ('SignatureMatcher', 'describe_mismatch', 'signature_key',),
+}
+__getattr__, __dir__ = _exports(__name__, globals(), _PARTS)
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from .codec import decode_value, encode_value
+    from .format import (
+        PORTABLE_FORMAT,
+        artifact_from_bytes,
+        parse_json,
+        portable_digest,
+        portable_from_bytes,
+        portable_payload,
+        portable_to_bytes,
+        schema_text,
+        validate_artifact,
+        validation_tag,
+    )
+    from .names import join_path, qualname
+    from .model import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, GraphArtifact, ModuleGraph, NodeData
+    from .signature import SignatureMatcher, describe_mismatch, signature_key
 
 __all__ = [
     "GraphArtifact",

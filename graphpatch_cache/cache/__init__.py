@@ -14,25 +14,50 @@ Call map::
 
 Modules: settings (default roots, units, the key pattern), records (entries, reports),
 store (put/get/read/lock/layout), maintenance (check/remove/gc), locking, local (the
-per-user tier), keys, proof, load, build, rebuild, transfer (export/import), summary
+per-user tier), keys, proof, load, builder, rebuild, transfer (export/import), summary
 (what an artifact holds, for the CLI).
 """
 
 from __future__ import annotations
 
-from ..artifact import SUPPORTED_SCHEMA_VERSIONS
-from ..errors import BuildError, RebuildError
-from ..integrations.transformers import DEVICE_MAP_STRATEGIES, check_device_map, meta_model
-from .build import BuildResult, ExampleSignature, build
-from .keys import cache_key, environment_fingerprint, key_material
-from .load import CacheStats, CachingExtractor, StoreLike, load_cached
-from .maintenance import ArtifactCheck
-from .rebuild import RebuildReport, check_rebuilds, rebuild_artifact, verify_rebuild
-from .records import CacheEntry, CheckReport, GcReport, Problem
-from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
-from .store import CacheStore
-from .summary import artifact_summary, check_node_tree, entry_dtype, model_dtype, node_tree
-from .transfer import ImportResult, export_portable, import_portable
+from typing import TYPE_CHECKING
+
+from .._lazy import exports as _exports
+
+#: where each name lives; a part is imported when one of its names is first read (see _lazy)
+_PARTS = {
+    '..artifact': ('SUPPORTED_SCHEMA_VERSIONS',),
+    '..errors': ('BuildError', 'RebuildError',),
+    '..integrations.transformers': ('DEVICE_MAP_STRATEGIES', 'check_device_map', 'meta_model',),
+    '.builder': ('BuildResult', 'ExampleSignature', 'build',),
+    '.keys': ('cache_key', 'key_material',),
+    '..live.environment': ('environment_fingerprint',),
+    '.load': ('CacheStats', 'CachingExtractor', 'StoreLike', 'load_cached',),
+    '.maintenance': ('ArtifactCheck',),
+    '.rebuild': ('RebuildReport', 'check_rebuilds', 'rebuild_artifact', 'verify_rebuild',),
+    '.records': ('CacheEntry', 'CheckReport', 'GcReport', 'Problem',),
+    '.settings': ('default_local_dir', 'default_root', 'is_key', 'parse_duration', 'parse_size',),
+    '.store': ('CacheStore',),
+    '.summary': ('artifact_summary', 'check_node_tree', 'entry_dtype', 'model_dtype', 'node_tree',),
+    '.transfer': ('ImportResult', 'export_portable', 'import_portable',),
+}
+__getattr__, __dir__ = _exports(__name__, globals(), _PARTS)
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from ..artifact import SUPPORTED_SCHEMA_VERSIONS
+    from ..errors import BuildError, RebuildError
+    from ..integrations.transformers import DEVICE_MAP_STRATEGIES, check_device_map, meta_model
+    from .builder import BuildResult, ExampleSignature, build
+    from ..live.environment import environment_fingerprint
+    from .keys import cache_key, key_material
+    from .load import CacheStats, CachingExtractor, StoreLike, load_cached
+    from .maintenance import ArtifactCheck
+    from .rebuild import RebuildReport, check_rebuilds, rebuild_artifact, verify_rebuild
+    from .records import CacheEntry, CheckReport, GcReport, Problem
+    from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
+    from .store import CacheStore
+    from .summary import artifact_summary, check_node_tree, entry_dtype, model_dtype, node_tree
+    from .transfer import ImportResult, export_portable, import_portable
 
 __all__ = [
     "ArtifactCheck",

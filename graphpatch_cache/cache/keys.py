@@ -29,9 +29,8 @@ from typing import Any, Dict, Optional, Set, Tuple, Union
 import torch
 
 from .. import _compat
-from ..artifact import SCHEMA_VERSION
 from ..artifact.signature import constant_value
-from ..live.environment import environment_versions
+from ..live.environment import environment_fingerprint
 from ..live.inputs import CallInputs, Inputs, flat_inputs
 from ..live.sources import module_file_digest
 from ..live.structure import module_list, tensor_list
@@ -55,11 +54,6 @@ def _code_digest(cls: type) -> str:
             h.update(name.encode())
             h.update(marshal.dumps(code.replace(co_filename="", co_firstlineno=1)))
     return "code:" + h.hexdigest()
-
-
-def environment_fingerprint(model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
-    """Versions that enter the key (accelerate/bitsandbytes only where ``model`` uses them)."""
-    return {"schema_version": SCHEMA_VERSION, **environment_versions(model)}
 
 
 def _jsonable(value: Any) -> Any:

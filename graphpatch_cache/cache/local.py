@@ -3,14 +3,15 @@
 Blobs are immutable and named by their digest, so the local copy of a blob can never be
 stale: readers still verify its digest, and a bad local copy is simply dropped. The tier also
 remembers which digests passed the loader's JSON Schema validation (under the schema and
-allowlist they were validated with). Deleting the whole local directory is always safe.
+allowlist they were validated with), and the stat of each shared blob it last verified
+(:mod:`.repair`). Deleting the whole local directory is always safe.
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 #: local blobs beyond this many bytes are evicted (least recently used first)
 DEFAULT_SIZE_LIMIT = 2 * 1024**3
@@ -60,6 +61,23 @@ class LocalTier:
     def mark_validated(self, digest: str, tag: str) -> None:
         try:
             self._open().set(f"validated:{tag}:{digest}", True)
+        except Exception:
+            self._reset()
+
+    # "shared" records: the stat of a shared root's blob when this user last verified its
+    # bytes (see .repair): a hit served locally stats the shared copy, reading it only when
+    # the stat moved
+    def shared_stat(self, root: str, digest: str) -> Optional[Tuple[int, ...]]:
+        try:
+            value = self._open().get(f"shared:{root}:{digest}")
+        except Exception:
+            self._reset()
+            return None
+        return tuple(value) if isinstance(value, (list, tuple)) else None
+
+    def remember_shared(self, root: str, digest: str, stat: Tuple[int, ...]) -> None:
+        try:
+            self._open().set(f"shared:{root}:{digest}", list(stat))
         except Exception:
             self._reset()
 

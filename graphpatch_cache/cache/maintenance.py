@@ -10,18 +10,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, Union
 
-from ..artifact import GraphArtifact
 from ..errors import CacheError, CacheMissError
-from ..trust.validate import read_artifact
-from .proof import entry_disagreement
 from .records import CacheEntry, CheckReport, GcReport, Problem
 from .settings import parse_duration, parse_size
 
 if TYPE_CHECKING:  # store.py imports this module; the store's type only annotates here
+    from ..artifact import GraphArtifact
     from .store import CacheStore
 
 #: ``fn(artifact)`` raising on failure: a further check of each intact artifact
-ArtifactCheck = Callable[[GraphArtifact], Any]
+ArtifactCheck = Callable[["GraphArtifact"], Any]
 
 #: temp files of writes abandoned this long ago (killed processes) are removed by ``gc``
 STALE_TMP_SECONDS = 86400
@@ -69,6 +67,9 @@ def check_entry(store: CacheStore, entry: CacheEntry,
 
     def problem(kind: str, message: str, path: str = blob) -> Problem:
         return Problem(path=path, key=entry.key, message=message, variant=entry.variant, kind=kind)
+
+    from ..trust.validate import read_artifact  # deferred: imports torch (rm and gc do not)
+    from .proof import entry_disagreement  # deferred: imports torch
 
     data, why = store._read_shared(entry.digest)
     if data is None:

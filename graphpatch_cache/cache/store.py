@@ -35,20 +35,19 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .._files import write_atomic
-from ..artifact import GraphArtifact
-from ..artifact.signature import signature_key
 from ..errors import CacheError, CacheMissError
-from ..trust.validate import read_artifact
-from . import maintenance
+from . import maintenance, repair
 from .local import LocalTier
 from .locking import advisory_lock
-from .maintenance import ArtifactCheck
-from .proof import entry_disagreement, recorded_material
 from .records import CacheEntry, CheckReport, GcReport, Problem, entry_from_ref, read_ref
 from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
+
+if TYPE_CHECKING:  # deferred below: listing, rm and gc run without torch (the command line's speed)
+    from ..artifact import GraphArtifact
+    from .maintenance import ArtifactCheck
 
 
 class CacheStore:
@@ -149,6 +148,8 @@ class CacheStore:
             (nothing is written).
         :raises OSError: the root is read-only or full (nothing half-written stays behind).
         """
+        from ..artifact.signature import signature_key  # deferred: imports torch
+        from .proof import entry_disagreement, recorded_material  # deferred: imports torch
         self._check_key(key)
         data = artifact.to_json().encode()
         digest = hashlib.sha256(data).hexdigest()
@@ -180,6 +181,7 @@ class CacheStore:
         self._atomic_write(ref, json.dumps(meta, sort_keys=True).encode())
         if self.local is not None:
             self.local.put_blob(digest, data)
+            repair.remember(self, digest)
         return entry_from_ref(key, variant, meta, ref)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -221,6 +223,7 @@ class CacheStore:
             data = self.local.get_blob(digest)
             if data is not None:
                 if hashlib.sha256(data).hexdigest() == digest:
+                    repair.check_shared_copy(self, digest, data)
                     return data
                 self.local.drop_blob(digest)
         blob = self._blob_path(digest)
@@ -233,6 +236,7 @@ class CacheStore:
             return None
         if self.local is not None:
             self.local.put_blob(digest, data)
+            repair.remember(self, digest)
         return data
 
     def _read_shared(self, digest: str) -> Tuple[Optional[bytes], str]:
@@ -254,6 +258,7 @@ class CacheStore:
         :raises ArtifactFormatError: the blob is intact but not an artifact this release reads
             (an unknown ``schema_version``, say), naming the file.
         """
+        from ..trust.validate import read_artifact  # deferred: imports torch
         data = self.read_blob(entry.digest, where=f"key {entry.key[:12]}")
         if data is None:
             return None
@@ -261,6 +266,7 @@ class CacheStore:
 
     def get(self, key: str, signature: Optional[Dict[str, Any]] = None) -> Optional[GraphArtifact]:
         """An artifact stored under ``key`` (the variant with ``signature``, if given)."""
+        from ..artifact.signature import signature_key  # deferred: imports torch
         for entry in self.variants(key):
             if signature is not None and signature_key(signature) != entry.variant:
                 continue
@@ -284,7 +290,7 @@ class CacheStore:
             return found[0]
         if not found:
             raise CacheMissError(f"no cache entry with key {prefix!r} in {self.root}", path=str(self.root),
-                                 hint="list entries with CacheStore.entries() or `graphpatch-cache ls`")
+                                 hint="`graphpatch-cache ls` lists the keys")
         raise CacheMissError(f"key prefix {prefix!r} is ambiguous: {', '.join(k[:12] for k in found[:5])}",
                              path=str(self.root), hint="give more digits")
 

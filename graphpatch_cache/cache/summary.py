@@ -5,14 +5,16 @@ its node-path tree builds (what ``show`` and patching need). The CLI's ``build``
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
-from ..artifact import GraphArtifact
 from ..artifact.format import parse_json
 from ..errors import ArtifactFormatError
-from ..runtime import NodePath
 from .records import CacheEntry
 from .store import CacheStore
+
+if TYPE_CHECKING:  # deferred below: `ls` runs without torch
+    from ..artifact import GraphArtifact
+    from ..runtime import NodePath
 
 
 def model_dtype(structure: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
@@ -45,9 +47,9 @@ def artifact_summary(artifact: Union[GraphArtifact, Dict[str, Any]]) -> Dict[str
 
 def entry_dtype(store: CacheStore, entry: CacheEntry) -> Tuple[bool, Optional[str], Optional[str]]:
     """(whether the entry's blob is intact, its parameters' dtype, its quantization), from the
-    verified blob without the full loader checks (``verify`` makes those). A blob the loader
-    would quarantine is quarantined (:meth:`CacheStore.read_blob`)."""
-    data = store.read_blob(entry.digest, where=f"key {entry.key[:12]}")
+    shared root's verified blob without the full loader checks (``verify`` makes those).
+    Changes nothing on disk: listing never quarantines (``verify`` then reports what it saw)."""
+    data, _why = store._read_shared(entry.digest)
     if data is None:
         return False, None, None
     try:
@@ -66,11 +68,15 @@ def check_node_tree(artifact: GraphArtifact) -> None:
 
     :raises GraphPatchCacheError: naming the node.
     """
+    from ..runtime import NodePath  # deferred: imports torch
+
     NodePath.from_graph(artifact.root)
 
 
 def node_tree(artifact: GraphArtifact) -> NodePath:
     """The artifact's node-path tree (paths as ``pg.graph`` has them), without a model."""
+    from ..runtime import NodePath  # deferred: imports torch
+
     return NodePath.from_graph(artifact.root)
 
 

@@ -4,25 +4,37 @@ accelerate/bitsandbytes where a model uses them. Artifacts record them; cache ke
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import platform
-from typing import Dict, Optional
-
-import torch
+import sys
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from .._version import __version__
-from ..integrations.accelerate import hook_of
+from ..artifact.model import SCHEMA_VERSION
+
+if TYPE_CHECKING:  # deferred: `graphpatch-cache info` reports versions without importing torch
+    import torch
 
 
 def installed_version(package: str) -> Optional[str]:
-    """``package.__version__`` (``"unknown"`` without one), or None where it is not installed."""
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        return None
+    """The version of ``package``: its ``__version__`` where it is imported already (what runs),
+    else its installed distribution's version (without importing it: importing transformers
+    costs seconds), ``"unknown"`` without one; None where it is not installed."""
+    module = sys.modules.get(package)
+    if module is None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            if importlib.util.find_spec(package) is None:
+                return None
+            module = importlib.import_module(package)  # importable without a distribution (a source tree)
     return getattr(module, "__version__", "unknown")
 
 
 def _uses(model: torch.nn.Module, package: str) -> bool:
+    from ..integrations.accelerate import hook_of  # deferred: imports torch
+
     return any(
         type(m).__module__.startswith(package) or type(hook_of(m)).__module__.startswith(package)
         for m in model.modules()
@@ -36,7 +48,7 @@ def environment_versions(model: Optional[torch.nn.Module] = None) -> Dict[str, O
     versions: Dict[str, Optional[str]] = {
         "graphpatch_cache": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": installed_version("torch"),
         "transformers": installed_version("transformers"),
     }
     if model is not None:
@@ -46,4 +58,9 @@ def environment_versions(model: Optional[torch.nn.Module] = None) -> Dict[str, O
     return versions
 
 
-__all__ = ["environment_versions", "installed_version"]
+def environment_fingerprint(model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Versions that enter the key (accelerate/bitsandbytes only where ``model`` uses them)."""
+    return {"schema_version": SCHEMA_VERSION, **environment_versions(model)}
+
+
+__all__ = ["environment_fingerprint", "environment_versions", "installed_version"]

@@ -21,7 +21,7 @@ from graphpatch_cache import (
     build,
     load_cached,
 )
-from graphpatch_cache.cache.build import BuildError, meta_model
+from graphpatch_cache.cache.builder import BuildError, meta_model
 
 pytestmark = pytest.mark.slow  # extracts GPT-2s and Llamas
 

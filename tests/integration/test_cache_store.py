@@ -436,18 +436,20 @@ def test_local_tier_memoizes_blobs_by_digest(m1):
 
 
 def test_local_copy_serves_a_ref_whose_shared_blob_was_deleted(m1, primed):
-    """The local copy is verified by its digest, so serving it is correct."""
+    """The local copy is verified by its digest, so serving it is correct; it also restores
+    the shared blob (tests/integration/test_cache_repair.py)."""
     model, inputs, expected, *_ = m1
     root, local_dir = primed
     shutil.rmtree(root / "objects")
-    pg = load_cached(model, store=store(root, local_dir), **inputs)
+    with pytest.warns(UserWarning, match="repaired from your verified local copy"):
+        pg = load_cached(model, store=store(root, local_dir), **inputs)
     assert (pg.cache_stats.misses, pg.cache_stats.hits) == (0, 1)
     assert torch.equal(logits(pg, inputs), expected)
-    # without the local tier it is a miss, and the rebuild restores the shared blob
-    pg = load_cached(model, store=store(root, False), **inputs)
-    assert (pg.cache_stats.misses, pg.cache_stats.hits) == (1, 0)
     (blob,) = blobs(root)
     assert sha256_file(blob) == blob.name
+    # so a reader without the local tier hits too
+    pg = load_cached(model, store=store(root, False), **inputs)
+    assert (pg.cache_stats.misses, pg.cache_stats.hits) == (0, 1)
 
 
 def test_deleting_the_local_dir_between_calls_is_harmless(m1, primed):

@@ -209,7 +209,7 @@ def test_build_from_config_makes_the_decode_graph_a_hit(tmp_path):
 
     model = tiny_llama()
     store = CacheStore(tmp_path / "root", local_dir=tmp_path / "local")
-    from graphpatch_cache.cache.build import BuildError
+    from graphpatch_cache.cache.builder import BuildError
 
     for bad in (ExampleSignature(past_length=4), ExampleSignature(use_cache=True, past_length=1)):
         with pytest.raises(BuildError, match="needs use_cache=True and a length of at least 2") as info:
