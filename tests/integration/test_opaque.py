@@ -149,6 +149,46 @@ def test_a_call_taking_sizes_as_ints_stays_shape_generic(tmp_path):
     assert torch.equal(patched, model.inner(x, 2) + 1)
 
 
+class DecidesOnData(nn.Module):
+    def forward(self, x, n, k=2):
+        torch._dynamo.graph_break()
+        return x[:, :n] * k if x.sum() > 0 else x[:, :n] - k
+
+
+class PassesItOn(nn.Module):
+    """Hands a size it was given (as an int) to an opaque module that decides on data."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = DecidesOnData()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, n):
+        return self.inner(self.lin(x), n, k=3) + n
+
+
+class SizeThroughCompiled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mid = PassesItOn()
+
+    def forward(self, x):
+        return self.mid(x, x.shape[1] - 1).sum(1) + x.shape[0]
+
+
+def test_a_size_passed_through_a_compiled_module_to_a_data_dependent_opaque_one():
+    torch.manual_seed(0)
+    model = SizeThroughCompiled()
+    pg = PatchableGraph(model, torch.randn(2, 6, 4))
+    assert pg.artifact.extraction["shape_specialized"] == {}
+    assert list(pg.artifact.extraction["data_dependent"]) == ["mid.inner"]
+    for shape in [(2, 6, 4), (3, 9, 4), (5, 3, 4)]:
+        for sign in (1, -1):  # both sides of the branch
+            x = sign * torch.rand(*shape)
+            assert torch.equal(pg(x), model(x)), (shape, sign)
+    assert len(pg.variants) == 1
+
+
 # -- shape metadata --------------------------------------------------------------------------------
 def _graph(artifact, module_path):
     return next(g for g in artifact.root.walk() if g.module_path == module_path)
