@@ -14,7 +14,7 @@ import builtins
 import contextlib
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -25,7 +25,7 @@ from ..integrations import kv_cache
 from ..trust.allowlist import resolve_function
 from ..trust.functions import exposed_attributes, module_attribute, run_opaque
 from .local_names import LocalNames, base_name, escape_name
-from .records import CallRecord
+from .records import CallRecord, int_positions
 
 #: for an opaque frame: (call record, local name, module path) of a call the module makes itself
 OpaqueCall = Tuple[CallRecord, str, str]
@@ -58,11 +58,14 @@ class Frame:
     opaque_calls: List[OpaqueCall] = field(default_factory=list)
 
 
-def build_opaque(frame: Frame, opaque_calls: List[OpaqueCall], fake_outputs: Any = None) -> None:
+def build_opaque(frame: Frame, opaque_calls: List[OpaqueCall], fake_outputs: Any = None,
+                 sizes: Sequence[Any] = ()) -> None:
     """An opaque call's graph: inputs, the module's parameters and buffers as nodes, its
     plain-data attributes as nodes read at call time, one call of the original module with
     them, and the structured output (its metadata from ``fake_outputs``, the opaque
-    marker's fake tensor outputs). ``opaque_calls``: the calls the module makes itself."""
+    marker's fake tensor outputs). ``opaque_calls``: the calls the module makes itself.
+    ``sizes``: the call's int leaves in order, a traced size as a node of the frame's graph
+    (it replaces the example's value, so the call takes the size of each call)."""
     frame.kind = "opaque"
     record = frame.record
     assert record is not None
@@ -82,8 +85,12 @@ def build_opaque(frame: Frame, opaque_calls: List[OpaqueCall], fake_outputs: Any
     module_ref.name = frame.names.exact("_graphpatch_module")
     tensors = _opaque_tensors(frame, record)
     attributes = _opaque_attributes(frame, module_ref)
-    placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"]
-    args = (module_ref, frame.input_spec, record.input_leaves, record.input_is_tensor, placeholders, tensors)
+    placeholders = [n for n in frame.graph.nodes if n.op == "placeholder"][:len(frame.inputs)]
+    constants = list(record.input_leaves)
+    for i, size in zip(int_positions(record), sizes):
+        if isinstance(size, torch.fx.Node):
+            constants[i] = size
+    args = (module_ref, frame.input_spec, constants, record.input_is_tensor, placeholders, tensors)
     result = frame.graph.call_function(run_opaque, args + ((attributes,) if attributes else ()))
     result.name = frame.names.fresh("forward_output")
     out = frame.graph.output(result)

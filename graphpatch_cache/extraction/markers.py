@@ -34,8 +34,8 @@ _library: Any = torch.library
 _LIB = _library.Library("graphpatch_cache", "DEF")
 _LIB.define("enter(str tag, Tensor[] xs) -> Tensor[]")
 _LIB.define("exit(str tag, Tensor[] xs) -> Tensor[]")
-# ``ints``: the symbolic Python ints (sizes) the opaque call is given; they cannot reach the
-# stored call, so their presence makes the graphs around it size-specialized
+# ``ints``: the Python ints the opaque call is given, symbolic where the trace has sizes; the
+# fake run takes them as they are, and the stored call takes each traced size as a graph value
 _LIB.define("opaque(str tag, Tensor[] xs, SymInt[] ints) -> Tensor[]")
 
 

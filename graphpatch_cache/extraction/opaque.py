@@ -5,7 +5,9 @@ in the flat graph as one ``graphpatch_cache::opaque`` marker call. Its fake kern
 active recorder for the call's outputs (:meth:`OpaqueOutputs.opaque_outputs`): from the
 module's leaf handler, else from running its forward on the trace's fake (symbolic) inputs
 (:meth:`OpaqueOutputs.fake_forward`), else with the example call's concrete sizes (the
-graphs around it are then size-specialized).
+graphs around it are then size-specialized). Sizes the call takes as Python ints reach the
+fake run as the trace's symbolic ints (and the stored call as graph values, see
+``frames.build_opaque``), so they keep the graphs generic too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from .. import _compat
 from ..integrations import kv_cache
 from ..integrations.bitsandbytes import leaf_handler
-from .records import CallRecord
+from .records import CallRecord, int_positions
 
 _MISSING = object()
 
@@ -73,16 +75,17 @@ class OpaqueOutputs:
         """Fake outputs for the k-th traced call of an opaque module.
 
         From its leaf handler where it has one; else from running the module's forward on the
-        fake (symbolic) inputs, so the graphs around it stay shape-generic; else (the forward
-        reads data, or the call takes sizes as Python ints) empty tensors with the metadata of
+        fake (symbolic) inputs, so the graphs around it stay shape-generic (``ints``: its int
+        leaves as the trace has them, sizes symbolic); else (the run on fakes fails, or it takes
+        or returns what a graph cannot hold symbolically) empty tensors with the metadata of
         the k-th eager call, and the call is listed in :attr:`specialized`.
         """
         record = self._opaque_record(tag)
         handler = leaf_handler(record.module)
         if handler is not None:
             return handler.fake_outputs(record.module, list(xs))
-        if any(isinstance(n, torch.SymInt) and not getattr(n.node.expr, "is_number", False) for n in ints):
-            return self._eager_outputs(record, "takes sizes as Python ints, which the stored call holds as constants")
+        if len(ints) != len(int_positions(record)):
+            return self._eager_outputs(record, "takes Python ints the trace did not pass to the call")
         if record.returns_cache or any(kv_cache.is_cache(x) or isinstance(x, kv_cache.CacheState)
                                        for x in record.input_leaves):
             # (split refuses such a call: an opaque call cannot pass a key/value cache object)
@@ -90,7 +93,7 @@ class OpaqueOutputs:
         if any(type(x) in (int, float) for x in record.output_leaves):
             return self._eager_outputs(record, "returns Python numbers, which the graphs around it hold as constants")
         try:
-            return self.fake_forward(record, list(xs))
+            return self.fake_forward(record, list(xs), ints=ints)
         except Exception as exc:  # any failure of the fake run: data-dependent code, unsupported ops...
             error = exc
         real = _real_inputs(record, len(xs))
@@ -99,7 +102,7 @@ class OpaqueOutputs:
             # the example call's real values alongside (fake tensors' real-tensor
             # propagation), so data questions get the example's answer and sizes stay symbolic.
             try:
-                outs = self.fake_forward(record, list(xs), real_inputs=real)
+                outs = self.fake_forward(record, list(xs), real_inputs=real, ints=ints)
             except Exception as exc:
                 error = exc
             else:
@@ -120,13 +123,14 @@ class OpaqueOutputs:
         ]
 
     def fake_forward(self, record: CallRecord, xs: List[torch.Tensor], fake_mode: Any = None,
-                     real_inputs: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+                     real_inputs: Optional[List[torch.Tensor]] = None, ints: Sequence[Any] = ()) -> List[torch.Tensor]:
         """The tensor outputs of ``record``'s module called on fake inputs ``xs`` (in the order
         of its tensor input leaves) and the recorded non-tensor inputs, with its parameters and
         buffers as fakes of the active fake mode. Children's wrapped forwards only call through
         while it runs, and everything the forward may change on the modules is put back. With
         ``real_inputs`` (the example call's tensors, one per fake), questions about data are
-        answered from real values computed alongside.
+        answered from real values computed alongside. ``ints`` (when given): the call's int
+        leaves in order (see :func:`.records.int_positions`), symbolic where the trace has sizes.
 
         :raises ValueError: the outputs do not match the eager call's (count, dtype, or sizes
             at the example's values).
@@ -135,7 +139,7 @@ class OpaqueOutputs:
         if mode is None:
             raise RuntimeError("no fake tensor mode is active")
         module = record.module
-        args, kwargs = _call_inputs(record, xs)
+        args, kwargs = _call_inputs(record, xs, ints)
         tensors, reals = _fake_tensors(module, mode)
         if real_inputs is not None:
             reals.extend(zip(xs, real_inputs))
@@ -163,10 +167,14 @@ def _real_inputs(record: CallRecord, count: int) -> Optional[List[torch.Tensor]]
     return real if len(real) == count else None
 
 
-def _call_inputs(record: CallRecord, xs: List[torch.Tensor]) -> Tuple[Any, Any]:
-    """``(args, kwargs)`` of the recorded call with the fakes ``xs`` as its tensor leaves."""
+def _call_inputs(record: CallRecord, xs: List[torch.Tensor], ints: Sequence[Any] = ()) -> Tuple[Any, Any]:
+    """``(args, kwargs)`` of the recorded call with the fakes ``xs`` as its tensor leaves, and
+    ``ints`` (when given) as its int leaves."""
     it = iter(xs)
     leaves = [next(it) if t else c for c, t in zip(record.input_leaves, record.input_is_tensor)]
+    if ints:
+        for i, n in zip(int_positions(record), ints):
+            leaves[i] = n
     args, kwargs = _compat.tree_unflatten(leaves, record.input_spec)
     return args, kwargs
 

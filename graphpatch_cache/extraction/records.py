@@ -51,6 +51,13 @@ class CallRecord:
     inputs: Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]] = None
 
 
+def int_positions(record: CallRecord) -> List[int]:
+    """Positions of the call's int leaves (bools aside), in order: the leaves the opaque
+    marker passes as ``ints`` (see ``markers.Recorder._opaque_call``)."""
+    return [i for i, (c, t) in enumerate(zip(record.input_leaves, record.input_is_tensor))
+            if not t and isinstance(c, int) and not isinstance(c, bool)]
+
+
 def _key_str(key: Any) -> str:
     for attr in ("idx", "key", "name"):
         if hasattr(key, attr):
@@ -111,4 +118,4 @@ def leaf_locations(forward: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) 
     return out
 
 
-__all__ = ["CallRecord", "TensorMeta", "leaf_locations", "leaf_names"]
+__all__ = ["CallRecord", "TensorMeta", "int_positions", "leaf_locations", "leaf_names"]

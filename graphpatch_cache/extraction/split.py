@@ -32,7 +32,7 @@ from .frames import Frame, build_custom, build_leaf, build_opaque, read_leaf, si
 from .grad_mode import GRAD_MODE_SWITCH, GradModes
 from .local_names import base_name, escape_name
 from .markers import ENTER, EXIT, OPAQUE
-from .records import CallRecord
+from .records import CallRecord, int_positions
 
 #: calls with no effect on values that dynamo records anyway (usage logging); dropped.
 _DROP_TARGETS = frozenset({_compat.API_USAGE_LOG})
@@ -146,7 +146,7 @@ class Splitter:
             build_leaf(frame, handler)
         else:
             calls = [(self.calls[c], self.local_names[c], self.call_paths[c]) for c in record.children]
-            build_opaque(frame, calls, _compat.fake_value(node))
+            build_opaque(frame, calls, _compat.fake_value(node), self._sizes(frame, node))
         self._exit_outputs[node] = (frame, self._close(frame, top))
 
     def _exit(self, node: torch.fx.Node) -> None:
@@ -155,6 +155,19 @@ class Splitter:
             raise ExtractionError("internal: module exit does not match the open call")
         self._finish_output(frame, list(node.args[1]))  # type: ignore[arg-type]
         self._exit_outputs[node] = (frame, self._close(frame, self._stack[-1]))
+
+    def _sizes(self, frame: Frame, node: torch.fx.Node) -> List[Any]:
+        """The int leaves an opaque marker passes: a traced size as a value of the frame's graph
+        (recomputed from its inputs, or passed in by the caller), a constant as it is."""
+        ints = list(node.args[2]) if len(node.args) > 2 else []  # type: ignore[arg-type]
+        assert frame.record is not None
+        names = [frame.record.input_names[i] for i in int_positions(frame.record)]
+        for v, name in zip(ints, names):  # a size the caller passes in: a placeholder named as the argument
+            if isinstance(v, torch.fx.Node) and v not in frame.env:
+                local = self._local(frame, v)
+                if local.op == "placeholder":
+                    local.name = local.target = frame.names.fresh(escape_name(name))
+        return [self._local(frame, v) for v in ints]
 
     def _skip_calls(self, record: CallRecord) -> None:
         """An opaque call's descendants were recorded eagerly but not traced: skip them."""

@@ -55,6 +55,8 @@ def _rule_run_opaque(c: Checker, where: str, target: str, args: List[Any], kwnam
     ok = (len(args) in (6, 7) and not kwnames and ref(args[0]) == MODULE_REF and isinstance(args[1], str)
           and isinstance(args[2], dict) and "l" in args[2] and isinstance(args[3], dict) and "l" in args[3]
           and all(isinstance(b, bool) for b in args[3]["l"]) and len(args[2]["l"]) == len(args[3]["l"])
+          # a constant may be a node (a size the call takes as an int), never where a tensor goes
+          and not any(t and ref(c) for c, t in zip(args[2]["l"], args[3]["l"]))
           and isinstance(args[4], dict) and "l" in args[4] and all(ref(x) for x in args[4]["l"])
           and sum(args[3]["l"]) == len(args[4]["l"])
           and isinstance(args[5], dict) and "d" in args[5]

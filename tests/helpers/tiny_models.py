@@ -29,6 +29,18 @@ def tiny_llama(attn: str = "sdpa", seed: int = 0, n_layer: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_xglm(n_layer: int = 2, seed: int = 0):
+    """A causal LM whose positional embedding takes the cache length as a Python int (as
+    BART's, Whisper's and others' do); no end-of-sequence token, so generation runs its length."""
+    from transformers import XGLMConfig, XGLMForCausalLM
+
+    torch.manual_seed(seed)
+    config = XGLMConfig(vocab_size=128, d_model=32, num_layers=n_layer, attention_heads=2, ffn_dim=64,
+                        max_position_embeddings=64, bos_token_id=0, eos_token_id=None, pad_token_id=1)
+    config._attn_implementation = "eager"  # (XGLM has no sdpa path)
+    return XGLMForCausalLM(config).eval()
+
+
 def token_inputs(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1, mask: bool = False):
     g = torch.Generator().manual_seed(seed)
     inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g), "use_cache": False}

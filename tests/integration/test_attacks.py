@@ -689,6 +689,30 @@ def _(art, ctx):
            {"weight": W}, {"in_features": W})
 
 
+def _opaque_call(p: Payload, ref: Ref, art: Dict[str, Any], constants: List[Any], is_tensor: List[bool]) -> None:
+    """A run_opaque node of the opaque head taking ``constants`` beside its input."""
+    from graphpatch_cache._compat import treespec_dumps, tree_flatten
+
+    spec = treespec_dumps(tree_flatten(((torch.zeros(1), 0), {}))[1])
+    x = Ref(next(nd["name"] for nd in graph_at(art, "head")["nodes"] if nd["op"] == "placeholder"))
+    p.call("opaque_out", "graphpatch_cache.functions.run_opaque", ref, spec, constants, is_tensor, [x], {})
+
+
+@attack("opaque-constant-node-where-a-tensor-goes", live="")
+def _(art, ctx):
+    """A size the call takes as an int may be a node among run_opaque's constants, never in a
+    slot the tensors fill (one there would be ignored: the artifact is malformed)."""
+    p, ref = _opaque_head(art)
+    x = Ref(next(nd["name"] for nd in graph_at(art, "head")["nodes"] if nd["op"] == "placeholder"))
+    _opaque_call(p, ref, art, [x, 0], [True, False])
+
+
+@attack("opaque-constant-is-the-module-reference", live="hands the live module to its own forward as an argument")
+def _(art, ctx):
+    p, ref = _opaque_head(art)
+    _opaque_call(p, ref, art, [None, ref], [True, False])
+
+
 @attack("get_attr-undeclared-target", live="")
 def _(art, ctx):
     _root(art).get_attr("w", "block.fc1.weight")

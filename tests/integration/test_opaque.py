@@ -114,7 +114,7 @@ def test_a_data_dependent_branch_is_recorded_in_the_artifact():
 
 
 class SizeTaker(nn.Module):
-    """Takes a size as a Python int: its stored call holds the example's value."""
+    """Takes a size as a Python int: its stored call takes the size the graph computes."""
 
     def forward(self, x, n):
         torch._dynamo.graph_break()
@@ -130,15 +130,63 @@ class PassesSize(nn.Module):
         return self.inner(x, x.shape[1] - 1) + 1
 
 
-def test_a_call_taking_sizes_as_ints_is_size_specialized_and_still_exact():
+def test_a_call_taking_sizes_as_ints_stays_shape_generic(tmp_path):
     model = PassesSize()
-    pg = PatchableGraph(model, torch.randn(2, 6))
-    assert list(pg.artifact.extraction["shape_specialized"]) == ["inner"]
-    assert all(isinstance(d, int) for d in pg.artifact.signature["leaves"][0]["dims"])
-    for shape in [(2, 6), (3, 9)]:
+    load_cached(model, torch.randn(2, 6), store=str(tmp_path))
+    pg = load_cached(model, torch.randn(3, 9), store=str(tmp_path))  # the graphs as the loader rebuilds them
+    assert pg.cache_stats.hits == 1 and pg.cache_stats.misses == 0
+    assert pg.artifact.extraction["shape_specialized"] == {}
+    assert pg.artifact.signature["leaves"][0]["dims"] == ["dyn", "dyn"]
+    for shape in [(2, 6), (3, 9), (5, 4)]:
         x = torch.randn(*shape)
-        assert torch.equal(pg(x), model(x))
-    assert len(pg.variants) == 2  # the other size got its own variant, as it must
+        assert torch.equal(pg(x), model(x)), shape
+    assert len(pg.variants) == 1
+    # the size is a node of the opaque graph, named as the argument: patching it changes the call
+    x = torch.randn(3, 9)
+    with pg.patch({"inner.n": [seen := ProbePatch(), ReplacePatch(value=2)]}):
+        patched = pg(x)
+    assert seen.activation == 8
+    assert torch.equal(patched, model.inner(x, 2) + 1)
+
+
+class DecidesOnData(nn.Module):
+    def forward(self, x, n, k=2):
+        torch._dynamo.graph_break()
+        return x[:, :n] * k if x.sum() > 0 else x[:, :n] - k
+
+
+class PassesItOn(nn.Module):
+    """Hands a size it was given (as an int) to an opaque module that decides on data."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = DecidesOnData()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, n):
+        return self.inner(self.lin(x), n, k=3) + n
+
+
+class SizeThroughCompiled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mid = PassesItOn()
+
+    def forward(self, x):
+        return self.mid(x, x.shape[1] - 1).sum(1) + x.shape[0]
+
+
+def test_a_size_passed_through_a_compiled_module_to_a_data_dependent_opaque_one():
+    torch.manual_seed(0)
+    model = SizeThroughCompiled()
+    pg = PatchableGraph(model, torch.randn(2, 6, 4))
+    assert pg.artifact.extraction["shape_specialized"] == {}
+    assert list(pg.artifact.extraction["data_dependent"]) == ["mid.inner"]
+    for shape in [(2, 6, 4), (3, 9, 4), (5, 3, 4)]:
+        for sign in (1, -1):  # both sides of the branch
+            x = sign * torch.rand(*shape)
+            assert torch.equal(pg(x), model(x)), (shape, sign)
+    assert len(pg.variants) == 1
 
 
 # -- shape metadata --------------------------------------------------------------------------------
