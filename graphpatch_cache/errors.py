@@ -251,3 +251,11 @@ class AllocatorError(GraphPatchCacheError, RuntimeError):
 
 
 __all__ += ["AllocatorError"]
+
+
+class NewVariantWarning(UserWarning):
+    """A call fits none of the graphs extracted so far, and a new graph variant is being
+    extracted for it (``ExtractionOptions.on_new_variant``)."""
+
+
+__all__ += ["NewVariantWarning"]

@@ -4,10 +4,19 @@ is part of the cache key (:meth:`ExtractionOptions.fingerprint`)."""
 from __future__ import annotations
 
 import inspect
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
 
 import torch
+
+#: what ``on_new_variant`` may say
+NEW_VARIANT_POLICIES = ("extract", "warn", "error")
+
+#: why the extraction about to start is *on demand* (a call that no graph extracted so far
+#: fits: which input differs, and how), set by the runtime around it; None for an extraction
+#: the user asked for (``PatchableGraph(...)``, a ``load_cached`` miss, ``build``)
+ON_DEMAND: ContextVar[Optional[str]] = ContextVar("graphpatch_cache_on_demand", default=None)
 
 
 def _postprocessing_arity(fn: Callable[..., Any]) -> int:
@@ -48,6 +57,11 @@ class ExtractionOptions:
     :ivar copy_transformers_generation_config: for a transformers model, ``pg.config`` and
         ``pg.generation_config`` are copies of the model's (``pg.generate`` reads the latter);
         False leaves them None. Acts after binding, so it is not part of the cache key.
+    :ivar on_new_variant: what a call that fits none of the graphs extracted so far does when
+        its graph is not in the cache either: ``"warn"`` (default: say so before extracting,
+        naming the input that differs, old and new, and how to avoid it), ``"extract"``
+        (silently), ``"error"`` (raise :class:`~graphpatch_cache.errors.SignatureMismatchError`
+        instead). Not part of the cache key.
     :ivar custom_extraction_functions: ``{module class: fn(module) -> torch.fx.Graph}`` for
         modules dynamo cannot handle; the graph's placeholders are the forward's tensor inputs.
     :ivar postprocessing_function: called with the bound root ``torch.fx.GraphModule`` and the
@@ -67,8 +81,12 @@ class ExtractionOptions:
         default_factory=dict
     )
     postprocessing_function: Optional[Callable[..., None]] = None
+    on_new_variant: str = "warn"
 
     def __post_init__(self) -> None:
+        if self.on_new_variant not in NEW_VARIANT_POLICIES:
+            raise ValueError(f"on_new_variant must be one of {', '.join(map(repr, NEW_VARIANT_POLICIES))}, "
+                             f"got {self.on_new_variant!r}")
         classes = self.classes_to_skip_compiling
         if isinstance(classes, type):
             classes = (classes,)
@@ -104,7 +122,8 @@ class ExtractionOptions:
     def fingerprint(self) -> Dict[str, Any]:
         """A JSON-able description of the options (the part of the cache key they make).
 
-        ``copy_transformers_generation_config`` is left out: it never changes a graph.
+        ``copy_transformers_generation_config`` and ``on_new_variant`` are left out: they never
+        change a graph.
         """
 
         def qual(obj: Any) -> str:
@@ -123,4 +142,4 @@ class ExtractionOptions:
         }
 
 
-__all__ = ["ExtractionOptions"]
+__all__ = ["ExtractionOptions", "NEW_VARIANT_POLICIES", "ON_DEMAND"]

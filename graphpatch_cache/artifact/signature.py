@@ -82,14 +82,35 @@ def matches(signature: Dict[str, Any], concrete: Dict[str, Any]) -> bool:
 
 
 def describe_mismatch(signature: Dict[str, Any], candidate: Dict[str, Any], names: List[str]) -> str:
-    """A sentence naming the first input that differs."""
+    """A sentence naming the first input that differs, and how (old vs new)."""
     if signature["spec"] != candidate["spec"]:
-        return "the set of arguments (or their nesting) differs from the extraction call"
+        called = ", ".join(n for n in names if n) or "no arguments"
+        return f"the set of arguments (or their nesting) differs from the extraction call (called with: {called})"
     for i, (want, got) in enumerate(zip(signature["leaves"], candidate["leaves"])):
         name = names[i] if i < len(names) else f"input #{i}"
         if not _leaf_fits(want, got):
-            return f"input {name!r}: extracted for {want}, called with {got}"
+            return f"input {name!r}: {_how_leaves_differ(want, got)}"
     return "inputs differ"
+
+
+def _how_leaves_differ(want: Dict[str, Any], got: Dict[str, Any]) -> str:
+    if want["kind"] != got["kind"]:
+        return (f"extracted for a {'tensor' if want['kind'] == 'tensor' else 'constant'}, "
+                f"called with {'a tensor' if got['kind'] == 'tensor' else repr(got.get('value'))}")
+    if want["kind"] == "const":
+        return f"extracted for the value {want['value']!r}, called with {got['value']!r}"
+    if want["dtype"] != got["dtype"]:
+        return f"extracted for dtype {want['dtype']}, called with {got['dtype']}"
+    wanted, sizes = list(want["dims"]), list(got["dims"])
+    if len(wanted) != len(sizes):
+        return f"extracted for {len(wanted)} dimensions, called with shape {tuple(sizes)}"
+    for d, (w, g) in enumerate(zip(wanted, sizes)):
+        if w == "dyn" and g < 2:
+            return (f"size {g} in dimension {d}: the graphs serve any size of 2 or more there, and the tracer "
+                    f"treats sizes 0 and 1 as special cases (shape {tuple(sizes)})")
+        if w != "dyn" and w != g:
+            return f"dimension {d} is fixed at {w} in the extracted graphs, called with {g} (shape {tuple(sizes)})"
+    return f"extracted for {want}, called with {got}"
 
 
 #: dtype names as signatures write them (``str(dtype)`` without ``torch.``) -> dtype

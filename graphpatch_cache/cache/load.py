@@ -197,7 +197,13 @@ def load_cached(
     :param cache: a model input (a transformers ``Cache``, the model's own ``cache=``
         argument: ``load_cached(model, store=s, input_ids=ids, cache=kv, use_cache=True)``).
         Deprecated: a CacheStore or a path as ``cache=`` is the graph store (use ``store=``).
+    Options go in ``options=``, or first among the inputs as ``PatchableGraph`` takes them
+    (``load_cached(model, ExtractionOptions(...), **inputs)``).
     """
+    if example_args and isinstance(example_args[0], ExtractionOptions):
+        if options is not None:
+            raise TypeError("load_cached got ExtractionOptions twice (positionally and as options=): pass one")
+        options, example_args = example_args[0], example_args[1:]
     options = options or ExtractionOptions()
     graph_store, example_kwargs = store_and_inputs(cache, store, example_kwargs)
     extractor = CachingExtractor(graph_store)

@@ -27,6 +27,7 @@ from ..live.inputs import CallInputs
 from ..live.sources import module_file_digest, module_name_for_file
 from ..live.structure import structure
 from ..options import ExtractionOptions
+from . import on_demand
 from .capture import capture
 from .serialize import frame_to_data
 from .split import Frame, split
@@ -224,6 +225,12 @@ def extract(
     :raises SerializationError: a graph calls something that cannot be stored as data.
     """
     options = options or ExtractionOptions()
+    with on_demand.announced(options):
+        return _extract(model, args, kwargs, options, inputs)
+
+
+def _extract(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]],
+             options: ExtractionOptions, inputs: Optional[CallInputs]) -> GraphArtifact:
     if inputs is None:
         inputs = CallInputs.of(model, args, kwargs)
     cap, root, data, failures = _trace(model, inputs, options)

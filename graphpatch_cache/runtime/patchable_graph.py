@@ -23,7 +23,7 @@ from ..artifact.signature import SignatureMatcher, signature_key
 from ..errors import NodePathError, NotPicklableError, SignatureMismatchError, UnsupportedCacheError
 from ..integrations import kv_cache
 from ..live.inputs import InputBinder, flat_inputs, mismatch
-from ..options import ExtractionOptions
+from ..options import ON_DEMAND, ExtractionOptions
 from ..patches import Patch
 from . import generate as _generate
 from .bind import bind
@@ -157,9 +157,10 @@ class PatchableGraph(torch.nn.Module):
             if variant.matcher.fits(leaves, spec):
                 return variant
         reason = mismatch(self._variants[0].matcher, inputs)
+        token = ON_DEMAND.set(reason)  # an extraction (not a cache hit) says so, or refuses
         try:
             artifact = self._extract(inputs[0], inputs[1])
-        except UnsupportedCacheError:
+        except (UnsupportedCacheError, SignatureMismatchError):
             raise
         except Exception as exc:
             raise SignatureMismatchError(
@@ -168,6 +169,8 @@ class PatchableGraph(torch.nn.Module):
                 hint="call with inputs like the example inputs, or build a PatchableGraph from "
                 "example inputs of this form",
             ) from exc
+        finally:
+            ON_DEMAND.reset(token)
         variant = self._add_variant(artifact)
         if not variant.matcher.fits(leaves, spec):  # pragma: no cover - defensive
             raise SignatureMismatchError(f"extracted a graph for this call, but it does not fit: {reason}")
