@@ -53,6 +53,7 @@ from .errors import (
     ModelStructureError,
     NoEquivalentError,
     NodePathError,
+    NonTensorPatchError,
     NotAValueError,
     NotPicklableError,
     PatchError,
@@ -62,6 +63,7 @@ from .errors import (
     SerializationError,
     SignatureMismatchError,
     UnsupportedCacheError,
+    UnsupportedGradientError,
     UnusedSubmoduleError,
 )
 from .options import ExtractionOptions
@@ -93,6 +95,7 @@ __all__ = [
     "ShapeError",
     "NoEquivalentError",
     "NodePathError",
+    "NonTensorPatchError",
     "NotAValueError",
     "NotPicklableError",
     "Patch",
@@ -106,6 +109,7 @@ __all__ = [
     "SerializationError",
     "SignatureMismatchError",
     "UnsupportedCacheError",
+    "UnsupportedGradientError",
     "UnusedSubmoduleError",
     "ZeroPatch",
     "register_target",

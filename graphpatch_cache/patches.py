@@ -276,9 +276,46 @@ class CustomPatch(Patch[PatchTarget]):
         return self.custom_op(value)
 
 
+#: the types, as node metadata names them, of values that are Python numbers (sizes, flags),
+#: and the Python types a ReplacePatch or AddPatch may bring to one
+NUMBER_KINDS = {"int": (int,), "SymInt": (int,), "float": (int, float), "SymFloat": (int, float),
+                "bool": (bool,), "SymBool": (bool,)}
+
+
+def number_refusal(patch: Patch[Any], kind: str) -> Optional[str]:
+    """Why ``patch`` may not apply to a node whose value is a Python number of ``kind`` (a
+    key of :data:`NUMBER_KINDS`, such as a batch size ``int``); None when it may.
+
+    - ProbePatch, RecordPatch (they only look), CustomPatch and your own patches (your code
+      sees the value) apply to any value.
+    - ZeroPatch does not: zeroing a size or a flag is no activation patch, and would fail
+      only later, far from the patch (``shape '[0, 8, 64]' is invalid``).
+    - ReplacePatch and AddPatch apply when they bring a plain number of the node's kind (an
+      ``int`` for an ``int``, ``int`` or ``float`` for a ``float``) and no ``slice``: an
+      explicit, deliberate change. A tensor (or anything else) is refused.
+
+    A subclass of a built-in patch that overrides ``op`` or ``apply`` counts as your own.
+    """
+    entry = _entry_point(type(patch))
+    owner = next(k for k in type(patch).__mro__ if entry in k.__dict__)
+    if owner is ZeroPatch:
+        return "ZeroPatch applies to tensors only"
+    if owner not in (AddPatch, ReplacePatch):
+        return None
+    if getattr(patch, "slice", None) is not None:
+        return f"{owner.__name__} with a slice applies to tensors only"
+    value = getattr(patch, "value", None)
+    allowed = NUMBER_KINDS.get(kind, ())
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        return (f"{owner.__name__} brings {type(value).__name__} {value!r:.40}, and a {kind} node takes only "
+                f"a plain {' or '.join(t.__name__ for t in allowed)}")
+    return None
+
+
 __all__ = [
     "AddPatch",
     "CustomPatch",
+    "NUMBER_KINDS",
     "Patch",
     "PatchTarget",
     "PatchableValue",
@@ -288,5 +325,6 @@ __all__ = [
     "SliceSpec",
     "ZeroPatch",
     "clone_tensors",
+    "number_refusal",
     "tensor_index",
 ]

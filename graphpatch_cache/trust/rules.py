@@ -102,6 +102,11 @@ def _rule_restore_grad(c: Checker, where: str, target: str, args: List[Any], kwn
         raise c.refuse(where, target, "restore_grad_enabled takes the node that switched grad mode")
 
 
+def _rule_forward_only(c: Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
+    if len(args) != 2 or kwnames or not (isinstance(args[0], str) and IDENTIFIER.match(args[0])) or ref(args[1]) is None:
+        raise c.refuse(where, target, "forward_only takes a literal Function name (an identifier) and a node")
+
+
 RULES: Dict[str, Callable[..., None]] = {
     "builtins.getattr": _rule_getattr,
     "graphpatch_cache.functions.tree_build": _rule_tree_build,
@@ -110,6 +115,7 @@ RULES: Dict[str, Callable[..., None]] = {
     "graphpatch_cache.functions.linear_8bit": _rule_linear_8bit,
     "graphpatch_cache.functions.set_grad_enabled": _rule_set_grad,
     "graphpatch_cache.functions.restore_grad_enabled": _rule_restore_grad,
+    "graphpatch_cache.functions.forward_only": _rule_forward_only,
 }
 MODULE_ATTRIBUTE = "graphpatch_cache.functions.module_attribute"
 TAKES_MODULE = frozenset({"graphpatch_cache.functions.run_opaque", "graphpatch_cache.functions.linear_8bit",
