@@ -64,12 +64,13 @@ def restore_grad_enabled(previous: bool) -> None:
 
 
 class _ForwardOnly(torch.autograd.Function):
-    """Identity forward (a view); a backward pass through it raises."""
+    """Identity forward (a copy: the model may write into a Function's output in place, which
+    autograd refuses for a view made inside a Function); a backward pass through it raises."""
 
     @staticmethod
     def forward(ctx: Any, value: torch.Tensor, label: str) -> torch.Tensor:
         ctx.label = label
-        return value.view_as(value)
+        return value.clone()
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
@@ -86,7 +87,7 @@ class _ForwardOnly(torch.autograd.Function):
 def forward_only(label: str, value: Any) -> Any:
     """The output of a custom autograd Function whose forward ops the graph runs inline
     (see ``extraction.autograd_functions``): returned as it is where no gradient can reach
-    it; otherwise a view whose backward raises :class:`UnsupportedGradientError`, since the
+    it; otherwise a copy whose backward raises :class:`UnsupportedGradientError`, since the
     gradient of the inlined ops need not be the Function's own."""
     if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
         return _ForwardOnly.apply(value, label)
