@@ -103,7 +103,7 @@ def _rule_restore_grad(c: Checker, where: str, target: str, args: List[Any], kwn
 
 
 def _rule_forward_only(c: Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
-    if len(args) != 2 or kwnames or not (isinstance(args[0], str) and IDENTIFIER.match(args[0])) or ref(args[1]) is None:
+    if len(args) != 2 or kwnames or not (isinstance(args[0], str) and IDENTIFIER.fullmatch(args[0])) or ref(args[1]) is None:
         raise c.refuse(where, target, "forward_only takes a literal Function name (an identifier) and a node")
 
 

@@ -162,7 +162,7 @@ def test_forward_only_arguments_are_checked():
     good = scaling_artifact()
     nodes = list(good.root.nodes)
     for args in ({"t": ["GeLUFunction", {"n": "mul"}]}, {"t": ["os.system('x')", {"n": "mul"}]},
-                 {"t": ["GeLUFunction", 3]}):
+                 {"t": ["GeLUFunction", 3]}, {"t": ["GeLUFunction\n", {"n": "mul"}]}):
         extra = NodeData(name="fo", op="call_function", target="graphpatch_cache.functions.forward_only",
                          args=args, kwargs={"d": []}, meta={})
         root = dataclasses.replace(good.root, nodes=nodes[:2] + [extra] + nodes[2:])
