@@ -276,23 +276,22 @@ class CustomPatch(Patch[PatchTarget]):
         return self.custom_op(value)
 
 
-#: the types, as node metadata names them, of values that are Python numbers (sizes, flags),
-#: and the Python types a ReplacePatch or AddPatch may bring to one
-NUMBER_KINDS = {"int": (int,), "SymInt": (int,), "float": (int, float), "SymFloat": (int, float),
-                "bool": (bool,), "SymBool": (bool,)}
+#: the types, as node metadata names them, of values that are Python numbers (sizes, flags)
+NUMBER_KINDS = frozenset({"int", "SymInt", "float", "SymFloat", "bool", "SymBool"})
 
 
 def number_refusal(patch: Patch[Any], kind: str) -> Optional[str]:
-    """Why ``patch`` may not apply to a node whose value is a Python number of ``kind`` (a
-    key of :data:`NUMBER_KINDS`, such as a batch size ``int``); None when it may.
+    """Why ``patch`` may not apply to a node whose value is a Python number of ``kind`` (one
+    of :data:`NUMBER_KINDS`, such as a batch size ``int``); None when it may.
 
     - ProbePatch, RecordPatch (they only look), CustomPatch and your own patches (your code
       sees the value) apply to any value.
     - ZeroPatch does not: zeroing a size or a flag is no activation patch, and would fail
       only later, far from the patch (``shape '[0, 8, 64]' is invalid``).
-    - ReplacePatch and AddPatch apply when they bring a plain number of the node's kind (an
-      ``int`` for an ``int``, ``int`` or ``float`` for a ``float``) and no ``slice``: an
-      explicit, deliberate change. A tensor (or anything else) is refused.
+    - ReplacePatch and AddPatch apply with a value that is no tensor and no ``slice``: an
+      explicit, deliberate change of a Python value (``ReplacePatch(value=4)``; what the
+      model makes of it is the caller's choice). A tensor there would turn a size into a
+      tensor, so it is refused.
 
     A subclass of a built-in patch that overrides ``op`` or ``apply`` counts as your own.
     """
@@ -305,10 +304,8 @@ def number_refusal(patch: Patch[Any], kind: str) -> Optional[str]:
     if getattr(patch, "slice", None) is not None:
         return f"{owner.__name__} with a slice applies to tensors only"
     value = getattr(patch, "value", None)
-    allowed = NUMBER_KINDS.get(kind, ())
-    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-        return (f"{owner.__name__} brings {type(value).__name__} {value!r:.40}, and a {kind} node takes only "
-                f"a plain {' or '.join(t.__name__ for t in allowed)}")
+    if any(isinstance(leaf, torch.Tensor) for leaf in _compat.tree_flatten(value)[0]):
+        return f"{owner.__name__} brings a tensor, and a {kind} node holds a Python number"
     return None
 
 

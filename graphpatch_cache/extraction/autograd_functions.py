@@ -32,9 +32,13 @@ _GRAD_SWITCH = _compat.set_grad_enabled
 
 
 def _label(node: torch.fx.Node) -> str:
-    """The Function's class name as the source wrote it (``GeLUFunction``), for messages."""
+    """``Module.Function`` (``BloomGelu.GeLUFunction``): the class names of the module that
+    called the Function and of the Function as the source wrote it, for messages."""
     found = _APPLY_CALL.findall(str(node.meta.get("stack_trace") or ""))
-    return found[-1] if found else "Function"
+    function = found[-1] if found else "Function"
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    module = getattr(stack[-1][1], "__name__", "") if stack and isinstance(stack[-1], tuple) else ""
+    return f"{module}.{function}" if module.isidentifier() else function
 
 
 def _forward_outputs(body: torch.fx.GraphModule) -> Optional[List[Any]]:

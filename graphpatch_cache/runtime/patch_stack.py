@@ -194,7 +194,7 @@ class PathResolver:
                     f"{type(patch).__name__} cannot patch {path!r}: its value is a Python {kind}, not a "
                     f"tensor ({why})", node_path=path, value_type=kind,
                     hint="patch a tensor node instead, look at the value with ProbePatch, or change it "
-                    f"deliberately with ReplacePatch(value=<a plain {kind}>) or CustomPatch")
+                    f"deliberately with ReplacePatch(value=<a Python {kind}>) or CustomPatch")
 
     def __call__(self, path: str) -> Tuple[SlotKey, Variant]:
         known = self._known.get(path)

@@ -74,21 +74,25 @@ class _ForwardOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
+        module, _, function = ctx.label.rpartition(".")
         raise UnsupportedGradientError(
-            f"a backward pass reached the output of the custom autograd Function {ctx.label!r}, whose forward "
-            "the graph runs inline: its own backward is not part of the graph, so no gradient is computed",
-            function=ctx.label,
-            hint="for gradients, extract with ExtractionOptions(classes_to_skip_compiling=(ModuleCallingIt,)): "
+            f"a backward pass reached the output of the custom autograd Function {function!r}"
+            + (f" (called by {module})" if module else "") + ", whose forward the graph runs inline: its own "
+            "backward is not part of the graph, so no gradient is computed",
+            function=function,
+            hint=f"for gradients, extract with ExtractionOptions(classes_to_skip_compiling=({module or 'TheModule'},)): "
             "that module then runs its own forward (and the Function's backward); values are the same either way",
         )
 
 
 @_graph_function
 def forward_only(label: str, value: Any) -> Any:
-    """The output of a custom autograd Function whose forward ops the graph runs inline
-    (see ``extraction.autograd_functions``): returned as it is where no gradient can reach
-    it; otherwise a copy whose backward raises :class:`UnsupportedGradientError`, since the
-    gradient of the inlined ops need not be the Function's own."""
+    """The output of a custom autograd Function whose forward ops the graph runs inline (see
+    ``extraction.autograd_functions``): returned as it is where no gradient can reach it;
+    otherwise a copy whose backward raises :class:`UnsupportedGradientError`, since the
+    gradient of the inlined ops need not be the Function's own. ``label`` (``Function`` or
+    ``Module.Function``: the class names of the Function and of the module calling it) is
+    for the error message only."""
     if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
         return _ForwardOnly.apply(value, label)
     return value

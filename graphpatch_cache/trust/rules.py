@@ -103,8 +103,11 @@ def _rule_restore_grad(c: Checker, where: str, target: str, args: List[Any], kwn
 
 
 def _rule_forward_only(c: Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
-    if len(args) != 2 or kwnames or not (isinstance(args[0], str) and IDENTIFIER.fullmatch(args[0])) or ref(args[1]) is None:
-        raise c.refuse(where, target, "forward_only takes a literal Function name (an identifier) and a node")
+    label = args[0] if args else None
+    ok = isinstance(label, str) and 1 <= len(parts := label.split(".")) <= 2 and all(IDENTIFIER.fullmatch(p) for p in parts)
+    if len(args) != 2 or kwnames or not ok or ref(args[1]) is None:
+        raise c.refuse(where, target, "forward_only takes a literal label (Function or Module.Function, identifiers) "
+                       "and a node")
 
 
 RULES: Dict[str, Callable[..., None]] = {
