@@ -181,6 +181,11 @@ def fake_value(node: torch.fx.Node) -> Any:
 
 tree_leaves = pytree.tree_leaves
 
+#: the higher-order op dynamo writes for a custom ``torch.autograd.Function`` (torch >= 2.3:
+#: ``autograd_function_apply(fwd_body, bwd_body, *operands, ...)``, both bodies fx
+#: GraphModules on the traced module); None where torch has no such op
+AUTOGRAD_FUNCTION_APPLY = getattr(getattr(torch.ops, "higher_order", None), "autograd_function_apply", None)
+
 #: torch's usage logging, which dynamo records as a call although it has no effect on values
 #: (torch 2.x); the splitter drops it
 API_USAGE_LOG = torch._C._log_api_usage_once
@@ -341,6 +346,7 @@ __all__ = [
     "check_spec",
     "UnsafeSpecError",
     "API_USAGE_LOG",
+    "AUTOGRAD_FUNCTION_APPLY",
     "MappingKey",
     "TORCH_NN_BUILTINS",
     "TORCH_VARIABLE_FUNCTIONS",

@@ -115,6 +115,34 @@ class PatchError(GraphPatchCacheError, ValueError):
         super().__init__(message, hint=hint)
 
 
+class NonTensorPatchError(PatchError, TypeError):
+    """``pg.patch`` put a patch that writes tensors (a ZeroPatch, a ReplacePatch of a tensor...)
+    on a node whose value is a Python number (a batch size, a flag). Raised when the patch is
+    entered, not later in the forward pass. Which patch may apply to such a node:
+    :func:`graphpatch_cache.patches.number_refusal`.
+
+    :ivar value_type: the node's value type (``int``, ``float``, ``bool``, ``SymInt``...).
+    """
+
+    def __init__(self, message: str, *, node_path: str, value_type: str, hint: str | None = None) -> None:
+        self.value_type = value_type
+        super().__init__(message, node_path=node_path, hint=hint)
+
+
+class UnsupportedGradientError(GraphPatchCacheError, RuntimeError):
+    """A backward pass reached a value the graph cannot differentiate as the model does: the
+    output of a custom ``torch.autograd.Function`` whose forward the graph runs inline (its
+    ``backward`` is the model's own code, which an artifact does not hold). A ``RuntimeError``,
+    as autograd's own refusals are.
+
+    :ivar function: the Function's class name, as the model's source wrote it.
+    """
+
+    def __init__(self, message: str, *, function: str = "", hint: str | None = None) -> None:
+        self.function = function
+        super().__init__(message, hint=hint)
+
+
 class PatchMapError(GraphPatchCacheError, TypeError, ValueError):
     """``pg.patch()`` got something other than ``{node path: Patch or list of Patches}``.
 
@@ -220,6 +248,7 @@ __all__ = [
     "ModelStructureError",
     "NoEquivalentError",
     "NodePathError",
+    "NonTensorPatchError",
     "NotAValueError",
     "NotPicklableError",
     "PatchError",
@@ -229,6 +258,7 @@ __all__ = [
     "ShapeError",
     "SignatureMismatchError",
     "UnsupportedCacheError",
+    "UnsupportedGradientError",
     "UnusedSubmoduleError",
     "close_matches",
 ]

@@ -276,9 +276,43 @@ class CustomPatch(Patch[PatchTarget]):
         return self.custom_op(value)
 
 
+#: the types, as node metadata names them, of values that are Python numbers (sizes, flags)
+NUMBER_KINDS = frozenset({"int", "SymInt", "float", "SymFloat", "bool", "SymBool"})
+
+
+def number_refusal(patch: Patch[Any], kind: str) -> Optional[str]:
+    """Why ``patch`` may not apply to a node whose value is a Python number of ``kind`` (one
+    of :data:`NUMBER_KINDS`, such as a batch size ``int``); None when it may.
+
+    - ProbePatch, RecordPatch (they only look), CustomPatch and your own patches (your code
+      sees the value) apply to any value.
+    - ZeroPatch does not: zeroing a size or a flag is no activation patch, and would fail
+      only later, far from the patch (``shape '[0, 8, 64]' is invalid``).
+    - ReplacePatch and AddPatch apply with a value that is no tensor and no ``slice``: an
+      explicit, deliberate change of a Python value (``ReplacePatch(value=4)``; what the
+      model makes of it is the caller's choice). A tensor there would turn a size into a
+      tensor, so it is refused.
+
+    A subclass of a built-in patch that overrides ``op`` or ``apply`` counts as your own.
+    """
+    entry = _entry_point(type(patch))
+    owner = next(k for k in type(patch).__mro__ if entry in k.__dict__)
+    if owner is ZeroPatch:
+        return "ZeroPatch applies to tensors only"
+    if owner not in (AddPatch, ReplacePatch):
+        return None
+    if getattr(patch, "slice", None) is not None:
+        return f"{owner.__name__} with a slice applies to tensors only"
+    value = getattr(patch, "value", None)
+    if any(isinstance(leaf, torch.Tensor) for leaf in _compat.tree_flatten(value)[0]):
+        return f"{owner.__name__} brings a tensor, and a {kind} node holds a Python number"
+    return None
+
+
 __all__ = [
     "AddPatch",
     "CustomPatch",
+    "NUMBER_KINDS",
     "Patch",
     "PatchTarget",
     "PatchableValue",
@@ -288,5 +322,6 @@ __all__ = [
     "SliceSpec",
     "ZeroPatch",
     "clone_tensors",
+    "number_refusal",
     "tensor_index",
 ]

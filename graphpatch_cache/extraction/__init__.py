@@ -42,9 +42,19 @@ def environment_versions() -> Dict[str, str]:
     return {name: v for name, v in live_environment.environment_versions().items() if v is not None}
 
 
-def _check_unused(model: torch.nn.Module, called: Set[int], options: ExtractionOptions) -> None:
-    """Raise for never-called submodules that own parameters. Parameterless ones (a dropout
-    that sdpa attention bypasses) have nothing to patch or bind and are always allowed."""
+def _read_tensors(cap: Any) -> Set[str]:
+    """Qualified names of the parameters and buffers the traced graph reads (placeholders
+    with users): a module whose weight the model reads without calling the module
+    (DeBERTa-v2's ``encoder.rel_embeddings.weight``) is used."""
+    placeholders = [n for n in cap.graph.nodes if n.op == "placeholder"]
+    return {name for node, value in zip(placeholders, cap.example_inputs) if node.users
+            for name in cap.tensor_names.get(id(value), ())}
+
+
+def _check_unused(model: torch.nn.Module, called: Set[int], read: Set[str], options: ExtractionOptions) -> None:
+    """Raise for never-called submodules that own parameters, none of which the graph reads.
+    Parameterless ones (a dropout that sdpa attention bypasses) have nothing to patch or bind
+    and are always allowed."""
     if options.allow_unused_submodules:
         return
     used_tensors = {
@@ -63,6 +73,7 @@ def _check_unused(model: torch.nn.Module, called: Set[int], options: ExtractionO
         and not any(id(m) in called for m in module.modules())
         # a module whose parameters are all tied to called modules' (T5's `shared`) is used
         and not all(id(p) in used_tensors for p in module.parameters())
+        and not any(join_path(name, t) in read for t, _ in module.named_parameters())
     ]
     if unused:
         shown = ", ".join(unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")
@@ -179,7 +190,7 @@ def _trace(model: torch.nn.Module, inputs: CallInputs,
     failures: Dict[str, str] = {}
     while True:
         cap = capture(model, inputs.args, inputs.kwargs, options, opaque, failures)
-        _check_unused(model, {id(c.module) for c in cap.recorder.calls}, options)
+        _check_unused(model, {id(c.module) for c in cap.recorder.calls}, _read_tensors(cap), options)
         # split reads the mapping only (ExtractionOptions types it as a Mapping)
         root = split(model, cap, cast(Dict[type, Callable[..., Any]], options.custom_extraction_functions))
         try:

@@ -26,6 +26,7 @@ from ..errors import ExtractionError
 from ..integrations import accelerate, kv_cache
 from ..integrations.bitsandbytes import leaf_handler
 from ..options import ExtractionOptions
+from .autograd_functions import inline_autograd_functions
 from .markers import OPAQUE, Recorder
 from ..artifact.names import join_path
 
@@ -259,6 +260,7 @@ def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kw
         if len(captured) != 1:
             return ExtractionError(f"dynamo produced {len(captured)} graphs instead of one")
         gm, example_inputs = captured[0]
+        inline_autograd_functions(gm)
         return Capture(gm.graph, example_inputs, recorder, opaque, failures, tensor_names)
 
 

@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from ..artifact import GraphArtifact
 from ..artifact.signature import SignatureMatcher
-from ..errors import NodePathError, NotAValueError, PatchMapError
-from ..patches import Patch
+from ..errors import NodePathError, NonTensorPatchError, NotAValueError, PatchMapError
+from ..patches import NUMBER_KINDS, Patch, number_refusal
 from .bind import ModuleGraphModule
 from .node_path import NodePath
 from .patching import InstallState, PatchInstaller, SlotKey
@@ -121,9 +121,12 @@ class PathResolver:
         self._variants = variants  # (the PatchableGraph's own list: variants added later count)
         self._node_paths = node_paths
         self._known: Dict[str, Tuple[SlotKey, Variant]] = {}
+        #: paths whose value is a Python number -> its type (see :func:`number_refusal`)
+        self._numbers: Dict[str, str] = {}
         #: per tuple of paths entered before: (slot keys, origins, the one origin of all of
-        #: them when each key is there once, else None)
-        self._blocks: Dict[Tuple[Any, ...], Tuple[Tuple[SlotKey, ...], Tuple[Variant, ...], Optional[Variant]]] = {}
+        #: them when each key is there once, else None, the places of Python-number paths)
+        self._blocks: Dict[Tuple[Any, ...], Tuple[Tuple[SlotKey, ...], Tuple[Variant, ...], Optional[Variant],
+                                                  Tuple[int, ...]]] = {}
 
     def entries(self, patch_map: Any) -> Sequence[StackEntry]:
         """The stack entries of ``pg.patch(patch_map)``, each checked as it is reached.
@@ -139,7 +142,9 @@ class PathResolver:
                 values = list(patch_map.values())
                 types = set(map(type, values))
                 if all(issubclass(t, Patch) for t in types):
-                    keys, origins, origin = known
+                    keys, origins, origin, numbers = known
+                    for i in numbers:
+                        self._check_number(paths[i], [values[i]])
                     lists = [[v] for v in values]
                     return Block(keys, lists, origins, origin, types)
         entries = self._entries(patch_map)
@@ -150,7 +155,8 @@ class PathResolver:
             first = origins[0]
             unique = len(set(keys)) == len(keys)
             origin = first if unique and all(o is first for o in origins) else None
-            self._blocks[tuple(patch_map)] = (keys, origins, origin)
+            numbers = tuple(i for i, path in enumerate(patch_map) if path in self._numbers)
+            self._blocks[tuple(patch_map)] = (keys, origins, origin, numbers)
             while len(self._blocks) > _BLOCKS:
                 del self._blocks[next(iter(self._blocks))]
         return entries
@@ -164,12 +170,31 @@ class PathResolver:
         for path, value in patch_map.items():
             hit = known.get(path) if type(path) is str else None
             if hit is not None and isinstance(value, Patch):
+                if path in self._numbers:
+                    self._check_number(path, [value])
                 append((hit[0], [value], hit[1]))
                 continue
             for checked, patches in patch_lists({path: value}):
                 key, origin = self(checked)
+                if checked in self._numbers:
+                    self._check_number(checked, patches)
                 append((key, patches, origin))
         return entries
+
+    def _check_number(self, path: str, patches: List[Patch[Any]]) -> None:
+        """Refuse a patch that writes tensors on a node whose value is a Python number.
+
+        The value's type comes from the artifact's metadata: a usability check only (a wrong
+        one can only refuse a patch, or let it fail later as it would have)."""
+        kind = self._numbers[path]
+        for patch in patches:
+            why = number_refusal(patch, kind)
+            if why is not None:
+                raise NonTensorPatchError(
+                    f"{type(patch).__name__} cannot patch {path!r}: its value is a Python {kind}, not a "
+                    f"tensor ({why})", node_path=path, value_type=kind,
+                    hint="patch a tensor node instead, look at the value with ProbePatch, or change it "
+                    f"deliberately with ReplacePatch(value=<a Python {kind}>) or CustomPatch")
 
     def __call__(self, path: str) -> Tuple[SlotKey, Variant]:
         known = self._known.get(path)
@@ -179,16 +204,23 @@ class PathResolver:
 
     def _resolve(self, path: str) -> Tuple[SlotKey, Variant]:
         try:
-            return self._node_paths(self._variants[0])._np_resolve_value(path), self._variants[0]
+            found = self._node_paths(self._variants[0])._np_resolve_value(path), self._variants[0]
         except NodePathError as first:
             if isinstance(first, NotAValueError):
                 raise
             for variant in self._variants[1:]:
                 try:
-                    return self._node_paths(variant)._np_resolve_value(path), variant
+                    found = self._node_paths(variant)._np_resolve_value(path), variant
+                    break
                 except NodePathError:
                     continue
-            raise
+            else:
+                raise
+        node, extra = self._node_paths(found[1])._np_find(path)
+        meta = node._np_meta if not extra and isinstance(node._np_meta, dict) else {}
+        if "shape" not in meta and meta.get("type") in NUMBER_KINDS:
+            self._numbers[path] = meta["type"]
+        return found
 
 
 def active_patches(stack: List[Sequence[StackEntry]],

@@ -14,6 +14,7 @@ import torch
 
 from .. import _compat
 from ..integrations import kv_cache  # noqa: F401  kv_cache registers CacheState, which tree_build specs name
+from ..errors import UnsupportedGradientError
 from .allowlist import register_target
 
 #: the namespace the artifact format names these functions in (``cache_schema/SPEC.md``):
@@ -60,6 +61,41 @@ def set_grad_enabled(mode: bool) -> bool:
 def restore_grad_enabled(previous: bool) -> None:
     """Restore the grad mode that :func:`set_grad_enabled` replaced."""
     _compat.set_grad_enabled(previous)
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Identity forward (a copy: the model may write into a Function's output in place, which
+    autograd refuses for a view made inside a Function); a backward pass through it raises."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, label: str) -> torch.Tensor:
+        ctx.label = label
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        module, _, function = ctx.label.rpartition(".")
+        raise UnsupportedGradientError(
+            f"a backward pass reached the output of the custom autograd Function {function!r}"
+            + (f" (called by {module})" if module else "") + ", whose forward the graph runs inline: its own "
+            "backward is not part of the graph, so no gradient is computed",
+            function=function,
+            hint=f"for gradients, extract with ExtractionOptions(classes_to_skip_compiling=({module or 'TheModule'},)): "
+            "that module then runs its own forward (and the Function's backward); values are the same either way",
+        )
+
+
+@_graph_function
+def forward_only(label: str, value: Any) -> Any:
+    """The output of a custom autograd Function whose forward ops the graph runs inline (see
+    ``extraction.autograd_functions``): returned as it is where no gradient can reach it;
+    otherwise a copy whose backward raises :class:`UnsupportedGradientError`, since the
+    gradient of the inlined ops need not be the Function's own. ``label`` (``Function`` or
+    ``Module.Function``: the class names of the Function and of the module calling it) is
+    for the error message only."""
+    if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+        return _ForwardOnly.apply(value, label)
+    return value
 
 
 @_graph_function
@@ -254,5 +290,5 @@ def _attributes_set(module: torch.nn.Module, attributes: Optional[Dict[str, Any]
                 module.__dict__[name] = old
 
 
-__all__ = ["ModuleRef", "attribute_exposed", "exposed_attributes", "linear_8bit", "live_attr", "module_attribute",
+__all__ = ["ModuleRef", "attribute_exposed", "exposed_attributes", "forward_only", "linear_8bit", "live_attr", "module_attribute",
            "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]

@@ -104,6 +104,14 @@ def _rule_restore_grad(c: Checker, where: str, target: str, args: List[Any], kwn
         raise c.refuse(where, target, "restore_grad_enabled takes the node that switched grad mode")
 
 
+def _rule_forward_only(c: Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
+    label = args[0] if args else None
+    ok = isinstance(label, str) and 1 <= len(parts := label.split(".")) <= 2 and all(IDENTIFIER.fullmatch(p) for p in parts)
+    if len(args) != 2 or kwnames or not ok or ref(args[1]) is None:
+        raise c.refuse(where, target, "forward_only takes a literal label (Function or Module.Function, identifiers) "
+                       "and a node")
+
+
 RULES: Dict[str, Callable[..., None]] = {
     "builtins.getattr": _rule_getattr,
     "graphpatch_cache.functions.tree_build": _rule_tree_build,
@@ -112,6 +120,7 @@ RULES: Dict[str, Callable[..., None]] = {
     "graphpatch_cache.functions.linear_8bit": _rule_linear_8bit,
     "graphpatch_cache.functions.set_grad_enabled": _rule_set_grad,
     "graphpatch_cache.functions.restore_grad_enabled": _rule_restore_grad,
+    "graphpatch_cache.functions.forward_only": _rule_forward_only,
 }
 MODULE_ATTRIBUTE = "graphpatch_cache.functions.module_attribute"
 TAKES_MODULE = frozenset({"graphpatch_cache.functions.run_opaque", "graphpatch_cache.functions.linear_8bit",

@@ -567,7 +567,8 @@ TARGET_POOL = [
     "torch.UntypedStorage", "torch.FloatStorage", "torch.load", "torch.save", "torch.from_file",
     "torch._C._set_grad_enabled", "graphpatch_cache.functions.set_grad_enabled",
     "graphpatch_cache.functions.tree_build", "graphpatch_cache.functions.live_attr",
-    "graphpatch_cache.functions.run_opaque", "torch.set_default_dtype", "torch.set_autocast_enabled",
+    "graphpatch_cache.functions.run_opaque", "graphpatch_cache.functions.forward_only",
+    "torch.ops.higher_order.autograd_function_apply", "torch.set_default_dtype", "torch.set_autocast_enabled",
     "math.sqrt", "math.floor", "", ".", "torch..add", "__import__", "torch.__class__",
 ]
 METHOD_POOL = [

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from graphpatch_cache import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
+from graphpatch_cache.patches import number_refusal
 
 
 @pytest.fixture
@@ -229,3 +230,28 @@ def test_patches_never_mutate_input(x, make):
     if out is not x:
         out.detach().add_(1.0)
         _assert_untouched(x, snap)
+
+
+# -- which patches may apply to a Python-number node (checked when pg.patch is entered) -----------
+
+
+@dataclass(kw_only=True)
+class _OwnZero(ZeroPatch):
+    def op(self, value):
+        return value
+
+
+@pytest.mark.parametrize("kind, patch, allowed", [
+    ("int", ProbePatch(), True), ("int", RecordPatch(), True), ("int", CustomPatch(custom_op=abs), True),
+    ("int", _OwnZero(), True), ("int", ReplacePatch(value=3), True), ("int", AddPatch(value=-1), True),
+    ("SymInt", ReplacePatch(value=3), True), ("float", AddPatch(value=0.5), True),
+    ("int", ReplacePatch(value=None), True), ("int", ReplacePatch(value="a string"), True),
+    ("int", ZeroPatch(), False), ("bool", ZeroPatch(), False), ("int", ReplacePatch(value=torch.tensor(3)), False),
+    ("int", AddPatch(value=torch.ones(1)), False), ("float", ReplacePatch(value=[torch.ones(1)]), False),
+    ("int", ReplacePatch(value=1, slice=0), False), ("int", AddPatch(value=1, slice=[0]), False),
+])
+def test_number_refusal(kind, patch, allowed):
+    why = number_refusal(patch, kind)
+    assert (why is None) == allowed, why
+    if not allowed:
+        assert type(patch).__name__ in why
