@@ -289,3 +289,10 @@ class NewVariantWarning(UserWarning):
 
 
 __all__ += ["NewVariantWarning"]
+
+
+class OpaqueModuleWarning(UserWarning):
+    """Modules that could not be compiled stay opaque: the ops inside them are not nodes."""
+
+
+__all__ += ["OpaqueModuleWarning"]

@@ -236,8 +236,11 @@ def extract(
     :raises SerializationError: a graph calls something that cannot be stored as data.
     """
     options = options or ExtractionOptions()
-    with on_demand.announced(options):
-        return _extract(model, args, kwargs, options, inputs)
+    with on_demand.announced(options) as outermost:
+        artifact = _extract(model, args, kwargs, options, inputs)
+    if outermost:
+        on_demand.report_opaque(artifact.extraction.get("opaque") or {}, options)
+    return artifact
 
 
 def _extract(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]],

@@ -12,13 +12,15 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
-from ..errors import NewVariantWarning, SignatureMismatchError
+from ..errors import NewVariantWarning, OpaqueModuleWarning, SignatureMismatchError
 from ..options import ON_DEMAND, ExtractionOptions
 
 #: seconds the last extraction in this process took (None before the first)
 _last_seconds: Optional[float] = None
+#: extractions running in this thread's call stack (an opaque module's calls extract inside)
+_depth = 0
 
 _AVOID = ("pass inputs of a signature extracted before (same argument names, dtypes, and sizes of 1 vs "
           "larger), or build this signature ahead of time (`graphpatch-cache build MODEL --batch-size ... "
@@ -27,9 +29,10 @@ _AVOID = ("pass inputs of a signature extracted before (same argument names, dty
 
 
 @contextmanager
-def announced(options: ExtractionOptions) -> Iterator[None]:
-    """Around one extraction: say why it runs on demand (or refuse it), and time it."""
-    global _last_seconds
+def announced(options: ExtractionOptions) -> Iterator[bool]:
+    """Around one extraction: say why it runs on demand (or refuse it), and time it. Yields
+    whether it is the outermost extraction (the one a user's call started)."""
+    global _last_seconds, _depth
     reason = ON_DEMAND.get()
     if reason is not None and options.on_new_variant == "error":
         raise SignatureMismatchError(
@@ -41,11 +44,31 @@ def announced(options: ExtractionOptions) -> Iterator[None]:
                       f"To avoid it: {_AVOID}", NewVariantWarning, stacklevel=2)
     start = time.perf_counter()
     token = ON_DEMAND.set(None)  # what this extraction runs (child graphs, opaque routers) is part of it
+    _depth += 1
     try:
-        yield
+        yield _depth == 1
     finally:
+        _depth -= 1
         ON_DEMAND.reset(token)
-    _last_seconds = time.perf_counter() - start
+    if _depth == 0:
+        _last_seconds = time.perf_counter() - start
 
 
-__all__ = ["announced"]
+def report_opaque(failures: Dict[str, str], options: ExtractionOptions) -> None:
+    """One warning naming the modules that could not be compiled (their ops are not nodes),
+    unless each was warned about already (``warn_on_compilation_failure``)."""
+    if not failures or options.warn_on_compilation_failure:
+        return
+    listed = "; ".join(f"{path or '<root>'}: {why}" for path, why in sorted(failures.items())[:5])
+    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+    warnings.warn(
+        f"graphpatch_cache: {len(failures)} module{'s' if len(failures) != 1 else ''} could not be compiled and "
+        f"{'stay' if len(failures) != 1 else 'stays'} opaque, so the ops inside {'them' if len(failures) != 1 else 'it'} "
+        f"are not nodes: {listed}{more}. "
+        "What still works: patching an opaque module's inputs, output, parameters and plain attributes, and "
+        "everything outside it. To silence this, keep such modules opaque on purpose "
+        "(ExtractionOptions(classes_to_skip_compiling=(TheClass,))) or filter OpaqueModuleWarning",
+        OpaqueModuleWarning, stacklevel=3)
+
+
+__all__ = ["announced", "report_opaque"]

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 from ..artifact import ModuleGraph, NodeData
 from ..errors import NodePathError, NotAValueError, close_matches
+from .path_errors import unknown_path
 from .shapes import InputBinder, ShapeScope, describe_meta, scope_of, shape_from_meta
 from ..artifact.names import join_path
 
@@ -262,7 +263,7 @@ class NodePath:
                 alias = node._np_alias(rest[0], segments[1:])
                 if alias is not None:
                     return alias, ()
-            raise self._np_unknown(path)
+            raise self._np_unknown(path, node)
         try:
             return node._np_walk_parts(segments)
         except NodePathError:
@@ -316,15 +317,9 @@ class NodePath:
         return NodePath(path, node=self._np_node, index=self._np_index, scope=self._np_scope,
                         graph_path=self._np_graph_path, keys=self._np_keys + extra, meta={}, register=False)
 
-    def _np_unknown(self, path: str) -> NodePathError:
+    def _np_unknown(self, path: str, reached: Optional["NodePath"] = None) -> NodePathError:
         full = f"{self._np_path}.{path}" if self._np_path and path else (path or self._np_path)
-        suggestions = close_matches(full, self._np_index)
-        return NodePathError(
-            f"no node at path {full!r}",
-            node_path=full,
-            suggestions=suggestions,
-            hint="close matches: " + ", ".join(suggestions or ["(none)"]),
-        )
+        return unknown_path(full, self._np_index, reached)
 
     def _np_lookup(self, path: str) -> "NodePath":
         found, extra = self._np_find(path)
