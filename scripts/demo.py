@@ -39,7 +39,7 @@ def main() -> None:
         pg = load_cached(model, store=CacheStore(root, local_dir=local), **inputs)
         load_s = time.perf_counter() - start
         print(f"\nload_cached: {'cache hit' if pg.cache_stats.hits else 'extracted'} in {load_s:.2f} s, "
-              f"{len(pg.graph._np_index)} node paths")
+              f"{len(pg.node_paths())} value nodes (pg.node_paths())")
 
         inputs = {"input_ids": torch.randint(0, config.vocab_size, (1, 12)), "use_cache": False}
         node = "transformer.h_1.mlp.act.mul_3"

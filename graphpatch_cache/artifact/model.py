@@ -122,6 +122,12 @@ class GraphArtifact:
     extraction: Dict[str, Any]
     versions: Dict[str, str]
 
+    def __repr__(self) -> str:  # the dataclass repr printed every node (about 700 KB for a 7B model)
+        graphs = list(self.root.walk())
+        dims = [leaf.get("dims", leaf.get("value")) for leaf in self.signature.get("leaves", [])]
+        return (f"GraphArtifact({self.model_class.rpartition('.')[2]}, inputs {dims}, {len(graphs)} graphs, "
+                f"{sum(len(g.nodes) for g in graphs)} nodes)")
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 

@@ -32,7 +32,7 @@ from .guards import preserved_global_state
 from .node_path import NodePath
 from .patch_stack import PathResolver, StackEntry, Variant, forget, leave, sync
 from .patching import PatchInstaller
-from .recording import NodeSelector, record
+from .recording import NodeSelector, record, select
 from ..artifact.names import join_path
 
 #: ``(model, args, kwargs, options) -> GraphArtifact``; the cache plugs in a memoized one.
@@ -215,6 +215,10 @@ class PatchableGraph(torch.nn.Module):
         inputs = self._canonical(args, kwargs)
         leaves, spec = flat_inputs(inputs)
         return self._variant_for(inputs, leaves, spec)
+
+    def node_paths(self, nodes: NodeSelector = "*") -> List[str]:
+        """The value node paths ``nodes`` selects (as :meth:`record` takes it), in graph order."""
+        return list(select(self.graph, nodes))
 
     def record(self, *args: Any, nodes: NodeSelector = "*", **kwargs: Any) -> Tuple[Any, Dict[str, Any]]:
         """Call the graph and record many values: ``out, acts = pg.record(input_ids,

@@ -191,3 +191,17 @@ def test_identical_layers_share_their_patched_code_and_keep_their_own_slots(llam
         handle.remove()
     assert torch.equal(out.logits, expected.logits)
     assert torch.equal(probe.activation, hooked["model.layers.2.mlp"])
+
+
+def test_node_paths_lists_what_record_records_and_variants_print_short(llama):
+    model, inputs, pg = llama
+    paths = pg.node_paths()
+    _, acts = pg.record(**inputs)
+    assert paths == list(acts) and len(paths) > 100
+    assert all(pg.graph[p]._is_value for p in paths)
+    mlp = pg.node_paths("model.layers_0.mlp.*")
+    assert mlp and all(p.startswith("model.layers_0.mlp.") for p in mlp)
+    assert pg.node_paths(lambda p: p.endswith(".output")) == [p for p in paths if p.endswith(".output")]
+    text = repr(pg.variants)
+    nodes = sum(len(g.nodes) for g in pg.artifact.root.walk())
+    assert len(text) < 400 and "LlamaForCausalLM" in text and f"{nodes} nodes" in text
