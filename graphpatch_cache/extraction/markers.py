@@ -246,7 +246,8 @@ class Recorder(OpaqueOutputs):
         made = kv_cache.caches_in(output)
         record.returns_cache = bool(made)
         self.saw_cache = self.saw_cache or record.returns_cache
-        if record.module is self.model and len(made) == 1:
+        # (an encoder-decoder cache is not made on the meta device: see kv_cache.empty_cache)
+        if record.module is self.model and len(made) == 1 and hasattr(made[0], "layers"):
             given = [x for x in record.input_leaves if isinstance(x, (self.cache_class, kv_cache.CacheState))]
             if not given:
                 self.created_cache = [
