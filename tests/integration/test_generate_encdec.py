@@ -51,7 +51,7 @@ def _bart():
     torch.manual_seed(0)
     config = T.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                          init_std=0.5)  # (forced_eos_token_id=2 by default: the last token is forced)
+                          init_std=0.2)  # (forced_eos_token_id=2 by default: the last token is forced)
     model = T.BartForConditionalGeneration(config).eval()
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
