@@ -298,12 +298,15 @@ class PatchableGraph(torch.nn.Module):
         sequence. The default (None) follows the model's ``generation_config.use_cache``, and
         steps without a cache (with a warning) for a model whose cache cannot go through a
         graph. Where ``attention_mask`` has padding, position ids are computed from it as
-        ``model.generate`` does.
+        ``model.generate`` does. An encoder-decoder model (T5, BART, Whisper: ``input_ids`` is
+        its main input, ``input_features`` for Whisper) runs its encoder once and returns the
+        decoder's sequences (see :mod:`graphpatch_cache.runtime.generate_encdec`).
 
         :raises UnsupportedCacheError: ``use_cache=True`` for a model whose forward takes no
             cache, or whose cache cannot go through a graph (sliding-window or hybrid caches);
             the message names the model class; ``use_cache=False`` works for every model.
-        :raises SignatureMismatchError: for sampling (``do_sample=True``).
+        :raises SignatureMismatchError: for sampling (``do_sample=True``); for an encoder-decoder
+            model, a generation setting whose logits processor it does not apply.
 
         Defaults (``use_cache``, ``eos_token_id``, ``pad_token_id``) come from
         ``pg.generation_config`` (a copy of the model's, which you may change), or from the

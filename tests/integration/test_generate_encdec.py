@@ -191,3 +191,15 @@ def test_unsupported_generation_settings_are_refused_by_name(case):
         assert "pg.generation_config.no_repeat_ngram_size = None" in info.value.hint
     finally:
         case.pg.generation_config.no_repeat_ngram_size = saved
+
+
+@pytest.mark.parametrize("case", ["t5"], indirect=True)  # (the same T5 as above: two more graphs)
+def test_without_a_cache_the_encoder_still_runs_once(case):
+    expected = _model_generate(case, use_cache=False)
+    runs: List[int] = []
+    lengths: List[int] = []
+    with case.pg.patch({case.encoder_node: CustomPatch(custom_op=lambda t: (runs.append(1), t)[1]),
+                        case.decoder_embed: CustomPatch(custom_op=lambda t: (lengths.append(t.shape[1]), t)[1])}):
+        got = _generate(case, use_cache=False)
+    assert torch.equal(got, expected)
+    assert runs == [1] and lengths == list(range(1, NEW + 1))  # the whole decoder sequence, every step
