@@ -246,9 +246,26 @@ def new_cache(state: CacheState) -> Any:
     return write_state(module.DynamicCache(), state)
 
 
-def empty_cache(dtypes: List[Optional[Tuple[torch.dtype, torch.dtype]]], device: Any) -> Any:
+#: per layer, its key and value dtypes (None: a layer left empty); a pair of such lists (self-
+#: and cross-attention layers) for an encoder-decoder cache
+LayerDtypes = Any
+
+
+def layer_dtypes(cache: Any) -> LayerDtypes:
+    """What :func:`empty_cache` needs to make a cache like ``cache``."""
+    def each(layers: Any) -> List[Optional[Tuple[torch.dtype, torch.dtype]]]:
+        return [(layer.keys.dtype, layer.values.dtype) if getattr(layer, "is_initialized", False) else None
+                for layer in layers]
+
+    if hasattr(cache, "cross_attention_cache"):
+        return (each(cache.self_attention_cache.layers), each(cache.cross_attention_cache.layers))
+    return each(cache.layers)
+
+
+def empty_cache(dtypes: LayerDtypes, device: Any) -> Any:
     """A DynamicCache whose layers are initialized and empty, as the model's first update
-    leaves them before concatenating (``dtypes[i]``: layer i's key and value dtypes).
+    leaves them before concatenating (``dtypes[i]``: layer i's key and value dtypes); an
+    EncoderDecoderCache of two such caches for a pair of lists (see :func:`layer_dtypes`).
 
     Why: dynamo (torch 2.13) folds ``torch.tensor([], device="meta")``, which
     ``DynamicLayer.lazy_initialization`` calls, into a real meta tensor that fake tensors then
@@ -256,6 +273,8 @@ def empty_cache(dtypes: List[Optional[Tuple[torch.dtype, torch.dtype]]], device:
     on the meta device) hands the model this cache where the model would create its own.
     """
     module = _cache_module()
+    if isinstance(dtypes, tuple):  # (empty cross-attention layers: is_updated is False)
+        return module.EncoderDecoderCache(empty_cache(dtypes[0], device), empty_cache(dtypes[1], device))
     cache = module.DynamicCache()
     for kv in dtypes:
         layer = module.DynamicLayer()
@@ -314,6 +333,7 @@ __all__ = [
     "cache_layers",
     "caches_in",
     "is_cache",
+    "layer_dtypes",
     "new_cache",
     "restore_caches",
     "to_state",

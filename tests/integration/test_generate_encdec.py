@@ -203,3 +203,23 @@ def test_without_a_cache_the_encoder_still_runs_once(case):
         got = _generate(case, use_cache=False)
     assert torch.equal(got, expected)
     assert runs == [1] and lengths == list(range(1, NEW + 1))  # the whole decoder sequence, every step
+
+
+def test_the_first_steps_graph_builds_from_a_config_on_the_meta_device(tmp_path):
+    """Traced on the meta device (a build from a config; accelerate-hooked models), the model
+    is handed an empty EncoderDecoderCache where it makes its own (see kv_cache.empty_cache)."""
+    from graphpatch_cache import ExampleSignature, build
+
+    model, _, _ = _t5()
+    store = CacheStore(tmp_path / "store", local_dir=tmp_path / "local")
+    build(model.config, model_class=T.T5ForConditionalGeneration, store=store,
+          signature=ExampleSignature(batch_size=2, seq_len=3, use_cache=True))
+    ids, dec = torch.randint(2, 128, (2, 3)), torch.randint(2, 128, (2, 3))
+    pg = load_cached(model, store=store, input_ids=ids, decoder_input_ids=dec, use_cache=True)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
+    ours, theirs = pg(input_ids=ids, decoder_input_ids=dec, use_cache=True), model(input_ids=ids, decoder_input_ids=dec,
+                                                                                  use_cache=True)
+    assert torch.equal(ours.logits, theirs.logits) and ours.cache.is_updated == {0: True, 1: True}
+    for part in ("self_attention_cache", "cross_attention_cache"):
+        for a, b in zip(getattr(ours.cache, part).layers, getattr(theirs.cache, part).layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
