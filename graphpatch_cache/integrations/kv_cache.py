@@ -112,31 +112,29 @@ def is_cache(value: Any) -> bool:
     return module is not None and isinstance(value, module.Cache)
 
 
-_WORKAROUND = ("call with use_cache=False (pg.generate(..., use_cache=False) runs the whole sequence "
-               "each step and gives the same tokens), or pass a DynamicCache")
-
-
 def _check(cache: Any) -> None:
     module = _cache_module()
     if type(cache) is module.EncoderDecoderCache:
         _check_encoder_decoder(cache)
         return
     kind = type(cache).__name__
+    workaround = ("call with use_cache=False (pg.generate(..., use_cache=False) runs the whole sequence "
+                  "each step and gives the same tokens), or pass a DynamicCache")
     if type(cache) is not module.DynamicCache:
         raise UnsupportedCacheError(
             f"{kind} cannot go through an extracted graph: only DynamicCache (grown by concatenation) and "
-            f"EncoderDecoderCache of two DynamicCaches are supported", cache_class=kind, hint=_WORKAROUND)
+            f"EncoderDecoderCache of two DynamicCaches are supported", cache_class=kind, hint=workaround)
     if getattr(cache, "offloading", False):
         raise UnsupportedCacheError(
             "a DynamicCache with offloading=True cannot go through an extracted graph (it moves tensors "
-            "between devices on side streams)", cache_class=kind, hint=_WORKAROUND)
+            "between devices on side streams)", cache_class=kind, hint=workaround)
     for i, layer in enumerate(cache.layers):
         if type(layer) is not module.DynamicLayer:
             raise UnsupportedCacheError(
                 f"layer {i} of this DynamicCache is a {type(layer).__name__}: models with sliding-window, "
                 f"linear-attention or other special cache layers (Mistral/Gemma-style sliding windows, hybrid "
                 f"models) are not supported through the graph yet, only plain DynamicLayer",
-                cache_class=type(layer).__name__, hint=_WORKAROUND)
+                cache_class=type(layer).__name__, hint=workaround)
 
 
 def _check_encoder_decoder(cache: Any) -> None:
