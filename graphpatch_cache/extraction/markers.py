@@ -95,7 +95,7 @@ class Recorder(OpaqueOutputs):
         #: the cache the model's own call created (its layers' key/value dtypes), when it was
         #: called without one; with ``inject_cache`` the trace hands the model an equal one
         #: (see :func:`kv_cache.empty_cache`)
-        self.created_cache: Optional[List[Optional[Tuple[torch.dtype, torch.dtype]]]] = None
+        self.created_cache: Optional[kv_cache.LayerDtypes] = None
         self.inject_cache = False
         #: whether the eager recording saw a cache object at all (else the trace skips the
         #: search for caches in every call's inputs and outputs)
@@ -249,10 +249,7 @@ class Recorder(OpaqueOutputs):
         if record.module is self.model and len(made) == 1:
             given = [x for x in record.input_leaves if isinstance(x, (self.cache_class, kv_cache.CacheState))]
             if not given:
-                self.created_cache = [
-                    (layer.keys.dtype, layer.values.dtype) if getattr(layer, "is_initialized", False) else None
-                    for layer in made[0].layers
-                ]
+                self.created_cache = kv_cache.layer_dtypes(made[0])
         leaves, spec = _compat.tree_flatten(kv_cache.as_states(output))
         record.output_spec = spec
         record.output_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]

@@ -13,6 +13,7 @@ from typing import Any, List
 import torch
 
 from .. import _compat
+from ..integrations import kv_cache
 
 
 def _plain(value: Any) -> bool:
@@ -65,7 +66,7 @@ def _route_caches(marker: Any, tag: str, value: Any, cls: Any) -> Any:
         if isinstance(leaves[i], torch.Tensor):
             flat.append(leaves[i])
         elif isinstance(leaves[i], cls):
-            for layer in leaves[i].layers:
+            for layer in kv_cache.cache_layers(leaves[i]):
                 if layer.is_initialized:
                     flat.append(layer.keys)
                     flat.append(layer.values)
@@ -76,7 +77,7 @@ def _route_caches(marker: Any, tag: str, value: Any, cls: Any) -> Any:
             leaves[i] = new[j]
             j += 1
         elif isinstance(leaves[i], cls):
-            for layer in leaves[i].layers:
+            for layer in kv_cache.cache_layers(leaves[i]):
                 if layer.is_initialized:
                     layer.keys = new[j]
                     layer.values = new[j + 1]

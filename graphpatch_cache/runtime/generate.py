@@ -16,6 +16,7 @@ import torch
 
 from ..errors import SignatureMismatchError, UnsupportedCacheError
 from ..integrations import kv_cache
+from . import generate_encdec
 
 
 def generate(
@@ -41,6 +42,9 @@ def generate(
                                    pad_token_id=pad_token_id, **model_kwargs)
     cache_arg = _cache_argument(pg.model) if use_cache else None
     eos, pad_token_id = _stop_tokens(config, eos_token_id, pad_token_id)
+    if generate_encdec.is_encoder_decoder(pg.model):
+        return generate_encdec.generate(pg, input_ids, attention_mask, max_new_tokens, use_cache, eos, pad_token_id,
+                                        config, model_kwargs)
     return _decode(pg, input_ids, attention_mask, max_new_tokens, cache_arg, eos, pad_token_id, model_kwargs)
 
 

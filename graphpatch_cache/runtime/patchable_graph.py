@@ -20,7 +20,7 @@ import torch
 from .. import _compat
 from ..artifact import GraphArtifact
 from ..artifact.signature import SignatureMatcher, signature_key
-from ..errors import NodePathError, NotPicklableError, SignatureMismatchError, UnsupportedCacheError
+from ..errors import NotPicklableError, SignatureMismatchError, UnsupportedCacheError
 from ..integrations import kv_cache
 from ..live.inputs import InputBinder, flat_inputs, mismatch
 from ..options import ON_DEMAND, ExtractionOptions
@@ -32,6 +32,7 @@ from .guards import preserved_global_state
 from .node_path import NodePath
 from .patch_stack import PathResolver, StackEntry, Variant, forget, leave, sync
 from .patching import PatchInstaller
+from .path_errors import patched_but_missing
 from .recording import NodeSelector, record, select
 from ..artifact.names import join_path
 
@@ -49,6 +50,7 @@ class PatchableGraph(torch.nn.Module):
     """
 
     _model: torch.nn.Module  # (set with object.__setattr__: the model is not a submodule)
+    _skipped: Tuple[str, ...] = ()  # graphs (paths with a dot) a call may skip: generate_encdec.skipping
 
     def __init__(self, module: torch.nn.Module, *example_args: Any, **example_kwargs: Any) -> None:
         options, args = _split_options(example_args)
@@ -186,16 +188,11 @@ class PatchableGraph(torch.nn.Module):
                 leaves, spec = flat_inputs(inputs)
         variant = self._variant_for(inputs, leaves, spec)
         variant.installer.settle()
-        if variant.installer.missing:
-            graph_path, node, _ = variant.installer.missing[0]
-            path = join_path(graph_path, node)
-            raise NodePathError(
-                f"node {path!r} is patched, but the graph for this call's signature has no such node "
-                f"(it exists in the graph of another call signature)",
-                node_path=path,
-                hint="patch only nodes of the graph this call uses (look at pg.graph_for(...)), or call "
-                "with inputs of the signature whose graph has the node",
-            )
+        missing = variant.installer.missing
+        if missing and self._skipped:  # (a graph this call's model skips: its patches wait)
+            missing = [m for m in missing if not (m[0] + ".").startswith(self._skipped)]
+        if missing:
+            raise patched_but_missing(join_path(missing[0][0], missing[0][1]))
         with preserved_global_state():  # whatever the graph did to grad mode, autocast, dtype
             output = variant.root(*[x for x in leaves if isinstance(x, torch.Tensor)])
         if variant.returns_cache is False:
@@ -301,12 +298,15 @@ class PatchableGraph(torch.nn.Module):
         sequence. The default (None) follows the model's ``generation_config.use_cache``, and
         steps without a cache (with a warning) for a model whose cache cannot go through a
         graph. Where ``attention_mask`` has padding, position ids are computed from it as
-        ``model.generate`` does.
+        ``model.generate`` does. An encoder-decoder model (T5, BART, Whisper: ``input_ids`` is
+        its main input, ``input_features`` for Whisper) runs its encoder once and returns the
+        decoder's sequences (see :mod:`graphpatch_cache.runtime.generate_encdec`).
 
         :raises UnsupportedCacheError: ``use_cache=True`` for a model whose forward takes no
             cache, or whose cache cannot go through a graph (sliding-window or hybrid caches);
             the message names the model class; ``use_cache=False`` works for every model.
-        :raises SignatureMismatchError: for sampling (``do_sample=True``).
+        :raises SignatureMismatchError: for sampling (``do_sample=True``); for an encoder-decoder
+            model, a generation setting whose logits processor it does not apply.
 
         Defaults (``use_cache``, ``eos_token_id``, ``pad_token_id``) come from
         ``pg.generation_config`` (a copy of the model's, which you may change), or from the

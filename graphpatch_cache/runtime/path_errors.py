@@ -28,4 +28,15 @@ def unknown_path(full: str, known: Iterable[str], reached: Any) -> NodePathError
                          hint="close matches: " + ", ".join(suggestions or ["(none)"]))
 
 
-__all__ = ["unknown_path"]
+def patched_but_missing(path: str) -> NodePathError:
+    """A patched node that the graph of this call's signature lacks."""
+    return NodePathError(
+        f"node {path!r} is patched, but the graph for this call's signature has no such node "
+        f"(it exists in the graph of another call signature)",
+        node_path=path,
+        hint="patch only nodes of the graph this call uses (look at pg.graph_for(...)), or call "
+        "with inputs of the signature whose graph has the node",
+    )
+
+
+__all__ = ["patched_but_missing", "unknown_path"]
