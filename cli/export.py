@@ -26,7 +26,7 @@ import click
 
 from graphpatch_cache.cache import environment_fingerprint
 
-from .options import common_options, open_store
+from .options import common_options, open_store, resolve_key
 from .output import emit_json, human_size, note
 
 
@@ -34,6 +34,7 @@ from .output import emit_json, human_size, note
 File format: {"format": "graphpatch-cache-portable", "key": KEY, "sha256": digest of the
 artifacts, "artifacts": [...], "provenance": [...]} (JSON; see cache_schema/SPEC.md).
 PatchableGraph.load(FILE, model) reads it too. Entries that fail `verify` are not exported.
+KEY is a key, a unique prefix, or a MODEL as `build` takes it (default model options).
 
 \b
 --json prints:
@@ -42,6 +43,7 @@ PatchableGraph.load(FILE, model) reads it too. Entries that fail `verify` are no
 \b
 Examples:
   graphpatch-cache export 3fa9c1 -o llama-7b.graphs.json
+  graphpatch-cache export tiny-gpt2 -o tiny.graphs.json
   graphpatch-cache export 3fa9c1 -o - | ssh gpu-box graphpatch-cache import -
 """)
 @click.argument("key")
@@ -51,7 +53,7 @@ Examples:
 def export(key: str, output: str, cache_dir: Optional[Path], as_json: bool) -> None:
     """Write every graph variant of KEY to one portable file."""
     store = open_store(cache_dir)
-    key = store.resolve(key)
+    key = resolve_key(store, key)
     from graphpatch_cache.cache import export_portable  # deferred: imports torch
 
     data = export_portable(store, key, None if output == "-" else Path(output))  # written atomically

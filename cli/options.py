@@ -9,12 +9,14 @@ finds exactly the key ``build MODEL`` wrote.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import click
 
 from graphpatch_cache.cache import CacheStore, parse_duration, parse_size
+from graphpatch_cache.errors import CacheMissError, GraphPatchCacheError
 
 from .presets import resolve_model
 
@@ -144,11 +146,45 @@ def model_key(spec: Dict[str, Any]) -> str:
     return cache_key(model, **spec["signature"].inputs(model.config, model))
 
 
-def resolve_keys(store: CacheStore, prefixes: Any) -> List[str]:
-    """Full keys for key prefixes (each must match exactly one key)."""
+#: the model options' defaults (a MODEL given where no model options are taken)
+DEFAULT_MODEL_ARGS: Dict[str, Any] = {"dtype": "auto", "load_in_8bit": False, "batch_size": 1, "seq_len": 8,
+                                      "attention_mask": False, "use_cache": False, "past_length": 0}
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+
+
+def resolve_key(store: CacheStore, target: str, model_args: Optional[Dict[str, Any]] = None) -> str:
+    """The full key of ``target``: a key or a unique key prefix, else a MODEL as ``build`` takes
+    it (with ``model_args``, default: the model options' defaults) whose graph is cached.
+
+    :raises CacheMissError: an ambiguous prefix, or neither a key nor a cached MODEL.
+    """
+    if _HEX.match(target):
+        found = [k for k in store.keys() if k.startswith(target.lower())]
+        if found:
+            return store.resolve(target)  # (raises for an ambiguous prefix)
+    try:
+        spec = model_spec(target, **(model_args or DEFAULT_MODEL_ARGS))
+    except GraphPatchCacheError as exc:
+        if _HEX.match(target):
+            raise CacheMissError(f"no cache entry with key prefix {target!r} in {store.root}", path=str(store.root),
+                                 hint="list the entries with `graphpatch-cache ls`") from exc
+        raise CacheMissError(f"no cache entry for {target!r}: not a key in {store.root}, and {exc.message}",
+                             path=str(store.root), hint=exc.hint) from exc
+    key = model_key(spec)
+    if not store.variants(key):
+        raise CacheMissError(
+            f"{target} is not in the cache at {store.root} (key {key[:12]})", path=str(store.root),
+            hint=f"build it with `graphpatch-cache build {target}` and the same model options (--dtype, "
+                 "--load-in-8bit, --batch-size, --seq-len, --attention-mask, --use-cache, --past-length)",
+        )
+    return key
+
+
+def resolve_keys(store: CacheStore, targets: Any) -> List[str]:
+    """Full keys for key prefixes or MODELs (:func:`resolve_key`; each must name one key)."""
     out: List[str] = []
-    for prefix in prefixes:
-        key = store.resolve(prefix)
+    for target in targets:
+        key = resolve_key(store, target)
         if key not in out:
             out.append(key)
     return out
@@ -160,4 +196,5 @@ def is_verbose(ctx: Optional[click.Context] = None) -> bool:
 
 
 __all__ = ["DTYPES", "DURATION", "SIZE", "cache_dir_option", "common_options", "is_verbose", "json_option",
-           "model_key", "model_options", "model_spec", "open_store", "resolve_keys", "verbose_option"]
+           "model_key", "model_options", "model_spec", "open_store", "resolve_key", "resolve_keys",
+           "verbose_option"]

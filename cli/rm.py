@@ -12,8 +12,8 @@ from .output import emit_json
 
 
 @click.command(epilog="""\b
-Removes every graph variant of each KEY (a unique prefix will do); blobs that other keys
-share are kept. Safe while others use the cache: a removed entry is a miss.
+Removes every graph variant of each KEY (a unique prefix will do, or a MODEL as `build`
+takes it, built with the default model options); blobs that other keys share are kept. Safe while others use the cache: a removed entry is a miss.
 
 \b
 --json prints:
@@ -22,6 +22,7 @@ share are kept. Safe while others use the cache: a removed entry is a miss.
 \b
 Examples:
   graphpatch-cache rm 3fa9c1
+  graphpatch-cache rm tiny-gpt2
   graphpatch-cache rm $(graphpatch-cache ls --json | jq -r '.entries[].key')
 """)
 @click.argument("keys", nargs=-1, required=True, metavar="KEY...")

@@ -2,47 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
 from graphpatch_cache.cache import CacheEntry, CacheStore, node_tree
-from graphpatch_cache.errors import CacheMissError, GraphPatchCacheError
+from graphpatch_cache.errors import CacheMissError
 
-from .options import common_options, model_key, model_options, model_spec, open_store
+from .options import common_options, model_options, open_store, resolve_key
 from .output import emit_json, note
-
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
-
 
 def find_entry(store: CacheStore, target: str, model_args: Dict[str, Any]) -> Tuple[CacheEntry, Any]:
     """(entry, artifact) for a key prefix, or for MODEL built with ``model_args``.
 
     :raises CacheMissError: neither a key in the cache nor a model whose graph is cached.
     """
-    key = None
-    if _HEX.match(target):
-        try:
-            key = store.resolve(target)
-        except CacheMissError:
-            key = None
-    if key is None:
-        try:
-            spec = model_spec(target, **model_args)
-        except GraphPatchCacheError as exc:
-            if _HEX.match(target):
-                raise CacheMissError(f"no cache entry with key prefix {target!r} in {store.root}", path=str(store.root),
-                                     hint="list the entries with `graphpatch-cache ls`") from exc
-            raise
-        key = model_key(spec)
-        if not store.variants(key):
-            raise CacheMissError(
-                f"{target} is not in the cache at {store.root} (key {key[:12]})", path=str(store.root),
-                hint=f"build it with `graphpatch-cache build {target}` and the same model options (--dtype, "
-                     "--load-in-8bit, --batch-size, --seq-len, --attention-mask, --use-cache, --past-length)",
-            )
+    key = resolve_key(store, target, model_args)
     entries = store.variants(key)
     for entry in entries:
         artifact = store.load_entry(entry)

@@ -282,6 +282,18 @@ def test_rm(runner, root, built):
     invoke(runner, "rm", code=2)
 
 
+def test_rm_and_export_take_a_model_name_as_show_does(runner, root, built, tmp_path):
+    key = built[1]["key"]
+    out = json.loads(invoke(runner, "export", "tiny-gpt2", "-o", tmp_path / "g.json", "--cache-dir", root,
+                            "--json").stdout)
+    assert out["key"] == key and (tmp_path / "g.json").stat().st_size == out["size"]
+    assert "did you mean tiny-gpt2" in invoke(runner, "rm", "tiny-gtp2", "--cache-dir", root, code=1).stderr
+    assert (root / "refs" / key).exists()
+    out = json.loads(invoke(runner, "rm", "tiny-gpt2", "--cache-dir", root, "--json").stdout)
+    assert out["removed"] == [{"key": key, "variants": 1}] and not (root / "refs" / key).exists()
+    assert "is not in the cache" in invoke(runner, "rm", "tiny-gpt2", "--cache-dir", root, code=1).stderr
+
+
 def test_rm_and_gc_on_a_read_only_root_fail_and_say_so(runner, root, built):
     """A root this user cannot write (a read-only bind mount stops root too): rm and gc exit 1
     naming the root, with and without --json, and every file is still there."""
