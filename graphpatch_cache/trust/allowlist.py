@@ -101,13 +101,13 @@ def attribute_allowed(name: str) -> bool:
     return name in ATTRIBUTES
 
 
-def _refusal(name: str, node_path: str, why: str) -> DisallowedTargetError:
+def _refusal(name: str, node_path: str, why: str, hint: str = "") -> DisallowedTargetError:
     where = f" at node {node_path}" if node_path else ""
     return DisallowedTargetError(
         f"refusing call target {name!r}{where}: {why}",
         node_path=node_path,
         target=str(name),
-        hint="graphs may call only the targets in graphpatch_cache's allowlist (cache_schema/"
+        hint=hint or "graphs may call only the targets in graphpatch_cache's allowlist (cache_schema/"
         f"{ALLOWLIST_FILE}) and functions registered with graphpatch_cache.register_target; "
         "do not load artifacts you do not trust",
     )
@@ -125,7 +125,14 @@ def resolve_function(name: Any, *, node_path: str = "") -> Any:
         return _REGISTERED[name]
     if not function_allowed(name):
         raise _refusal(name, node_path, "not on the allowlist")
-    return _resolve_listed(name)
+    try:
+        return _resolve_listed(name)
+    except AttributeError:
+        # a listed custom operator (torch.ops.transformers.*) exists only once the library that
+        # defines it has registered it; we never import that library for an artifact
+        raise _refusal(name, node_path, "an operator not registered in this process",
+                       hint="import the library that defines it before loading (transformers registers "
+                       "torch.ops.transformers.* when a Mixture-of-Experts model's module is imported)") from None
 
 
 def _resolve_listed(name: str) -> Any:
@@ -201,8 +208,8 @@ def candidate_name(fn: Any) -> Optional[str]:
         module = _find_torch_home(fn)  # torch builtins defined in C have no module
     if module is None or qual is None:
         return None
-    if module in _compat.TORCH_VARIABLE_FUNCTIONS:
-        module = "torch"
+    if module in _compat.TORCH_VARIABLE_FUNCTIONS or (module == "torch.functional" and getattr(torch, qual, None) is fn):
+        module = "torch"  # torch re-exports torch.functional's functions (torch.split) under its own name
     return f"{module}.{qual}"
 
 

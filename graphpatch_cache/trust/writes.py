@@ -60,7 +60,16 @@ def _may_alias_input(op: str, name: str, fn: Any) -> bool:
     schemas = _op_schemas(op, name, fn)
     if schemas is None:
         return True  # unknown: assume it may (x.float() returns x itself when already float)
-    return any(ret.alias_info is not None for s in schemas for ret in s.returns)
+    return any(_returns_an_input(s) for s in schemas)
+
+
+def _returns_an_input(schema: Any) -> bool:
+    """Whether a schema's result may be one of its inputs. The results of an ``out=`` overload
+    (``topk.values``) alias only its keyword-only output arguments: a write into those is a
+    write the rules above refuse when it reaches a parameter, so its result aliases nothing else."""
+    outs = {a for arg in schema.arguments if arg.kwarg_only and arg.alias_info is not None
+            and arg.alias_info.is_write for a in arg.alias_info.before_set}
+    return any(ret.alias_info is not None and not set(ret.alias_info.before_set) <= outs for ret in schema.returns)
 
 
 def written_inputs(op: str, name: str, fn: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Any]:

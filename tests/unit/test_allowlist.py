@@ -54,6 +54,8 @@ def test_the_list_is_exact_names_that_resolve():
               "register", "backward")
     banned_exact = {"call", "map", "filter", "sorted", "set_", "apply_", "map_", "map2_", "isinstance", "setattr",
                     "delattr", "vars", "globals", "locals", "type", "object", "super", "input", "print", "exit"}
+    if any(name.startswith("torch.ops.transformers.") for name in data["functions"]):
+        import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.*)
     for name in data["functions"]:
         last = name.rsplit(".", 1)[-1]
         assert not name.endswith((".*", ".")) and "__" not in name, name
@@ -67,6 +69,26 @@ def test_the_list_is_exact_names_that_resolve():
         assert not name.startswith("_") and not callable(getattr(torch.ones(2, 2, dtype=torch.complex64), name)), name
     assert set(data["functions"]) == FUNCTIONS and set(data["methods"]) == METHODS
     assert set(data["attributes"]) == ATTRIBUTES
+
+
+def test_a_listed_operator_nobody_registered_is_refused_without_importing(monkeypatch):
+    """A custom operator on the list resolves through torch's dispatcher only: while no library
+    registered it, loading refuses it with a typed error, and nothing is imported for it."""
+    from graphpatch_cache.trust import allowlist
+
+    name = "torch.ops.graphpatch_cache_unregistered.some_op"
+    monkeypatch.setattr(allowlist, "FUNCTIONS", allowlist.FUNCTIONS | {name})
+    before = set(sys.modules)
+    with pytest.raises(DisallowedTargetError, match="not registered in this process") as info:
+        resolve_function(name, node_path="layer.op")
+    assert info.value.node_path == "layer.op" and "import the library" in str(info.value)
+    assert not {m for m in set(sys.modules) - before if "unregistered" in m}
+
+
+def test_torch_functional_names_are_torchs_own():
+    """torch re-exports torch.functional's functions: artifacts name them as torch does."""
+    assert target_name(torch.functional.split) == "torch.split"
+    assert resolve_function("torch.split") is torch.functional.split
 
 
 def test_registered_functions():
