@@ -185,6 +185,12 @@ tree_leaves = pytree.tree_leaves
 #: (torch 2.x); the splitter drops it
 API_USAGE_LOG = torch._C._log_api_usage_once
 
+#: torch's grouped matmul (torch >= 2.8; ``torch.nn.functional.grouped_mm``, torch >= 2.10,
+#: traces to it), which transformers' default Mixture-of-Experts layers call for bfloat16
+#: weights. Its kernels trust the group offsets they are given, so graphs call it through
+#: :func:`graphpatch_cache.trust.functions.grouped_mm`, which bounds them first; None where absent.
+GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
 
 def detect_fake_mode(tensors: Any = None) -> Any:
     """The fake tensor mode of ``tensors`` (None: the active one), else None.
@@ -342,6 +348,7 @@ __all__ = [
     "UnsafeSpecError",
     "API_USAGE_LOG",
     "MappingKey",
+    "GROUPED_MM",
     "TORCH_NN_BUILTINS",
     "TORCH_VARIABLE_FUNCTIONS",
     "detect_fake_mode",

@@ -85,6 +85,27 @@ def test_a_listed_operator_nobody_registered_is_refused_without_importing(monkey
     assert not {m for m in set(sys.modules) - before if "unregistered" in m}
 
 
+@pytest.mark.skipif(_compat.GROUPED_MM is None, reason="torch without torch._grouped_mm (< 2.8)")
+def test_grouped_mm_bounds_the_offsets_torch_trusts():
+    """Graphs call torch._grouped_mm through graphpatch_cache.functions.grouped_mm: the same
+    values for valid offsets; offsets past the rows or decreasing are bounded first, and a
+    wrong number of groups is a typed error (torch's kernels would read outside the operands)."""
+    from graphpatch_cache.errors import ShapeError
+
+    grouped_mm = resolve_function("graphpatch_cache.functions.grouped_mm")
+    assert "torch._grouped_mm" not in FUNCTIONS
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 16, generator=g).bfloat16()
+    b = torch.randn(3, 16, 8, generator=g).bfloat16()
+    offs = torch.tensor([2, 2, 6], dtype=torch.int32)
+    assert torch.equal(grouped_mm(a, b, offs=offs), torch._grouped_mm(a, b, offs=offs))
+    for bad, bounded in [([2, 100, 7], [2, 6, 6]), ([5, 1, 6], [5, 5, 6]), ([-4, 3, 6], [0, 3, 6])]:
+        got = grouped_mm(a, b, offs=torch.tensor(bad, dtype=torch.int32))
+        assert torch.equal(got, torch._grouped_mm(a, b, offs=torch.tensor(bounded, dtype=torch.int32))), bad
+    with pytest.raises(ShapeError, match="one offset per group"):
+        grouped_mm(a, b, offs=torch.tensor([2, 4, 5, 6], dtype=torch.int32))
+
+
 def test_torch_functional_names_are_torchs_own():
     """torch re-exports torch.functional's functions: artifacts name them as torch does."""
     assert target_name(torch.functional.split) == "torch.split"
