@@ -166,6 +166,23 @@ def test_one_experts_output_patched_equals_zeroing_its_weights(case: Case):
     assert torch.equal(got, expected)
 
 
+def test_gradients_equal_the_models(case: Case):
+    """Backward through the graph (transformers' operator brings its own autograd) gives the
+    model's gradients, the router's and the experts' weights included."""
+    def grads(f: Any) -> Dict[str, torch.Tensor]:
+        case.model.zero_grad(set_to_none=True)
+        f(**case.inputs).logits.pow(2).mean().backward()
+        out = {n: p.grad.clone() for n, p in case.model.named_parameters() if p.grad is not None}
+        case.model.zero_grad(set_to_none=True)
+        return out
+
+    expected, got = grads(case.model), grads(case.hit)
+    assert {"experts.gate_up_proj", "gate.weight"} <= {n.split("mlp.", 1)[-1] for n in expected}
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[n], expected[n]) for n in expected), [n for n in expected
+                                                                     if not torch.equal(got[n], expected[n])]
+
+
 def test_bfloat16_experts_call_torch_grouped_mm():
     """bfloat16 weights take torch's grouped matmul (the default path on CUDA SM80+), which
     graphs call through the library's stand-in that bounds its offsets."""
