@@ -25,7 +25,7 @@ import torch.fx
 from .. import _compat
 from ..errors import ExtractionError
 from ..integrations.bitsandbytes import leaf_handler
-from ..trust.functions import grouped_mm, tree_build
+from ..trust.functions import grouped_mm, histc, tree_build
 from . import naming
 from .capture import Capture
 from .frames import Frame, build_custom, build_leaf, build_opaque, read_leaf, size_node
@@ -36,8 +36,11 @@ from .records import CallRecord
 
 #: calls with no effect on values that dynamo records anyway (usage logging); dropped.
 _DROP_TARGETS = frozenset({_compat.API_USAGE_LOG})
-#: torch functions graphs call through the library's checked stand-in (same values)
-_CHECKED_CALLS = {_compat.GROUPED_MM: grouped_mm} if _compat.GROUPED_MM is not None else {}
+#: torch functions graphs call through the library's stand-ins (same values; bounded
+#: arguments, or the same values on every device)
+_CHECKED_CALLS: Dict[Any, Any] = {torch.histc: histc}
+if _compat.GROUPED_MM is not None:
+    _CHECKED_CALLS[_compat.GROUPED_MM] = grouped_mm
 #: a custom extraction function: module -> its fx graph
 CustomFunctions = Mapping[type, Callable[[torch.nn.Module], Any]]
 

@@ -103,6 +103,18 @@ def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional[torch.Te
     return cast(torch.Tensor, _compat.GROUPED_MM(mat_a, mat_b, offs=offs, bias=bias, out_dtype=out_dtype))
 
 
+@_graph_function
+def histc(input: torch.Tensor, bins: int = 100, min: float = 0, max: float = 0) -> torch.Tensor:
+    """``torch.histc`` as extraction stores it: the same values on every device. Traced code may
+    choose the input's dtype by device (transformers' MoE layers count tokens per expert with
+    an integer histogram off CPU, a float one on CPU, where torch has no integer kernel), so a
+    graph traced on CUDA or the meta device counts integers; here they are counted as floats
+    on CPU and MPS, with the integer result torch would give."""
+    if not input.is_floating_point() and input.device.type in ("cpu", "mps"):
+        return torch.histc(input.float(), bins, min, max).to(input.dtype)
+    return torch.histc(input, bins, min, max)
+
+
 def live_attr(ref: "ModuleRef", path: str) -> Any:
     """A module attribute read at call time: accelerate's offload hooks replace parameters
     while the module runs, so graphs of hooked modules must not hold them from bind time.
@@ -283,5 +295,5 @@ def _attributes_set(module: torch.nn.Module, attributes: Optional[Dict[str, Any]
                 module.__dict__[name] = old
 
 
-__all__ = ["ModuleRef", "attribute_exposed", "exposed_attributes", "grouped_mm", "linear_8bit", "live_attr", "module_attribute",
+__all__ = ["ModuleRef", "attribute_exposed", "exposed_attributes", "grouped_mm", "histc", "linear_8bit", "live_attr", "module_attribute",
            "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]

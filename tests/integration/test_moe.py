@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Set
 import pytest
 import torch
 
-from graphpatch_cache import CacheStore, PatchableGraph, ProbePatch, ZeroPatch, load_cached
+from graphpatch_cache import CacheStore, PatchableGraph, ProbePatch, ZeroPatch, build, load_cached
 
 from tiny_models import MOE_FAMILIES, moe_layer, tiny_moe, token_inputs
 
@@ -84,7 +84,7 @@ def test_default_experts_compile_fully_and_exactly(case: Case):
     artifact = case.miss.artifact
     assert artifact.extraction["opaque"] == {}
     assert {g.kind for g in _graphs(artifact.root)} == {"compiled"}
-    assert {FALLBACK, "torch.sort", "torch.histc"} <= _targets(artifact)
+    assert {FALLBACK, "torch.sort", "graphpatch_cache.functions.histc"} <= _targets(artifact)
     for batch, seq in [(2, 7), (3, 11), (2, 2)]:
         inputs = token_inputs(batch=batch, seq=seq, seed=batch * seq)
         assert torch.equal(_logits(case.miss, inputs), _logits(case.model, inputs)), (batch, seq)
@@ -181,6 +181,20 @@ def test_gradients_equal_the_models(case: Case):
     assert expected.keys() == got.keys()
     assert all(torch.equal(got[n], expected[n]) for n in expected), [n for n in expected
                                                                      if not torch.equal(got[n], expected[n])]
+
+
+def test_built_on_the_meta_device_serves_cpu(tmp_path):
+    """``graphpatch-cache build`` traces on the meta device, where transformers counts tokens per
+    expert with an integer histogram (its CUDA path; CPU has no integer kernel): the stored
+    graph still runs on CPU, exactly, from a hit."""
+    model = tiny_moe("mixtral")
+    inputs = token_inputs(batch=2, seq=7)
+    store = CacheStore(tmp_path / "root")
+    built = build(model.config, store=store, **inputs)
+    assert "meta" in built.artifact.extraction["devices"] and built.artifact.extraction["opaque"] == {}
+    pg = load_cached(model, store=store, **inputs)
+    assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0)
+    assert torch.equal(_logits(pg, inputs), _logits(model, inputs))
 
 
 def test_bfloat16_experts_call_torch_grouped_mm():

@@ -106,6 +106,21 @@ def test_grouped_mm_bounds_the_offsets_torch_trusts():
         grouped_mm(a, b, offs=torch.tensor([2, 4, 5, 6], dtype=torch.int32))
 
 
+def test_histc_counts_integers_on_cpu():
+    """Graphs call torch.histc through graphpatch_cache.functions.histc: a graph traced where
+    transformers counts integers (CUDA, the meta device) runs on CPU, which has no integer
+    kernel, with the values and dtype torch gives elsewhere."""
+    histc = resolve_function("graphpatch_cache.functions.histc")
+    assert "torch.histc" not in FUNCTIONS
+    ids = torch.tensor([0, 1, 1, 3, 3, 3], dtype=torch.int32)
+    with pytest.raises(NotImplementedError):
+        torch.histc(ids, bins=4, min=0, max=3)
+    got = histc(ids, bins=4, min=0, max=3)
+    assert got.dtype == torch.int32 and got.tolist() == [1, 2, 0, 3]
+    x = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(histc(x, 7, -1, 1), torch.histc(x, 7, -1, 1))
+
+
 def test_torch_functional_names_are_torchs_own():
     """torch re-exports torch.functional's functions: artifacts name them as torch does."""
     assert target_name(torch.functional.split) == "torch.split"
