@@ -260,6 +260,12 @@ def op_schemas(fn: Any) -> List[Any]:
     return [getattr(fn, o)._schema for o in fn.overloads()]
 
 
+def parse_schema(text: str) -> Any:
+    """A torch operator schema from its text (``torch._C.parse_schema``, private in torch 2.x):
+    the loader checks calls of a reviewed operator against it without the operator registered."""
+    return torch._C.parse_schema(text)
+
+
 def op_name(fn: Any) -> str:
     """The ``torch.ops...`` name of an operator or one overload of it (from the private
     ``_qualified_op_name``, ``_schema`` and ``_overloadname``, torch 2.x)."""
@@ -352,6 +358,7 @@ __all__ = [
     "TORCH_NN_BUILTINS",
     "TORCH_VARIABLE_FUNCTIONS",
     "detect_fake_mode",
+    "parse_schema",
     "find_builtin",
     "is_op_overload",
     "is_op_overload_packet",

@@ -16,7 +16,11 @@ hit/miss counts. One extraction per model (the store's miss), shared by the modu
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Set
 
 import pytest
@@ -41,6 +45,7 @@ class Case:
     miss: Any  # load_cached's first call: extracted and stored
     hit: Any  # the second: bound from the store
     layer: int
+    root: Path  # the store's root
 
     @property
     def mlp(self) -> torch.nn.Module:
@@ -55,10 +60,11 @@ def case(request, tmp_path_factory) -> Case:
     family = request.param
     model = tiny_moe(family)
     inputs = token_inputs(batch=2, seq=7)
-    store = CacheStore(tmp_path_factory.mktemp(family) / "root")
+    root = tmp_path_factory.mktemp(family) / "root"
+    store = CacheStore(root)
     miss = load_cached(model, store=store, **inputs)
     hit = load_cached(model, store=store, **inputs)
-    return Case(family, model, inputs, miss, hit, moe_layer(family))
+    return Case(family, model, inputs, miss, hit, moe_layer(family), root)
 
 
 def _graphs(graph: Any) -> List[Any]:
@@ -101,6 +107,25 @@ def test_cache_hit_round_trip(case: Case):
     weight = case.mlp.experts.gate_up_proj
     bound = [t for t in case.hit.parameters() if t.data_ptr() == weight.data_ptr()]
     assert bound and all(t is weight for t in bound)
+
+
+_VERIFY = """
+import sys
+from graphpatch_cache import CacheStore
+report = CacheStore(sys.argv[1], local_dir=sys.argv[2]).check()
+assert report.checked == 1 and not report.problems, report
+assert "transformers.integrations.moe" not in sys.modules and "transformers" not in sys.modules
+print("ok")
+"""
+
+
+@pytest.mark.subprocess
+def test_verify_accepts_the_entry_without_transformers(case: Case, tmp_path):
+    """``graphpatch-cache verify`` runs the loader's checks in a process that never imported
+    transformers: transformers' operator is checked against its reviewed schema there."""
+    proc = subprocess.run([sys.executable, "-c", _VERIFY, str(case.root), str(tmp_path / "local")],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_router_logits_probe_equals_a_hook_on_the_router(case: Case):

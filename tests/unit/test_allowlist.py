@@ -121,6 +121,63 @@ def test_histc_counts_integers_on_cpu():
     assert torch.equal(histc(x, 7, -1, 1), torch.histc(x, 7, -1, 1))
 
 
+class _Plain(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def _calling(target: str, args: list):
+    """A hand-built artifact whose graph returns ``target(*args)`` (``{"n": "x"}``: its input)."""
+    import dataclasses
+
+    from graphpatch_cache.artifact import NodeData
+    from graphpatch_cache.live.structure import structure
+    from hand_built import scaling_artifact
+
+    model = _Plain()
+    artifact = scaling_artifact(model_class=f"{_Plain.__module__}.{_Plain.__qualname__}")
+    nodes = [artifact.root.nodes[0],
+             NodeData(name="called", op="call_function", target=target, args={"t": args}, kwargs={"d": []},
+                      meta=dict(artifact.root.nodes[1].meta)),
+             dataclasses.replace(artifact.root.nodes[2], args={"t": [{"n": "called"}]})]
+    extraction = {**artifact.extraction, "structure": structure(model)}
+    return dataclasses.replace(artifact, root=dataclasses.replace(artifact.root, nodes=nodes), extraction=extraction), model
+
+
+def test_a_reviewed_operator_is_checked_by_its_schema_and_bound_only_when_registered(monkeypatch):
+    """A listed operator of another library is checked against its reviewed schema, so a
+    process that never registered it (``graphpatch-cache verify``) accepts a valid artifact and
+    refuses a call that does not fit; binding needs the operator registered, with that schema."""
+    from graphpatch_cache.runtime.bind import bind
+    from graphpatch_cache.trust import allowlist
+    from graphpatch_cache.trust.validate import check_artifact
+
+    unregistered, mismatched = "torch.ops.graphpatch_cache_unregistered.double", "torch.ops.graphpatch_cache_test.double"
+    monkeypatch.setattr(allowlist, "FUNCTIONS", allowlist.FUNCTIONS | {unregistered, mismatched})
+    monkeypatch.setitem(allowlist.OPERATOR_SCHEMAS, unregistered,
+                        "graphpatch_cache_unregistered::double(Tensor x) -> Tensor")
+    monkeypatch.setitem(allowlist.OPERATOR_SCHEMAS, mismatched, "graphpatch_cache_test::double(Tensor x) -> Tensor")
+    lib = torch.library.Library("graphpatch_cache_test", "FRAGMENT")
+    lib.define("double(Tensor x, Tensor y) -> Tensor")
+
+    artifact, model = _calling(unregistered, [{"n": "x"}])
+    check_artifact(artifact)
+    with pytest.raises(DisallowedTargetError, match="not registered in this process"):
+        bind(artifact, model)
+    with pytest.raises(GraphPatchCacheError, match="do not fit"):
+        check_artifact(_calling(unregistered, [{"n": "x"}, 2])[0])
+    with pytest.raises(DisallowedTargetError, match="another schema than the reviewed"):
+        check_artifact(_calling(mismatched, [{"n": "x"}])[0])
+
+
+def test_transformers_grouped_mm_fallback_has_its_reviewed_schema():
+    import transformers.integrations.moe  # noqa: F401  (registers the operator)
+
+    name = "torch.ops.transformers.grouped_mm_fallback"
+    assert name in FUNCTIONS
+    assert resolve_function(name) is torch.ops.transformers.grouped_mm_fallback
+
+
 def test_torch_functional_names_are_torchs_own():
     """torch re-exports torch.functional's functions: artifacts name them as torch does."""
     assert target_name(torch.functional.split) == "torch.split"
