@@ -190,6 +190,12 @@ AUTOGRAD_FUNCTION_APPLY = getattr(getattr(torch.ops, "higher_order", None), "aut
 #: (torch 2.x); the splitter drops it
 API_USAGE_LOG = torch._C._log_api_usage_once
 
+#: torch's grouped matmul (torch >= 2.8; ``torch.nn.functional.grouped_mm``, torch >= 2.10,
+#: traces to it), which transformers' default Mixture-of-Experts layers call for bfloat16
+#: weights. Its kernels trust the group offsets they are given, so graphs call it through
+#: :func:`graphpatch_cache.trust.functions.grouped_mm`, which bounds them first; None where absent.
+GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
 
 def detect_fake_mode(tensors: Any = None) -> Any:
     """The fake tensor mode of ``tensors`` (None: the active one), else None.
@@ -257,6 +263,12 @@ def op_schemas(fn: Any) -> List[Any]:
     if is_op_overload(fn):
         return [fn._schema]
     return [getattr(fn, o)._schema for o in fn.overloads()]
+
+
+def parse_schema(text: str) -> Any:
+    """A torch operator schema from its text (``torch._C.parse_schema``, private in torch 2.x):
+    the loader checks calls of a reviewed operator against it without the operator registered."""
+    return torch._C.parse_schema(text)
 
 
 def op_name(fn: Any) -> str:
@@ -348,9 +360,11 @@ __all__ = [
     "API_USAGE_LOG",
     "AUTOGRAD_FUNCTION_APPLY",
     "MappingKey",
+    "GROUPED_MM",
     "TORCH_NN_BUILTINS",
     "TORCH_VARIABLE_FUNCTIONS",
     "detect_fake_mode",
+    "parse_schema",
     "find_builtin",
     "is_op_overload",
     "is_op_overload_packet",

@@ -68,12 +68,27 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _experts_implementations(config: Any) -> Dict[str, str]:
+    """transformers' ``experts_implementation`` of the config and its sub-configs, where not
+    "eager" (what models without Mixture-of-Experts layers get): a private field that
+    ``to_dict`` leaves out, and it decides what a MoE layer's graph computes."""
+    found: Dict[str, str] = {}
+    for key, sub in [("", config)] + [(k, getattr(config, k, None)) for k in getattr(config, "sub_configs", {}) or {}]:
+        value = getattr(sub, "_experts_implementation", None)
+        if isinstance(value, str) and value != "eager":
+            found[key] = value
+    return found
+
+
 def config_fingerprint(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return None
     data = {k: v for k, v in config.to_dict().items() if k not in _MACHINE_CONFIG_FIELDS}
     data["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    experts = _experts_implementations(config)
+    if experts:  # absent for models without experts ("eager"): their keys stay as they were
+        data["_experts_implementation"] = experts
     fingerprint: Dict[str, Any] = _jsonable(data)
     return fingerprint
 

@@ -25,7 +25,7 @@ import torch.fx
 from .. import _compat
 from ..errors import ExtractionError
 from ..integrations.bitsandbytes import leaf_handler
-from ..trust.functions import tree_build
+from ..trust.functions import grouped_mm, histc, tree_build
 from . import naming
 from .capture import Capture
 from .frames import Frame, build_custom, build_leaf, build_opaque, read_leaf, size_node
@@ -36,6 +36,11 @@ from .records import CallRecord, int_positions
 
 #: calls with no effect on values that dynamo records anyway (usage logging); dropped.
 _DROP_TARGETS = frozenset({_compat.API_USAGE_LOG})
+#: torch functions graphs call through the library's stand-ins (same values; bounded
+#: arguments, or the same values on every device)
+_CHECKED_CALLS: Dict[Any, Any] = {torch.histc: histc}
+if _compat.GROUPED_MM is not None:
+    _CHECKED_CALLS[_compat.GROUPED_MM] = grouped_mm
 #: a custom extraction function: module -> its fx graph
 CustomFunctions = Mapping[type, Callable[[torch.nn.Module], Any]]
 
@@ -362,7 +367,8 @@ class Splitter:
         torch.fx.node.map_arg((node.args, node.kwargs), lambda v: self._local(frame, v))
         args = torch.fx.node.map_arg(node.args, lambda v: self._local(frame, v))
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda v: self._local(frame, v))
-        new = frame.graph.create_node(node.op, node.target, args, kwargs)
+        target = _CHECKED_CALLS.get(node.target, node.target) if node.op == "call_function" else node.target
+        new = frame.graph.create_node(node.op, target, args, kwargs)
         new.name = frame.names.fresh(base_name(node))
         new.meta = {k: node.meta[k] for k in ("example_value", "stack_trace") if k in node.meta}
         frame.env[node] = new

@@ -20,7 +20,7 @@ import keyword
 import re
 import types
 from importlib import resources
-from typing import Any, Callable, Dict, FrozenSet, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Optional
 
 import torch
 
@@ -54,6 +54,29 @@ FUNCTIONS: FrozenSet[str] = frozenset(_DATA["functions"])
 METHODS: FrozenSet[str] = frozenset(_DATA["methods"])
 #: attribute names ``builtins.getattr`` may read, as literal strings only
 ATTRIBUTES: FrozenSet[str] = frozenset(_DATA["attributes"])
+
+
+#: operators of libraries other than torch on the list, each with its reviewed schema: the
+#: loader's checks read calls of one against this schema (a process that has not registered
+#: it can still check an artifact, as ``graphpatch-cache verify`` does), and resolving one
+#: refuses an operator registered under the name with any other schema
+OPERATOR_SCHEMAS: Dict[str, str] = {
+    # transformers' grouped matmul for Mixture-of-Experts layers (transformers.integrations.moe,
+    # registered when a MoE model's module is imported): one torch.mm per expert into a new tensor
+    "torch.ops.transformers.grouped_mm_fallback":
+        "transformers::grouped_mm_fallback(Tensor input, Tensor weight, Tensor offs) -> Tensor",
+}
+_PARSED: Dict[str, List[Any]] = {}
+
+
+def listed_operator_schemas(name: str) -> Optional[List[Any]]:
+    """The reviewed schemas of a listed operator of another library (None for other names)."""
+    text = OPERATOR_SCHEMAS.get(name)
+    if text is None:
+        return None
+    if name not in _PARSED:
+        _PARSED[name] = [_compat.parse_schema(text)]
+    return _PARSED[name]
 
 
 def is_dunder(name: str) -> bool:
@@ -101,13 +124,13 @@ def attribute_allowed(name: str) -> bool:
     return name in ATTRIBUTES
 
 
-def _refusal(name: str, node_path: str, why: str) -> DisallowedTargetError:
+def _refusal(name: str, node_path: str, why: str, hint: str = "") -> DisallowedTargetError:
     where = f" at node {node_path}" if node_path else ""
     return DisallowedTargetError(
         f"refusing call target {name!r}{where}: {why}",
         node_path=node_path,
         target=str(name),
-        hint="graphs may call only the targets in graphpatch_cache's allowlist (cache_schema/"
+        hint=hint or "graphs may call only the targets in graphpatch_cache's allowlist (cache_schema/"
         f"{ALLOWLIST_FILE}) and functions registered with graphpatch_cache.register_target; "
         "do not load artifacts you do not trust",
     )
@@ -125,7 +148,32 @@ def resolve_function(name: Any, *, node_path: str = "") -> Any:
         return _REGISTERED[name]
     if not function_allowed(name):
         raise _refusal(name, node_path, "not on the allowlist")
-    return _resolve_listed(name)
+    try:
+        fn = _resolve_listed(name)
+    except AttributeError:
+        # a listed custom operator (torch.ops.transformers.*) exists only once the library that
+        # defines it has registered it; we never import that library for an artifact
+        raise _refusal(name, node_path, "an operator not registered in this process",
+                       hint="import the library that defines it before loading (transformers registers "
+                       "torch.ops.transformers.* when a Mixture-of-Experts model's module is imported)") from None
+    if name in OPERATOR_SCHEMAS and [str(s) for s in _compat.op_schemas(fn)] != [OPERATOR_SCHEMAS[name]]:
+        raise _refusal(name, node_path, "an operator registered with another schema than the reviewed "
+                       f"{OPERATOR_SCHEMAS[name]!r}")
+    return fn
+
+
+def function_for_checks(name: Any, *, node_path: str = "") -> Any:
+    """What the loader's checks inspect for a ``call_function`` target: :func:`resolve_function`'s
+    callable, or None for a listed operator of another library that this process has not
+    registered (its reviewed schema, :func:`listed_operator_schemas`, stands in).
+
+    :raises DisallowedTargetError: as :func:`resolve_function` does otherwise.
+    """
+    if isinstance(name, str) and name in OPERATOR_SCHEMAS and name in FUNCTIONS:
+        namespace, _, op = name[len("torch.ops."):].partition(".")
+        if not hasattr(getattr(torch.ops, namespace), op):
+            return None
+    return resolve_function(name, node_path=node_path)
 
 
 def _resolve_listed(name: str) -> Any:
@@ -201,8 +249,8 @@ def candidate_name(fn: Any) -> Optional[str]:
         module = _find_torch_home(fn)  # torch builtins defined in C have no module
     if module is None or qual is None:
         return None
-    if module in _compat.TORCH_VARIABLE_FUNCTIONS:
-        module = "torch"
+    if module in _compat.TORCH_VARIABLE_FUNCTIONS or (module == "torch.functional" and getattr(torch, qual, None) is fn):
+        module = "torch"  # torch re-exports torch.functional's functions (torch.split) under its own name
     return f"{module}.{qual}"
 
 
@@ -221,7 +269,7 @@ def target_name(fn: Any) -> str:
 
 
 __all__ = [
-    "ALLOWLIST_DIGEST", "ATTRIBUTES", "FUNCTIONS", "METHODS", "attribute_allowed", "candidate_name", "check_method",
-    "function_allowed", "is_dunder", "method_allowed", "register_target", "resolve_function",
-    "target_name", "valid_dotted",
+    "ALLOWLIST_DIGEST", "ATTRIBUTES", "FUNCTIONS", "METHODS", "OPERATOR_SCHEMAS", "attribute_allowed", "candidate_name",
+    "check_method", "function_allowed", "function_for_checks", "is_dunder", "listed_operator_schemas", "method_allowed",
+    "register_target", "resolve_function", "target_name", "valid_dotted",
 ]

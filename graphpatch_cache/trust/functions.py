@@ -13,6 +13,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple, cast
 import torch
 
 from .. import _compat
+from ..errors import GraphPatchCacheError, ShapeError
 from ..integrations import kv_cache  # noqa: F401  kv_cache registers CacheState, which tree_build specs name
 from ..errors import UnsupportedGradientError
 from .allowlist import register_target
@@ -108,6 +109,46 @@ def linear_8bit(ref: "ModuleRef", x: torch.Tensor, weight: Any, bias: Any) -> to
         return cast(torch.Tensor, module(x))
     out = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return out
+
+
+@_graph_function
+def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """torch's grouped matmul (what extraction stores a ``torch._grouped_mm`` call as) with its
+    group offsets bounded first. torch's kernels trust ``offs``: offsets past the jagged
+    dimension, decreasing ones, or more groups than ``mat_b`` has would make them read and
+    write outside the operands. Offsets are clamped to ``[0, size]`` and made non-decreasing
+    (``cummax``), which leaves valid ones (a MoE layer's cumulative token counts) as they are,
+    without a device sync.
+
+    :raises ShapeError: ``offs`` is not one offset per group of the operands.
+    :raises GraphPatchCacheError: this torch has no grouped matmul.
+    """
+    if _compat.GROUPED_MM is None:
+        raise GraphPatchCacheError("this torch has no grouped matmul (torch._grouped_mm)",
+                                   hint="load graphs of Mixture-of-Experts models in bfloat16 with torch >= 2.8")
+    if offs is not None:
+        if mat_a.dim() == 3 and mat_b.dim() == 3:
+            raise ShapeError("grouped_mm: two 3-D operands take no offsets")
+        groups = mat_b.size(0) if mat_b.dim() == 3 else mat_a.size(0) if mat_a.dim() == 3 else offs.numel()
+        size = mat_a.size(0) if mat_b.dim() == 3 else mat_b.size(1) if mat_a.dim() == 3 else mat_a.size(1)
+        if offs.dim() != 1 or offs.numel() != groups:
+            raise ShapeError(f"grouped_mm: offs must hold one offset per group ({groups}), got shape "
+                             f"{tuple(offs.shape)}", hint="the graph does not fit its operands: extract it again")
+        offs = torch.cummax(offs.clamp(0, size), dim=0).values
+    return cast(torch.Tensor, _compat.GROUPED_MM(mat_a, mat_b, offs=offs, bias=bias, out_dtype=out_dtype))
+
+
+@_graph_function
+def histc(input: torch.Tensor, bins: int = 100, min: float = 0, max: float = 0) -> torch.Tensor:
+    """``torch.histc`` as extraction stores it: the same values on every device. Traced code may
+    choose the input's dtype by device (transformers' MoE layers count tokens per expert with
+    an integer histogram off CPU, a float one on CPU, where torch has no integer kernel), so a
+    graph traced on CUDA or the meta device counts integers; here they are counted as floats
+    on CPU and MPS, with the integer result torch would give."""
+    if not input.is_floating_point() and input.device.type in ("cpu", "mps"):
+        return torch.histc(input.float(), bins, min, max).to(input.dtype)
+    return torch.histc(input, bins, min, max)
 
 
 def live_attr(ref: "ModuleRef", path: str) -> Any:
@@ -290,5 +331,5 @@ def _attributes_set(module: torch.nn.Module, attributes: Optional[Dict[str, Any]
                 module.__dict__[name] = old
 
 
-__all__ = ["ModuleRef", "attribute_exposed", "exposed_attributes", "forward_only", "linear_8bit", "live_attr", "module_attribute",
+__all__ = ["ModuleRef", "attribute_exposed", "exposed_attributes", "forward_only", "grouped_mm", "histc", "linear_8bit", "live_attr", "module_attribute",
            "restore_grad_enabled", "run_opaque", "set_grad_enabled", "tree_build"]

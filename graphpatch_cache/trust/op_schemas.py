@@ -12,6 +12,7 @@ import inspect
 from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from .. import _compat
+from .allowlist import listed_operator_schemas
 
 class _Sig:
     """What a call may pass: positional names (in order), keyword-only names, required names,
@@ -125,7 +126,10 @@ def function_signatures(name: str, fn: Any) -> Optional[List[_Sig]]:
     if key in _SIGS:
         return _SIGS[key]
     sigs: Optional[List[_Sig]] = None
-    if _compat.is_op_overload(fn) or _compat.is_op_overload_packet(fn):
+    listed = listed_operator_schemas(name)
+    if listed is not None:  # reviewed, whether or not this process registered the operator
+        sigs = [_from_schema(s) for s in listed]
+    elif _compat.is_op_overload(fn) or _compat.is_op_overload_packet(fn):
         sigs = [_from_schema(s) for s in _compat.op_schemas(fn)]
     else:
         try:

@@ -112,7 +112,17 @@ def _rule_forward_only(c: Checker, where: str, target: str, args: List[Any], kwn
                        "and a node")
 
 
+def _rule_setitem(c: Checker, where: str, target: str, args: List[Any], kwnames: List[str]) -> None:
+    # ``x[i] = v`` writes into a value the graph holds (the write rules refuse a parameter's
+    # alias); never into a module attribute's live object, which would outlive the call
+    target_node = ref(args[0]) if len(args) == 3 and not kwnames else None
+    if target_node is None or target_node in c.attribute_nodes:
+        raise c.refuse(where, target, "setitem takes a node of the graph (not a module attribute), an index and "
+                       "a value")
+
+
 RULES: Dict[str, Callable[..., None]] = {
+    "_operator.setitem": _rule_setitem,
     "builtins.getattr": _rule_getattr,
     "graphpatch_cache.functions.tree_build": _rule_tree_build,
     "graphpatch_cache.functions.run_opaque": _rule_run_opaque,

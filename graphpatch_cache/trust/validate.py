@@ -32,7 +32,7 @@ from .. import _compat
 from ..artifact import GraphArtifact, ModuleGraph, artifact_from_bytes, portable_from_bytes
 from ..errors import ArtifactFormatError, GraphPatchCacheError, ProtectedWriteError
 from . import functions  # noqa: F401  (registers the graph functions the rules name)
-from .allowlist import check_method, is_dunder, resolve_function
+from .allowlist import check_method, function_for_checks, is_dunder
 from .digests import ValidatedDigests, validation_tag
 from .op_schemas import function_signatures, kind, method_signatures, signature_fits
 from .rules import MODULE_ATTRIBUTE, MODULE_REF, RULES, TAKES_MODULE, ref
@@ -290,7 +290,7 @@ class _Checker(ValueChecker):
                 raise self.malformed(where, "calls of one child graph pass different numbers of inputs")
         elif nd.op == "call_function":
             self.call_function(nd, where, args, kwnames, kwargs)
-            self.writes(nd, where, resolve_function(nd.target), args, kwargs, refs, state.aliasing)
+            self.writes(nd, where, function_for_checks(nd.target), args, kwargs, refs, state.aliasing)
             if nd.target == MODULE_ATTRIBUTE:
                 self.attribute_nodes[nd.name] = args[1]
         elif nd.op == "call_method":
@@ -323,7 +323,7 @@ class _Checker(ValueChecker):
 
     def call_function(self, nd: Any, where: str, args: List[Any], kwnames: List[str], kwargs: List[Any]) -> None:
         target = nd.target
-        fn = resolve_function(target, node_path=where)
+        fn = function_for_checks(target, node_path=where)
         if target in _CALLS_KEY and "key" in kwnames:
             raise self.refuse(where, target, "key= would call what it is given")
         if "out" in kwnames:

@@ -12,6 +12,7 @@ import inspect
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import _compat
+from .allowlist import OPERATOR_SCHEMAS, listed_operator_schemas
 from .op_schemas import aten_name, schemas_for
 
 _INPLACE_OPERATORS = frozenset({"_operator.iadd", "_operator.isub", "_operator.imul", "_operator.itruediv",
@@ -38,6 +39,9 @@ def _op_schemas(op: str, name: str, fn: Any) -> Optional[List[Any]]:
 def _find_op_schemas(op: str, name: str, fn: Any) -> Optional[List[Any]]:
     if op == "call_method":
         return schemas_for(name) or None
+    listed = listed_operator_schemas(name)
+    if listed is not None:  # reviewed, whether or not this process registered the operator
+        return listed
     if _compat.is_op_overload(fn) or _compat.is_op_overload_packet(fn):
         return _compat.op_schemas(fn)
     aten = aten_name(fn)
@@ -60,7 +64,16 @@ def _may_alias_input(op: str, name: str, fn: Any) -> bool:
     schemas = _op_schemas(op, name, fn)
     if schemas is None:
         return True  # unknown: assume it may (x.float() returns x itself when already float)
-    return any(ret.alias_info is not None for s in schemas for ret in s.returns)
+    return any(_returns_an_input(s) for s in schemas)
+
+
+def _returns_an_input(schema: Any) -> bool:
+    """Whether a schema's result may be one of its inputs. The results of an ``out=`` overload
+    (``topk.values``) alias only its keyword-only output arguments: a write into those is a
+    write the rules above refuse when it reaches a parameter, so its result aliases nothing else."""
+    outs = {a for arg in schema.arguments if arg.kwarg_only and arg.alias_info is not None
+            and arg.alias_info.is_write for a in arg.alias_info.before_set}
+    return any(ret.alias_info is not None and not set(ret.alias_info.before_set) <= outs for ret in schema.returns)
 
 
 def written_inputs(op: str, name: str, fn: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Any]:
@@ -76,7 +89,7 @@ def written_inputs(op: str, name: str, fn: Any, args: Sequence[Any], kwargs: Dic
     if name in _INPLACE_OPERATORS or (short.endswith("_") and not short.startswith("_") and name not in _KEYWORD_NAMES):
         if args:
             out.append(args[0])
-    if _compat.is_op_overload(fn) or _compat.is_op_overload_packet(fn):
+    if _compat.is_op_overload(fn) or _compat.is_op_overload_packet(fn) or name in OPERATOR_SCHEMAS:
         for schema in _op_schemas(op, name, fn) or []:
             for i, arg in enumerate(schema.arguments):
                 if arg.alias_info is not None and arg.alias_info.is_write:

@@ -84,3 +84,45 @@ class WritesInPlace(torch.nn.Module):
         b = a.clone()
         b.mul_(2.0)  # a write after the value of `b` is recorded
         return b + 1
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+
+
+def tiny_moe(family: str, experts: str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A 2-layer Mixture-of-Experts model (4 experts, 2 per token), every parameter drawn from
+    N(0, 0.5) (some families' routers start at zero: ties would route arbitrarily).
+    ``experts`` is transformers' ``experts_implementation`` (None: its default)."""
+    import transformers as T
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
+                  max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0, num_experts_per_tok=2)
+    if family == "mixtral":
+        cls, config = T.MixtralForCausalLM, T.MixtralConfig(intermediate_size=64, num_local_experts=4, **common)
+    elif family == "qwen2_moe":
+        cls, config = T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(
+            intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, **common)
+    elif family == "qwen3_moe":
+        cls, config = T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
+            intermediate_size=64, moe_intermediate_size=32, num_experts=4, head_dim=8, **common)
+    elif family == "deepseek_v3":  # layer 0 dense, layer 1 MoE (with a shared expert and grouped routing)
+        cls, config = T.DeepseekV3ForCausalLM, T.DeepseekV3Config(
+            intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, n_group=2, topk_group=1,
+            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, n_shared_experts=1, **common)
+    else:
+        raise ValueError(family)
+    if experts is not None:
+        config._experts_implementation = experts
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.5)
+    return model.to(dtype)
+
+
+def moe_layer(family: str) -> int:
+    """The first layer of ``tiny_moe(family)`` with experts."""
+    return 1 if family == "deepseek_v3" else 0

@@ -711,6 +711,12 @@ def _(art, ctx):
 def _(art, ctx):
     p, ref = _opaque_head(art)
     _opaque_call(p, ref, art, [None, ref], [True, False])
+@attack("opaque-attribute-setitem", live="writes into the live module's attribute object")
+def _(art, ctx):
+    """``x[i] = v`` may write into a value of the graph, never into a module attribute's object."""
+    p, ref = _opaque_head(art)
+    attr = p.call("in_features", "graphpatch_cache.functions.module_attribute", ref, "in_features")
+    p.call("written", "_operator.setitem", attr, 0, 1)
 
 
 @attack("get_attr-undeclared-target", live="")
@@ -761,6 +767,26 @@ def _(art, ctx):
     data = _data(p)
     zeros = p.call("zeros", "torch.zeros_like", data)
     p.method("written", "copy_", data, zeros)
+
+
+@attack("inplace-setitem-weight-no_grad", live="zeroes a row of head.weight")
+def _(art, ctx):
+    p = _head(art)
+    prev = p.disable_grad()
+    p.call("written", "_operator.setitem", W, 0, 0)
+    p.restore_grad(prev)
+
+
+@attack("inplace-setitem-weight-view-through-sort", live="zeroes head.weight through a view after a sort")
+def _(art, ctx):
+    """sort's results are new tensors (its ``out=`` overload aliases only its outputs), but a
+    view of the weight stays a view."""
+    p = _head(art)
+    prev = p.disable_grad()
+    p.call("sorted_", "torch.sort", W)
+    flat = p.method("flat", "view", W, -1)
+    p.call("written", "_operator.setitem", flat, 0, 0)
+    p.restore_grad(prev)
 
 
 @attack("inplace-mul_-weight-data", live="zeroes head.weight")

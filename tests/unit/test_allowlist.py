@@ -54,6 +54,8 @@ def test_the_list_is_exact_names_that_resolve():
               "register", "backward")
     banned_exact = {"call", "map", "filter", "sorted", "set_", "apply_", "map_", "map2_", "isinstance", "setattr",
                     "delattr", "vars", "globals", "locals", "type", "object", "super", "input", "print", "exit"}
+    if any(name.startswith("torch.ops.transformers.") for name in data["functions"]):
+        import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.*)
     for name in data["functions"]:
         last = name.rsplit(".", 1)[-1]
         assert not name.endswith((".*", ".")) and "__" not in name, name
@@ -67,6 +69,119 @@ def test_the_list_is_exact_names_that_resolve():
         assert not name.startswith("_") and not callable(getattr(torch.ones(2, 2, dtype=torch.complex64), name)), name
     assert set(data["functions"]) == FUNCTIONS and set(data["methods"]) == METHODS
     assert set(data["attributes"]) == ATTRIBUTES
+
+
+def test_a_listed_operator_nobody_registered_is_refused_without_importing(monkeypatch):
+    """A custom operator on the list resolves through torch's dispatcher only: while no library
+    registered it, loading refuses it with a typed error, and nothing is imported for it."""
+    from graphpatch_cache.trust import allowlist
+
+    name = "torch.ops.graphpatch_cache_unregistered.some_op"
+    monkeypatch.setattr(allowlist, "FUNCTIONS", allowlist.FUNCTIONS | {name})
+    before = set(sys.modules)
+    with pytest.raises(DisallowedTargetError, match="not registered in this process") as info:
+        resolve_function(name, node_path="layer.op")
+    assert info.value.node_path == "layer.op" and "import the library" in str(info.value)
+    assert not {m for m in set(sys.modules) - before if "unregistered" in m}
+
+
+@pytest.mark.skipif(_compat.GROUPED_MM is None, reason="torch without torch._grouped_mm (< 2.8)")
+def test_grouped_mm_bounds_the_offsets_torch_trusts():
+    """Graphs call torch._grouped_mm through graphpatch_cache.functions.grouped_mm: the same
+    values for valid offsets; offsets past the rows or decreasing are bounded first, and a
+    wrong number of groups is a typed error (torch's kernels would read outside the operands)."""
+    from graphpatch_cache.errors import ShapeError
+
+    grouped_mm = resolve_function("graphpatch_cache.functions.grouped_mm")
+    assert "torch._grouped_mm" not in FUNCTIONS
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 16, generator=g).bfloat16()
+    b = torch.randn(3, 16, 8, generator=g).bfloat16()
+    offs = torch.tensor([2, 2, 6], dtype=torch.int32)
+    assert torch.equal(grouped_mm(a, b, offs=offs), torch._grouped_mm(a, b, offs=offs))
+    for bad, bounded in [([2, 100, 7], [2, 6, 6]), ([5, 1, 6], [5, 5, 6]), ([-4, 3, 6], [0, 3, 6])]:
+        got = grouped_mm(a, b, offs=torch.tensor(bad, dtype=torch.int32))
+        assert torch.equal(got, torch._grouped_mm(a, b, offs=torch.tensor(bounded, dtype=torch.int32))), bad
+    with pytest.raises(ShapeError, match="one offset per group"):
+        grouped_mm(a, b, offs=torch.tensor([2, 4, 5, 6], dtype=torch.int32))
+
+
+def test_histc_counts_integers_on_cpu():
+    """Graphs call torch.histc through graphpatch_cache.functions.histc: a graph traced where
+    transformers counts integers (CUDA, the meta device) runs on CPU, which has no integer
+    kernel, with the values and dtype torch gives elsewhere."""
+    histc = resolve_function("graphpatch_cache.functions.histc")
+    assert "torch.histc" not in FUNCTIONS
+    ids = torch.tensor([0, 1, 1, 3, 3, 3], dtype=torch.int32)
+    with pytest.raises(NotImplementedError):
+        torch.histc(ids, bins=4, min=0, max=3)
+    got = histc(ids, bins=4, min=0, max=3)
+    assert got.dtype == torch.int32 and got.tolist() == [1, 2, 0, 3]
+    x = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(histc(x, 7, -1, 1), torch.histc(x, 7, -1, 1))
+
+
+class _Plain(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def _calling(target: str, args: list):
+    """A hand-built artifact whose graph returns ``target(*args)`` (``{"n": "x"}``: its input)."""
+    import dataclasses
+
+    from graphpatch_cache.artifact import NodeData
+    from graphpatch_cache.live.structure import structure
+    from hand_built import scaling_artifact
+
+    model = _Plain()
+    artifact = scaling_artifact(model_class=f"{_Plain.__module__}.{_Plain.__qualname__}")
+    nodes = [artifact.root.nodes[0],
+             NodeData(name="called", op="call_function", target=target, args={"t": args}, kwargs={"d": []},
+                      meta=dict(artifact.root.nodes[1].meta)),
+             dataclasses.replace(artifact.root.nodes[2], args={"t": [{"n": "called"}]})]
+    extraction = {**artifact.extraction, "structure": structure(model)}
+    return dataclasses.replace(artifact, root=dataclasses.replace(artifact.root, nodes=nodes), extraction=extraction), model
+
+
+def test_a_reviewed_operator_is_checked_by_its_schema_and_bound_only_when_registered(monkeypatch):
+    """A listed operator of another library is checked against its reviewed schema, so a
+    process that never registered it (``graphpatch-cache verify``) accepts a valid artifact and
+    refuses a call that does not fit; binding needs the operator registered, with that schema."""
+    from graphpatch_cache.runtime.bind import bind
+    from graphpatch_cache.trust import allowlist
+    from graphpatch_cache.trust.validate import check_artifact
+
+    unregistered, mismatched = "torch.ops.graphpatch_cache_unregistered.double", "torch.ops.graphpatch_cache_test.double"
+    monkeypatch.setattr(allowlist, "FUNCTIONS", allowlist.FUNCTIONS | {unregistered, mismatched})
+    monkeypatch.setitem(allowlist.OPERATOR_SCHEMAS, unregistered,
+                        "graphpatch_cache_unregistered::double(Tensor x) -> Tensor")
+    monkeypatch.setitem(allowlist.OPERATOR_SCHEMAS, mismatched, "graphpatch_cache_test::double(Tensor x) -> Tensor")
+    lib = torch.library.Library("graphpatch_cache_test", "FRAGMENT")
+    lib.define("double(Tensor x, Tensor y) -> Tensor")
+
+    artifact, model = _calling(unregistered, [{"n": "x"}])
+    check_artifact(artifact)
+    with pytest.raises(DisallowedTargetError, match="not registered in this process"):
+        bind(artifact, model)
+    with pytest.raises(GraphPatchCacheError, match="do not fit"):
+        check_artifact(_calling(unregistered, [{"n": "x"}, 2])[0])
+    with pytest.raises(DisallowedTargetError, match="another schema than the reviewed"):
+        check_artifact(_calling(mismatched, [{"n": "x"}])[0])
+
+
+def test_transformers_grouped_mm_fallback_has_its_reviewed_schema():
+    import transformers.integrations.moe  # noqa: F401  (registers the operator)
+
+    name = "torch.ops.transformers.grouped_mm_fallback"
+    assert name in FUNCTIONS
+    assert resolve_function(name) is torch.ops.transformers.grouped_mm_fallback
+
+
+def test_torch_functional_names_are_torchs_own():
+    """torch re-exports torch.functional's functions: artifacts name them as torch does."""
+    assert target_name(torch.functional.split) == "torch.split"
+    assert resolve_function("torch.split") is torch.functional.split
 
 
 def test_registered_functions():

@@ -84,6 +84,17 @@ def test_attention_implementation_changes_key():
     assert _key(tiny_llama(attn="sdpa")) != _key(tiny_llama(attn="eager"))
 
 
+def test_experts_implementation_changes_key():
+    """A private config field (``to_dict`` leaves it out) that decides a MoE layer's graph;
+    models without experts ("eager") keep the key they had."""
+    from tiny_models import tiny_moe
+
+    keys = {impl: _key(tiny_moe("mixtral", experts=impl)) for impl in (None, "grouped_mm", "batched_mm", "eager")}
+    assert keys[None] == keys["grouped_mm"]  # transformers' default
+    assert len({keys["grouped_mm"], keys["batched_mm"], keys["eager"]}) == 3
+    assert "_experts_implementation" not in key_material(tiny_llama(), (), token_inputs())["model"]["config"]
+
+
 def test_tied_vs_untied_changes_key(gpt2, base_key):
     from transformers import GPT2LMHeadModel
 
