@@ -12,9 +12,18 @@ Inside the graph (below the root) the cache stays the model's own object: dynamo
 attribute reads and writes, and the splitter threads the tensors as hidden inputs and extra
 outputs of the module calls that touch them.
 
-Only ``DynamicCache`` made of plain ``DynamicLayer`` s is supported: it grows by
-concatenation, so one shape-generic graph serves every step. Other caches raise
+Only ``DynamicCache`` is supported, made of plain ``DynamicLayer`` s (grown by concatenation,
+so one shape-generic graph serves every step) and ``DynamicSlidingWindowLayer`` s (Mistral,
+Gemma 2/3, hybrid ``config.layer_types``; see :func:`window_length`). Other caches raise
 :class:`~graphpatch_cache.errors.UnsupportedCacheError` naming the class and the workaround.
+
+A sliding layer keeps, besides its last ``window - 1`` keys and values, a Python int
+``cumulative_length`` (every token it has seen) that the model feeds into Python-level
+arithmetic (positions, mask offsets) and one branch (``is_full``: ``length >= window``).
+So its state carries two more leaves: the length as the size of a tensor that holds no data
+(``length_tensor``, a graph input whose size dynamo traces symbolically), and ``full``, a
+constant of the call signature, so a graph traced while the window was filling is never used
+once it is full, or the other way round (dynamo drops the guard it took on that branch).
 """
 
 from __future__ import annotations
@@ -29,20 +38,34 @@ from .. import _compat
 from ..errors import UnsupportedCacheError
 
 
+#: the names of a layer's leaves: a plain layer's first two, a sliding layer's all four
+_FIELDS = ("keys", "values", "length", "full")
+
+
 class CacheState:
     """The tensors of a ``DynamicCache``: ``layers[i] = (keys, values)`` (None while a layer
-    is still empty). A pytree node, serialized as ``graphpatch_cache.CacheState``."""
+    is still empty), or ``(keys, values, length, full)`` for a sliding-window layer
+    (``windows[i]`` its window, 0 for a plain layer; see the module's docstring). A pytree
+    node, serialized as ``graphpatch_cache.CacheState`` (context: the number of layers, or
+    the list of windows when a layer slides)."""
 
-    def __init__(self, layers: List[Tuple[Any, Any]]) -> None:
+    def __init__(self, layers: List[Tuple[Any, ...]], windows: Optional[List[int]] = None) -> None:
         self.layers = [tuple(kv) for kv in layers]
+        self.windows = [int(w) for w in windows] if windows and any(windows) else None
+
+    def window(self, i: int) -> int:
+        return self.windows[i] if self.windows is not None else 0
 
     def __getitem__(self, name: str) -> Any:
-        """``state["layer3_keys"]``: one tensor by its pytree key (graphs read a child call's
+        """``state["layer3_keys"]``: one leaf by its pytree key (graphs read a child call's
         returned cache this way)."""
         layer, _, which = str(name).partition("_")
-        if not layer.startswith("layer") or which not in ("keys", "values"):
+        if not layer.startswith("layer") or which not in _FIELDS:
             raise KeyError(name)
-        return self.layers[int(layer[5:])][0 if which == "keys" else 1]
+        entry = self.layers[int(layer[5:])]
+        if _FIELDS.index(which) >= len(entry):
+            raise KeyError(name)
+        return entry[_FIELDS.index(which)]
 
     def __repr__(self) -> str:
         shapes = [tuple(k.shape) if isinstance(k, torch.Tensor) else None for k, _ in self.layers]
@@ -51,21 +74,27 @@ class CacheState:
 
 def _flatten(state: CacheState) -> Tuple[List[Any], Any]:
     leaves: List[Any] = []
-    for k, v in state.layers:
-        leaves.extend((k, v))
-    return leaves, len(state.layers)
+    for entry in state.layers:
+        leaves.extend(entry)
+    return leaves, len(state.layers) if state.windows is None else list(state.windows)
 
 
 def _unflatten(leaves: Any, context: Any) -> CacheState:
     leaves = list(leaves)
-    return CacheState([(leaves[2 * i], leaves[2 * i + 1]) for i in range(int(context))])
+    windows = [0] * int(context) if isinstance(context, int) else [int(w) for w in context]
+    layers, at = [], 0
+    for w in windows:
+        n = 4 if w else 2
+        layers.append(tuple(leaves[at:at + n]))
+        at += n
+    return CacheState(layers, windows)
 
 
 def _flatten_with_keys(state: CacheState) -> Tuple[List[Tuple[Any, Any]], Any]:
     leaves, context = _flatten(state)
     keys: List[Any] = []
-    for i in range(len(state.layers)):
-        keys.extend((_compat.MappingKey(f"layer{i}_keys"), _compat.MappingKey(f"layer{i}_values")))
+    for i, entry in enumerate(state.layers):
+        keys.extend(_compat.MappingKey(f"layer{i}_{field}") for field in _FIELDS[:len(entry)])
     return list(zip(keys, leaves)), context
 
 
@@ -109,21 +138,77 @@ def _check(cache: Any) -> None:
             "a DynamicCache with offloading=True cannot go through an extracted graph (it moves tensors "
             "between devices on side streams)", cache_class=kind, hint=workaround)
     for i, layer in enumerate(cache.layers):
-        if type(layer) is not module.DynamicLayer:
+        if type(layer) is module.DynamicSlidingWindowLayer and getattr(layer, "record_past", False):
             raise UnsupportedCacheError(
-                f"layer {i} of this DynamicCache is a {type(layer).__name__}: models with sliding-window, "
-                f"linear-attention or other special cache layers (Mistral/Gemma-style sliding windows, hybrid "
-                f"models) are not supported through the graph yet, only plain DynamicLayer",
+                f"layer {i} of this DynamicCache records its past beyond the sliding window "
+                f"(activate_past_recording, used by assisted decoding), which a graph does not follow",
+                cache_class=type(layer).__name__, hint=workaround)
+        if type(layer) not in (module.DynamicLayer, module.DynamicSlidingWindowLayer):
+            raise UnsupportedCacheError(
+                f"layer {i} of this DynamicCache is a {type(layer).__name__}: models with linear-attention, "
+                f"indexed or other special cache layers are not supported through the graph yet, only "
+                f"DynamicLayer and DynamicSlidingWindowLayer",
                 cache_class=type(layer).__name__, hint=workaround)
 
 
 def to_state(cache: Any) -> CacheState:
     """The tensors of ``cache`` (checked to be a supported cache)."""
     _check(cache)
-    return CacheState([
-        (layer.keys, layer.values) if getattr(layer, "is_initialized", False) else (None, None)
-        for layer in cache.layers
-    ])
+    layers: List[Tuple[Any, ...]] = []
+    for layer in cache.layers:
+        window = window_of(layer)
+        if not getattr(layer, "is_initialized", False):
+            layers.append((None,) * (4 if window else 2))
+        elif window:
+            length = layer.cumulative_length
+            layers.append((layer.keys, layer.values, length_tensor(layer.keys, length), length >= window))
+        else:
+            layers.append((layer.keys, layer.values))
+    return CacheState(layers, [window_of(layer) for layer in cache.layers])
+
+
+def window_of(layer: Any) -> int:
+    """The sliding window of a cache layer, 0 for a plain one."""
+    return int(layer.sliding_window) if getattr(layer, "is_sliding", False) else 0
+
+
+def length_tensor(keys: torch.Tensor, length: Any) -> torch.Tensor:
+    """A sliding layer's ``cumulative_length`` as the size of a tensor (one byte, expanded):
+    how a graph takes and returns it. Traced, ``length`` may be a SymInt."""
+    return keys.new_zeros((), dtype=torch.uint8).expand(length)
+
+
+def window_lengths(value: Any) -> List[int]:
+    """The ``cumulative_length`` of every sliding layer of the first cache in ``value`` (0 for
+    a layer not yet filled; empty without a cache or a sliding layer)."""
+    caches = caches_in(value)
+    if not caches:
+        return []
+    return [int(getattr(layer, "cumulative_length", 0)) for layer in caches[0].layers if window_of(layer)]
+
+
+def skipped_window_mask(before: List[int], after: Any) -> Optional[str]:
+    """Why a call that took sliding layers from lengths ``before`` (none: a new cache) to the
+    cache ``after`` gives a graph only for its own sizes, or None.
+
+    Why: when a call adds several tokens and its layer's window is still not reached, the
+    model may skip the sliding mask (transformers' ``_ignore_causal_mask_sdpa``: is_causal
+    instead of a mask), a branch on ``length + new tokens < window`` that dynamo guards and
+    drops; the same graph would then run longer calls unmasked. One token at a time skips
+    only where every cached token is in the window, so a decode graph stays shape-generic.
+    """
+    windows = [(window_of(layer), int(layer.cumulative_length)) for layer in after.layers if window_of(layer)]
+    for i, (window, length) in enumerate(windows):
+        added = length - (before[i] if i < len(before) else 0)
+        if added > 1 and length < window:
+            return (f"{added} tokens entered a sliding window of {window} still filling ({length} tokens): "
+                    f"the model may skip the window's mask, so the graph is fixed to these sizes")
+    return None
+
+
+#: the attribute under which :func:`copy_caches` gives a traced call a sliding layer's
+#: :func:`length_tensor` (the route into the model's call reads it, then clears it)
+LENGTH_ATTRIBUTE = "graphpatch_cache_length"
 
 
 def _is_state(value: Any) -> bool:
@@ -156,16 +241,21 @@ def as_states(value: Any) -> Any:
 
 
 def write_state(cache: Any, state: CacheState) -> Any:
-    """Put ``state``'s tensors into ``cache`` (a DynamicCache), as the model's own update would."""
+    """Put ``state``'s tensors into ``cache`` (a DynamicCache), as the model's own update would
+    (a sliding layer's length too; missing layers are made of the state's kinds)."""
     module = _cache_module()
     while len(cache.layers) < len(state.layers):
-        cache.layers.append(module.DynamicLayer())
-    for layer, (k, v) in zip(cache.layers, state.layers):
-        if k is None:
+        window = state.window(len(cache.layers))
+        cache.layers.append(module.DynamicSlidingWindowLayer(window) if window else module.DynamicLayer())
+    for i, (layer, entry) in enumerate(zip(cache.layers, state.layers)):
+        if entry[0] is None:
             continue
-        layer.keys, layer.values = k, v
-        layer.device = k.device
+        layer.keys, layer.values = entry[0], entry[1]
+        layer.device = entry[0].device
         layer.is_initialized = True
+        if state.window(i):
+            layer.cumulative_length = int(entry[2].shape[0])
+            layer._sliding_window_tensor = layer._sliding_window_tensor.to(layer.device)
     return cache
 
 
@@ -178,9 +268,10 @@ def new_cache(state: CacheState) -> Any:
     return write_state(cache, state)
 
 
-def empty_cache(dtypes: List[Optional[Tuple[torch.dtype, torch.dtype]]], device: Any) -> Any:
+def empty_cache(dtypes: List[Optional[Tuple[Any, ...]]], device: Any) -> Any:
     """A DynamicCache whose layers are initialized and empty, as the model's first update
-    leaves them before concatenating (``dtypes[i]``: layer i's key and value dtypes).
+    leaves them before concatenating (``dtypes[i]``: layer i's key and value dtypes, and its
+    sliding window, 0 for none, as :func:`created_layers` lists them).
 
     Why: dynamo (torch 2.13) folds ``torch.tensor([], device="meta")``, which
     ``DynamicLayer.lazy_initialization`` calls, into a real meta tensor that fake tensors then
@@ -190,14 +281,23 @@ def empty_cache(dtypes: List[Optional[Tuple[torch.dtype, torch.dtype]]], device:
     module = _cache_module()
     cache = module.DynamicCache()
     for kv in dtypes:
-        layer = module.DynamicLayer()
+        window = kv[2] if kv is not None and len(kv) > 2 else 0
+        layer = module.DynamicSlidingWindowLayer(window) if window else module.DynamicLayer()
         if kv is not None:
             layer.device = device
             layer.keys = torch.empty(0, dtype=kv[0], device=device)
             layer.values = torch.empty(0, dtype=kv[1], device=device)
             layer.is_initialized = True
+            if window:
+                layer._sliding_window_tensor = layer._sliding_window_tensor.to(device)
         cache.layers.append(layer)
     return cache
+
+
+def created_layers(cache: Any) -> List[Optional[Tuple[Any, ...]]]:
+    """What :func:`empty_cache` needs to make a cache like ``cache`` (which a model made)."""
+    return [(layer.keys.dtype, layer.values.dtype, window_of(layer)) if getattr(layer, "is_initialized", False)
+            else None for layer in cache.layers]
 
 
 def restore_caches(output: Any, given: List[Any]) -> Any:
@@ -226,9 +326,13 @@ def copy_caches(inputs: Tuple[Tuple[Any, ...], Dict[str, Any]],
     def copy(cache: Any) -> Any:
         state = to_state(cache)
         if convert is not None:
-            state = CacheState([(None if k is None else convert(k), None if v is None else convert(v))
-                                for k, v in state.layers])
-        return new_cache(state)
+            state = CacheState([tuple(convert(x) if isinstance(x, torch.Tensor) else x for x in entry)
+                                for entry in state.layers], state.windows)
+        copied = new_cache(state)
+        for i, layer in enumerate(copied.layers):  # a traced call takes the length as a tensor
+            if state.window(i) and state.layers[i][0] is not None:
+                setattr(layer, LENGTH_ATTRIBUTE, state.layers[i][2])
+        return copied
 
     leaves, spec = _compat.tree_flatten(inputs)
     copied: Tuple[Tuple[Any, ...], Dict[str, Any]] = _compat.tree_unflatten([copy(x) if is_cache(x) else x for x in leaves],
@@ -239,11 +343,18 @@ def copy_caches(inputs: Tuple[Tuple[Any, ...], Dict[str, Any]],
 __all__ = [
     "CacheState",
     "as_states",
+    "LENGTH_ATTRIBUTE",
     "copy_caches",
     "cache_argument",
+    "created_layers",
+    "empty_cache",
+    "length_tensor",
+    "window_of",
     "caches_in",
     "is_cache",
     "new_cache",
+    "skipped_window_mask",
+    "window_lengths",
     "restore_caches",
     "to_state",
     "write_state",
