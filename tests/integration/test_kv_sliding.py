@@ -107,27 +107,22 @@ def test_calls_equal_the_model_and_update_the_callers_sliding_cache(family):
         assert mine.layers[i].cumulative_length == 11 and mine.layers[i].keys.shape[-2] == WINDOW - 1
 
 
-def _attention(model, i):
-    return model.model.layers[i].self_attn
-
-
-def test_a_probe_on_a_cached_key_tensor_at_a_decode_step_sees_the_models_cache(family):
+def test_a_probe_on_a_cached_key_tensor_at_decode_steps_sees_the_models_cache(family):
     _, model, pg = family
-    ids = _ids()
-    mask = torch.ones_like(ids)
-    layer = _sliding(model(input_ids=ids, use_cache=True).cache)[0]
-    seen = []  # the keys the model's own attention finds in its cache, call by call
-    handle = _attention(model, layer).register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["cache"].layers[layer].keys.clone()) if k["cache"].layers[layer].is_initialized
-        else None, with_kwargs=True)
-    try:
-        model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=True)
-    finally:
-        handle.remove()
-    with pg.patch({f"cache_layer{layer}_keys": (probe := ProbePatch())}):
-        pg.generate(ids, attention_mask=mask, max_new_tokens=NEW)
-    assert probe.activation.shape[-2] == WINDOW - 1
-    assert torch.equal(probe.activation, seen[-1])  # the last decode step's cached keys
+    ids, mask = _ids(), torch.ones(2, 5, dtype=torch.long)
+    mine = pg(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    ref = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    layer = _sliding(ref)[0]
+    token = _ids(seq=1, seed=7)
+    for step in range(3):  # the keys each step finds in the cache: the model's, window-sized
+        mask = torch.cat([mask, mask.new_ones(2, 1)], dim=-1)
+        held = ref.layers[layer].keys.clone()
+        with pg.patch({f"cache_layer{layer}_keys": (probe := ProbePatch())}):
+            logits = pg(input_ids=token, attention_mask=mask, cache=mine, use_cache=True).logits
+        model(input_ids=token, attention_mask=mask, cache=ref, use_cache=True)
+        assert probe.activation.shape[-2] == WINDOW - 1
+        assert torch.equal(probe.activation, held), step
+        token = logits[:, -1:].argmax(-1)
 
 
 def test_a_patch_at_every_step_changes_tokens_as_a_hook_does(family):
@@ -197,4 +192,7 @@ def test_caches_that_cannot_go_through_a_graph_are_refused_with_a_typed_error():
     static = StaticCache(config=model.config, max_cache_len=16)
     with pytest.raises(UnsupportedCacheError, match="StaticCache"):
         pg(input_ids=ids, cache=static, use_cache=True)
+    with pytest.raises(UnsupportedCacheError, match="in place") as info:  # asked of generate
+        pg.generate(ids, max_new_tokens=2, cache_implementation="static")
+    assert info.value.cache_class == "static" and "cache_implementation" in info.value.hint
     assert isinstance(DynamicCache(config=model.config).layers[0], DynamicSlidingWindowLayer)
