@@ -14,7 +14,7 @@ outputs of the module calls that touch them.
 
 Only ``DynamicCache`` is supported, made of plain ``DynamicLayer`` s (grown by concatenation,
 so one shape-generic graph serves every step) and ``DynamicSlidingWindowLayer`` s (Mistral,
-Gemma 2/3, hybrid ``config.layer_types``; see :func:`window_length`). Other caches raise
+Gemma 2/3, hybrid ``config.layer_types``; see below). Other caches raise
 :class:`~graphpatch_cache.errors.UnsupportedCacheError` naming the class and the workaround.
 
 A sliding layer keeps, besides its last ``window - 1`` keys and values, a Python int
@@ -68,7 +68,7 @@ class CacheState:
         return entry[_FIELDS.index(which)]
 
     def __repr__(self) -> str:
-        shapes = [tuple(k.shape) if isinstance(k, torch.Tensor) else None for k, _ in self.layers]
+        shapes = [tuple(entry[0].shape) if isinstance(entry[0], torch.Tensor) else None for entry in self.layers]
         return f"CacheState(layers={len(self.layers)}, key shapes={shapes})"
 
 

@@ -10,7 +10,7 @@ the keys (``repeat_kv``), and the logits differ in the last bit (the tokens do n
 
 from __future__ import annotations
 
-import json
+import re
 import warnings
 
 import pytest
@@ -151,12 +151,12 @@ def test_sliding_graphs_travel_as_data(family, tmp_path):
     pg.generate(ids, attention_mask=mask, max_new_tokens=2)  # both variants exist
     pg.save(tmp_path / "graphs.json")
     text = (tmp_path / "graphs.json").read_text()
-    assert '\\"context\\": \\"[4, 0]\\"' in text or '[4, 0]' in text  # the windows, as data
+    # the cache state's layer windows (a sliding one, a full one) are plain data in the spec
+    assert re.search(r'"graphpatch_cache\.CacheState\\*", \\*"context\\*": \\*"\[4, 0\]', text)
     loaded = PatchableGraph.load(tmp_path / "graphs.json", model)
     assert len(loaded.variants) == 2
     assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
     assert len(loaded.variants) == 2  # no extraction
-    json.loads(text)
 
 
 def test_a_window_still_filling_and_prompts_on_both_sides_of_it():
@@ -177,12 +177,13 @@ def test_a_window_still_filling_and_prompts_on_both_sides_of_it():
         assert torch.equal(pg(input_ids=longer, use_cache=True).logits, model(input_ids=longer, use_cache=True).logits)
 
 
-def test_caches_that_cannot_go_through_a_graph_are_refused_with_a_typed_error():
+def test_caches_that_cannot_go_through_a_graph_are_refused_with_a_typed_error(family):
     from transformers import StaticCache
 
-    model = _model("mistral")
+    name, model, pg = family
+    if name != "mistral":
+        pytest.skip("the refusals do not depend on the family")
     ids = _ids()
-    pg = PatchableGraph(model, input_ids=ids, use_cache=True)
     cache = model(input_ids=ids, use_cache=True).cache
     for layer in cache.layers:  # assisted decoding's rollback keeps more than the window
         layer.activate_past_recording()
