@@ -141,10 +141,9 @@ def test_a_patch_at_every_step_changes_tokens_as_a_hook_does(family):
     assert not torch.equal(patched, plain)
 
 
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)  # one hybrid family (the same graphs)
 def test_sliding_graphs_travel_as_data(family, tmp_path):
-    name, model, pg = family
-    if name != "gemma3":
-        pytest.skip("one hybrid family is enough to round-trip (the code path is the same)")
+    _, model, pg = family
     ids = _ids()
     mask = torch.ones_like(ids)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=True)
@@ -177,12 +176,11 @@ def test_a_window_still_filling_and_prompts_on_both_sides_of_it():
         assert torch.equal(pg(input_ids=longer, use_cache=True).logits, model(input_ids=longer, use_cache=True).logits)
 
 
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)  # (the refusals do not depend on it)
 def test_caches_that_cannot_go_through_a_graph_are_refused_with_a_typed_error(family):
     from transformers import StaticCache
 
-    name, model, pg = family
-    if name != "mistral":
-        pytest.skip("the refusals do not depend on the family")
+    _, model, pg = family
     ids = _ids()
     cache = model(input_ids=ids, use_cache=True).cache
     for layer in cache.layers:  # assisted decoding's rollback keeps more than the window
