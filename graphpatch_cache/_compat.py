@@ -66,8 +66,26 @@ def _check_spec_node(node: Any, depth: int, strict: bool) -> None:
             isinstance(k, (str, int)) and not isinstance(k, bool) for k in value)):
         if not (typ == "graphpatch_cache.CacheState" and isinstance(value, int) and not isinstance(value, bool)):
             raise UnsafeSpecError(f"spec context of {typ} is not a list of keys")
+    if typ == "graphpatch_cache.CacheState":
+        _check_cache_state(value, len(children))
     for child in children:
         _check_spec_node(child, depth + 1, strict)
+
+
+def _check_cache_state(context: Any, n_children: int) -> None:
+    """A key/value cache state's context: its number of layers (two leaves each), or each
+    layer's sliding window (0: two leaves, a window: four), or ``["cross", n, m]`` (an
+    encoder-decoder cache: n + m layers of two leaves; see integrations/kv_cache.py)."""
+    if isinstance(context, list) and context[:1] == ["cross"]:
+        counts = context[1:]
+        if len(counts) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts) \
+                or 2 * sum(counts) != n_children:
+            raise UnsafeSpecError("spec of a key/value cache state: its context does not match its leaves")
+        return
+    windows = [0] * context if isinstance(context, int) else context
+    if not isinstance(windows, list) or any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in windows) \
+            or sum(4 if w else 2 for w in windows) != n_children:
+        raise UnsafeSpecError("spec of a key/value cache state: its context does not match its leaves")
 
 
 def check_spec(serialized: str, *, strict: bool = True) -> Any:

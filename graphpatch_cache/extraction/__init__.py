@@ -250,6 +250,8 @@ def _extract(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dic
     cap, root, data, failures = _trace(model, inputs, options)
     paths = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     specialized = {paths.get(id(cap.recorder.calls[i].module), "?"): why for i, why in cap.recorder.specialized.items()}
+    if cap.recorder.window_fixed is not None:  # (a key/value cache's sliding window)
+        specialized[""] = cap.recorder.window_fixed
     data = _with_opaque_children(model, root, data, options, specialized)
     # An opaque call's outputs come from its forward run on symbolic fakes, so the graphs
     # around it stay shape-generic. Where that failed (data-dependent code), or a call takes

@@ -100,6 +100,10 @@ class Recorder(OpaqueOutputs):
         #: whether the eager recording saw a cache object at all (else the trace skips the
         #: search for caches in every call's inputs and outputs)
         self.saw_cache = False
+        #: the sliding-window lengths of the cache the model's call took, and why its graph is
+        #: fixed to the example's sizes, if it is (see :func:`kv_cache.skipped_window_mask`)
+        self.window_lengths: List[int] = []
+        self.window_fixed: Optional[str] = None
         self._init_opaque()  # faking, specialized, data_dependent: see OpaqueOutputs
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -218,6 +222,7 @@ class Recorder(OpaqueOutputs):
         if module is self.model:  # the model's own call takes a cache's tensors (see _route)
             states = kv_cache.as_states(originals)
             self.saw_cache = self.saw_cache or states is not originals
+            self.window_lengths = kv_cache.window_lengths(originals)
             args, kwargs = states
         leaves, spec = _compat.tree_flatten((args, kwargs))
         record = CallRecord(
@@ -247,9 +252,10 @@ class Recorder(OpaqueOutputs):
         record.returns_cache = bool(made)
         self.saw_cache = self.saw_cache or record.returns_cache
         if record.module is self.model and len(made) == 1:
+            self.window_fixed = kv_cache.skipped_window_mask(self.window_lengths, made[0])
             given = [x for x in record.input_leaves if isinstance(x, (self.cache_class, kv_cache.CacheState))]
             if not given:
-                self.created_cache = kv_cache.layer_dtypes(made[0])
+                self.created_cache = kv_cache.created_layers(made[0])
         leaves, spec = _compat.tree_flatten(kv_cache.as_states(output))
         record.output_spec = spec
         record.output_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]

@@ -59,7 +59,11 @@ def _route_caches(marker: Any, tag: str, value: Any, cls: Any) -> Any:
     """:func:`route` for a value holding key/value cache objects: the caches' tensors go
     through ``marker`` in the order of :func:`kv_cache.as_states` and the marker's outputs are
     written back into the same cache objects (the model mutates them in place, so the objects
-    must stay the same)."""
+    must stay the same).
+
+    A sliding layer's length goes as a tensor too: into the call, the one
+    :func:`kv_cache.copy_caches` attached (its size becomes the layer's ``cumulative_length``,
+    a SymInt, and the attribute is cleared); out of it, one sized by ``cumulative_length``."""
     leaves, spec = _compat.tree_flatten(value)
     flat: List[Any] = []
     for i in range(len(leaves)):
@@ -70,6 +74,10 @@ def _route_caches(marker: Any, tag: str, value: Any, cls: Any) -> Any:
                 if layer.is_initialized:
                     flat.append(layer.keys)
                     flat.append(layer.values)
+                    if kv_cache.window_of(layer):
+                        given = getattr(layer, kv_cache.LENGTH_ATTRIBUTE, None)
+                        flat.append(given if given is not None else
+                                    kv_cache.length_tensor(layer.keys, layer.cumulative_length))
     new = marker(tag, flat)
     j = 0
     for i in range(len(leaves)):
@@ -82,6 +90,10 @@ def _route_caches(marker: Any, tag: str, value: Any, cls: Any) -> Any:
                     layer.keys = new[j]
                     layer.values = new[j + 1]
                     j += 2
+                    if kv_cache.window_of(layer):
+                        layer.cumulative_length = new[j].shape[0]
+                        setattr(layer, kv_cache.LENGTH_ATTRIBUTE, None)
+                        j += 1
     return _compat.tree_unflatten(leaves, spec)
 
 

@@ -34,6 +34,7 @@ def generate(
     """``pg.generate(...)`` (which runs this under ``torch.no_grad``)."""
     if do_sample:
         raise SignatureMismatchError("pg.generate() decodes greedily", hint="pass do_sample=False")
+    _check_cache_implementation(model_kwargs.pop("cache_implementation", None))
     config = pg.generation_config if pg.generation_config is not None else \
         getattr(pg.model, "generation_config", None)
     if use_cache is None:
@@ -84,6 +85,24 @@ def _with_default_cache(pg: Any, input_ids: torch.Tensor, attention_mask: Option
         # stacklevel: this function, generate, PatchableGraph.generate, torch.no_grad's wrapper, the caller
         warnings.warn(f"graphpatch_cache: generating without a key/value cache: {exc.message}", stacklevel=5)
         return generate(pg, input_ids, attention_mask, use_cache=False, **kwargs)
+
+
+def _check_cache_implementation(kind: Optional[str]) -> None:
+    """``cache_implementation=``: only the dynamic cache (the model's default) goes through a graph.
+
+    Why not "static": a StaticCache writes each step's keys into preallocated buffers in place
+    (``index_copy_`` at positions from a length tensor it also updates in place), and its
+    sliding layers branch on a Python int, so a graph would have to write into the caller's
+    buffers and keep that int; the dynamic cache gives the same tokens.
+    """
+    if kind is not None and kind != "dynamic":
+        raise UnsupportedCacheError(
+            f"pg.generate(cache_implementation={kind!r}): only the dynamic key/value cache (sliding windows "
+            f"included) goes through an extracted graph; a {kind} cache is written in place into preallocated "
+            f"buffers, which a graph does not follow",
+            cache_class=str(kind),
+            hint="leave cache_implementation out (the dynamic cache gives the same tokens), or pass use_cache=False",
+        )
 
 
 def _cache_argument(model: torch.nn.Module) -> str:

@@ -255,6 +255,23 @@ def test_plain_specs_round_trip():
     assert again == spec
 
 
+def test_cache_state_specs_round_trip_and_their_context_must_match_their_leaves():
+    from graphpatch_cache.integrations.kv_cache import CacheState
+
+    t = torch.zeros(1, 1, 3, 2)
+    length = torch.zeros((), dtype=torch.uint8).expand(5)
+    state = CacheState([(t, t, length, True), (t, t)], [4, 0])  # a sliding layer, a plain one
+    leaves, spec = _compat.tree_flatten(state)
+    again = _compat.treespec_loads(_compat.treespec_dumps(spec))
+    assert again == spec and _compat.tree_unflatten(leaves, again).windows == [4, 0]
+    leaf = {"type": None, "context": None, "children_spec": []}
+    for context, n in (([4, 4], 6), ([-1], 2), (3, 4), ([0, 4], 4)):
+        text = json.dumps([1, {"type": "graphpatch_cache.CacheState", "context": json.dumps(context),
+                               "children_spec": [leaf] * n}])
+        with pytest.raises(_compat.UnsafeSpecError, match="does not match its leaves"):
+            _compat.treespec_loads(text)
+
+
 def test_errors_share_a_base_and_pickle():
     errors = [
         DisallowedTargetError("x", node_path="a", target="os.system"),
