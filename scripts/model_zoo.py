@@ -3,6 +3,7 @@ compatibility table.
 
     python scripts/model_zoo.py                      # every case, writes docs/models.md
     python scripts/model_zoo.py --only llama gpt2 --json zoo.json --out -
+    python scripts/model_zoo.py --only opt --update zoo.json --json zoo.json   # rerun some rows
 
 The configs and checks are the tests' own (``tests/helpers/zoo.py``, ``zoo_checks.py``): a row
 says what the tests say for today's code. Each case runs in its own temporary store; a check
@@ -124,11 +125,15 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="architecture names (default: all)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "models.md"), help="the table's file, - for stdout")
     parser.add_argument("--json", help="also write the rows as JSON to this file (- for stdout)")
+    parser.add_argument("--update", help="rows of an earlier --json run: run only --only's cases, keep the others")
     args = parser.parse_args(argv)
     wanted = set(args.only or [a.name for a in zoo.ARCHS])
+    earlier = {(r["arch"], r["attn"]): r for r in json.loads(Path(args.update).read_text())} if args.update else {}
     rows = []
     for name, attn in zoo.cases():
-        if name in wanted:
+        if name not in wanted and (name, attn) in earlier:
+            rows.append(earlier[name, attn])
+        elif name in wanted:
             start, cpu = time.perf_counter(), time.process_time()
             rows.append(run_case(name, attn))
             rows[-1]["case_s"] = round(time.perf_counter() - start, 2)

@@ -123,7 +123,9 @@ ARCHS: Tuple[Arch, ...] = (
          eos_token_id=0),
     _own("bloom", "causal", "BloomForCausalLM", "BloomConfig", "transformer.h.1.mlp.dense_4h_to_h", hidden_size=32,
          n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0),
-    _own("opt", "causal", "OPTForCausalLM", "OPTConfig", "model.decoder.layers.1.fc2", hidden_size=32, ffn_dim=64,
+    # OPTForCausalLM calls self.model.decoder directly: its graph is named after that path
+    _own("opt", "causal", "OPTForCausalLM", "OPTConfig", "model.decoder.layers.1.fc2",
+         node="model_decoder.layers_1.fc2.input", hidden_size=32, ffn_dim=64,
          num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32, vocab_size=VOCAB,
          max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=1),
     _causal("olmo", "OlmoForCausalLM", "OlmoConfig"),
