@@ -75,13 +75,14 @@ def _causal(name: str, model_class: str, config_class: str, module: str = "model
 
 def _node_of(module: str) -> str:
     """``model.layers.1.mlp.down_proj`` -> ``model.layers_1.mlp.down_proj.input`` (a Linear's
-    argument): a numbered child is named ``layers_1`` in node paths."""
+    argument): a numbered child is named ``layers_1`` in node paths, and a child named like a
+    name graphs use themselves (BERT's ``output``) gets a trailing ``_``."""
     parts: List[str] = []
     for part in module.split("."):
         if part.isdigit():
             parts[-1] += "_" + part
         else:
-            parts.append(part)
+            parts.append(part + "_" if part in ("output", "self") else part)
     return ".".join(parts) + ".input"
 
 
@@ -147,15 +148,18 @@ ARCHS: Tuple[Arch, ...] = (
          max_position_embeddings=64, pad_token_id=1),
     _own("distilbert", "encoder", "DistilBertModel", "DistilBertConfig", "transformer.layer.1.ffn.lin2", dim=32,
          hidden_dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0),
-    # ALBERT shares one layer: its second call is the middle layer's (named ``albert_layers_0_1``)
+    # ALBERT calls its one layer group twice: the second call is the middle layer's
     _own("albert", "encoder", "AlbertModel", "AlbertConfig", "encoder.albert_layer_groups.0.albert_layers.0.ffn_output",
-         node="encoder.albert_layer_groups_0.albert_layers_0_1.ffn_output.input", embedding_size=16, hidden_size=32,
+         node="encoder.albert_layer_groups_0_1.albert_layers_0.ffn_output.input", embedding_size=16, hidden_size=32,
          intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
          max_position_embeddings=64, pad_token_id=0),
     _own("electra", "encoder", "ElectraModel", "ElectraConfig", "encoder.layer.1.output.dense", embedding_size=32,
          hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
          max_position_embeddings=64, pad_token_id=0),
-    _own("deberta_v2", "encoder", "DebertaV2Model", "DebertaV2Config", "encoder.layer.1.output.dense", hidden_size=32,
+    # relative attention as DeBERTa-v3 uses it (it reads encoder.rel_embeddings.weight directly)
+    _own("deberta_v2", "encoder", "DebertaV2Model", "DebertaV2Config", "encoder.layer.1.output.dense",
+         relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=-1,
+         norm_rel_ebd="layer_norm", share_att_key=True, hidden_size=32,
          intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
          max_position_embeddings=64, pad_token_id=0),
     _own("t5", "seq2seq", "T5ForConditionalGeneration", "T5Config", "decoder.block.1.layer.2.DenseReluDense.wo",
