@@ -1,0 +1,87 @@
+"""The model zoo: every architecture of ``tests/helpers/zoo.py`` (tiny configs), each causal LM
+with eager and sdpa attention where it has both.
+
+Per case, one ``load_cached`` into the module's store for that case (shared by its tests, which
+pytest runs together: the fixture is module-scoped and parametrized) serves:
+
+- compiled: no opaque module;
+- exact: every output leaf ``torch.equal`` to the plain model's (and at another shape, same graph);
+- probe and zero on the middle layer's MLP value, against forward pre-hooks on the plain model;
+- a second ``load_cached`` through a fresh local tier is a hit, and exact;
+- causal LMs: ``pg.generate`` with the key/value cache in use equals ``model.generate``.
+
+A case whose extraction fails fails every test of it with the extraction's error (extracted
+once). ``scripts/model_zoo.py`` runs the same checks and writes ``docs/models.md``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import zoo
+import zoo_checks as checks
+
+pytestmark = pytest.mark.slow  # extracts every architecture of the zoo
+
+CASES = zoo.cases()
+CAUSAL = [c for c in CASES if zoo.BY_NAME[c[0]].kind == "causal"]
+
+
+def _id(case):
+    return f"{case[0]}-{case[1]}"
+
+
+@pytest.fixture(scope="module")
+def zcase(request, tmp_path_factory):
+    name, attn = request.param
+    try:
+        return checks.extract(name, attn, tmp_path_factory.mktemp(f"zoo-{name}-{attn}"))
+    except Exception as exc:  # fails each test of the case (pytest would repeat a failed setup)
+        return exc
+
+
+def _case(zcase):
+    if isinstance(zcase, Exception):
+        raise zcase
+    return zcase
+
+
+def on(cases):
+    return pytest.mark.parametrize("zcase", cases, indirect=True, ids=_id, scope="module")
+
+
+@on(CASES)
+def test_compiled(zcase):
+    checks.check_compiled(_case(zcase))
+
+
+@on(CASES)
+def test_exact(zcase):
+    checks.check_exact(_case(zcase))
+
+
+@on(CASES)
+def test_probe_and_zero(zcase):
+    checks.check_probe_and_zero(_case(zcase))
+
+
+@on(CASES)
+def test_cache_hit(zcase):
+    checks.check_hit(_case(zcase))
+
+
+@on(CAUSAL)
+def test_generate_with_kv_cache(zcase):
+    checks.check_generate(_case(zcase))
+
+
+def test_the_zoo_covers_the_issue():
+    """The architectures the issue names are all here, and each middle-layer node is the
+    module's input (so the pre-hook oracle sees the same value)."""
+    wanted = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe",
+              "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "falcon", "bloom", "opt",
+              "olmo", "olmo2", "stablelm", "starcoder2", "cohere", "granite", "deepseek_v3", "glm4", "bert",
+              "roberta", "distilbert", "albert", "electra", "deberta_v2", "t5", "bart", "mbart", "whisper",
+              "vit", "clip_text", "clip_vision"}
+    assert wanted <= set(zoo.BY_NAME)
+    assert len({c for c in CASES}) == len(CASES)
