@@ -17,6 +17,9 @@ NEW_VARIANT_POLICIES = ("extract", "warn", "error")
 #: fits: which input differs, and how), set by the runtime around it; None for an extraction
 #: the user asked for (``PatchableGraph(...)``, a ``load_cached`` miss, ``build``)
 ON_DEMAND: ContextVar[Optional[str]] = ContextVar("graphpatch_cache_on_demand", default=None)
+#: True while ``pg.generate`` runs: the step graphs it needs (prompt, one cached token) are
+#: extractions its caller asked for, not on-demand ones
+GENERATING: ContextVar[bool] = ContextVar("graphpatch_cache_generating", default=False)
 
 
 def _postprocessing_arity(fn: Callable[..., Any]) -> int:
@@ -61,7 +64,8 @@ class ExtractionOptions:
         its graph is not in the cache either: ``"warn"`` (default: say so before extracting,
         naming the input that differs, old and new, and how to avoid it), ``"extract"``
         (silently), ``"error"`` (raise :class:`~graphpatch_cache.errors.SignatureMismatchError`
-        instead). Not part of the cache key.
+        instead). ``pg.generate``'s own step graphs are asked for, never on demand. Not part of
+        the cache key.
     :ivar custom_extraction_functions: ``{module class: fn(module) -> torch.fx.Graph}`` for
         modules dynamo cannot handle; the graph's placeholders are the forward's tensor inputs.
     :ivar postprocessing_function: called with the bound root ``torch.fx.GraphModule`` and the
@@ -142,4 +146,4 @@ class ExtractionOptions:
         }
 
 
-__all__ = ["ExtractionOptions", "NEW_VARIANT_POLICIES", "ON_DEMAND"]
+__all__ = ["ExtractionOptions", "GENERATING", "NEW_VARIANT_POLICIES", "ON_DEMAND"]

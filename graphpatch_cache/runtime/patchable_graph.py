@@ -23,7 +23,7 @@ from ..artifact.signature import SignatureMatcher, signature_key
 from ..errors import NotPicklableError, SignatureMismatchError, UnsupportedCacheError
 from ..integrations import kv_cache
 from ..live.inputs import InputBinder, flat_inputs, mismatch
-from ..options import ON_DEMAND, ExtractionOptions
+from ..options import GENERATING, ON_DEMAND, ExtractionOptions
 from ..patches import Patch
 from . import generate as _generate
 from .bind import bind
@@ -159,7 +159,7 @@ class PatchableGraph(torch.nn.Module):
             if variant.matcher.fits(leaves, spec):
                 return variant
         reason = mismatch(self._variants[0].matcher, inputs)
-        token = ON_DEMAND.set(reason)  # an extraction (not a cache hit) says so, or refuses
+        token = ON_DEMAND.set(None if GENERATING.get() else reason)  # an extraction (not a hit) says so
         try:
             artifact = self._extract(inputs[0], inputs[1])
         except (UnsupportedCacheError, SignatureMismatchError):
@@ -277,18 +277,9 @@ class PatchableGraph(torch.nn.Module):
 
     # -- generation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        *,
-        max_new_tokens: int = 20,
-        use_cache: Optional[bool] = None,
-        do_sample: bool = False,
-        eos_token_id: Any = None,
-        pad_token_id: Optional[int] = None,
-        **model_kwargs: Any,
-    ) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 max_new_tokens: int = 20, use_cache: Optional[bool] = None, do_sample: bool = False,
+                 eos_token_id: Any = None, pad_token_id: Optional[int] = None, **model_kwargs: Any) -> torch.Tensor:
         """Greedy generation through the graph, so active patches apply at every step.
 
         Equals ``model.generate(input_ids, attention_mask=..., max_new_tokens=N,
@@ -303,8 +294,8 @@ class PatchableGraph(torch.nn.Module):
         decoder's sequences (see :mod:`graphpatch_cache.runtime.generate_encdec`).
 
         :raises UnsupportedCacheError: ``use_cache=True`` for a model whose forward takes no
-            cache, or whose cache cannot go through a graph (sliding-window or hybrid caches);
-            the message names the model class; ``use_cache=False`` works for every model.
+            cache, or whose cache cannot go through a graph (a static cache, say); the message
+            names the model class; ``use_cache=False`` works for every model.
         :raises SignatureMismatchError: for sampling (``do_sample=True``); for an encoder-decoder
             model, a generation setting whose logits processor it does not apply.
 
@@ -312,9 +303,13 @@ class PatchableGraph(torch.nn.Module):
         ``pg.generation_config`` (a copy of the model's, which you may change), or from the
         model's when it is None.
         """
-        return _generate.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                  use_cache=use_cache, do_sample=do_sample, eos_token_id=eos_token_id,
-                                  pad_token_id=pad_token_id, **model_kwargs)
+        token = GENERATING.set(True)
+        try:
+            return _generate.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                      use_cache=use_cache, do_sample=do_sample, eos_token_id=eos_token_id,
+                                      pad_token_id=pad_token_id, **model_kwargs)
+        finally:
+            GENERATING.reset(token)
 
     # -- portable files ----------------------------------------------------------------------------
     def save(self, file: FileLike) -> None:

@@ -22,6 +22,7 @@ import zoo
 import zoo_checks as checks
 
 pytestmark = pytest.mark.slow  # extracts every architecture of the zoo
+XDIST_GROUP_BY_PARAM = True  # each case on one worker, the cases spread (tests/conftest.py)
 
 CASES = zoo.cases()
 CAUSAL = [c for c in CASES if zoo.BY_NAME[c[0]].kind == "causal"]
