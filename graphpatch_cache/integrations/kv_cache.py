@@ -368,7 +368,7 @@ def copy_caches(inputs: Tuple[Tuple[Any, ...], Dict[str, Any]],
 
             state = CacheState(each(state.layers), state.windows, None if state.cross is None else each(state.cross))
         copied = new_cache(state)
-        for i, layer in enumerate(copied.layers):  # a traced call takes the length as a tensor
+        for i, layer in enumerate(cache_layers(copied)[:len(state.layers)]):  # a traced call takes the length as a tensor
             if state.window(i) and state.layers[i][0] is not None:
                 setattr(layer, LENGTH_ATTRIBUTE, state.layers[i][2])
         return copied
