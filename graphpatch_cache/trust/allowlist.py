@@ -85,7 +85,7 @@ def is_dunder(name: str) -> bool:
 
 def valid_dotted(name: Any) -> bool:
     """A dotted name of identifiers without dunders (``torch.nn.functional.linear``)."""
-    return isinstance(name, str) and bool(_DOTTED.match(name)) and not any(
+    return isinstance(name, str) and bool(_DOTTED.fullmatch(name)) and not any(
         is_dunder(part) or keyword.iskeyword(part) for part in name.split("."))
 
 

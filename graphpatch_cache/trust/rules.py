@@ -76,7 +76,7 @@ def _attribute_name_ok(name: Any) -> bool:
     """A name an opaque graph may read and set on its module: an identifier, no dunder, none of
     nn.Module's own names (binding also checks the live module: plain data, no descriptor,
     no parameter, buffer or child, see ``functions.attribute_exposed``)."""
-    return isinstance(name, str) and bool(IDENTIFIER.match(name)) and not keyword.iskeyword(name) \
+    return isinstance(name, str) and bool(IDENTIFIER.fullmatch(name)) and not keyword.iskeyword(name) \
         and not is_dunder(name) and name not in _MODULE_INTERNALS
 
 

@@ -159,7 +159,7 @@ class _Checker(ValueChecker):
             raise self.malformed(where, "module graphs nested too deeply or too many")
         if g.name and not self.identifier(g.name):
             raise self.refuse(where, g.name, "a graph name must be an identifier, not a keyword or dunder")
-        if g.module_path and not all(_SEGMENT.match(p) and not is_dunder(p) for p in g.module_path.split(".")):
+        if g.module_path and not all(_SEGMENT.fullmatch(p) and not is_dunder(p) for p in g.module_path.split(".")):
             raise self.refuse(where, g.module_path, "module_path must be dotted attribute names without dunders")
         if not isinstance(g.module_class, str) or not g.module_class.isprintable() or len(g.module_class) > 1024:
             raise self.malformed(where, "module_class must be a class name")  # compared, never resolved
@@ -168,7 +168,7 @@ class _Checker(ValueChecker):
             if not self.identifier(local) and local != MODULE_REF:
                 raise self.refuse(where, local, "attribute names must be identifiers, not keywords or dunders")
             if not isinstance(qualified, str) or not qualified.startswith(prefix) or not all(
-                    _SEGMENT.match(p) and not is_dunder(p) for p in qualified.split(".")):
+                    _SEGMENT.fullmatch(p) and not is_dunder(p) for p in qualified.split(".")):
                 raise self.refuse(join_path(where, local), qualified,
                                   "an attribute must name a tensor of the graph's own module (dotted names, "
                                   "no dunders)")

@@ -48,7 +48,7 @@ class ValueChecker:
     def devices(self, devices: Any) -> None:
         """``extraction.devices``: device names the loader parses (a malformed one would make
         ``torch.device`` raise an untyped error at bind)."""
-        if not isinstance(devices, list) or not all(isinstance(d, str) and _DEVICE.match(d) for d in devices):
+        if not isinstance(devices, list) or not all(isinstance(d, str) and _DEVICE.fullmatch(d) for d in devices):
             raise self.malformed("extraction.devices", f"not a list of device names: {devices!r:.120}")
 
     def refuse(self, where: str, target: str, why: str) -> DisallowedTargetError:
@@ -96,7 +96,7 @@ class ValueChecker:
     def identifier(name: Any) -> bool:
         if name in _IDENTIFIERS:
             return True
-        ok = isinstance(name, str) and bool(IDENTIFIER.match(name)) and not keyword.iskeyword(name) \
+        ok = isinstance(name, str) and bool(IDENTIFIER.fullmatch(name)) and not keyword.iskeyword(name) \
             and not is_dunder(name)
         if ok and len(_IDENTIFIERS) < 100_000:
             _IDENTIFIERS.add(name)
@@ -159,7 +159,7 @@ class ValueChecker:
                 raise self.malformed(where, "a malformed complex number")
             float.fromhex(x[0]), float.fromhex(x[1])
         elif tag == "device":
-            if not isinstance(x, str) or not _DEVICE.match(x):
+            if not isinstance(x, str) or not _DEVICE.fullmatch(x):
                 raise self.malformed(where, f"an unknown device {x!s:.40}")
         elif tag in ("dtype", "mf", "layout"):
             if not isinstance(x, str) or x not in _NAMED[tag]:

@@ -283,3 +283,14 @@ def test_errors_share_a_base_and_pickle():
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and str(again) == str(err) and again.node_path == err.node_path
     assert isinstance(errors[1], KeyError)
+
+
+def test_names_with_a_trailing_newline_are_not_names():
+    """``re.match`` with ``$`` accepts a trailing newline; the trust layer's name checks match
+    the whole string (a name that prints like an allowed one is refused)."""
+    from graphpatch_cache.trust import rules, values
+    from graphpatch_cache.trust.allowlist import valid_dotted
+
+    assert valid_dotted("torch.add") and not valid_dotted("torch.add\n")
+    assert rules.IDENTIFIER.fullmatch("weight") and not rules.IDENTIFIER.fullmatch("weight\n")
+    assert values._DEVICE.fullmatch("cuda:0") and not values._DEVICE.fullmatch("cuda:0\n")
