@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ from graphpatch_cache import PatchableGraph, ProbePatch, ZeroPatch, cache_key, l
 from graphpatch_cache.cache import CacheStore
 from graphpatch_cache.errors import ArtifactFormatError, CacheMissError, ModelStructureError
 
-from store_files import blobs, cache_warnings, corrupt, files_under, logits, refs, sha256_file, store
+from store_files import blobs, cache_warnings, corrupt, files_under, logits, read_only, refs, sha256_file, store
 from tiny_models import tiny_gpt2, token_inputs
 
 pytestmark = pytest.mark.slow  # m1 (integration conftest) extracts a GPT-2
@@ -257,25 +256,13 @@ def _writable(path) -> bool:
 
 def test_read_only_root_chmod(m1, tmp_path):
     """A root nobody may write: chmod 0555, and where that does not stop this user (root
-    ignores modes) a read-only bind mount of it, which stops root too."""
+    ignores modes) a read-only bind mount of it, which stops root too (store_files.read_only)."""
     model, inputs, expected, *_ = m1
     root = tmp_path / "ro"
     root.mkdir()
-    os.chmod(root, 0o555)
-    mounted = False
-    try:
-        if _writable(root):
-            mount = subprocess.run(f"mount --bind {root} {root} && mount -o remount,bind,ro {root}", shell=True,
-                                   capture_output=True, text=True)
-            mounted = mount.returncode == 0
-            if not mounted or _writable(root):
-                pytest.skip(f"neither chmod nor a read-only bind mount stops this user from writing: {mount.stderr}")
+    with read_only(root):
         message = _two_loads(model, inputs, expected, lambda: store(root, tmp_path / "local"))
-        assert str(root) in message
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(root)], check=True)
-        os.chmod(root, 0o755)
+    assert str(root) in message
 
 
 def test_root_that_is_a_file(m1, tmp_path):
