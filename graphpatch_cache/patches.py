@@ -295,8 +295,9 @@ def number_refusal(patch: Patch[Any], kind: str) -> Optional[str]:
 
     A subclass of a built-in patch that overrides ``op`` or ``apply`` counts as your own.
     """
-    entry = _entry_point(type(patch))
-    owner = next(k for k in type(patch).__mro__ if entry in k.__dict__)
+    cls: type = type(patch)  # (as ``type``: mypy takes a Patch class's __hash__ for an instance's)
+    entry = _entry_point(cls)
+    owner = next(k for k in cls.__mro__ if entry in k.__dict__)
     if owner is ZeroPatch:
         return "ZeroPatch applies to tensors only"
     if owner not in (AddPatch, ReplacePatch):

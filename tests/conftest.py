@@ -34,6 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each (and their children)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache_dirs(tmp_path_factory):

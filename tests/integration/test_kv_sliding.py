@@ -10,6 +10,7 @@ the keys (``repeat_kv``), and the logits differ in the last bit (the tokens do n
 
 from __future__ import annotations
 
+
 import re
 import warnings
 
@@ -114,6 +115,10 @@ def test_a_probe_on_a_cached_key_tensor_at_decode_steps_sees_the_models_cache(fa
     ref = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
     layer = _sliding(ref)[0]
     token = _ids(seq=1, seed=7)
+    # the decode graph (which has the cache inputs) must exist before a patch names its nodes;
+    # whatever ran before on this module's fixture (tests may run in another order), make it
+    spare = pg(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    pg(input_ids=token, attention_mask=torch.cat([mask, mask.new_ones(2, 1)], dim=-1), cache=spare, use_cache=True)
     for step in range(3):  # the keys each step finds in the cache: the model's, window-sized
         mask = torch.cat([mask, mask.new_ones(2, 1)], dim=-1)
         held = ref.layers[layer].keys.clone()
