@@ -56,24 +56,29 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return cache_dir_option(json_option(verbose_option(fn)))
 
 
+#: the model options' defaults (a MODEL given where no model options are taken)
+DEFAULT_MODEL_ARGS: Dict[str, Any] = {"dtype": "auto", "load_in_8bit": False, "batch_size": 1, "seq_len": 8,
+                                      "attention_mask": False, "use_cache": False, "past_length": 0}
+
+
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options that, with MODEL, determine a graph's key."""
     options = [
-        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+        click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULT_MODEL_ARGS["dtype"], show_default=True,
                      help="The dtype the real model is loaded in. auto: the config's dtype, else float32 "
                           "(what from_pretrained does)."),
         click.option("--load-in-8bit", is_flag=True,
                      help="For models loaded with BitsAndBytesConfig(load_in_8bit=True)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_MODEL_ARGS["batch_size"], show_default=True,
                      help="Example batch size. 1 gets its own graph; any size >= 2 shares one."),
-        click.option("--seq-len", type=click.IntRange(min=1), default=8, show_default=True,
+        click.option("--seq-len", type=click.IntRange(min=1), default=DEFAULT_MODEL_ARGS["seq_len"], show_default=True,
                      help="Example sequence length. 1 gets its own graph; any length >= 2 shares one."),
         click.option("--attention-mask", is_flag=True,
                      help="The example passes an attention_mask (as pg.generate(ids, attention_mask=...) does)."),
         click.option("--use-cache", is_flag=True,
                      help="The example passes use_cache=True: the graph returns the key/value cache "
                           "(the prompt step of cached generation)."),
-        click.option("--past-length", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--past-length", type=click.IntRange(min=0), default=DEFAULT_MODEL_ARGS["past_length"], show_default=True,
                      help="With --use-cache: the example also passes a key/value cache holding this many "
                           "positions (>= 2): the per-token graph of cached generation (use --seq-len 1)."),
     ]
@@ -146,9 +151,6 @@ def model_key(spec: Dict[str, Any]) -> str:
     return cache_key(model, **spec["signature"].inputs(model.config, model))
 
 
-#: the model options' defaults (a MODEL given where no model options are taken)
-DEFAULT_MODEL_ARGS: Dict[str, Any] = {"dtype": "auto", "load_in_8bit": False, "batch_size": 1, "seq_len": 8,
-                                      "attention_mask": False, "use_cache": False, "past_length": 0}
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 
 
