@@ -14,7 +14,7 @@ Call map::
 
 Modules: settings (default roots, units, the key pattern), records (entries, reports),
 store (put/get/read/lock/layout), maintenance (check/remove/gc), locking, local (the
-per-user tier), keys, proof, load, builder, rebuild, transfer (export/import), summary
+per-user tier), keys, proof, load, builder, call_shapes (the calls a default build makes), rebuild, transfer (export/import), summary
 (what an artifact holds, for the CLI).
 """
 
@@ -30,6 +30,7 @@ _PARTS = {
     '..errors': ('BuildError', 'RebuildError',),
     '..integrations.transformers': ('DEVICE_MAP_STRATEGIES', 'check_device_map', 'meta_model',),
     '.builder': ('BuildResult', 'ExampleSignature', 'build',),
+    '.call_shapes': ('CallShape', 'ShapeBuild', 'build_calls', 'default_call_shapes', 'serving_entry',),
     '.keys': ('cache_key', 'key_material',),
     '..live.environment': ('environment_fingerprint',),
     '.load': ('CacheStats', 'CachingExtractor', 'StoreLike', 'load_cached',),
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from ..errors import BuildError, RebuildError
     from ..integrations.transformers import DEVICE_MAP_STRATEGIES, check_device_map, meta_model
     from .builder import BuildResult, ExampleSignature, build
+    from .call_shapes import CallShape, ShapeBuild, build_calls, default_call_shapes, serving_entry
     from ..live.environment import environment_fingerprint
     from .keys import cache_key, key_material
     from .load import CacheStats, CachingExtractor, StoreLike, load_cached
@@ -67,6 +69,7 @@ __all__ = [
     "CacheStats",
     "CacheStore",
     "CachingExtractor",
+    "CallShape",
     "CheckReport",
     "DEVICE_MAP_STRATEGIES",
     "ExampleSignature",
@@ -75,14 +78,17 @@ __all__ = [
     "Problem",
     "RebuildError",
     "RebuildReport",
+    "ShapeBuild",
     "SUPPORTED_SCHEMA_VERSIONS",
     "StoreLike",
     "artifact_summary",
     "build",
+    "build_calls",
     "cache_key",
     "check_device_map",
     "check_node_tree",
     "check_rebuilds",
+    "default_call_shapes",
     "default_local_dir",
     "default_root",
     "entry_dtype",
@@ -98,5 +104,6 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "rebuild_artifact",
+    "serving_entry",
     "verify_rebuild",
 ]

@@ -52,10 +52,12 @@ class CacheStats:
 
 class CachingExtractor:
     """An extractor (see :data:`~graphpatch_cache.runtime.patchable_graph.Extractor`) that
-    looks in ``store`` first and stores what it extracts."""
+    looks in ``store`` first and stores what it extracts. ``origin``: what the entries it
+    writes say they were built from (display text, see :attr:`CacheEntry.origin`)."""
 
-    def __init__(self, store: CacheStore) -> None:
+    def __init__(self, store: CacheStore, origin: str = "python: load_cached") -> None:
         self.store = store
+        self.origin = origin
         self.stats = CacheStats()
 
     def _lookup(self, key: str, material: Dict[str, Any], inputs: CallInputs) -> Optional[GraphArtifact]:
@@ -119,7 +121,7 @@ class CachingExtractor:
                        "(a bug in graphpatch-cache; please report it)")
             return
         try:
-            self.store.put(key, artifact, material=material, example=inputs.concrete_signature)
+            self.store.put(key, artifact, material=material, example=inputs.concrete_signature, origin=self.origin)
         except CacheError as exc:  # the entry would not prove its key: keep it out of the cache
             self.stats.write_failures += 1
             _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {exc.message} "

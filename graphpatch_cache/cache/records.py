@@ -28,6 +28,9 @@ class CacheEntry:
     material: Optional[Dict[str, Any]] = field(repr=False, default=None)
     #: the concrete signature of the example inputs the graphs were extracted with
     example: Optional[Dict[str, Any]] = field(repr=False, default=None)
+    #: what the entry was built from (a preset, a directory, a Hub id, ``python: load_cached``):
+    #: display text written by whoever built it, never used for a decision (:func:`clip_origin`)
+    origin: Optional[str] = None
 
     def ref(self) -> Dict[str, Any]:
         """The ref's fields that the proof (:mod:`~graphpatch_cache.cache.proof`) reads."""
@@ -82,12 +85,27 @@ def entry_from_ref(key: str, variant: str, meta: Dict[str, Any], ref: Path) -> C
         ref_path=str(ref),
         material=meta.get("material"),
         example=meta.get("example"),
+        origin=clip_origin(meta.get("origin")),
     )
+
+
+#: the longest ``origin`` a ref keeps (display text: a path or a Hub id fits)
+ORIGIN_LIMIT = 200
+
+
+def clip_origin(value: Any) -> Optional[str]:
+    """A ref's ``origin`` as it is stored and read: a string of at most :data:`ORIGIN_LIMIT`
+    characters (longer ones keep their end, where a path's distinctive part is), else None.
+    Any root writer can put text here: it is shown (escaped, see
+    :func:`~graphpatch_cache.cache.summary.printable`), never trusted."""
+    if not isinstance(value, str) or not value:
+        return None
+    return value if len(value) <= ORIGIN_LIMIT else "..." + value[-(ORIGIN_LIMIT - 3):]
 
 
 _REF_TYPES: Dict[str, Union[type, Tuple[type, ...]]] = {
     "size": int, "created": (int, float), "model_class": str, "versions": dict, "signature": dict,
-    "material": dict, "example": dict}
+    "material": dict, "example": dict, "origin": str}
 
 
 def parse_ref(key: str, ref: Path, meta: Any) -> Optional[CacheEntry]:
@@ -114,4 +132,5 @@ def read_ref(key: str, ref: Path) -> Tuple[Optional[CacheEntry], str]:
     return (entry, "") if entry is not None else (None, "malformed ref")
 
 
-__all__ = ["CacheEntry", "CheckReport", "GcReport", "Problem", "entry_from_ref", "parse_ref", "read_ref"]
+__all__ = ["ORIGIN_LIMIT", "CacheEntry", "CheckReport", "GcReport", "Problem", "clip_origin", "entry_from_ref", "parse_ref",
+           "read_ref"]

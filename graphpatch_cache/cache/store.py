@@ -42,7 +42,7 @@ from ..errors import CacheError, CacheMissError
 from . import maintenance, repair
 from .local import LocalTier
 from .locking import advisory_lock
-from .records import CacheEntry, CheckReport, GcReport, Problem, entry_from_ref, read_ref
+from .records import CacheEntry, CheckReport, GcReport, Problem, clip_origin, entry_from_ref, read_ref
 from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
 
 if TYPE_CHECKING:  # deferred below: listing, rm and gc run without torch (the command line's speed)
@@ -132,7 +132,7 @@ class CacheStore:
         *,
         material: Optional[Dict[str, Any]] = None,
         example: Optional[Dict[str, Any]] = None,
-        recorded: Optional[Dict[str, Any]] = None,
+        recorded: Optional[Dict[str, Any]] = None, origin: Optional[str] = None,
     ) -> CacheEntry:
         """Store ``artifact`` as a variant of ``key``: blob first, then the ref naming it.
 
@@ -144,6 +144,7 @@ class CacheStore:
         :param example: the concrete signature of the example inputs
             (:func:`~graphpatch_cache.signature.concrete_signature`), for ``verify --rebuild``.
         :param recorded: the material as a ref records it (``import``: from another ref).
+        :param origin: what it was built from, display text only (:func:`.records.clip_origin`).
         :raises CacheError: the material does not prove that ``artifact`` belongs to ``key``
             (nothing is written).
         :raises OSError: the root is read-only or full (nothing half-written stays behind).
@@ -162,6 +163,7 @@ class CacheStore:
             "schema_version": artifact.schema_version,
             "versions": artifact.versions,
             "signature": artifact.signature,
+            **({"origin": clip_origin(origin)} if clip_origin(origin) else {}),
         }
         if material is not None:
             recorded = recorded_material(material)
