@@ -30,7 +30,7 @@ _PARTS = {
     '..errors': ('BuildError', 'RebuildError',),
     '..integrations.transformers': ('DEVICE_MAP_STRATEGIES', 'check_device_map', 'meta_model',),
     '.builder': ('BuildResult', 'ExampleSignature', 'build',),
-    '.call_shapes': ('CallShape', 'ShapeBuild', 'build_calls', 'default_call_shapes', 'serving_entry',),
+    '.call_shapes': ('CallShape', 'ShapeBuild', 'build_calls', 'call_keys', 'default_call_shapes', 'serving_entry',),
     '.keys': ('cache_key', 'key_material',),
     '..live.environment': ('environment_fingerprint',),
     '.load': ('CacheStats', 'CachingExtractor', 'StoreLike', 'load_cached',),
@@ -39,7 +39,8 @@ _PARTS = {
     '.records': ('CacheEntry', 'CheckReport', 'GcReport', 'Problem',),
     '.settings': ('default_local_dir', 'default_root', 'is_key', 'parse_duration', 'parse_size',),
     '.store': ('CacheStore',),
-    '.summary': ('artifact_summary', 'check_node_tree', 'entry_dtype', 'model_dtype', 'node_tree',),
+    '.summary': ('FREE_SIZE', 'artifact_summary', 'call_shape', 'check_node_tree', 'describe_call_shape', 'entry_dtype',
+                 'model_dtype', 'node_tree', 'printable',),
     '.transfer': ('ImportResult', 'export_portable', 'import_portable',),
 }
 __getattr__, __dir__ = _exports(__name__, globals(), _PARTS)
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from ..errors import BuildError, RebuildError
     from ..integrations.transformers import DEVICE_MAP_STRATEGIES, check_device_map, meta_model
     from .builder import BuildResult, ExampleSignature, build
-    from .call_shapes import CallShape, ShapeBuild, build_calls, default_call_shapes, serving_entry
+    from .call_shapes import CallShape, ShapeBuild, build_calls, call_keys, default_call_shapes, serving_entry
     from ..live.environment import environment_fingerprint
     from .keys import cache_key, key_material
     from .load import CacheStats, CachingExtractor, StoreLike, load_cached
@@ -58,7 +59,8 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from .records import CacheEntry, CheckReport, GcReport, Problem
     from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
     from .store import CacheStore
-    from .summary import artifact_summary, check_node_tree, entry_dtype, model_dtype, node_tree
+    from .summary import (FREE_SIZE, artifact_summary, call_shape, check_node_tree, describe_call_shape, entry_dtype,
+                          model_dtype, node_tree, printable)
     from .transfer import ImportResult, export_portable, import_portable
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "CallShape",
     "CheckReport",
     "DEVICE_MAP_STRATEGIES",
+    "FREE_SIZE",
     "ExampleSignature",
     "GcReport",
     "ImportResult",
@@ -84,11 +87,14 @@ __all__ = [
     "artifact_summary",
     "build",
     "build_calls",
+    "call_keys",
     "cache_key",
+    "call_shape",
     "check_device_map",
     "check_node_tree",
     "check_rebuilds",
     "default_call_shapes",
+    "describe_call_shape",
     "default_local_dir",
     "default_root",
     "entry_dtype",
@@ -103,6 +109,7 @@ __all__ = [
     "node_tree",
     "parse_duration",
     "parse_size",
+    "printable",
     "rebuild_artifact",
     "serving_entry",
     "verify_rebuild",

@@ -99,6 +99,21 @@ def serving_entry(store: CacheStore, model: torch.nn.Module, inputs: CallInputs,
     return next((e for e in store.variants(key) if e.signature and matches(e.signature, concrete)), None)
 
 
+def call_keys(model: torch.nn.Module, signatures: Optional[List[ExampleSignature]] = None,
+              options: Optional[ExtractionOptions] = None) -> List[str]:
+    """The keys the calls of ``signatures`` (default: every call of :func:`default_call_shapes`,
+    one-sequence ones included) are stored under, in that order, each once; nothing is built."""
+    if signatures is None:
+        signatures = [s for shape in default_call_shapes(model) for s in (shape.signature, shape.single) if s]
+    keys: List[str] = []
+    for signature in signatures:
+        inputs = CallInputs.of(model, (), signature.inputs(model.config, model))
+        key = digest_of(key_material(model, options=options or ExtractionOptions(), inputs=inputs))
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
 def build_calls(
     config_or_model_class: Any,
     shapes: Optional[List[CallShape]] = None,
@@ -142,5 +157,5 @@ def build_calls(
     return out
 
 
-__all__ = ["BATCH", "PAST", "TOKENS", "CallShape", "ShapeBuild", "build_calls", "default_call_shapes",
+__all__ = ["BATCH", "PAST", "TOKENS", "CallShape", "ShapeBuild", "build_calls", "call_keys", "default_call_shapes",
            "serving_entry"]
