@@ -123,7 +123,7 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: Optional[int],
     width = max(len(c["call"]) for c in calls)
     for c in calls:
         if c["key"] is None:
-            click.echo(f"  {c['call']:<{width}}  served by {c['served_by'][:12]} (nothing to build)")
+            click.echo(f"  {c['call']:<{width}}  {c['served_by'][:12]}   served  by the graph above")
         else:
             state = "cached" if c["cached"] else f"{c['seconds']:.1f} s"
             click.echo(f"  {c['call']:<{width}}  {c['key'][:12]}  {state:>7}  {c['serves']}")

@@ -54,8 +54,8 @@ class CallShape:
 
 @dataclass(frozen=True)
 class ShapeBuild:
-    """What :func:`build_calls` did for one call: ``result`` (None when ``skipped``: an
-    existing variant, ``served_by``, already serves the call)."""
+    """What :func:`build_calls` did for one call: ``result`` (None when ``skipped``: the
+    graph just built for the same call with more sequences, ``served_by``, serves it too)."""
 
     name: str
     signature: ExampleSignature
@@ -145,10 +145,11 @@ def build_calls(
                 continue
             start = time.perf_counter()
             inputs = CallInputs.of(model, (), signature.inputs(model.config, model))
-            if signature is shape.single:
+            main = out[-1].result if signature is shape.single and out else None
+            if main is not None and main.entry is not None:
                 served = serving_entry(graph_store, model, inputs, options)
-                if served is not None:
-                    out.append(ShapeBuild(name, signature, None, served))
+                if served is not None and (served.key, served.variant) == (main.key, main.entry.variant):
+                    out.append(ShapeBuild(name, signature, None, served))  # the call's own graph serves it
                     continue
             if progress is not None:
                 progress(name)

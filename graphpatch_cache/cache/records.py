@@ -105,7 +105,7 @@ def clip_origin(value: Any) -> Optional[str]:
 
 _REF_TYPES: Dict[str, Union[type, Tuple[type, ...]]] = {
     "size": int, "created": (int, float), "model_class": str, "versions": dict, "signature": dict,
-    "material": dict, "example": dict, "origin": str}
+    "material": dict, "example": dict}  # (not ``origin``: display text never makes a ref unusable)
 
 
 def parse_ref(key: str, ref: Path, meta: Any) -> Optional[CacheEntry]:
