@@ -22,7 +22,8 @@ plus their one-sequence twins where the cache does not already serve them):
   forward            input_ids + attention_mask (a tokenizer's outputs), use_cache left out
   generate: prompt   the first step of pg.generate on a padded batch (use_cache=True)
   generate: step     each later step (one token and the key/value cache)
-(the generate graphs for models that generate with a key/value cache). Any of --batch-size,
+(the generate graphs for causal LMs; one "generate" graph, use_cache=False, for one that
+generates without a key/value cache; encoder-decoders: forward only). Any of --batch-size,
 --seq-len, --[no-]attention-mask, --[no-]use-cache, --past-length builds that one call only.
 
 \b

@@ -186,7 +186,7 @@ def describe_call_shape(signature: Dict[str, Any]) -> str:
     text += "; use_cache: model default" if shape["use_cache"] is None else f"; use_cache={shape['use_cache']!r}"
     cache = shape["cache"]
     if cache is not None:
-        text += (f"; cache: decode ({cache['layers']} layers "
+        text += (f"; cache: decode ({cache['layers']} layer{'s' if cache['layers'] != 1 else ''} "
                  f"[{','.join(str(d) for d in cache['dims'] or [])}] {cache['dtype']})")
     elif shape["kind"] == "prefill":
         text += "; cache: prefill (makes a new one)"

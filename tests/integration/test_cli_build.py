@@ -125,7 +125,7 @@ def test_build_json_lists_every_call_and_ls_and_show_say_what_they_serve(runner,
     rows = json.loads(invoke(runner, "ls", "--cache-dir", root, "--json").stdout)["entries"]
     assert {r["serves"] for r in rows} == {c["serves"] for c in made}
     table = invoke(runner, "ls", "--cache-dir", root).stdout
-    assert "cache: decode (1 layers [b,2,past,8] float32)" in table and "directory: " in table
+    assert "cache: decode (1 layer [b,2,past,8] float32)" in table and "directory: " in table
     shown = invoke(runner, "show", folder, "--depth", "0", "--cache-dir", root)
     assert shown.stdout.startswith("<root>: LlamaForCausalLM") and f"built from: {out['origin']}" in shown.stderr
     assert f"serves (shown): {out['calls'][0]['serves']}" in shown.stderr
