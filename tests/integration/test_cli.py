@@ -48,7 +48,7 @@ def test_build_json_matches_the_store(built, local_dir):
     root, out = built
     assert out["model"] == "tiny-gpt2" and out["source"] == "preset" and out["cached"] is False
     assert out["origin"] == "preset: tiny-gpt2" and [c["call"] for c in out["calls"]] == ["call"]
-    assert out["calls"][0]["serves"] == "input_ids[1,8] int64; use_cache=False"
+    assert out["calls"][0]["serves"] == "input_ids[1,s] int64; use_cache=False"
     assert out["model_class"].endswith("GPT2LMHeadModel") and out["dtype"] == "float32" and out["quantization"] is None
     assert out["graphs"] > 10 and out["nodes"] > out["graphs"] and out["modules"] > 10 and out["seconds"] > 0
     (entry,) = CacheStore(root, local_dir=local_dir).variants(out["key"])
@@ -124,14 +124,14 @@ def test_ls(runner, root, built):
     assert header.split() == ["KEY", "MODEL", "BUILT", "FROM", "DTYPE", "SIZE", "CREATED", "TORCH", "TRANSFORMERS",
                               "CALLS"]
     assert row.startswith(key[:12]) and "GPT2LMHeadModel" in row and "float32" in row
-    assert "preset: tiny-gpt2" in row and row.endswith("input_ids[1,8] int64; use_cache=False")
+    assert "preset: tiny-gpt2" in row and row.endswith("input_ids[1,s] int64; use_cache=False")
     out = json.loads(invoke(runner, "ls", "--cache-dir", root, "--json").stdout)
     (entry,) = out["entries"]
     assert out["root"] == str(root)
     assert entry["key"] == key and entry["size"] == built[1]["size"] and entry["intact"] is True
     assert set(entry["versions"]) >= {"torch", "transformers", "python"} and entry["created"].endswith("Z")
     assert entry["origin"] == "preset: tiny-gpt2" and entry["shape"]["kind"] == "forward"
-    assert entry["shape"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": [1, 8]}]
+    assert entry["shape"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": [1, "s"]}]
     assert entry["shape"]["use_cache"] is False and entry["shape"]["cache"] is None
     assert json.loads(invoke(runner, "ls", "--cache-dir", root / "nothing", "--json").stdout)["entries"] == []
     assert "no entries" in invoke(runner, "ls", "--cache-dir", root / "nothing").stdout
@@ -143,7 +143,7 @@ def test_show_tree_path_code_and_json(runner, root, built):
     assert tree.startswith("<root>: GPT2LMHeadModel") and "mul_3" in tree
     shown = invoke(runner, "show", "tiny-gpt2", *ONE_CALL, "--cache-dir", root)
     assert shown.stdout == tree  # MODEL finds the same key
-    assert "built from: preset: tiny-gpt2" in shown.stderr and "serves (shown): input_ids[1,8] int64" in shown.stderr
+    assert "built from: preset: tiny-gpt2" in shown.stderr and "serves (shown): input_ids[1,s] int64" in shown.stderr
     shallow = invoke(runner, "show", key[:8], "--depth", "1", "--cache-dir", root).stdout
     assert "transformer: GPT2Model" in shallow and "h_0" not in shallow
     sub = invoke(runner, "show", key[:8], "transformer.h_0.mlp", "--grep", "act.mul_3", "--cache-dir", root).stdout
@@ -161,7 +161,7 @@ def test_show_tree_path_code_and_json(runner, root, built):
     assert {c["path"] for c in out["codes"] if c["kind"] == "graph"} == {f"transformer.h_{i}.mlp.c_proj" for i in (0, 1)}
     out = json.loads(invoke(runner, "show", key[:8], "transformer.h_0.mlp.act", "--json", "--cache-dir", root).stdout)
     assert out["key"] == key and out["kind"] == "graph" and out["origin"] == "preset: tiny-gpt2"
-    assert [v["serves"] for v in out["variants"]] == ["input_ids[1,8] int64; use_cache=False"]
+    assert [v["serves"] for v in out["variants"]] == ["input_ids[1,s] int64; use_cache=False"]
     paths = {n["path"]: n for n in out["nodes"]}
     assert paths["transformer.h_0.mlp.act.mul_3"]["kind"] == "value"
     assert paths["transformer.h_0.mlp.act.mul_3"]["shape"][-1] == 128
