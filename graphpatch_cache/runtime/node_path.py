@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 from ..artifact import ModuleGraph, NodeData
 from ..errors import NodePathError, NotAValueError, close_matches
+from .node_html import HtmlView
 from .path_errors import unknown_path
 from .shapes import InputBinder, ShapeScope, describe_meta, scope_of, shape_from_meta
 from ..artifact.names import join_path
@@ -66,7 +67,7 @@ def _location(meta: Dict[str, Any]) -> Optional[Tuple[str, Tuple[Any, ...]]]:
     return loc[0], tuple(_part_key(k) if isinstance(k, str) else k for k in loc[1:])
 
 
-class NodePath:
+class NodePath(HtmlView):
     """One module graph, value, or part of a nested value in a PatchableGraph.
 
     Attribute access walks the tree (``pg.graph.transformer.h_0``, ``pg.graph.output.sub_1``);
