@@ -10,8 +10,9 @@ network), for JupyterLab, Notebook 7 and classic Notebook, and VS Code:
   and a DOM of the rows one has opened;
 - the top level is also written as plain HTML, so a front end that does not run scripts
   still shows something readable;
-- a search box filters paths (substring, case-insensitive), showing each match with its
-  ancestors; a click on a name copies its path (what ``pg.patch`` takes);
+- a search box filters paths (substring, case-insensitive; an input also by its alias,
+  ``input`` for ``input_``), showing each match with its ancestors; a click on a name
+  copies its path (what ``pg.patch`` takes);
 - colours come from JupyterLab's (``--jp-*``) or VS Code's (``--vscode-*``) theme variables,
   with light and dark fallbacks (``prefers-color-scheme``) that set a background as well as a
   foreground, so the text stays readable whatever the page around it is.
@@ -78,8 +79,8 @@ def _label(node: "NodePath") -> str:
 
 def tree_data(node: "NodePath") -> Dict[str, Any]:
     """The blob the page's script reads: ``{"root": path, "strings": [...], "nodes": [[path,
-    parent index (-1: the root), kind, label index, source-location index, code index],
-    ...]}``, every node below ``node`` (module graphs, values and the parts of nested
+    parent index (-1: the root), kind, label index, source-location index, code index, alias
+    path or ""], ...]}``, every node below ``node`` (module graphs, values and the parts of nested
     values), depth first."""
     strings = _Strings()
     nodes: List[List[Any]] = []
@@ -88,7 +89,9 @@ def tree_data(node: "NodePath") -> Dict[str, Any]:
         for child in parent._np_children.values():
             kind = _KIND_GRAPH if child._np_graph is not None else _KIND_PART if child._np_keys else _KIND_VALUE
             where, code = split_source(child._code) if kind != _KIND_GRAPH else ("", "")
-            nodes.append([str(child), parent_index, kind, strings(_label(child)), strings(where), strings(code)])
+            alias = child._np_alias_name if kind == _KIND_VALUE else ""  # an input's name by place (``input``)
+            alias = f"{parent}.{alias}" if alias and str(parent) else alias
+            nodes.append([str(child), parent_index, kind, strings(_label(child)), strings(where), strings(code), alias])
             walk(child, len(nodes) - 1)
 
     walk(node, -1)
@@ -177,7 +180,7 @@ function fill(ul,list,only){for(var k=0;k<list.length;k++){var j=list[k];if(only
 var li=row(j,!!only,only);if(only&&only[j]===2)li.className="gpc-hit";ul.appendChild(li);}}
 function show(q){top.textContent="";q=q.trim().toLowerCase();
 if(!q){fill(top,kids[-1]||[],null);status.textContent=N.length+" nodes";return;}
-var only={},hits=0;for(var i=0;i<N.length&&hits<MAX;i++){if(N[i][0].toLowerCase().indexOf(q)>=0){hits++;only[i]=2;
+var only={},hits=0;for(var i=0;i<N.length&&hits<MAX;i++){if(N[i][0].toLowerCase().indexOf(q)>=0||(N[i][6]&&N[i][6].toLowerCase().indexOf(q)>=0)){hits++;only[i]=2;
 for(var p=N[i][1];p>=0&&!only[p];p=N[p][1])only[p]=1;}}
 fill(top,kids[-1]||[],only);
 status.textContent=hits>=MAX?"first "+MAX+" matching paths shown":hits+" matching path"+(hits===1?"":"s");}
