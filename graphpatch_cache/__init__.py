@@ -58,6 +58,8 @@ _PARTS = {
     ".compose": ("PatchableGraph",),
     ".runtime": ("NodePath", "SymbolicShape"),
     ".runtime.memory": ("AllocatorSettings", "keep_freed_memory"),
+    ".runtime.graph_diff": ("GraphDiff", "diff_graphs"),
+    ".runtime.path_check": ("PathReport",),
     ".cache": ("CacheStore", "ExampleSignature", "build", "cache_key", "load_cached"),
     ".trust.allowlist": ("register_target",),
 }
@@ -96,7 +98,9 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from .options import ExtractionOptions
     from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
     from .runtime import NodePath, SymbolicShape
+    from .runtime.graph_diff import GraphDiff, diff_graphs
     from .runtime.memory import AllocatorSettings, keep_freed_memory
+    from .runtime.path_check import PathReport
     from .trust.allowlist import register_target
 
 __all__ = [
@@ -110,6 +114,9 @@ __all__ = [
     "ExampleSignature",
     "build",
     "cache_key",
+    "diff_graphs",
+    "GraphDiff",
+    "PathReport",
     "load_cached",
     "AddPatch",
     "CustomPatch",
