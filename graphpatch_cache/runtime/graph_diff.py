@@ -30,7 +30,7 @@ import difflib
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 from ..artifact import GraphArtifact
 from ..artifact.signature import signature_key

@@ -178,7 +178,7 @@ tw.addEventListener("click",function(){toggle(ul.hidden);});if(open)toggle(true)
 return li;}
 function fill(ul,list,only){for(var k=0;k<list.length;k++){var j=list[k];if(only&&!only[j])continue;
 var li=row(j,!!only,only);if(only&&only[j]===2)li.className="gpc-hit";ul.appendChild(li);}}
-function show(q){top.textContent="";q=q.trim().toLowerCase();
+function show(q){top.textContent="";box.setAttribute("data-query",q);q=q.trim().toLowerCase();
 if(!q){fill(top,kids[-1]||[],null);status.textContent=N.length+" nodes";return;}
 var only={},hits=0;for(var i=0;i<N.length&&hits<MAX;i++){if(N[i][0].toLowerCase().indexOf(q)>=0||(N[i][6]&&N[i][6].toLowerCase().indexOf(q)>=0)){hits++;only[i]=2;
 for(var p=N[i][1];p>=0&&!only[p];p=N[p][1])only[p]=1;}}

@@ -2,8 +2,10 @@
 
 ``with ChromiumPage(html_file) as page:`` opens the file; ``page.eval(js)`` returns a value
 computed in the page, ``page.type_into(selector, text)`` focuses an element and types as a
-user does (real key events: the page's ``input`` listeners fire), ``page.screenshot(path)``
-writes a PNG. :func:`chromium_binary` finds the distribution's ``chromium`` (None: not
+user does (real key events: the page's ``input`` listeners fire), ``page.wait_for(js)``
+polls until ``js`` is truthy, ``page.screenshot(path)``
+writes a PNG; :func:`search_tree` types into a node tree's search box and waits for the
+filter. :func:`chromium_binary` finds the distribution's ``chromium`` (None: not
 installed)."""
 
 from __future__ import annotations
@@ -114,6 +116,16 @@ class ChromiumPage:
             raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
 
+    def wait_for(self, expression: str) -> Any:
+        """The value of ``expression`` once it is truthy (polled)."""
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.02)
+        raise TimeoutError(f"never true in the page: {expression}")
+
     def type_into(self, selector: str, text: str) -> None:
         self.eval(f"document.querySelector({json.dumps(selector)}).focus()")
         for ch in text:  # one key at a time, as typed
@@ -126,4 +138,11 @@ class ChromiumPage:
         return Path(path)
 
 
-__all__ = ["ChromiumPage", "chromium_binary"]
+def search_tree(page: ChromiumPage, text: str) -> None:
+    """Type ``text`` into a node tree's search box; return once the page has filtered for it
+    (the tree records the query it last showed in ``data-query``)."""
+    page.type_into("input[type=search]", text)
+    page.wait_for(f"document.querySelector('.gpc-tree').getAttribute('data-query') === {json.dumps(text)}")
+
+
+__all__ = ["ChromiumPage", "chromium_binary", "search_tree"]

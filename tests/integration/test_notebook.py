@@ -29,7 +29,7 @@ nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the d
 nbclient = pytest.importorskip("nbclient", reason="the notebook test needs the dev extra (nbclient)")
 pytest.importorskip("ipykernel", reason="the notebook test needs the dev extra (ipykernel)")
 
-from chromium_page import ChromiumPage, chromium_binary  # noqa: E402
+from chromium_page import ChromiumPage, chromium_binary, search_tree  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
@@ -159,7 +159,7 @@ def test_the_saved_html_filters_and_copies_in_chromium(executed):
     with ChromiumPage(page_file) as page:
         top = page.eval(rows)
         assert sorted(p for p, _ in top) == [p for p in paths if "." not in p and "|" not in p]  # collapsed: top level only
-        page.type_into("input[type=search]", "up.lin")
+        search_tree(page, "up.lin")
         shown = page.eval(rows)
         expected = sorted(p for p in paths if "up.lin" in p)
         assert expected == ["blocks_0.up.linear", "blocks_1.up.linear"]
