@@ -110,15 +110,19 @@ def format_diff(diff: GraphDiff) -> str:
     if diff.renamed:
         lines.append(f"renamed ({len(diff.renamed)}):")
         lines += [f"  {old} -> {new}" for old, new in diff.renamed]
+    reused = set(diff.removed) & set(diff.added)
     for title, paths in (("removed", diff.removed), ("added", diff.added)):
         if paths:
             lines.append(f"{title} ({len(paths)}):")
-            lines += [f"  {p}" for p in paths]
+            lines += [f"  {p}" + ("  (the path now names another node)" if title == "added" and p in reused else "")
+                      for p in paths]
     if diff.modules:
         lines.append(f"modules changed ({len(diff.modules)}):")
         for m in diff.modules:
             where = m.path if m.path == m.old_path else f"{m.old_path} -> {m.path}"
-            cls = m.new_class if m.new_class == m.old_class else f"{m.old_class} -> {m.new_class}"
+            old_cls, new_cls = m.old_class.rpartition(".")[2], m.new_class.rpartition(".")[2]
+            cls = new_cls if m.new_class == m.old_class else f"{m.old_class} -> {m.new_class}"
+            cls = f"{old_cls} -> {new_cls}" if old_cls != new_cls else cls
             parts = ([f"+{', +'.join(m.added)}"] if m.added else []) + ([f"-{', -'.join(m.removed)}"] if m.removed else [])
             lines.append(f"  {where or '<root>'} ({cls}): {'; '.join(parts) or 'class changed'}")
     if diff.shapes:
@@ -158,9 +162,10 @@ def pick_pair(a: Sequence[GraphArtifact], b: Sequence[GraphArtifact]) -> Tuple[G
 
 
 def describe_artifact(artifact: GraphArtifact) -> str:
+    """One line: the model's class, its call signature's input dims, the versions traced with."""
     dims = [leaf.get("dims", leaf.get("value")) for leaf in artifact.signature.get("leaves", [])]
     versions = ", ".join(f"{k} {artifact.versions[k]}" for k in ("torch", "transformers") if artifact.versions.get(k))
-    return f"{artifact.model_class} inputs {dims}" + (f" ({versions})" if versions else "")
+    return f"{artifact.model_class.rpartition('.')[2]} inputs {dims}" + (f" ({versions})" if versions else "")
 
 
 def diff_graphs(a: GraphsLike, b: GraphsLike) -> GraphDiff:
