@@ -23,13 +23,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import nbclient  # the dev extra: nbclient, nbformat, ipykernel
+import nbformat
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the dev extra (nbformat)")
-nbclient = pytest.importorskip("nbclient", reason="the notebook test needs the dev extra (nbclient)")
-pytest.importorskip("ipykernel", reason="the notebook test needs the dev extra (ipykernel)")
-
-from chromium_page import ChromiumPage, chromium_binary, search_tree  # noqa: E402
+from chromium_page import ChromiumPage, chromium_binary, search_tree
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
