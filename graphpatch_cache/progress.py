@@ -245,7 +245,7 @@ class _Task:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(_TICK):
+        while not self._stop.wait(_TICK if self._view is not None else max(0.0, min(_TICK, self.delay - self.elapsed()))):
             with self._lock:
                 if self._view is None:
                     if self.elapsed() >= self.delay:
