@@ -30,7 +30,7 @@ import threading
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterable, Iterator, Optional, TextIO, Tuple, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TextIO, Tuple, TypeVar
 
 #: the environment variable: 0/off/false/no (never), 1/on/true/yes (always, at once), auto or unset
 ENV = "GRAPHPATCH_CACHE_PROGRESS"
@@ -194,29 +194,32 @@ def _screen(stream: TextIO) -> Tuple[int, int]:
     return size.columns or 100, size.lines or 24
 
 
-def _renderer(stream: TextIO, name: str) -> Any:
-    """A bar in a notebook or a terminal (when tqdm imports), else plain lines."""
+def _drawing(stream: TextIO) -> Callable[[str], Any]:
+    """How a task on ``stream`` is drawn: a bar in a notebook or a terminal (when tqdm
+    imports), else plain lines. Decided (and tqdm imported) by the extracting thread, so the
+    drawing thread imports nothing."""
     notebook = in_notebook()
     if notebook or _isatty(stream):
         try:
             if notebook:
-                from tqdm.auto import tqdm as bar_class  # optional: tqdm (widgets where ipywidgets is)
-                return _Bar(bar_class, stream, name, None)
-            from tqdm import tqdm as bar_class  # optional: tqdm
-            return _Bar(bar_class, stream, name, _screen(stream))
+                from tqdm.auto import tqdm as notebook_bar  # optional: tqdm (widgets where ipywidgets is)
+                return lambda name: _Bar(notebook_bar, stream, name, None)
+            from tqdm import tqdm as terminal_bar  # optional: tqdm
+            screen = _screen(stream)
+            return lambda name: _Bar(terminal_bar, stream, name, screen)
         except ImportError:
             pass
-    return _Lines(stream, name)
+    return lambda name: _Lines(stream, name)
 
 
 class _Task:
     """One extraction's progress: its phase, the module calls counted in it, and its drawing
     (made once it is to be shown)."""
 
-    def __init__(self, name: str, delay: float, stream: TextIO) -> None:
+    def __init__(self, name: str, delay: float, drawing: Callable[[str], Any]) -> None:
         self.name = name
         self.delay = delay
-        self.stream = stream
+        self._drawing = drawing
         self.start = self.phase_start = time.perf_counter()
         self.phase: Optional[str] = None
         self.done = 0
@@ -254,7 +257,7 @@ class _Task:
                     self._view.tick(self)
 
     def _show(self) -> None:
-        self._view = _renderer(self.stream, self.name)
+        self._view = self._drawing(self.name)
         self._view.show(self)
 
     def end(self, ok: bool) -> None:
@@ -263,7 +266,8 @@ class _Task:
             self._thread.join()
         with self._lock:
             if self._view is not None:
-                self._finish_phase()
+                if ok:  # (a failed phase is not done: the line says the task failed)
+                    self._finish_phase()
                 self._view.close(self, ok)
 
     # -- events --------------------------------------------------------------------------------
@@ -301,7 +305,7 @@ def task(name: str, option: Optional[bool] = None) -> Iterator[None]:
         finally:
             _CURRENT.reset(token)
         return
-    current = _Task(name, delay, sys.stderr)
+    current = _Task(name, delay, _drawing(sys.stderr))
     token = _CURRENT.set(current)
     ok = False
     current.begin()
