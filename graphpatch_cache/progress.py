@@ -4,7 +4,8 @@ An extraction takes seconds to minutes (almost all of it dynamo's trace); withou
 notebook cell or a log just hangs. Extraction and the cache mark where they are (phases such
 as ``dynamo trace``, and module calls done out of a total); this module draws it:
 
-- in a Jupyter kernel: a tqdm bar (``tqdm.auto``: a widget where ipywidgets is installed);
+- in a Jupyter kernel: a tqdm bar (a widget where ipywidgets is installed, else a text bar
+  that Jupyter redraws in place);
 - where stderr is a terminal: a tqdm bar on stderr;
 - otherwise (a pipe, a log file): one plain line per phase on stderr, no carriage returns,
   e.g. ``graphpatch_cache: extracting LlamaForCausalLM: dynamo trace done (12.3 s, 84/84
@@ -24,6 +25,7 @@ Nothing here imports torch; tqdm is imported only when a bar is drawn.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import threading
@@ -201,10 +203,12 @@ def _drawing(stream: TextIO) -> Callable[[str], Any]:
     notebook = in_notebook()
     if notebook or _isatty(stream):
         try:
-            if notebook:
-                from tqdm.auto import tqdm as notebook_bar  # optional: tqdm (widgets where ipywidgets is)
-                return lambda name: _Bar(notebook_bar, stream, name, None)
+            if notebook and importlib.util.find_spec("ipywidgets") is not None:
+                from tqdm.notebook import tqdm as widget_bar  # optional: tqdm (a widget)
+                return lambda name: _Bar(widget_bar, stream, name, None)
             from tqdm import tqdm as terminal_bar  # optional: tqdm
+            if notebook:  # no widgets: a text bar, which Jupyter redraws in place (carriage returns)
+                return lambda name: _Bar(terminal_bar, stream, name, (100, 24))
             screen = _screen(stream)
             return lambda name: _Bar(terminal_bar, stream, name, screen)
         except ImportError:

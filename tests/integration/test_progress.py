@@ -8,6 +8,7 @@ count: forward pre-hooks on every module during a plain eager call.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pty
@@ -262,3 +263,49 @@ def test_cli_build_prints_phases_on_stderr_only(runner, tmp_path):
     assert "graphpatch_cache:" not in result.stdout and "built tiny-gpt2" in result.stdout
     hit = invoke(runner, "build", "tiny-gpt2", "--cache-dir", root)
     assert "already cached" in hit.stdout and _events(hit.stderr) == []
+
+
+@pytest.mark.subprocess
+def test_a_jupyter_kernel_gets_a_bar(tmp_path):
+    """A real IPython kernel (where ipykernel and jupyter_client are installed; this suite's
+    environment has neither, so it runs where a developer installs them): the bar reaches
+    the cell's output as a widget (ipywidgets installed) or as a text bar redrawn in place,
+    never as the plain lines of a log."""
+    ipykernel = pytest.importorskip("ipykernel")
+    jupyter_client = pytest.importorskip("jupyter_client")
+    env = _env(tmp_path, "1")
+    # the kernel imports this checkout, and ipykernel (ipywidgets) from where this process does
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(Path(ipykernel.__file__).resolve().parents[1])]
+                                        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    manager = jupyter_client.KernelManager(kernel_name="python3")
+    manager.start_kernel(env=env, cwd=str(tmp_path))
+    client = manager.client()
+    try:
+        client.start_channels()
+        client.wait_for_ready(timeout=120)
+        code = MODEL_SOURCE + "\nfrom graphpatch_cache import PatchableGraph\nPatchableGraph(Net(), torch.randn(3, 4))\n"
+        msg_id = client.execute(code)
+        stderr, displayed, error = "", [], None
+        while True:
+            msg = client.get_iopub_msg(timeout=300)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream" and content["name"] == "stderr":
+                stderr += content["text"]
+            elif kind == "display_data":
+                displayed.append(content["data"].get("text/plain", ""))
+            elif kind == "error":
+                error = "\n".join(content["traceback"])
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert error is None, error
+    assert " done (" not in stderr, stderr  # not the lines of a log
+    if importlib.util.find_spec("ipywidgets") is None:
+        bars = [f for f in stderr.split("\r") if f.startswith("graphpatch_cache: extracting Net:") and "%|" in f]
+        assert bars and "100%|" in bars[-1] and "done" in bars[-1], stderr
+    else:  # a widget, shown once, then updated through its comm
+        assert any(text.startswith("graphpatch_cache: extracting Net:") for text in displayed), displayed

@@ -5,6 +5,7 @@ tests/integration/test_progress.py for what is printed)."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 
@@ -90,3 +91,19 @@ def test_a_failed_task_says_so(monkeypatch):
             progress.phase("dynamo trace")
             raise KeyError("boom")
     assert stream.getvalue().splitlines()[-1].startswith("graphpatch_cache: extracting Thing: failed after ")
+
+
+def test_a_long_phase_in_a_log_says_it_moves(monkeypatch):
+    """A log gets a line about a running phase now and then (every 10 s; here 0.05 s), with
+    the module calls counted so far."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setattr(progress, "_LINE_INTERVAL", 0.05)
+    monkeypatch.setattr(progress, "_TICK", 0.01)
+    with progress.task("extracting Thing", True):
+        progress.phase("dynamo trace", 10)
+        progress.step(3)
+        deadline = time.monotonic() + 30
+        while "3/10" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert "graphpatch_cache: extracting Thing: dynamo trace: 3/10 module calls (" in stream.getvalue()
