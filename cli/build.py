@@ -9,10 +9,11 @@ from typing import Any, Dict, List, Optional
 
 import click
 
+from graphpatch_cache import show_progress
 from graphpatch_cache.errors import CacheError
 
 from .options import common_options, model_options, model_spec, open_store
-from .output import emit_json, human_size, progress_enabled, short_class, spinner
+from .output import emit_json, human_size, short_class
 from .presets import PRESETS
 
 
@@ -57,10 +58,12 @@ Examples:
                    "object or a JSON file): checked against the model's modules. Graphs do not depend "
                    "on it, so the same entry serves every device map.")
 @click.option("--force", is_flag=True, help="Extract again even when the cache has the graph.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress on stderr (also GRAPHPATCH_CACHE_PROGRESS=0; --json implies it).")
 @common_options
 def build(model: str, dtype: str, load_in_8bit: bool, batch_size: Optional[int], seq_len: Optional[int],
           attention_mask: Optional[bool], use_cache: Optional[bool], past_length: Optional[int],
-          device_map: Optional[str], force: bool, cache_dir: Optional[Path], as_json: bool) -> None:
+          device_map: Optional[str], force: bool, quiet: bool, cache_dir: Optional[Path], as_json: bool) -> None:
     """Extract MODEL's graphs from its config alone (meta device, no weights) and cache them.
 
     MODEL is a preset name, a directory with config.json, or a Hugging Face Hub id whose
@@ -78,7 +81,9 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: Optional[int],
     resolved = spec["resolved"]
     shapes = None if spec["signature"] is None else [CallShape("call", spec["signature"])]
     start = time.perf_counter()
-    with spinner(f"extracting {model}", progress_enabled(as_json)):
+    # each extraction's phases on stderr from its start: a bar on a terminal, a line each in a
+    # pipe or log (a cache hit extracts nothing and prints none)
+    with show_progress(not (quiet or as_json)):
         done = build_calls(resolved.config, shapes, dtype=spec["dtype"], quantization=spec["quantization"],
                            store=store, force=force, device_map=_device_map(device_map), origin=spec["origin"])
     seconds = time.perf_counter() - start
