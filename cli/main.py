@@ -25,6 +25,7 @@ from .ls import ls
 from .options import VERBOSE_KEY, is_verbose, verbose_option
 from .rm import rm
 from .show import show
+from .sync import sync
 from .verify import verify
 
 #: the library's own warnings start with this; other libraries' warnings show with -v only
@@ -112,10 +113,11 @@ def cli() -> None:
       graphpatch-cache show llama-7b model.layers_0.mlp
       graphpatch-cache verify --fix
       graphpatch-cache gc --older-than 30d --max-size 5GB
+      graphpatch-cache sync ~/.cache/graphpatch-cache/store s3://bucket/graphs
     """
 
 
-for _command in (build, ls, show, verify, gc, rm, export, import_, info):
+for _command in (build, ls, show, verify, gc, rm, export, import_, sync, info):
     cli.add_command(_command)
 
 

@@ -13,9 +13,11 @@ Call map::
     verify_rebuild(store, key) -> rebuild.rebuild_artifact (meta device) -> digest comparison
 
 Modules: settings (default roots, units, the key pattern), records (entries, reports),
-store (put/get/read/lock/layout), maintenance (check/remove/gc), locking, local (the
-per-user tier), keys, proof, load, builder, rebuild, transfer (export/import), summary
-(what an artifact holds, for the CLI).
+store (put/get/read/lock/layout), backend (a root: a directory) and remote (a root at an
+fsspec URL: s3://, gs://, memory://), offline (hits while a remote root is unreachable), sync
+(entries between two roots), maintenance (check/remove/gc), locking, local (the per-user
+tier), keys, proof, load, builder, rebuild, transfer (export/import), summary (what an
+artifact holds, for the CLI).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ _PARTS = {
     '.settings': ('default_local_dir', 'default_root', 'is_key', 'parse_duration', 'parse_size',),
     '.store': ('CacheStore',),
     '.summary': ('artifact_summary', 'check_node_tree', 'entry_dtype', 'model_dtype', 'node_tree',),
+    '.sync': ('SyncReport', 'sync',),
     '.transfer': ('ImportResult', 'export_portable', 'import_portable',),
 }
 __getattr__, __dir__ = _exports(__name__, globals(), _PARTS)
@@ -57,6 +60,7 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
     from .store import CacheStore
     from .summary import artifact_summary, check_node_tree, entry_dtype, model_dtype, node_tree
+    from .sync import SyncReport, sync
     from .transfer import ImportResult, export_portable, import_portable
 
 __all__ = [
@@ -77,6 +81,7 @@ __all__ = [
     "RebuildReport",
     "SUPPORTED_SCHEMA_VERSIONS",
     "StoreLike",
+    "SyncReport",
     "artifact_summary",
     "build",
     "cache_key",
@@ -98,5 +103,6 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "rebuild_artifact",
+    "sync",
     "verify_rebuild",
 ]
