@@ -125,7 +125,7 @@ class CachingExtractor:
             root = str(self.store.root)
             if root not in _WARNED_ROOTS:
                 _WARNED_ROOTS.add(root)
-                why = exc.message if isinstance(exc, CacheError) else exc.strerror or exc
+                why = exc.message if isinstance(exc, CacheError) else str(exc.strerror or exc)
                 warnings.warn(
                     f"graphpatch_cache: cannot write to the cache at {root} ({why}); "
                     "graphs are extracted in memory and not cached",
