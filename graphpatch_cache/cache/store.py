@@ -78,6 +78,7 @@ class CacheStore:
         self.locking = locking
         self.lock_timeout = lock_timeout
         self._warned: set[str] = set()
+        self._listed: set[str] = set()  # keys whose refs the loader listed (see .offline.loader_scan)
         self.local: Optional[LocalTier] = None
         if local_dir is not False:
             local_path = default_local_dir() if local_dir is None or local_dir is True else Path(local_dir).expanduser()
@@ -188,9 +189,12 @@ class CacheStore:
 
         :raises RemoteStoreError: a remote root cannot be reached.
         """
+        return self._read_refs(key, self.backend.list(f"refs/{key}"))
+
+    def _read_refs(self, key: str, files: List[str]) -> Tuple[List[CacheEntry], List[Tuple[str, str]]]:
         entries: List[CacheEntry] = []
         bad: List[Tuple[str, str]] = []
-        for file in self.backend.list(f"refs/{key}"):
+        for file in files:
             if not file.endswith(".json"):
                 continue
             name = f"refs/{key}/{file}"
@@ -214,7 +218,7 @@ class CacheStore:
         if not repair:
             return self._scan(key)[0]
         try:
-            entries, bad = self._scan(key)
+            entries, bad = offline.loader_scan(self, key)
         except RemoteStoreError as exc:
             return offline.remembered_variants(self, key, exc)
         offline.remember_variants(self, key, entries)

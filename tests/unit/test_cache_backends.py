@@ -108,6 +108,25 @@ def test_verify_fix_gc_and_remove_on_memory(memory_url):
     assert not [n for n in _names(memory_url) if n.startswith(("objects/", "refs/"))]
 
 
+def test_the_loader_reads_remembered_refs_by_name_and_lists_on_its_second_lookup(memory_url, tmp_path):
+    """A warm lookup GETs the refs the local tier remembers (no listing); the loader's second
+    lookup (after a miss, before extracting) lists, and finds a variant added meanwhile."""
+    f32, f64 = scaling_artifact(dtype="float32"), scaling_artifact(dtype="float64")
+    first = CacheStore(memory_url, local_dir=tmp_path / "local")
+    first.put(KEY_A, f32)
+    assert [e.signature for e in first.variants(KEY_A, repair=True)] == [f32.signature]  # remembered
+    CacheStore(memory_url, local_dir=False).put(KEY_A, f64)  # another machine adds a variant
+    warm = CacheStore(memory_url, local_dir=tmp_path / "local")
+    assert [e.signature for e in warm.variants(KEY_A, repair=True)] == [f32.signature]
+    assert sorted(e.digest for e in warm.variants(KEY_A, repair=True)) == sorted(
+        hashlib.sha256(a.to_json().encode()).hexdigest() for a in (f32, f64))
+    # each remembered ref is read from the root: one removed there is not served
+    CacheStore(memory_url, local_dir=False).remove(KEY_A)
+    CacheStore(memory_url, local_dir=False).put(KEY_A, f64)
+    again = CacheStore(memory_url, local_dir=tmp_path / "local")
+    assert [e.signature for e in again.variants(KEY_A, repair=True)] == [f64.signature]
+
+
 def test_a_file_url_is_the_directory_root(tmp_path):
     """``file://`` is the directory backend: atomic renames, the same files as a plain path."""
     artifact = scaling_artifact()
