@@ -25,7 +25,7 @@ import inspect
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
 
 from ..errors import RemoteStoreError
 from .backend import RootBackend
@@ -87,14 +87,25 @@ class FsspecRoot(RootBackend):
     def location(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], keep: Tuple[Type[BaseException], ...] = ()) -> T:
+        """``fn()``, its failures as the store reads them: a name that is not there
+        (``FileNotFoundError``) or already is (``FileExistsError``) as they are, the types in
+        ``keep`` as they are, anything else as :class:`RemoteStoreError` (a fact about the
+        root, never about one object: the loader must not quarantine a ref the service
+        failed to serve). A connection or credential failure also marks the root
+        unreachable for :data:`DOWN_SECONDS`."""
         why = self.down()
         if why is not None:
             raise RemoteStoreError(f"the cache at {self.root} cannot be reached ({why})", path=self.root, hint=_HINT)
         try:
             return fn()
-        except OSError:
-            raise  # missing, exists, denied, or the backend's own I/O error: the store decides
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except keep:
+            raise
+        except OSError as exc:  # refused (denied, throttled, a server error): the root is there
+            raise RemoteStoreError(f"the cache at {self.root} refused a {what} ({type(exc).__name__}: {exc})",
+                                   path=self.root, hint=_HINT) from exc
         except Exception as exc:  # the backend's connection and credential errors (botocore, aiohttp, ...)
             why = f"{type(exc).__name__}: {exc}"
             _DOWN[self.root] = (time.monotonic() + DOWN_SECONDS, why)
@@ -117,18 +128,17 @@ class FsspecRoot(RootBackend):
         path = self._path(name)
         if self.conditional:
             try:
-                self._call("write", lambda: self.fs.pipe_file(path, data, mode="create"))
+                self._call("write", lambda: self.fs.pipe_file(path, data, mode="create"),
+                           keep=(TypeError, NotImplementedError, ValueError))
                 return True
             except FileExistsError:
                 return False
-            except RemoteStoreError:
-                raise
             except (TypeError, NotImplementedError, ValueError):
                 self.conditional = False  # this backend has no conditional create: check, then write
-            except OSError:
+            except RemoteStoreError:
                 # a conditional write that lost a race still in flight (S3 answers 409): the
                 # other writer's object, when it lands, has these very bytes
-                if self.exists(name):
+                if self.down() is None and self.exists(name):
                     return False
                 raise
         if self.exists(name):

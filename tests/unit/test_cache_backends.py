@@ -78,6 +78,28 @@ def test_a_blob_is_created_once_and_a_damaged_one_is_rewritten(memory_url):
     assert _names(memory_url)[name] == data
 
 
+def test_a_backend_without_conditional_writes_checks_then_writes(memory_url):
+    """Last writer wins there, harmlessly: a blob's name is the sha256 of its bytes."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class NoExclusiveWrites(MemoryFileSystem):  # a backend as fsspec had them before exclusive writes
+        protocol = ("nocreate",)
+
+        def pipe_file(self, path, value, mode="overwrite", **kwargs):
+            if mode != "overwrite":
+                raise NotImplementedError("exclusive write")
+            return super().pipe_file(path, value, **kwargs)
+
+    fsspec.register_implementation("nocreate", NoExclusiveWrites, clobber=True)
+    url = memory_url.replace("memory://", "nocreate://")
+    s = CacheStore(url, local_dir=False)
+    artifact = scaling_artifact()
+    s.put(KEY_A, artifact)
+    assert not s.backend.conditional
+    assert s.backend.create("objects/x", b"first") is True and s.backend.create("objects/x", b"second") is False
+    assert s.get(KEY_A).to_json() == artifact.to_json() and s.keys() == [KEY_A]
+
+
 def test_verify_fix_gc_and_remove_on_memory(memory_url):
     old, new = scaling_artifact(factor=2), scaling_artifact(factor=3)
     s = CacheStore(memory_url, local_dir=False)
