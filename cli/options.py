@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import click
 
@@ -45,9 +45,20 @@ json_option = click.option(
     help="Print one JSON document on stdout (format in this help); no progress output.",
 )
 
+class _CacheRoot(click.ParamType):
+    """A cache root: a directory (a ``Path``), or a URL kept as written (``s3://bucket/prefix``)."""
+
+    name = "directory|url"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        text = str(value)
+        return text if "://" in text and not text.startswith("/") else Path(text)
+
+
 cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Cache root. Default: $GRAPHPATCH_CACHE_DIR, else the user cache directory.",
+    "--cache-dir", type=_CacheRoot(), default=None,
+    help="Cache root: a directory, or a URL such as s3://bucket/prefix (the [s3] extra). "
+         "Default: $GRAPHPATCH_CACHE_DIR, else the user cache directory.",
 )
 
 
@@ -114,7 +125,7 @@ DURATION = _Parsed("duration", parse_duration)
 SIZE = _Parsed("size", parse_size)
 
 
-def open_store(cache_dir: Optional[Path]) -> CacheStore:
+def open_store(cache_dir: Union[Path, str, None]) -> CacheStore:
     """The :class:`~graphpatch_cache.CacheStore` at ``cache_dir`` (or the default root)."""
     return CacheStore(cache_dir)
 

@@ -13,9 +13,11 @@ Call map::
     verify_rebuild(store, key) -> rebuild.rebuild_artifact (meta device) -> digest comparison
 
 Modules: settings (default roots, units, the key pattern), records (entries, reports),
-store (put/get/read/lock/layout), maintenance (check/remove/gc), locking, local (the
-per-user tier), keys, proof, load, builder, call_shapes (the calls a default build makes), rebuild, transfer (export/import), summary
-(what an artifact holds, for the CLI).
+store (put/get/read/lock/layout), backend (a root: a directory) and remote (a root at an
+fsspec URL: s3://, gs://, memory://), offline (hits while a remote root is unreachable), sync
+(entries between two roots), maintenance (check/remove/gc), locking, local (the per-user
+tier), keys, proof, load, builder, call_shapes (the calls a default build makes), rebuild,
+transfer (export/import), summary (what an artifact holds, for the CLI).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ _PARTS = {
     '.store': ('CacheStore',),
     '.summary': ('FREE_SIZE', 'artifact_summary', 'call_shape', 'check_node_tree', 'describe_call_shape', 'entry_dtype',
                  'model_dtype', 'node_tree', 'printable',),
+    '.sync': ('SyncReport', 'sync',),
     '.transfer': ('ImportResult', 'export_portable', 'import_portable',),
 }
 __getattr__, __dir__ = _exports(__name__, globals(), _PARTS)
@@ -61,6 +64,7 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from .store import CacheStore
     from .summary import (FREE_SIZE, artifact_summary, call_shape, check_node_tree, describe_call_shape, entry_dtype,
                           model_dtype, node_tree, printable)
+    from .sync import SyncReport, sync
     from .transfer import ImportResult, export_portable, import_portable
 
 __all__ = [
@@ -84,6 +88,7 @@ __all__ = [
     "ShapeBuild",
     "SUPPORTED_SCHEMA_VERSIONS",
     "StoreLike",
+    "SyncReport",
     "artifact_summary",
     "build",
     "build_calls",
@@ -112,5 +117,6 @@ __all__ = [
     "printable",
     "rebuild_artifact",
     "serving_entry",
+    "sync",
     "verify_rebuild",
 ]

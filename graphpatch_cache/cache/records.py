@@ -4,10 +4,11 @@ parsed and checked field by field, and the reports of ``check`` and ``gc``."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from ..errors import RemoteStoreError
 from .settings import is_key
 
 
@@ -23,6 +24,7 @@ class CacheEntry:
     created: float
     versions: Dict[str, str]
     signature: Dict[str, Any] = field(repr=False, default_factory=dict)
+    #: where its ref is: a path, or a URL on a remote root
     ref_path: str = ""
     #: the key material the ref records (less the module/tensor lists); None in refs of older releases
     material: Optional[Dict[str, Any]] = field(repr=False, default=None)
@@ -71,7 +73,7 @@ class GcReport:
     dry_run: bool = False
 
 
-def entry_from_ref(key: str, variant: str, meta: Dict[str, Any], ref: Path) -> CacheEntry:
+def entry_from_ref(key: str, variant: str, meta: Dict[str, Any], ref: Union[str, "os.PathLike[str]"]) -> CacheEntry:
     """The entry of a ref's fields ``meta`` (as ``put`` writes them)."""
     return CacheEntry(
         key=key,
@@ -82,7 +84,7 @@ def entry_from_ref(key: str, variant: str, meta: Dict[str, Any], ref: Path) -> C
         created=float(meta.get("created", 0.0)),
         versions=dict(meta.get("versions", {})),
         signature=dict(meta.get("signature", {})),
-        ref_path=str(ref),
+        ref_path=os.fspath(ref),
         material=meta.get("material"),
         example=meta.get("example"),
         origin=clip_origin(meta.get("origin")),
@@ -108,27 +110,32 @@ _REF_TYPES: Dict[str, Union[type, Tuple[type, ...]]] = {
     "material": dict, "example": dict}  # (not ``origin``: display text never makes a ref unusable)
 
 
-def parse_ref(key: str, ref: Path, meta: Any) -> Optional[CacheEntry]:
+def parse_ref(key: str, variant: str, location: str, meta: Any) -> Optional[CacheEntry]:
     """A ref's entry, or None when it is not a well-formed ref (a digest of 64 hex digits,
-    fields of the types ``put`` writes)."""
+    fields of the types ``put`` writes). ``location``: where the ref is (a path or a URL)."""
     if not isinstance(meta, dict) or not is_key(meta.get("digest")):
         return None
     for name, types in _REF_TYPES.items():
         if name in meta and (not isinstance(meta[name], types) or isinstance(meta[name], bool)):
             return None
-    return entry_from_ref(key, ref.stem, meta, ref)
+    return entry_from_ref(key, variant, meta, location)
 
 
-def read_ref(key: str, ref: Path) -> Tuple[Optional[CacheEntry], str]:
-    """(the entry of the ref file, ``""``), or (None, why): ``"gone"`` (removed meanwhile),
-    ``"unreadable ref"`` or ``"malformed ref"``. Changes nothing."""
+def read_ref(key: str, variant: str, location: str, read: Callable[[], bytes]) -> Tuple[Optional[CacheEntry], str]:
+    """(the entry of the ref that ``read()`` returns, ``""``), or (None, why): ``"gone"``
+    (removed meanwhile), ``"unreadable ref"`` or ``"malformed ref"``. Changes nothing.
+
+    :raises RemoteStoreError: the root cannot be reached (not a fact about this ref).
+    """
     try:
-        meta = json.loads(ref.read_bytes())
+        meta = json.loads(read())
     except FileNotFoundError:
         return None, "gone"  # removed meanwhile (gc, another process's repair)
+    except RemoteStoreError:
+        raise
     except (OSError, ValueError, RecursionError):
         return None, "unreadable ref"
-    entry = parse_ref(key, ref, meta)
+    entry = parse_ref(key, variant, location, meta)
     return (entry, "") if entry is not None else (None, "malformed ref")
 
 
