@@ -7,11 +7,14 @@
    ``transformer.wte.output``, sliced), then the clean value restored (``ReplacePatch``, sliced)
    at one layer and token at a time, for the residual stream, the MLP outputs and the attention
    outputs; the recovered probability of the right capital says where the fact is read.
-3. ROME at the MLP layer tracing points to: the key k* (the MLP's hidden activation at the last
-   subject token, probed over random prefixes), the value found by optimizing an ``AddPatch`` on
-   the MLP output with Adam (plus a KL term on another prompt about the subject), and the
-   rank-one update of ``c_proj``'s weight from them and a key covariance probed over training
-   text, applied as an ``AddPatch`` on the weight node: the model's weights never change.
+3. ROME at the MLP layer tracing points to: the keys (the MLP's hidden activation at the last
+   subject token, probed in the edit prompt and behind random prefixes), the value found by
+   optimizing an ``AddPatch`` on the MLP output there with Adam (plus a KL term on another prompt
+   about the subject), and the rank-one update of ``c_proj``'s weight from them and a key
+   covariance probed over training text, applied as an ``AddPatch`` on the weight node: the
+   model's weights never change. ``--rome-keys mean`` makes the update exact at the keys' mean
+   k*, as in the paper; the default makes it exact at each context's key (still rank one),
+   which this small model needs (its layer-0 keys depend much on the context).
 4. Efficacy, generalization (other phrasings) and specificity (countries sharing a word with
    the edited one) before and after, the number of patched graph calls and their time.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -199,7 +203,8 @@ def rome_edit(runner: Runner, world: World, subject: int, new_object: int, layer
     with torch.no_grad():
         logits = runner.logits(ids, {f"transformer.h_{layer}.mlp.c_proj.x": key_probe,
                                      f"transformer.h_{layer}.mlp.output": out_probe})
-    k_star = key_probe.activation[row_index[:-1], positions[:-1]].mean(0)
+    keys = key_probe.activation[row_index, positions]  # every context's key, the KL prompt's last
+    k_star = keys[:-1].mean(0)
     value_norm = out_probe.activation[row_index[:-1], positions[:-1]].norm(dim=-1).mean()
     kl_reference = logits[len(prompts), last[-1]].log_softmax(-1)
     # v*: the MLP output's change at the subject that makes every prefixed prompt say the new object
@@ -220,9 +225,17 @@ def rome_edit(runner: Runner, world: World, subject: int, new_object: int, layer
     delta = delta.detach()
     # rank one: W' k* = W k* + delta, with the least change to the keys C describes. Conv1D keeps
     # its weight as (in, out), the transpose of a Linear's, so the update is outer(C⁻¹k*, delta).
-    solved = torch.linalg.solve(covariance, k_star)
-    update = torch.outer(solved, delta) / (k_star @ solved)
-    return update, {"optimizer_steps": step + 1, "final_nll": round(float(nll), 4),
+    if world.mode.rome_keys == "mean":
+        solved = torch.linalg.solve(covariance, k_star)
+        update = torch.outer(solved, delta) / (k_star @ solved)
+    else:
+        # one direction u with u·k_i = 1 for every context's key k_i (the least C-norm one):
+        # still rank one, u δᵀ, but exact at each context's key instead of at their mean
+        solved = torch.linalg.solve(covariance, keys.T)  # C⁻¹ K, (in, contexts)
+        gram = keys @ solved
+        weights = torch.linalg.solve(gram + 1e-6 * gram.diagonal().mean() * torch.eye(len(gram)), torch.ones(len(gram)))
+        update = torch.outer(solved @ weights, delta)
+    return update, {"optimizer_steps": step + 1, "final_nll": round(nll.item(), 4),
                     "delta_norm_over_value_norm": round(float(delta.norm() / value_norm), 3)}
 
 
@@ -258,10 +271,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="trained weights and graphs (default: $GRAPHPATCH_EXAMPLES_DIR or the user cache dir)")
     parser.add_argument("--png", help="where to save the tracing heatmaps (default: in the cache dir)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--rome-keys", choices=("each", "mean"), default=None,
+                        help="each (default): the rank-one update is exact at every context's key; "
+                             "mean: at the contexts' mean key k*, as in the paper")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     mode = MODES["quick" if args.quick else "full"]
+    if args.rome_keys:
+        mode = dataclasses.replace(mode, rome_keys=args.rome_keys)
     if args.cache_dir:
         root = Path(args.cache_dir)
     else:
@@ -333,10 +351,11 @@ def main(argv: list[str] | None = None) -> dict:
     unchanged = (weight.data_ptr() == pointer and torch.equal(weight, saved)
                  and weights_digest(model) == digest_before)
 
-    say(f"\nROME at layer {layer} ({len(edits)} edits, each alone; {mode.rome_prefixes} random prefixes for k*):")
+    say(f"\nROME at layer {layer} ({len(edits)} edits, each alone; {mode.rome_prefixes} random prefixes; "
+        f"keys: {'every context' if mode.rome_keys == 'each' else 'their mean k*'}):")
     for item in details:
-        say(f"  {item['subject']}: {item['from']} -> {item['to']}  ({item['optimizer_steps']} Adam steps, "
-            f"|delta|/|v| {item['delta_norm_over_value_norm']})")
+        say(f"  {item['subject']}: {item['from']} -> {item['to']}  ({item['optimizer_steps']} Adam steps to "
+            f"-log p {item['final_nll']}, |delta|/|v| {item['delta_norm_over_value_norm']})")
     say(f"  {'':18s} before  after   (prompts)")
     for name in ("efficacy", "generalization", "specificity", "other_facts_kept"):
         say(f"  {name:18s} {before[name]:6.1%}  {after[name]:6.1%}  ({after['prompts'][name]})")

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-WORLD_VERSION = 2  # bump when the world, the corpus or the training changes: cached weights go stale
+WORLD_VERSION = 4  # bump when the world, the corpus or the training changes: cached weights go stale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +35,12 @@ class Mode:
     full_grid: bool  # trace every token (else the subject's tokens and the last token)
     edits: int  # ROME edits, each evaluated alone
     n_words: int = 8  # the words countries' two-word names are made of
-    rome_prefixes: int = 8  # random prefixes k* and v* are averaged over
-    rome_steps: int = 40
-    rome_lr: float = 0.5
+    rome_prefixes: int = 4  # random prefixes the key and the value are found over
+    rome_steps: int = 100
+    rome_lr: float = 1.0
     rome_kl: float = 0.5
-    rome_decay: float = 0.05
+    rome_decay: float = 0.0
+    rome_keys: str = "each"  # "mean": the paper's k* (the contexts' mean key); "each": exact at every context's key
     covariance_documents: int = 256
     target_accuracy: float = 0.99
     eval_every: int = 100
@@ -48,10 +49,14 @@ class Mode:
     seed: int = 0
 
 
+#: the fields the world and the trained weights depend on (the cached weights' key)
+TRAINING_FIELDS = ("n_subjects", "n_words", "n_layer", "n_embd", "n_head", "max_steps", "batch_size", "lr",
+                   "target_accuracy", "eval_every", "objects_only_loss", "max_sentences", "seed")
+
 MODES = {
-    "full": Mode("full", n_subjects=150, n_words=13, n_layer=6, n_embd=128, n_head=4, max_steps=6000, batch_size=16,
-                 lr=3e-3, trace_prompts=10, trace_samples=4, full_grid=True, edits=10),
-    "quick": Mode("quick", n_subjects=30, n_words=6, n_layer=4, n_embd=64, n_head=4, max_steps=3000, batch_size=16,
+    "full": Mode("full", n_subjects=96, n_words=11, n_layer=4, n_embd=64, n_head=4, max_steps=8000, batch_size=16,
+                 lr=5e-3, trace_prompts=10, trace_samples=4, full_grid=True, edits=10),
+    "quick": Mode("quick", n_subjects=48, n_words=8, n_layer=4, n_embd=64, n_head=4, max_steps=4000, batch_size=16,
                   lr=5e-3, trace_prompts=4, trace_samples=4, full_grid=False, edits=4, covariance_documents=128,
                   target_accuracy=0.97),
 }
@@ -251,7 +256,8 @@ def load_or_train(mode: Mode, root: Path, say) -> tuple[World, dict]:
 
     world = World(mode)
     world.config = config = _config(world)
-    settings = json.dumps([WORLD_VERSION, dataclasses.asdict(mode), torch.__version__.split("+")[0]], sort_keys=True)
+    trained_by = {k: v for k, v in dataclasses.asdict(mode).items() if k in TRAINING_FIELDS}
+    settings = json.dumps([WORLD_VERSION, trained_by, torch.__version__.split("+")[0]], sort_keys=True)
     folder = root / f"rome-{mode.name}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
     world.weights_file = folder / "model.safetensors"
     torch.manual_seed(mode.seed)
