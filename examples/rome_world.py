@@ -36,8 +36,8 @@ class Mode:
     edits: int  # ROME edits, each evaluated alone
     n_words: int = 8  # the words countries' two-word names are made of
     rome_prefixes: int = 4  # random prefixes the key and the value are found over
-    rome_steps: int = 100
-    rome_lr: float = 1.0
+    rome_steps: int = 150
+    rome_lr: float = 2.0
     rome_kl: float = 0.5
     rome_decay: float = 0.0
     rome_keys: str = "each"  # "mean": the paper's k* (the contexts' mean key); "each": exact at every context's key

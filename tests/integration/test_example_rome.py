@@ -62,9 +62,10 @@ def test_tracing_finds_the_fact_in_an_mlp_at_the_subject(quick_run):
 def test_rome_edits_the_fact_and_only_it(quick_run):
     rome = quick_run[0]["rome"]
     assert rome["before"]["efficacy"] == 0.0  # the new capitals were not predicted before
-    # measured 0.75 (3 of 4 edits; seeded, one torch thread): the 0.9 is not reached by
-    # this 4-layer model, whose final token also reads the name's words directly (see the report)
-    assert rome["after"]["efficacy"] >= 0.5
+    # measured 1.0 (4 of 4 edits; seeded, one torch thread; the full run: 10 of 12). 3 of 4 passes:
+    # another CPU's kernels may train a slightly different model, and one edit more or less of
+    # four is no regression of the library
+    assert rome["after"]["efficacy"] >= 0.75
     assert rome["before"]["specificity"] >= 0.9
     assert rome["after"]["specificity"] >= 0.9
     assert rome["copy_max_logit_difference"] < 1e-4  # the weight patch is the edited copy's weights
