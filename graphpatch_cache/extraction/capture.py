@@ -56,6 +56,9 @@ class Capture:
     tensor_names: Dict[int, List[str]]
     #: the graph holds nothing that depends on sizes (an opaque model): every size may vary
     generic: bool = False
+    #: ``_compat.shape_facts`` of a trace with size-oblivious sizes (None: sizes 0 and 1 were
+    #: specialized as dynamo does by default), read by :mod:`.sizes`
+    shape_facts: Optional[Any] = None
 
 
 def _tensor_names(model: torch.nn.Module) -> Dict[int, List[str]]:
@@ -203,7 +206,16 @@ def capture(
     # traced on the meta device (hooked models; builds from a config): see kv_cache.empty_cache
     on_meta = hooked or any(p.device.type == "meta" for p in model.parameters())
     for _ in range(64):
-        result = _trace(model, root, args, kwargs, opaque, failures, hooked=hooked, on_meta=on_meta)
+        # Size-oblivious sizes first (a graph that may serve size 1 too, see .sizes); where
+        # that trace fails (transformers' sdpa path passes a symbolic bool for a length traced
+        # at 1, a key/value cache's decode step), the default trace, which decides sizes 0 and
+        # 1 as special cases; where both fail, the default trace's error names the culprit.
+        result: Union[Capture, BaseException, None] = None
+        if _compat.SIZE_OBLIVIOUS:
+            result = _trace(model, root, args, kwargs, opaque, failures, hooked=hooked, on_meta=on_meta,
+                            size_oblivious=True)
+        if not isinstance(result, Capture):
+            result = _trace(model, root, args, kwargs, opaque, failures, hooked=hooked, on_meta=on_meta)
         if isinstance(result, Capture):
             return result
         _fall_back(result, model, options, names, opaque, failures)
@@ -211,7 +223,8 @@ def capture(
 
 
 def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kwargs: Dict[str, Any],
-           opaque: Set[int], failures: Dict[str, str], *, hooked: bool, on_meta: bool) -> Union[Capture, BaseException]:
+           opaque: Set[int], failures: Dict[str, str], *, hooked: bool, on_meta: bool,
+           size_oblivious: bool = False) -> Union[Capture, BaseException]:
     """One attempt: the eager recording, then one dynamo trace with the markers; the capture,
     or why dynamo failed."""
     with Recorder(model, frozenset(opaque)) as recorder:
@@ -239,7 +252,7 @@ def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kw
         compiled = torch.compile(root, backend=backend, fullgraph=True, dynamic=True)
         error: Optional[BaseException] = None
         try:
-            with _compat.dynamo_capture_config(), torch.enable_grad(), warnings.catch_warnings(), (
+            with _compat.dynamo_capture_config(size_oblivious), torch.enable_grad(), warnings.catch_warnings(), (
                 _meta_view(model) if hooked else contextlib.nullcontext()
             ):
                 warnings.simplefilter("ignore")
@@ -261,7 +274,9 @@ def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kw
             return ExtractionError(f"dynamo produced {len(captured)} graphs instead of one")
         gm, example_inputs = captured[0]
         inline_autograd_functions(gm)
-        return Capture(gm.graph, example_inputs, recorder, opaque, failures, tensor_names)
+        fakes = [_compat.fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        facts = _compat.shape_facts(fakes) if size_oblivious else None
+        return Capture(gm.graph, example_inputs, recorder, opaque, failures, tensor_names, shape_facts=facts)
 
 
 def _fall_back(error: BaseException, model: torch.nn.Module, options: ExtractionOptions, names: Dict[int, str],
