@@ -138,16 +138,16 @@ SIZE_OBLIVIOUS = hasattr(getattr(torch.fx.experimental, "_config", None), "backe
 
 
 @contextlib.contextmanager
-def dynamo_capture_config(size_oblivious: bool = False) -> Iterator[None]:
+def dynamo_capture_config(size_oblivious: bool = False, ones_static: Any = ()) -> Iterator[None]:
     """Dynamo settings for extraction (torch 2.13).
 
     - specialize_float: since torch 2.6 dynamo lifts Python float attributes (LayerNorm eps,
       attention scaling, math.pi) as graph inputs; we bake them as constants instead, the way
       the module would compute them.
     - use_duck_shape (torch.fx.experimental._config, torch >= 2.1): off, see below.
-    - backed_size_oblivious (with ``size_oblivious``, where :data:`SIZE_OBLIVIOUS`): sizes of 1
-      get a symbol too, and the model's own branches on a size being 1 become guards
-      (:func:`shape_facts`), instead of being decided for sizes >= 2 without a trace.
+    - backed_size_oblivious (``size_oblivious``, where :data:`SIZE_OBLIVIOUS`): sizes of 1 get
+      a symbol too, and a branch on a size being 1 becomes a guard (:func:`shape_facts`);
+      the sizes of 1 of the tensors ``ones_static`` stay specialized (``mark_static``).
     """
     import torch._dynamo
     import torch.fx.experimental._config as fx_config
@@ -155,19 +155,20 @@ def dynamo_capture_config(size_oblivious: bool = False) -> Iterator[None]:
     # use_duck_shape: dynamo gives equal example sizes one symbol ("duck sizing"), so a graph
     # traced at batch == seq silently assumes they stay equal. We want one symbol per size.
     extra = {"backed_size_oblivious": True} if size_oblivious and SIZE_OBLIVIOUS else {}
+    for t in ones_static:
+        torch._dynamo.mark_static(t, [d for d, n in enumerate(t.shape) if n == 1])
     with torch._dynamo.config.patch(specialize_float=True, specialize_int=True), fx_config.patch(  # type: ignore[attr-defined]  # config modules gain .patch at import
             use_duck_shape=False, **extra):
         yield
 
 
 def shape_facts(example_inputs: Any) -> Optional[Any]:
-    """What the shape environment of a finished trace knows, as ``(guards, replace, hints,
-    ranges)``: the guard expressions (sympy; when they hold, the graph is what the model
-    computes), a function applying the trace's symbol replacements to an expression, each
-    symbol's example value, and its ``(lower, upper)`` range (None: unbounded). None without
-    one. Why private: torch 2.13's ``ShapeEnv`` (``guards``, ``deferred_runtime_asserts``,
-    ``replace``, ``backed_var_to_val``, ``var_to_range``) has no public reader; each is
-    feature-checked, so another torch gives None (and sizes of 1 are not shared)."""
+    """What the shape environment of a trace knows: ``(guards, replace, hints, ranges)``, the
+    guard expressions (sympy; where they hold, the graph computes what the model does), the
+    trace's symbol replacements (a function), each symbol's example value and ``(lower,
+    upper)`` range (None: unbounded); None without one. Private: torch 2.13's ``ShapeEnv``
+    (``guards``, ``deferred_runtime_asserts``, ``replace``, ``backed_var_to_val``,
+    ``var_to_range``) has no public reader; where one is missing, sizes of 1 are not shared."""
     import sympy
 
     env = getattr(detect_fake_mode(example_inputs), "shape_env", None)

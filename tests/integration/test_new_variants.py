@@ -39,8 +39,11 @@ def test_an_on_demand_extraction_says_why_before_it_runs_and_only_once(model):
     assert torch.equal(out.logits, model(**int32).logits) and len(pg.variants) == 2
     (message,) = said
     assert "input 'input_ids': extracted for dtype int64, called with int32" in message
+    assert "tokenizers return int64 ids; cast with `.long()`" in message  # the way back to the int64 graphs
     assert "the last extraction in this process took" in message and "graphpatch-cache build" in message
     assert _call(pg, **int32)[1] == []  # the variant exists now
+    # (without a mask or cache, transformers branches on batch_size != 1: batch 1 is a new variant;
+    # tests/integration/test_size_one.py has the calls where size 1 shares the graphs)
     one = {**inputs, "input_ids": inputs["input_ids"][:1]}
     out, (message,) = _call(pg, **one)
     assert "size 1 in dimension 0" in message and torch.equal(out.logits, model(**one).logits)
