@@ -134,3 +134,23 @@ def test_size_generic_module_shares_every_size():
         out, said = _call(pg, {"x": x})
         assert said == [] and torch.equal(out, model(x))
     assert len(pg.variants) == 1
+
+
+def test_generation_at_batch_one_reuses_the_batch_two_graphs():
+    """Cached generation: the prefill and decode-step graphs of a batch-2 generate serve a
+    batch-1 generate (the decode step's length of 1 stays its own graph: sdpa's is_causal
+    depends on it)."""
+    model = tiny_llama(n_layer=1)
+    ids = token_inputs(2, 6)["input_ids"]
+    mask = torch.ones_like(ids)
+    pg = PatchableGraph(model, ids, attention_mask=mask)
+    both = pg.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(both, model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False))
+    decode = [v for v in pg.variants if v.signature["leaves"][0]["dims"] == ["dyn1", 1]]
+    assert len(decode) == 1  # the decode step: any batch >= 1, length 1
+    before = len(pg.variants)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NewVariantWarning)
+        one = pg.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False)
+    assert torch.equal(one, model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False))
+    assert len(pg.variants) == before
