@@ -132,8 +132,7 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-#: torch >= 2.6 (torch.fx.experimental._config): sizes traced with a [0, inf] range instead of
-#: specializing 0 and 1, so that a branch on a size being 1 leaves a guard we can read
+#: torch >= 2.6: sizes traced with a [0, inf] range, not specializing 0 and 1 (dynamo_capture_config)
 SIZE_OBLIVIOUS = hasattr(getattr(torch.fx.experimental, "_config", None), "backed_size_oblivious")
 
 
@@ -163,19 +162,20 @@ def dynamo_capture_config(size_oblivious: bool = False, ones_static: Any = ()) -
 
 
 def shape_facts(example_inputs: Any) -> Optional[Any]:
-    """What the shape environment of a trace knows: ``(guards, replace, hints, ranges)``, the
-    guard expressions (sympy; where they hold, the graph computes what the model does), the
-    trace's symbol replacements (a function), each symbol's example value and ``(lower,
-    upper)`` range (None: unbounded); None without one. Private: torch 2.13's ``ShapeEnv``
-    (``guards``, ``deferred_runtime_asserts``, ``replace``, ``backed_var_to_val``,
-    ``var_to_range``) has no public reader; where one is missing, sizes of 1 are not shared."""
+    """What a trace's shape environment knows: ``(guards, replace, hints, ranges)``, each guard
+    (sympy: where all hold, the graph computes what the model does) with its source line
+    (torch's ``"<line>  # <file>:<n> in <function>"``, or None), the symbol replacements (a
+    function), each symbol's example value and ``(lower, upper)`` range (None: unbounded).
+    Private: torch 2.13's ``ShapeEnv`` (``guards``, ``deferred_runtime_asserts``, ``replace``,
+    ``backed_var_to_val``, ``var_to_range``) has no public reader; None where one is missing."""
     import sympy
 
     env = getattr(detect_fake_mode(example_inputs), "shape_env", None)
     needed = ("guards", "replace", "backed_var_to_val", "var_to_range", "deferred_runtime_asserts")
     if env is None or not all(hasattr(env, n) for n in needed):
         return None
-    guards = [g.expr for g in env.guards] + [a.expr for v in env.deferred_runtime_asserts.values() for a in v]
+    guards = [(g.expr, getattr(g.sloc, "maybe_user_loc", None)) for g in env.guards] + [
+        (a.expr, None) for v in env.deferred_runtime_asserts.values() for a in v]
 
     def end(value: Any) -> Optional[int]:
         return int(value) if isinstance(value, sympy.Integer) else None  # (torch's int_oo is not one)

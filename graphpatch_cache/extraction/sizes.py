@@ -17,6 +17,10 @@ dimension traced at 1). Three things keep this on the safe side:
   groups accepted before (batch 1 and length 1 at once, too).
 - A dimension whose size is an expression of symbols, or a guard that cannot be evaluated
   (a symbol without an example value), serves what it did before: sizes >= 2 only.
+
+One exception, reviewed by hand: a guard ``Ne(size, 1)`` left by a branch of transformers'
+code whose path for larger sizes computes the same values at size 1
+(``integrations.transformers.SIZE_ONE_NEUTRAL``) is not checked at size 1.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import sympy
 import torch
+
+from ..integrations.transformers import size_one_neutral
 
 #: a signature dimension that serves any size >= 1 (see ``artifact.signature.dims_rule``)
 SERVES_ONE = "dyn1"
@@ -84,7 +90,7 @@ def _shared_symbols(symbols: Any, facts: Any) -> set:
     for s in symbols:
         if s in hints and int(hints[s]) >= 1:
             groups.setdefault(int(hints[s]), []).append(s)
-    checker = _Checker([replace(g) for g in guards], replace, hints, ranges)
+    checker = _Checker([(replace(g), size_one_neutral(where)) for g, where in guards], replace, hints, ranges)
     accepted: List[Tuple[List[sympy.Symbol], Tuple[int, ...]]] = []
     for hint in sorted(groups):
         group = (sorted(groups[hint], key=str), _LARGER if hint == 1 else (1,))
@@ -122,8 +128,10 @@ class _Checker:
     """Whether the trace's guards and symbol ranges hold at a point (symbols not given keep
     their example values)."""
 
-    def __init__(self, guards: List[Any], replace: Any, hints: Dict[Any, Any], ranges: Dict[Any, Any]) -> None:
-        self.guards = [g for g in guards if g is not sympy.true]
+    def __init__(self, guards: List[Tuple[Any, bool]], replace: Any, hints: Dict[Any, Any],
+                 ranges: Dict[Any, Any]) -> None:
+        #: (guard, the symbol of a neutral ``Ne(symbol, 1)`` guard, not checked at size 1, or None)
+        self.guards = [(g, _neutral_symbol(g) if neutral else None) for g, neutral in guards if g is not sympy.true]
         self.hints = hints
         #: ranges of every symbol, as expressions of the symbols that remain after replacement
         self.ranges = [(replace(s), lo, hi) for s, (lo, hi) in ranges.items()]
@@ -140,8 +148,8 @@ class _Checker:
                 return False
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 return False
-        for guard in self.guards:
-            if not (guard.free_symbols & moved):
+        for guard, neutral in self.guards:
+            if not (guard.free_symbols & moved) or (neutral is not None and point.get(neutral) == 1):
                 continue
             try:
                 if guard.xreplace(values) is not sympy.true:
@@ -149,6 +157,16 @@ class _Checker:
             except (ArithmeticError, TypeError, ValueError):  # (a division by zero at this point)
                 return False
         return True
+
+
+def _neutral_symbol(guard: Any) -> Optional[sympy.Symbol]:
+    """The symbol of a guard ``Ne(symbol, 1)`` (the branch for sizes other than 1 was taken)."""
+    if isinstance(guard, sympy.Ne):
+        sides = set(guard.args)
+        if sympy.Integer(1) in sides and len(sides) == 2:
+            (other,) = sides - {sympy.Integer(1)}
+            return other if isinstance(other, sympy.Symbol) else None
+    return None
 
 
 __all__ = ["SERVES_ONE", "Served", "served_dims"]

@@ -70,19 +70,37 @@ def test_a_batch_one_build_serves_larger_batches(model):
         assert torch.equal(out.logits, model(**other).logits)
 
 
-def test_transformers_batch_one_branch_gets_its_own_variant(tmp_path):
-    """Without a mask and without a cache, transformers' masking code expands the position ids
-    when ``batch_size != 1``: the graph records that branch, so batch 1 is not served by it."""
+def test_the_quickstart_call_shares_batch_one_and_keeps_length_one_apart(tmp_path):
+    """Ids only, ``use_cache=False`` (the README's call): transformers expands the position ids
+    when ``batch_size != 1``, a branch reviewed as computing the same values at batch 1
+    (``SIZE_ONE_NEUTRAL``), so batch 1 is a hit; sdpa's ``is_causal = q_length > 1`` is a real
+    branch, so length 1 gets a variant of its own, stored under the same key."""
     model = tiny_gpt2(n_layer=1)
     root, local = tmp_path / "root", tmp_path / "local"
-    pg = load_cached(model, store=store(root, local), **token_inputs(2, 8))  # use_cache=False
-    assert pg.artifact.signature["leaves"][0]["dims"] == ["dyn", "dyn"]
+    pg = load_cached(model, store=store(root, local), **token_inputs(2, 8))
+    assert pg.artifact.signature["leaves"][0]["dims"] == ["dyn1", "dyn"]
     one = token_inputs(1, 8, seed=3)
     out, said = _call(pg, one)
-    assert len(said) == 1 and "size 1 in dimension 0" in said[0] and "branches" in said[0]
-    assert torch.equal(out.logits, model(**one).logits) and len(pg.variants) == 2
-    # both variants are stored under the one key
+    assert said == [] and len(pg.variants) == 1 and torch.equal(out.logits, model(**one).logits)
+    short = token_inputs(2, 1, seed=4)
+    out, said = _call(pg, short)
+    assert len(said) == 1 and "size 1 in dimension 1" in said[0] and "branches" in said[0]
+    assert torch.equal(out.logits, model(**short).logits) and len(pg.variants) == 2
     assert len(refs(root)) == 2 and len({p.parent for p in refs(root)}) == 1
+
+
+def test_a_neutral_branch_is_matched_by_its_source_text():
+    from transformers import masking_utils
+
+    from graphpatch_cache.integrations.transformers import size_one_neutral
+
+    lines = open(masking_utils.__file__).read().splitlines()
+    n = lines.index("        if batch_size != position_ids.shape[0]:") + 1
+    where = f"if batch_size != position_ids.shape[0]:  # transformers/masking_utils.py:{n} in _preprocess_mask_arguments"
+    assert size_one_neutral(where)
+    assert not size_one_neutral(where.replace(f":{n} ", f":{n + 1} "))  # the text there differs
+    assert not size_one_neutral(where.replace("_preprocess_mask_arguments", "other"))
+    assert not size_one_neutral(None) and not size_one_neutral("if x.shape[0] == 1:  # mine.py:3 in forward")
 
 
 class BranchesOnBatchOne(torch.nn.Module):
