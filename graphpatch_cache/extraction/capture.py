@@ -211,14 +211,15 @@ def capture(
         # at 1, as in a key/value cache's decode step), again with the example's sizes of 1
         # specialized; then the default trace, which specializes sizes 0 and 1. Where all
         # fail, the default trace's error names the culprit.
-        result: Union[Capture, BaseException, None] = None
+        error: Optional[BaseException] = None
         for oblivious, ones_static in _attempts(args, kwargs):
             result = _trace(model, root, args, kwargs, opaque, failures, hooked=hooked, on_meta=on_meta,
                             size_oblivious=oblivious, ones_static=ones_static)
             if isinstance(result, Capture):
                 return result
-        assert result is not None
-        _fall_back(result, model, options, names, opaque, failures)
+            error = result
+        assert error is not None  # (the last attempt is dynamo's default trace, always made)
+        _fall_back(error, model, options, names, opaque, failures)
     raise ExtractionError("gave up after making 64 modules opaque")  # pragma: no cover
 
 

@@ -66,12 +66,12 @@ def served_dims(fakes: Sequence[Optional[torch.Tensor]], shapes: Sequence[Sequen
     symbols = {e for row in reps if row for e in row if isinstance(e, sympy.Symbol)}
     shared = _shared_symbols(symbols, facts) if facts is not None else set()
     out: List[Optional[List[Served]]] = []
-    for row, shape in zip(reps, shapes):
-        if row is None:
+    for maybe_row, shape in zip(reps, shapes):
+        if maybe_row is None:
             out.append(None)
             continue
         dims: List[Served] = []
-        for size, expr in zip(shape, row):
+        for size, expr in zip(shape, maybe_row):
             if expr is None:
                 dims.append(False)
             elif expr in shared:
