@@ -8,10 +8,11 @@ from typing import Any, Optional
 
 import click
 
+from graphpatch_cache import show_progress
 from graphpatch_cache.errors import CacheError
 
 from .options import common_options, model_options, model_spec, open_store
-from .output import emit_json, human_size, progress_enabled, short_class, spinner
+from .output import emit_json, human_size, short_class
 from .presets import PRESETS
 
 
@@ -41,9 +42,11 @@ Examples:
                    "object or a JSON file): checked against the model's modules. Graphs do not depend "
                    "on it, so the same entry serves every device map.")
 @click.option("--force", is_flag=True, help="Extract again even when the cache has the graph.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress on stderr (also GRAPHPATCH_CACHE_PROGRESS=0; --json implies it).")
 @common_options
 def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int, attention_mask: bool,
-          use_cache: bool, past_length: int, device_map: Optional[str], force: bool,
+          use_cache: bool, past_length: int, device_map: Optional[str], force: bool, quiet: bool,
           cache_dir: Optional[Path], as_json: bool) -> None:
     """Extract MODEL's graphs from its config alone (meta device, no weights) and cache them.
 
@@ -58,7 +61,9 @@ def build(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: 
 
     store = open_store(cache_dir)
     resolved = spec["resolved"]
-    with spinner(f"extracting {model}", progress_enabled(as_json)):
+    # an extraction's phases on stderr from its start: a bar on a terminal, a line each in a
+    # pipe or log (a cache hit extracts nothing and prints none)
+    with show_progress(not (quiet or as_json)):
         result = build_graph(resolved.config, dtype=spec["dtype"], quantization=spec["quantization"],
                              store=store, signature=spec["signature"], force=force,
                              device_map=_device_map(device_map))

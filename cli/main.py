@@ -18,6 +18,7 @@ import click
 from graphpatch_cache.errors import GraphPatchCacheError
 
 from .build import build
+from .diff import diff
 from .export import export, import_
 from .gc import gc
 from .info import info
@@ -110,12 +111,13 @@ def cli() -> None:
       graphpatch-cache build llama-7b
       graphpatch-cache ls
       graphpatch-cache show llama-7b model.layers_0.mlp
+      graphpatch-cache diff old.graphs.json llama-7b
       graphpatch-cache verify --fix
       graphpatch-cache gc --older-than 30d --max-size 5GB
     """
 
 
-for _command in (build, ls, show, verify, gc, rm, export, import_, info):
+for _command in (build, ls, show, diff, verify, gc, rm, export, import_, info):
     cli.add_command(_command)
 
 

@@ -1,18 +1,17 @@
 """How commands print: JSON documents, tables, sizes, times, and progress on a terminal.
 
 Results go to stdout; progress, notes and warnings go to stderr, so ``--json`` output and
-pipes stay clean. Progress is drawn only when stderr is a terminal and ``--json`` is off.
+pipes stay clean. The bars here (gc, verify) are drawn only when stderr is a terminal and
+``--json`` is off; an extraction's progress is the library's (``graphpatch_cache.show_progress``:
+a bar on a terminal, one line per phase in a pipe or log).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import itertools
 import json
 import sys
-import threading
-import time
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import click
@@ -67,34 +66,6 @@ def progress_enabled(as_json: bool) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def spinner(message: str, enabled: bool) -> Iterator[None]:
-    """A spinner with the elapsed time on stderr while the block runs (for work that reports
-    no progress of its own, such as one extraction)."""
-    if not enabled:
-        yield
-        return
-    stop = threading.Event()
-    start = time.perf_counter()
-
-    def spin() -> None:
-        for frame in itertools.cycle("|/-\\"):
-            sys.stderr.write(f"\r{frame} {message} {time.perf_counter() - start:5.1f}s")
-            sys.stderr.flush()
-            if stop.wait(0.1):
-                break
-        sys.stderr.write("\r" + " " * (len(message) + 12) + "\r")
-        sys.stderr.flush()
-
-    thread = threading.Thread(target=spin, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 class Progress:
     """``fn(done, total)`` drawing a click progress bar on stderr once the total is known."""
 
@@ -129,4 +100,4 @@ def progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
 
 
 __all__ = ["Progress", "emit_json", "human_size", "iso_time", "local_time", "note", "progress", "progress_enabled",
-           "short_class", "spinner", "table"]
+           "short_class", "table"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import click
 
+from graphpatch_cache import show_progress
 from graphpatch_cache.cache import Problem, check_node_tree
 
 from .options import common_options, open_store, resolve_keys
@@ -64,7 +66,9 @@ def verify(keys: Tuple[str, ...], fix: bool, rebuild: bool, cache_dir: Optional[
     problems: List[Problem] = []
     rebuilt: List[RebuildReport] = []
     checked = 0
-    with progress("verifying", progress_enabled(as_json) and (len(todo) > 1 or rebuild)) as bar:
+    drawn = progress_enabled(as_json) and (len(todo) > 1 or rebuild)
+    # a rebuild's own extraction progress would draw over this bar (and --json prints none)
+    with progress("verifying", drawn) as bar, (show_progress(False) if drawn or as_json else contextlib.nullcontext()):
         for i, key in enumerate(todo):
             report = store.check([key], fix=fix, rebuild_check=check_node_tree)
             checked += report.checked

@@ -26,7 +26,8 @@ Layers, bottom to top; imports point down only (``tests/unit/test_layers.py``)::
                                                           the loader's checks
     integrations/        kv_cache, bitsandbytes, accelerate (detected at run time)
     artifact/ patches options      the data: artifact model, codec, format, signature
-    errors _compat _files _lazy _version   the ground: errors, private torch calls, atomic writes, lazy faces
+    errors _compat _files _lazy _version progress   the ground: errors, private torch calls, atomic
+                         writes, lazy faces, the version, extraction progress on stderr
 
 Who calls whom: ``PatchableGraph(...)`` -> ``live.inputs`` (canonical inputs) ->
 ``extraction.extract`` (capture, split, serialize; ``trust`` checks what it writes) -> a
@@ -54,10 +55,13 @@ _PARTS = {
                 "ProtectedWriteError", "SerializationError", "SignatureMismatchError", "UnsupportedCacheError",
                 "UnsupportedGradientError", "UnusedSubmoduleError"),
     ".options": ("ExtractionOptions",),
+    ".progress": ("show_progress",),
     ".patches": ("AddPatch", "CustomPatch", "Patch", "ProbePatch", "RecordPatch", "ReplacePatch", "ZeroPatch"),
     ".compose": ("PatchableGraph",),
     ".runtime": ("NodePath", "SymbolicShape"),
     ".runtime.memory": ("AllocatorSettings", "keep_freed_memory"),
+    ".runtime.graph_diff": ("GraphDiff", "diff_graphs"),
+    ".runtime.path_check": ("PathReport",),
     ".cache": ("CacheStore", "ExampleSignature", "build", "cache_key", "load_cached"),
     ".trust.allowlist": ("register_target",),
 }
@@ -95,8 +99,11 @@ if TYPE_CHECKING:  # the same names, for type checkers
     )
     from .options import ExtractionOptions
     from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
+    from .progress import show_progress
     from .runtime import NodePath, SymbolicShape
+    from .runtime.graph_diff import GraphDiff, diff_graphs
     from .runtime.memory import AllocatorSettings, keep_freed_memory
+    from .runtime.path_check import PathReport
     from .trust.allowlist import register_target
 
 __all__ = [
@@ -110,6 +117,9 @@ __all__ = [
     "ExampleSignature",
     "build",
     "cache_key",
+    "diff_graphs",
+    "GraphDiff",
+    "PathReport",
     "load_cached",
     "AddPatch",
     "CustomPatch",
@@ -144,4 +154,5 @@ __all__ = [
     "UnusedSubmoduleError",
     "ZeroPatch",
     "register_target",
+    "show_progress",
 ]

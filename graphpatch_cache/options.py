@@ -66,6 +66,11 @@ class ExtractionOptions:
         (silently), ``"error"`` (raise :class:`~graphpatch_cache.errors.SignatureMismatchError`
         instead). ``pg.generate``'s own step graphs are asked for, never on demand. Not part of
         the cache key.
+    :ivar progress: whether an extraction shows its progress on stderr (a tqdm bar in a
+        terminal or notebook, one line per phase in a log): None (default) follows
+        ``$GRAPHPATCH_CACHE_PROGRESS`` and :func:`~graphpatch_cache.show_progress`, else shows
+        it once an extraction has run for 2 s; True shows it at once, False never (see
+        :mod:`graphpatch_cache.progress`). A cache hit never shows any. Not part of the cache key.
     :ivar custom_extraction_functions: ``{module class: fn(module) -> torch.fx.Graph}`` for
         modules dynamo cannot handle; the graph's placeholders are the forward's tensor inputs.
     :ivar postprocessing_function: called with the bound root ``torch.fx.GraphModule`` and the
@@ -86,11 +91,14 @@ class ExtractionOptions:
     )
     postprocessing_function: Optional[Callable[..., None]] = None
     on_new_variant: str = "warn"
+    progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.on_new_variant not in NEW_VARIANT_POLICIES:
             raise ValueError(f"on_new_variant must be one of {', '.join(map(repr, NEW_VARIANT_POLICIES))}, "
                              f"got {self.on_new_variant!r}")
+        if self.progress not in (None, True, False):
+            raise TypeError(f"progress must be None, True or False, got {self.progress!r}")
         classes = self.classes_to_skip_compiling
         if isinstance(classes, type):
             classes = (classes,)
@@ -126,8 +134,8 @@ class ExtractionOptions:
     def fingerprint(self) -> Dict[str, Any]:
         """A JSON-able description of the options (the part of the cache key they make).
 
-        ``copy_transformers_generation_config`` and ``on_new_variant`` are left out: they never
-        change a graph.
+        ``copy_transformers_generation_config``, ``on_new_variant`` and ``progress`` are left
+        out: they never change a graph.
         """
 
         def qual(obj: Any) -> str:

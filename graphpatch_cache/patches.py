@@ -153,6 +153,41 @@ def _write_slice(value: torch.Tensor, index: SliceSpec, update: Callable[[torch.
     return out
 
 
+class PatchValueError(ValueError):
+    """A built-in patch's value does not fit the node's value; ``hint`` says how to fix it
+    (the patch slot turns this into a :class:`~graphpatch_cache.errors.PatchError` naming
+    the node)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _addable(node: torch.Tensor, value: Any) -> None:
+    """Whether ``node + value`` can stay in ``node``'s dtype and device the way graphpatch's
+    in-place ``node[slice] += value`` can: a float value onto an integer node (or a complex one
+    onto a real node) would lose its fraction, and a value on another device does not add
+    (torch lets a 0-dim CPU tensor join any device). Refused as torch refuses the in-place add,
+    with the node's dtype and device named and the fix."""
+    if isinstance(value, torch.Tensor) and value.device != node.device and not (
+            value.dim() == 0 and value.device.type == "cpu"):
+        raise PatchValueError(f"its value is on {value.device}, the node's value on {node.device}",
+                              hint=f"put the value on the node's device: value.to({str(node.device)!r})")
+    try:
+        result = torch.result_type(node, value)
+    except TypeError:
+        return  # not a number or tensor: torch's own error on adding says what it is
+    if not torch.can_cast(result, node.dtype):
+        raise PatchValueError(
+            f"adding a {_dtype_name(value)} value to a {node.dtype} node gives {result}, which "
+            f"the node cannot hold (graphpatch's in-place add refuses it too)",
+            hint=f"pass a value of the node's dtype: value.to({node.dtype})")
+
+
+def _dtype_name(value: Any) -> str:
+    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def _same_shape_and_dtype(result: torch.Tensor, value: torch.Tensor, what: str) -> torch.Tensor:
     """Like graphpatch's in-place write: the node keeps its shape and dtype."""
     if result.shape != value.shape:
@@ -224,13 +259,19 @@ class ZeroPatch(Patch[PatchableValue]):
 @dataclass(kw_only=True)
 class AddPatch(Patch[PatchableValue]):
     """Adds ``value`` to the node's value (or to ``value[slice]``); a tensor node keeps its
-    shape and dtype (``value`` broadcasts into it)."""
+    shape and dtype (``value`` broadcasts into it, and the sum is cast back to the node's
+    dtype, as graphpatch's in-place ``+=`` does: a float64 value on a float32 node gives a
+    float32 node). A value the node's dtype cannot hold (a float onto an integer node) or on
+    another device is refused with a :class:`~graphpatch_cache.errors.PatchError` naming the
+    node, both dtypes or devices and the fix."""
 
     requires_clone: bool = False  # never writes into its input
     value: Any
     slice: Optional[SliceSpec] = None
 
     def op(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            _addable(value, self.value)
         if self.slice is None:
             if isinstance(value, torch.Tensor):
                 return _same_shape_and_dtype(value + self.value, value, "the sum")
@@ -316,6 +357,7 @@ __all__ = [
     "NUMBER_KINDS",
     "Patch",
     "PatchTarget",
+    "PatchValueError",
     "PatchableValue",
     "ProbePatch",
     "RecordPatch",

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union, cast
 
 import torch
 
+from .. import progress
 from ..artifact import GraphArtifact
 from ..artifact.signature import SignatureMatcher
 from ..compose import PatchableGraph, extract
@@ -25,7 +26,7 @@ from ..errors import CacheError
 from ..integrations import kv_cache
 from ..live.inputs import CallInputs
 from ..live.sources import sources_unchanged
-from ..options import ExtractionOptions
+from ..options import ON_DEMAND, ExtractionOptions
 from .keys import digest_of, key_material
 from .proof import canonical, disagreement, live_disagreement, recorded_material
 from .store import CacheStore
@@ -99,14 +100,19 @@ class CachingExtractor:
         if artifact is not None:
             self.stats.hits += 1
             return artifact
-        with self.store.lock(key):
-            artifact = self._lookup(key, material, inputs)  # another process may have built it meanwhile
-            if artifact is not None:
-                self.stats.hits += 1
-                return artifact
-            artifact = extract(model, options=options, inputs=inputs)
-            self.stats.misses += 1
-            self._put(model, key, material, inputs, artifact)
+        # a miss: one progress task for the wait, the extraction (which joins it) and the write
+        name = progress.title(type(model).__name__, ON_DEMAND.get() is not None)
+        with progress.task(name, options.progress):
+            progress.phase("waiting for the cache lock")
+            with self.store.lock(key):
+                artifact = self._lookup(key, material, inputs)  # another process may have built it meanwhile
+                if artifact is not None:
+                    self.stats.hits += 1
+                    return artifact
+                artifact = extract(model, options=options, inputs=inputs)
+                self.stats.misses += 1
+                progress.phase("storing in the cache")
+                self._put(model, key, material, inputs, artifact)
         return artifact
 
     def _put(self, model: torch.nn.Module, key: str, material: Dict[str, Any], inputs: CallInputs,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 
 import torch
 
-from .. import _compat
+from .. import _compat, progress
 from ..trust import validate
 from ..artifact import SCHEMA_VERSION, GraphArtifact, ModuleGraph
 from ..errors import ExtractionError, GraphPatchCacheError, SerializationError, UnusedSubmoduleError
@@ -26,7 +26,7 @@ from ..live import environment as live_environment
 from ..live.inputs import CallInputs
 from ..live.sources import module_file_digest, module_name_for_file
 from ..live.structure import structure
-from ..options import ExtractionOptions
+from ..options import ON_DEMAND, ExtractionOptions
 from . import on_demand
 from .capture import capture
 from .serialize import frame_to_data
@@ -127,6 +127,9 @@ def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph
             index(child, f"{path}.{child.local_name}" if path else child.local_name)
 
     index(root, "")
+    todo = sum(len(f.opaque_calls) for f in frames.values() if f.record is not None and f.opaque_calls)
+    if todo:
+        progress.phase("opaque children", todo)
 
     def visit(g: ModuleGraph, path: str) -> ModuleGraph:
         frame = frames.get(path)
@@ -134,11 +137,13 @@ def _with_opaque_children(model: torch.nn.Module, root: Frame, data: ModuleGraph
             return dataclasses.replace(g, children=[visit(c, f"{path}.{c.name}" if path else c.name) for c in g.children])
         children = []
         for child_record, local, child_path in frame.opaque_calls:
+            progress.step()
             if child_record.inputs is None:
                 continue
             try:
-                sub = extract(child_record.module, child_record.inputs[0], child_record.inputs[1],
-                              dataclasses.replace(options, allow_unused_submodules=True))
+                with progress.muted():  # counted here, as one step of this extraction
+                    sub = extract(child_record.module, child_record.inputs[0], child_record.inputs[1],
+                                  dataclasses.replace(options, allow_unused_submodules=True))
             except (GraphPatchCacheError, TypeError) as exc:
                 # The call cannot be extracted on its own (it reads state its parent passes
                 # in objects we cannot store): it runs inside its opaque parent, unpatchable.
@@ -188,6 +193,7 @@ def _trace(model: torch.nn.Module, inputs: CallInputs,
         _check_unused(model, {id(c.module) for c in cap.recorder.calls}, _read_tensors(cap), options)
         # split reads the mapping only (ExtractionOptions types it as a Mapping)
         root = split(model, cap, cast(Dict[type, Callable[..., Any]], options.custom_extraction_functions))
+        progress.phase("serialization")
         try:
             data = frame_to_data(root)
             break
@@ -231,7 +237,8 @@ def extract(
     :raises SerializationError: a graph calls something that cannot be stored as data.
     """
     options = options or ExtractionOptions()
-    with on_demand.announced(options) as outermost:
+    name = progress.title(type(model).__name__, ON_DEMAND.get() is not None)
+    with on_demand.announced(options) as outermost, progress.task(name, options.progress):
         artifact = _extract(model, args, kwargs, options, inputs)
     if outermost:
         on_demand.report_opaque(artifact.extraction.get("opaque") or {}, options)
@@ -241,6 +248,7 @@ def extract(
 def _extract(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]],
              options: ExtractionOptions, inputs: Optional[CallInputs]) -> GraphArtifact:
     if inputs is None:
+        progress.phase("canonical inputs")
         inputs = CallInputs.of(model, args, kwargs)
     cap, root, data, failures = _trace(model, inputs, options)
     paths = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
@@ -254,6 +262,7 @@ def _extract(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dic
     # that use them (and a child graph's signature is checked by its opaque parent's router,
     # which cannot extract anew): then every size is fixed, and other sizes get their own
     # (on-demand) variant.
+    progress.phase("sources and validation")
     dims = None if cap.generic else _dynamic_dims(root, inputs, cap.shape_facts)
     if specialized:
         dims = [[False] * x.dim() for x in inputs.leaves if isinstance(x, torch.Tensor)]

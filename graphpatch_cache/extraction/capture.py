@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Un
 
 import torch
 
-from .. import _compat
+from .. import _compat, progress
 from ..errors import ExtractionError
 from ..integrations import accelerate, kv_cache
 from ..integrations.bitsandbytes import leaf_handler
@@ -145,6 +145,7 @@ def _capture_opaque_root(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: 
     which are extracted the same way, see ``extraction._with_opaque_children``).
     """
     graph = torch.fx.Graph()
+    progress.phase("eager recording")
     with Recorder(model, frozenset(opaque)) as recorder:
         eager_args, eager_kwargs = kv_cache.copy_caches((args, kwargs))
         with torch.no_grad(), _compat.pretend_compiling():
@@ -236,6 +237,7 @@ def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kw
            size_oblivious: bool = False, ones_static: bool = False) -> Union[Capture, BaseException]:
     """One attempt: the eager recording, then one dynamo trace with the markers; the capture,
     or why dynamo failed."""
+    progress.phase("eager recording")
     with Recorder(model, frozenset(opaque)) as recorder:
         # each pass gets its own copy of a key/value cache: the model grows it in place
         eager_args, eager_kwargs = kv_cache.copy_caches((args, kwargs))
@@ -245,6 +247,7 @@ def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kw
         recorder.prepare_opaque()
         recorder.reset_calls()
         recorder.calls.extend(calls)  # keep the eager records for the opaque outputs
+        progress.phase("dynamo trace", recorder.traced_calls())
         recorder.tracing = True
         recorder.inject_cache = on_meta
         captured: List[Any] = []

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
-from .. import _compat
+from .. import _compat, progress
 from ..integrations import accelerate, kv_cache
 from ..integrations.bitsandbytes import leaf_handler
 from .opaque import OpaqueOutputs
@@ -47,9 +47,22 @@ def _empty_like_all(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.empty_like(x) for x in xs]
 
 
-for _name in ("enter", "exit"):
-    _LIB.impl(_name, _clone_all, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"graphpatch_cache::{_name}", _empty_like_all, lib=_LIB)
+def _enter_traced(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+    # dynamo runs this (on meta tensors) as it traces each module call's enter marker: the
+    # count of module calls traced so far that the extraction's progress shows
+    progress.step()
+    return _clone_all(tag, xs)
+
+
+def _enter_fake(tag: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+    progress.step()
+    return _empty_like_all(tag, xs)
+
+
+_LIB.impl("enter", _enter_traced, "CompositeExplicitAutograd")
+torch.library.register_fake("graphpatch_cache::enter", _enter_fake, lib=_LIB)
+_LIB.impl("exit", _clone_all, "CompositeExplicitAutograd")
+torch.library.register_fake("graphpatch_cache::exit", _empty_like_all, lib=_LIB)
 
 ENTER = torch.ops.graphpatch_cache.enter.default
 EXIT = torch.ops.graphpatch_cache.exit.default
@@ -70,6 +83,7 @@ def _opaque_eager(tag: str, xs: List[torch.Tensor], ints: List[int]) -> List[tor
 
 
 def _opaque_fake(tag: str, xs: List[torch.Tensor], ints: List[Any]) -> List[torch.Tensor]:
+    progress.step()  # an opaque call is one module call traced (see _enter_traced)
     return _ACTIVE[-1].opaque_outputs(tag, xs, ints)
 
 
@@ -136,6 +150,16 @@ class Recorder(OpaqueOutputs):
         self.calls.clear()
         self._stack.clear()
         self._opaque_counts.clear()
+
+    def traced_calls(self) -> int:
+        """How many of the recorded calls the trace goes through: all but those made inside
+        an opaque call (which is traced as one)."""
+        inside = [False] * len(self.calls)
+        for record in self.calls:  # a parent is recorded before its children
+            parent = record.parent
+            inside[record.index] = parent is not None and (
+                inside[parent] or id(self.calls[parent].module) in self.opaque_modules)
+        return inside.count(False)
 
     def restore_forwards(self) -> None:
         for tag, module in self.modules_by_tag.items():

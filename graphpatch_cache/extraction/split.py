@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 import torch.fx
 
-from .. import _compat
+from .. import _compat, progress
 from ..errors import ExtractionError
 from ..integrations.bitsandbytes import leaf_handler
 from ..trust.functions import grouped_mm, histc, tree_build
@@ -74,7 +74,7 @@ class Splitter:
         """Walk the flat graph once, in order; returns the frame of the model's own call."""
         wrapper = self._wrapper_frame()
         self._stack = [wrapper]
-        self._call_iter = iter(self.calls)
+        self._call_iter = progress.counted(self.calls, "splitting", len(self.calls))
         for node in self.cap.graph.nodes:
             if node.op == "placeholder":
                 continue

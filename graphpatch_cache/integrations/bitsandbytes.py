@@ -12,14 +12,22 @@ input's (symbolic) shape, so the graphs around it stay shape-generic.
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
+import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, cast
 
 import torch
 
 from ..errors import GraphPatchCacheError
+
+#: bitsandbytes' notice on every 8-bit matmul of a non-float16 input: logged (not a Python
+#: warning) by ``bitsandbytes.autograd._functions`` once per layer per call, 14 lines per call
+#: of a 2-layer Llama on CPU. The exact logger, level and message template we quiet.
+_CAST_LOGGER = "bitsandbytes.autograd._functions"
+_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast from %s to float16 during quantization"
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,58 @@ def _linear_fake(module: torch.nn.Module, xs: List[torch.Tensor]) -> List[torch.
     x = xs[0]
     out_features: int = module.out_features  # type: ignore[assignment]  # (an int attribute of Linear8bitLt)
     return [x.new_empty((*x.shape[:-1], out_features))]
+
+
+class _QuietOurCalls(logging.Filter):
+    """Drops bitsandbytes' per-call cast notice (:data:`_CAST_MESSAGE`) logged while this
+    thread runs an 8-bit layer for a graph (:func:`run_8bit`), after the first one in the
+    process: the cast is worth saying once, not 7 times per layer per call. Records from the
+    user's own calls of the model (any thread), and every other record, pass untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_IN_OUR_CALL, "on", False) or record.msg != _CAST_MESSAGE or record.levelno != logging.WARNING:
+            return True
+        if not self.shown:
+            self.shown = True
+            return True
+        return False
+
+
+_IN_OUR_CALL = threading.local()
+_QUIET = _QuietOurCalls()
+_INSTALLED: List[logging.Logger] = []
+_INSTALL_LOCK = threading.Lock()
+
+
+def _install_quiet_filter() -> None:
+    # A filter on bitsandbytes' own logger, added once: it only acts on records made inside
+    # run_8bit in the same thread, so the logger behaves as before for everyone else. (Not
+    # warnings.catch_warnings: the notice is a log record, and catch_warnings swaps the
+    # process-wide warnings.filters on every enter and exit, which is not thread-safe.)
+    with _INSTALL_LOCK:
+        if not _INSTALLED:
+            logger = logging.getLogger(_CAST_LOGGER)
+            logger.addFilter(_QUIET)
+            _INSTALLED.append(logger)
+
+
+def run_8bit(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for an 8-bit linear that a graph calls, with bitsandbytes' per-call cast
+    notice shown once per process instead of once per layer per call (see
+    :class:`_QuietOurCalls`); the user's direct calls of the model log it as they always did."""
+    if not _INSTALLED:
+        _install_quiet_filter()
+    state = _IN_OUR_CALL
+    outer = getattr(state, "on", False)
+    state.on = True
+    try:
+        return cast(torch.Tensor, module(x))
+    finally:
+        state.on = outer
 
 
 def leaf_handler(module: torch.nn.Module) -> Optional[LeafHandler]:
@@ -112,4 +172,4 @@ def quantize_8bit_on_meta(model: torch.nn.Module) -> torch.nn.Module:
 
 
 __all__ = ["LeafHandler", "is_quantized_weight", "leaf_handler", "patch_view", "quantize_8bit_on_meta",
-           "register_quantized_owner", "stored_dtype"]
+           "register_quantized_owner", "run_8bit", "stored_dtype"]

@@ -3,8 +3,7 @@
 A :class:`NodePath` tree is built from artifact data alone, so it can be shown without
 binding a model. Module graphs are inner nodes; values (inputs, parameters, op results and
 ``output``) are leaves, and a value with a nested structure (a tuple, a dict, a
-ModelOutput) has its parts as children: ``pg.graph.output.sub_1`` is ``"output|sub_1"``,
-``pg.graph.output.logits`` is ``"output|logits"``.
+ModelOutput) has its parts as children: ``pg.graph.output.logits`` is ``"output|logits"``.
 
 How a path string resolves (:meth:`NodePath._np_find`), first match wins:
 
@@ -26,8 +25,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 from ..artifact import ModuleGraph, NodeData
 from ..errors import NodePathError, NotAValueError, close_matches
+from .node_html import HtmlView
 from .path_errors import unknown_path
 from .shapes import InputBinder, ShapeScope, describe_meta, scope_of, shape_from_meta
+from .size_names import legend_for
 from ..artifact.names import join_path
 
 SUBPATH_SEP = "|"
@@ -66,7 +67,7 @@ def _location(meta: Dict[str, Any]) -> Optional[Tuple[str, Tuple[Any, ...]]]:
     return loc[0], tuple(_part_key(k) if isinstance(k, str) else k for k in loc[1:])
 
 
-class NodePath:
+class NodePath(HtmlView):
     """One module graph, value, or part of a nested value in a PatchableGraph.
 
     Attribute access walks the tree (``pg.graph.transformer.h_0``, ``pg.graph.output.sub_1``);
@@ -357,7 +358,7 @@ class NodePath:
         if self._np_graph is not None:
             kind = " (opaque)" if self._np_graph.kind == "opaque" else ""
             return f"{name}: {self._np_graph.module_class.rpartition('.')[2]}{kind}"
-        label = describe_meta(self._np_meta) if isinstance(self._np_meta, dict) else ""
+        label = describe_meta(self._np_meta, getattr(self._np_scope, "names", None)) if isinstance(self._np_meta, dict) else ""
         if self._np_alias_name and not self._np_keys:
             label = f"{label} (alias: {self._np_alias_name})" if label else f"(alias: {self._np_alias_name})"
         return f"{name}: {label}" if label else name
@@ -378,14 +379,18 @@ class NodePath:
         return walk(self, 0)
 
     def _tree(self, depth: Optional[int] = None, grep: Optional[str] = None) -> str:
-        """The tree below this path as text (see :meth:`_walk`)."""
+        """The tree below this path as text (see :meth:`_walk`), the sizes it shows explained on line 2."""
         lines = [self._np_label()]
         open_levels: List[bool] = []  # per level above: whether that branch has siblings below
-        for node, level, last in self._walk(depth, grep):
+        walked = list(self._walk(depth, grep))
+        for node, level, last in walked:
             del open_levels[level:]
             prefix = "".join("│  " if more else "   " for more in open_levels)
             lines.append(prefix + ("└─" if last else "├─") + node._np_label())
             open_levels.append(not last)
+        sizes = legend_for(  # (graphs an opaque module calls have sizes of their own: not explained here)
+            self._np_scope, [n._np_meta for n in [self] + [w[0] for w in walked] if n._np_scope is self._np_scope])
+        lines[1:1] = [sizes] if sizes else []
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -32,6 +32,7 @@ from .guards import preserved_global_state
 from .node_path import NodePath
 from .patch_stack import PathResolver, StackEntry, Variant, forget, leave, sync
 from .patching import PatchInstaller
+from .path_check import PathReport, check_paths
 from .path_errors import patched_but_missing
 from .recording import NodeSelector, record, select
 from ..artifact.names import join_path
@@ -216,6 +217,10 @@ class PatchableGraph(torch.nn.Module):
     def node_paths(self, nodes: NodeSelector = "*") -> List[str]:
         """The value node paths ``nodes`` selects (as :meth:`record` takes it), in graph order."""
         return list(select(self.graph, nodes))
+
+    def check_paths(self, paths: Sequence[Any], since: Any = None) -> PathReport:
+        """Node paths from older code: still here, renamed (``since=``: their graphs), or gone (see path_check)."""
+        return check_paths(paths, self, since)
 
     def record(self, *args: Any, nodes: NodeSelector = "*", **kwargs: Any) -> Tuple[Any, Dict[str, Any]]:
         """Call the graph and record many values: ``out, acts = pg.record(input_ids,

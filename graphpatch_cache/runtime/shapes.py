@@ -5,9 +5,10 @@ Graphs are shape-generic, so a dimension traced symbolically is recorded as its 
 
 - every dim concrete: a :class:`torch.Size` (``torch.zeros(node._shape)`` works);
 - some dim symbolic: a :class:`SymbolicShape`, a tuple of ints and :class:`SymbolicSize`
-  (a ``str`` holding the expression); ``.at(*inputs)`` gives the ``torch.Size`` for a call
-  with those inputs, ``.subs({"s27": 5})`` for given symbol sizes, ``.sources`` says which
-  input dimension each symbol is;
+  (a ``str`` holding the expression, shown by its name: ``SymbolicShape([batch, seq, 32])``,
+  see :mod:`.size_names`); ``.at(*inputs)`` gives the ``torch.Size`` for a call with those
+  inputs, ``.subs({"s27": 5})`` (or ``.subs({"seq": 5})``) for given symbol sizes,
+  ``.sources`` says which input dimension each symbol is, ``.names`` what it is called;
 - a non-tensor value: the name of its type (``"int"``), as graphpatch gives it;
 - a nested value: a :class:`ShapeTuple` (tuples, lists) or :class:`ShapeDict` (dicts,
   ModelOutputs) of the above, whose parts are attributes as in node paths (``.sub_0``,
@@ -29,6 +30,7 @@ import torch
 
 from ..artifact import ModuleGraph
 from ..errors import ShapeError
+from .size_names import render, size_names
 
 #: ``(args, kwargs) -> the root graph's placeholder tensors`` for a call with those inputs
 InputBinder = Callable[[Tuple[Any, ...], Dict[str, Any]], List[torch.Tensor]]
@@ -42,12 +44,24 @@ _FUNCS: Dict[str, Callable[..., int]] = {"Max": max, "Min": min, "Mod": operator
 
 class SymbolicSize(str):
     """One symbolic dimension: the text of its expression over the graph's size symbols
-    (``s27``, ``s27*s52``). A ``str``, so it prints by name and compares with text."""
+    (``s27``, ``s27*s52``). A ``str``, so it compares (and ``str()`` gives) its text;
+    ``repr`` shows its :attr:`name` (``seq``, ``past + seq``: see :mod:`.size_names`)."""
 
-    __slots__ = ()
+    _name: str
+
+    def __new__(cls, text: str, name: Optional[str] = None) -> "SymbolicSize":
+        self = super().__new__(cls, text)
+        self._name = name if name is not None else str.__str__(self)
+        return self
+
+    @property
+    def name(self) -> str:
+        """What the size is called where the tree and shapes show it (its text where no
+        name is known)."""
+        return self.__dict__.get("_name", str.__str__(self))
 
     def __repr__(self) -> str:
-        return str.__str__(self)
+        return self.name
 
     @property
     def symbols(self) -> Tuple[str, ...]:
@@ -122,6 +136,13 @@ class ShapeScope:
             for d, dim in enumerate(shape or ()):
                 if isinstance(dim, str) and dim.isidentifier():
                     self.sources.setdefault(dim, (i, name, d))
+        #: symbol -> display name (``{"s52": "batch"}``), see :mod:`.size_names`
+        self.names: Dict[str, str] = size_names(self.placeholder_shapes)
+
+    def symbol_sizes(self, sizes: Mapping[str, int]) -> Dict[str, int]:
+        """``sizes`` keyed by symbols, where a key is a size's name (``{"seq": 5}``)."""
+        by_name = {name: sym for sym, name in self.names.items()}
+        return {by_name.get(k, k): v for k, v in sizes.items()}
 
     def sizes_for(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, int]:
         """Symbol sizes of a call with ``(args, kwargs)``.
@@ -166,12 +187,13 @@ class SymbolicShape(Tuple[Any, ...]):
     _scope: Optional[ShapeScope]
 
     def __new__(cls, dims: Sequence[Any], scope: Optional[ShapeScope] = None) -> "SymbolicShape":
-        self = super().__new__(cls, [d if isinstance(d, int) else SymbolicSize(d) for d in dims])
+        names = scope.names if scope is not None else {}
+        self = super().__new__(cls, [d if isinstance(d, int) else SymbolicSize(d, render(str(d), names)) for d in dims])
         self._scope = scope
         return self
 
     def __repr__(self) -> str:
-        return f"SymbolicShape([{', '.join(str(d) for d in self)}])"
+        return f"SymbolicShape([{', '.join(repr(d) for d in self)}])"
 
     __str__ = __repr__
 
@@ -192,11 +214,21 @@ class SymbolicShape(Tuple[Any, ...]):
         known = self._scope.sources if self._scope is not None else {}
         return {s: f"{known[s][1]}.shape[{known[s][2]}]" for s in self.symbols if s in known}
 
+    @property
+    def names(self) -> Dict[str, str]:
+        """What each named symbol is called: ``{"s52": "batch", "s27": "seq"}`` (symbols
+        without a name are left out)."""
+        known = self._scope.names if self._scope is not None else {}
+        return {s: known[s] for s in self.symbols if s in known}
+
     def subs(self, sizes: Mapping[str, int]) -> torch.Size:
-        """The concrete shape for symbol sizes ``{symbol: int}``.
+        """The concrete shape for symbol sizes ``{symbol: int}`` (a symbol's name works too:
+        ``{"batch": 2, "seq": 5}``).
 
         :raises ShapeError: a symbol has no size.
         """
+        if self._scope is not None:
+            sizes = self._scope.symbol_sizes(sizes)
         return torch.Size([d if isinstance(d, int) else d.evaluate(sizes) for d in self])
 
     def at(self, *args: Any, **kwargs: Any) -> torch.Size:
@@ -332,15 +364,17 @@ def _part_shape(meta: Any, scope: Optional[ShapeScope]) -> Any:
     return "NoneType" if shape is None and meta == {} else shape
 
 
-def describe_meta(meta: Dict[str, Any]) -> str:
-    """A value's recorded structure as one line: ``Tensor(float32)[1, s0, 768]``, ``tuple(...)``."""
+def describe_meta(meta: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> str:
+    """A value's recorded structure as one line: ``Tensor(float32)[1, seq, 768]``,
+    ``tuple(...)``; symbolic sizes by their ``names`` (``{symbol: name}``)."""
+    names = names or {}
     if "shape" in meta:
-        dims = ", ".join(str(d) for d in meta["shape"])
+        dims = ", ".join(render(d, names) if isinstance(d, str) else str(d) for d in meta["shape"])
         return f"Tensor({meta.get('dtype', '?')})[{dims}]"
     if "items" in meta:
-        return f"{meta.get('type', 'tuple')}(" + ", ".join(describe_meta(m) for m in meta["items"]) + ")"
+        return f"{meta.get('type', 'tuple')}(" + ", ".join(describe_meta(m, names) for m in meta["items"]) + ")"
     if "fields" in meta:
-        fields = ", ".join(f"{k}={describe_meta(m)}" for k, m in meta["fields"].items())
+        fields = ", ".join(f"{k}={describe_meta(m, names)}" for k, m in meta["fields"].items())
         return f"{meta.get('type', 'dict')}({fields})"
     return str(meta.get("type", ""))
 

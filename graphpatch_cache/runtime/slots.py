@@ -9,7 +9,7 @@ import torch
 
 from ..errors import PatchError
 from ..integrations.bitsandbytes import patch_view
-from ..patches import Patch
+from ..patches import Patch, PatchValueError
 
 
 def _describe(value: Any) -> str:
@@ -63,12 +63,19 @@ def _set_part(value: Any, key: Any, part: Any) -> Any:
     return value
 
 
-def apply_patches(value: Any, patches: Sequence[Patch[Any]], keys: Tuple[Any, ...], node_path: str) -> Any:
-    """Run ``patches`` in order on ``value`` (or on the part at ``keys``)."""
+def apply_patches(value: Any, patches: Sequence[Patch[Any]], keys: Tuple[Any, ...], node_path: str,
+                  _done: Tuple[Any, ...] = ()) -> Any:
+    """Run ``patches`` in order on ``value`` (or on the part at ``keys``).
+
+    :raises PatchError: a patch failed, or turned a tensor into one of another dtype or on
+        another device (the graph after the node was traced for the node's dtype: its next op
+        would fail with a bare torch error naming neither node nor patch).
+    """
     if keys:
         part = _get_part(value, keys[0], node_path)
-        return _set_part(value, keys[0], apply_patches(part, patches, keys[1:], node_path))
+        return _set_part(value, keys[0], apply_patches(part, patches, keys[1:], node_path, _done + (keys[0],)))
     for patch in patches:
+        before = value
         try:
             value = patch(value)
         except PatchError:
@@ -76,13 +83,36 @@ def apply_patches(value: Any, patches: Sequence[Patch[Any]], keys: Tuple[Any, ..
         except (IndexError, RuntimeError, ValueError, TypeError) as exc:
             where = getattr(patch, "slice", None)
             raise PatchError(
-                f"{type(patch).__name__} at node {node_path!r} failed on {_describe(value)}"
+                f"{type(patch).__name__} at node {_full_path(node_path, _done)!r} failed on {_describe(before)}"
                 + (f" with slice {where!r}" if where is not None else "")
                 + f": {exc}",
                 node_path=node_path,
-                hint="check the slice against the node's shape (pg.graph[path]._shape)",
+                hint=exc.hint if isinstance(exc, PatchValueError) else "check the slice against the node's shape (pg.graph[path]._shape)",
             ) from exc
+        if isinstance(before, torch.Tensor) and isinstance(value, torch.Tensor) and (
+                value.dtype != before.dtype or value.device != before.device):
+            raise _changed(patch, before, value, _full_path(node_path, _done), node_path)
     return value
+
+
+def _full_path(node_path: str, keys: Tuple[Any, ...]) -> str:
+    return node_path + "".join(f"|sub_{k}" if isinstance(k, int) else f"|{k}" for k in keys)
+
+
+def _changed(patch: Patch[Any], before: torch.Tensor, after: torch.Tensor, where: str, node_path: str) -> PatchError:
+    name = type(patch).__name__
+    if after.dtype != before.dtype:
+        return PatchError(
+            f"{name} at node {where!r} turned its {before.dtype} value into a {after.dtype} one; the graph "
+            f"after this node was traced for {before.dtype} (its next op would fail with a torch error "
+            "such as 'mixed dtype' naming neither node nor patch)",
+            node_path=node_path,
+            hint=f"return a value of the node's dtype from the patch: value.to({before.dtype})")
+    return PatchError(
+        f"{name} at node {where!r} moved its value from {before.device} to {after.device}; the graph "
+        f"after this node runs on {before.device}",
+        node_path=node_path,
+        hint=f"return a value on the node's device from the patch: value.to({str(before.device)!r})")
 
 
 def _fast_ops(cls: type) -> Tuple[Optional[str], Optional[str]]:

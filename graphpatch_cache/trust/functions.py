@@ -15,6 +15,7 @@ import torch
 from .. import _compat
 from ..errors import GraphPatchCacheError, ShapeError
 from ..integrations import kv_cache  # noqa: F401  kv_cache registers CacheState, which tree_build specs name
+from ..integrations.bitsandbytes import run_8bit
 from ..errors import UnsupportedGradientError
 from .allowlist import register_target
 
@@ -106,7 +107,7 @@ def linear_8bit(ref: "ModuleRef", x: torch.Tensor, weight: Any, bias: Any) -> to
     ``F.linear`` with that weight."""
     module = ref.module
     if weight is module.weight and bias is module.bias:
-        return cast(torch.Tensor, module(x))
+        return run_8bit(module, x)  # (bitsandbytes' per-call cast notice shown once, not per layer)
     out = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return out
 

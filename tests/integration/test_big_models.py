@@ -169,6 +169,48 @@ def test_8bit_weight_probe_is_dequantized_and_patch_matches_oracle(llama_8bit):
     assert torch.equal(pg(**inputs).logits, reference)
 
 
+def test_8bit_cast_notice_is_quiet_in_our_calls_only(llama_8bit):
+    # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." (a log record, not a Python
+    # warning) on every call of every 8-bit layer with a float32 input: 14 per call of this
+    # model. Our graph calls show it once per process at most; the user's own calls of the
+    # model, the user's logging and warnings setup are untouched.
+    import logging
+
+    import bitsandbytes as bnb
+
+    model, inputs, pg = llama_8bit
+    layers = sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    seen: list = []
+
+    class UserFilter(logging.Filter):  # a filter the user put there: must keep seeing records
+        def filter(self, record):
+            seen.append(record.getMessage())
+            return True
+
+    user_filter = UserFilter()
+    logger.addFilter(user_filter)
+    warning_filters = list(warnings.filters)
+    level, propagate = logger.level, logger.propagate
+    try:
+        pg(**inputs)  # the first notice in this process may show here, once
+        assert sum("MatMul8bitLt" in m for m in seen) <= 1
+        seen.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pg.patch({"model.layers_0.mlp.up_proj.output": ProbePatch()}):
+                pg(**inputs)
+            pg(**inputs)
+        assert not [m for m in seen if "MatMul8bitLt" in m]
+        assert not [w for w in caught if "MatMul8bitLt" in str(w.message) or "bitsandbytes" in w.filename]
+        model(**inputs)  # the user's own call: bitsandbytes logs as it always does
+        assert sum("MatMul8bitLt" in m for m in seen) == layers == 14
+    finally:
+        logger.removeFilter(user_filter)
+    assert warnings.filters == warning_filters
+    assert (logger.level, logger.propagate) == (level, propagate) and user_filter not in logger.filters
+
+
 def test_8bit_load_cached_and_meta_build_hit(saved_llama, llama_8bit, tmp_path):
     path, _ = saved_llama
     model, inputs, _ = llama_8bit

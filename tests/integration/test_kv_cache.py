@@ -6,6 +6,7 @@ cache objects' identity (the caller's cache is updated in place, as the model do
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -268,3 +269,27 @@ def test_cached_generation_in_other_families(family):
     pg = PatchableGraph(model, input_ids=ids, attention_mask=mask, use_cache=True)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True)
     assert torch.equal(pg.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=True), expected)
+
+
+def test_a_cached_calls_tree_names_batch_seq_and_the_past_length(cached_pg):
+    # dynamo's s17/s27/s53 say nothing: the tree and _shape name them from the call's inputs
+    model, pg = cached_pg
+    prefix = _cache_of(model(input_ids=_ids(), use_cache=True))
+    chunk = _ids(seq=3, seed=20)  # (seq > 1: a symbolic length, as a chunk onto a cache)
+    call = {"input_ids": chunk, "cache": prefix, "use_cache": True}
+    tree = pg.graph_for(**call)
+    lines = repr(tree).splitlines()
+    sizes = lines[1]
+    assert sizes.startswith("sizes: batch = input_ids.shape[0] (s") and ", seq = input_ids.shape[1] (s" in sizes
+    assert ", past = cache_layer0_keys.shape[2] (s" in sizes
+    assert any(ln.endswith("input_ids: Tensor(int64)[batch, seq]") for ln in lines)
+    assert any(re.search(r"cache_layer0_keys: Tensor\(float32\)\[batch, 2, past, (16|8)\]$", ln) for ln in lines)
+    # a value whose length is the past plus the new tokens: named, and right for this call
+    grown = [n for n, _, _ in tree._walk() if n._is_value and "past + seq" in repr(n._shape)]
+    assert grown
+    node = grown[0]
+    with pg.patch({str(node): (probe := ProbePatch())}):
+        pg(input_ids=chunk, cache=_copy(prefix), use_cache=True)
+    shape = node._shape
+    assert shape.at(**call) == probe.activation.shape
+    assert shape.subs({"batch": 2, "seq": 3, "past": 6}) == probe.activation.shape

@@ -155,9 +155,13 @@ def test_symbolic_shape_names_its_sizes_and_matches_probes_for_two_input_sizes(g
     batch, seq = ids
     assert isinstance(batch, SymbolicSize) and isinstance(seq, SymbolicSize)
     assert ids.sources == {batch: "input_ids.shape[0]", seq: "input_ids.shape[1]"}
-    assert repr(ids) == f"SymbolicShape([{batch}, {seq}])"
+    assert ids.names == {batch: "batch", seq: "seq"}  # shown by name, still equal to the symbols' text
+    assert repr(ids) == "SymbolicShape([batch, seq])" and repr(batch) == "batch" and batch == str(batch)
     act = nodes["transformer.h_0.mlp.act.mul_3"]._shape
-    assert tuple(act) == (batch, seq, 128) and repr(act) == f"SymbolicShape([{batch}, {seq}, 128])"
+    assert tuple(act) == (batch, seq, 128) and repr(act) == "SymbolicShape([batch, seq, 128])"
+    tree = repr(pg.graph).splitlines()
+    assert tree[1] == f"sizes: batch = input_ids.shape[0] ({batch}), seq = input_ids.shape[1] ({seq})"
+    assert any(ln.endswith("mul_3: Tensor(float32)[batch, seq, 128]") for ln in tree)
     view = nodes["transformer.h_0.attn.c_attn.view"]._shape
     assert set(view[0].symbols) == {batch, seq} and view[1] == 32  # an expression of both sizes
     for b, s in ((2, 8), (3, 5)):
@@ -170,6 +174,7 @@ def test_symbolic_shape_names_its_sizes_and_matches_probes_for_two_input_sizes(g
             assert isinstance(shape, SymbolicShape)
             assert shape.at(**call) == probes[path].activation.shape, path
             assert shape.subs({batch: b, seq: s}) == probes[path].activation.shape, path
+            assert shape.subs({"batch": b, "seq": s}) == probes[path].activation.shape, path
     assert len(pg.variants) == 1  # both sizes ran through the one shape-generic graph
 
 

@@ -447,6 +447,49 @@ def test_slice_that_does_not_fit(gpt2, patch, slice_text):
     assert torch.equal(_run(pg, inputs), expected)
 
 
+def test_a_patch_that_changes_the_dtype_is_refused_naming_node_patch_and_dtypes(gpt2):
+    # a float64 result on a float32 node made the next op (layer_norm, a matmul) raise a bare
+    # "mixed dtype" RuntimeError naming neither node nor patch: refused at the patched call
+    _, inputs, pg, expected = gpt2
+    node = "transformer.h_0.ln_1.input"
+    with pytest.raises(PatchError) as info:
+        with pg.patch({node: CustomPatch(custom_op=lambda v: v.double())}):
+            _run(pg, inputs)
+    text = str(info.value)
+    assert info.value.node_path == "transformer.h_0.ln_1.input_"
+    assert "CustomPatch" in text and "transformer.h_0.ln_1.input_" in text
+    assert "torch.float32" in text and "torch.float64" in text and "value.to(torch.float32)" in text
+    assert "mixed dtype" in text  # says which bare error it stands for
+    # AddPatch of a float64 value casts the sum back to the node's float32, as graphpatch's
+    # in-place add does: the same logits as the model with that float32 sum added by a hook
+    delta = torch.full((32,), 0.25, dtype=torch.float64)
+    model = gpt2[0]
+    hook = model.transformer.h[0].ln_1.register_forward_pre_hook(lambda m, a: (a[0] + delta.float(),))
+    try:
+        with torch.no_grad():
+            want = model(**inputs).logits
+    finally:
+        hook.remove()
+    with pg.patch({node: AddPatch(value=delta)}):
+        got = _run(pg, inputs)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(_run(pg, inputs), expected)
+
+
+def test_add_patch_refuses_what_the_node_cannot_hold_or_another_device(gpt2):
+    _, inputs, pg, _ = gpt2
+    with pytest.raises(PatchError, match=r"float value to a torch.int64 node.*\n.*value.to\(torch.int64\)"):
+        with pg.patch({"input_ids": AddPatch(value=0.5)}):
+            _run(pg, inputs)
+    with pytest.raises(PatchError, match=r"on meta, the node's value on cpu.*\n.*value.to\('cpu'\)") as info:
+        with pg.patch({MUL3: AddPatch(value=torch.ones(128, device="meta"))}):
+            _run(pg, inputs)
+    assert info.value.node_path == MUL3
+    with pytest.raises(PatchError, match="moved its value from cpu to meta"):
+        with pg.patch({MUL3: CustomPatch(custom_op=lambda v: v.to("meta"))}):
+            _run(pg, inputs)
+
+
 def test_errors_pickle(gpt2):
     _, _, pg, _ = gpt2
     with pytest.raises(NodePathError) as info:

@@ -1,5 +1,6 @@
-"""The model zoo: every architecture of ``tests/helpers/zoo.py`` (tiny configs), each causal LM
-with eager and sdpa attention where it has both.
+"""The model zoo: every architecture of ``tests/helpers/zoo.py`` (tiny configs) with its default
+attention, and eager too where a family's eager attention is its own code (``zoo.suite_cases``;
+``scripts/model_zoo.py`` runs eager and sdpa for every causal LM that has both).
 
 Per case, one ``load_cached`` into the module's store for that case (shared by its tests, which
 pytest runs together: the fixture is module-scoped and parametrized) serves:
@@ -16,6 +17,9 @@ once). ``scripts/model_zoo.py`` runs the same checks and writes ``docs/models.md
 
 from __future__ import annotations
 
+import ast
+import inspect
+
 import pytest
 
 import zoo
@@ -24,7 +28,7 @@ import zoo_checks as checks
 pytestmark = pytest.mark.slow  # extracts every architecture of the zoo
 XDIST_GROUP_BY_PARAM = True  # each case on one worker, the cases spread (tests/conftest.py)
 
-CASES = zoo.cases()
+CASES = zoo.suite_cases()
 CAUSAL = [c for c in CASES if zoo.BY_NAME[c[0]].kind == "causal"]
 
 
@@ -86,3 +90,24 @@ def test_the_zoo_covers_the_issue():
               "vit", "clip_text", "clip_vision"}
     assert wanted <= set(zoo.BY_NAME)
     assert len({c for c in CASES}) == len(CASES)
+
+
+def _eager_attention_tree(arch):
+    module = inspect.getmodule(arch.model_cls())
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "eager_attention_forward":
+            return ast.dump(node)
+    return None
+
+
+def test_the_suite_skips_only_eager_cases_that_are_llamas_code():
+    """The suite leaves out a family's eager case only when its eager attention is Llama's,
+    node for node, at the installed transformers (an upgrade that gives a family its own code
+    brings its eager case back by failing here)."""
+    llama = _eager_attention_tree(zoo.BY_NAME["llama"])
+    assert llama is not None
+    suite = set(zoo.suite_cases())
+    for name, attn in zoo.cases():
+        if (name, attn) not in suite:
+            assert attn == "eager" and _eager_attention_tree(zoo.BY_NAME[name]) == llama, name
+    assert {name for name, attn in suite if attn == "sdpa"} | {n for n, a in suite if a == "eager"} == set(zoo.BY_NAME)

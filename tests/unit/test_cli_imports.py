@@ -1,4 +1,4 @@
-"""The command line answers --help, ls, rm, gc, info, usage errors and a misspelt MODEL without
+"""The command line answers --help, ls, rm, gc, info, usage errors and a misspelt MODEL (also in diff) without
 importing torch or transformers (they cost seconds; `scripts/bench_cli.py` times the commands).
 
 Oracle: the interpreter's own import log (``python -X importtime``) of a fresh process."""
@@ -40,6 +40,7 @@ def _run(args, tmp_path, code):
     (["lss"], 2),
     (["build", "tiny-lama"], 1),  # a misspelt preset
     (["show", "nosuch/model"], 1),  # neither a key nor a model in the local Hugging Face cache
+    (["diff", "nosuch/model", "tiny-gpt2"], 1),  # diff imports torch only once both sides are found
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
 def test_quick_commands_do_not_import_torch_or_transformers(args, code, tmp_path):
     proc, heavy = _run(args, tmp_path, code)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: ``__init__.py``) matches exactly, never as a prefix. Imports inside one unit are free.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("ground", ("graphpatch_cache.errors", "graphpatch_cache._compat", "graphpatch_cache._files", "graphpatch_cache._lazy",
-                "graphpatch_cache._version")),
+                "graphpatch_cache._version", "graphpatch_cache.progress")),
     ("data", ("graphpatch_cache.artifact", "graphpatch_cache.patches", "graphpatch_cache.options")),
     ("integrations", ("graphpatch_cache.integrations",)),
     ("live facts and trust", ("graphpatch_cache.live", "graphpatch_cache.trust")),

@@ -255,3 +255,20 @@ def test_number_refusal(kind, patch, allowed):
     assert (why is None) == allowed, why
     if not allowed:
         assert type(patch).__name__ in why
+
+
+# -- dtype and device of a patched tensor ---------------------------------------------------------
+def test_a_patch_changing_a_parts_dtype_is_refused_naming_the_part(x):
+    from graphpatch_cache.errors import PatchError
+    from graphpatch_cache.runtime.slots import apply_patches
+
+    value = (x.clone(), {"logits": x.clone()})
+    with pytest.raises(PatchError, match=r"CustomPatch at node 'output\|sub_1\|logits' turned its torch.float32 "
+                                         r"value into a torch.float64 one") as info:
+        apply_patches(value, [CustomPatch(custom_op=lambda v: v.double())], (1, "logits"), "output")
+    assert info.value.node_path == "output" and "value.to(torch.float32)" in str(info.value)
+    # the same dtype goes through, and AddPatch casts a float64 value's sum back, as graphpatch's += does
+    delta = torch.full((4,), 0.5, dtype=torch.float64)
+    out = apply_patches(value, [AddPatch(value=delta)], (1, "logits"), "output")
+    assert out[1]["logits"].dtype == torch.float32 and torch.equal(out[1]["logits"], x + delta.float())
+    assert torch.equal(out[0], x)
