@@ -12,7 +12,7 @@ Call map::
       export, import (export.py)  cache.export_portable / cache.import_portable
       info   (info.py)    environment_fingerprint(), cache roots
 
-Shared options (and what the model options mean: ``model_spec``, ``model_key``) live in
+Shared options (and what the model options mean: ``model_spec``, ``model_keys``) live in
 ``options.py``, printing (JSON, tables, progress) in ``output.py``.
 The CLI holds no logic the library lacks: it parses, calls the public API and prints.
 """

@@ -26,6 +26,7 @@ from .ls import ls
 from .options import VERBOSE_KEY, is_verbose, verbose_option
 from .rm import rm
 from .show import show
+from .sync import sync
 from .verify import verify
 
 #: the library's own warnings start with this; other libraries' warnings show with -v only
@@ -114,10 +115,11 @@ def cli() -> None:
       graphpatch-cache diff old.graphs.json llama-7b
       graphpatch-cache verify --fix
       graphpatch-cache gc --older-than 30d --max-size 5GB
+      graphpatch-cache sync ~/.cache/graphpatch-cache/store s3://bucket/graphs
     """
 
 
-for _command in (build, ls, show, diff, verify, gc, rm, export, import_, info):
+for _command in (build, ls, show, diff, verify, gc, rm, export, import_, sync, info):
     cli.add_command(_command)
 
 

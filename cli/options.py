@@ -2,7 +2,7 @@
 
 Every command takes ``--cache-dir``, ``--json`` and ``-v``; ``build`` and ``show`` share the
 options that pick a model's graph (``--dtype``, ``--load-in-8bit``, ``--batch-size``,
-``--seq-len``) and what they mean (:func:`model_spec`, :func:`model_key`), so ``show MODEL``
+``--seq-len``) and what they mean (:func:`model_spec`, :func:`model_keys`), so ``show MODEL``
 finds exactly the key ``build MODEL`` wrote.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import click
 
@@ -45,9 +45,20 @@ json_option = click.option(
     help="Print one JSON document on stdout (format in this help); no progress output.",
 )
 
+class _CacheRoot(click.ParamType):
+    """A cache root: a directory (a ``Path``), or a URL kept as written (``s3://bucket/prefix``)."""
+
+    name = "directory|url"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        text = str(value)
+        return text if "://" in text and not text.startswith("/") else Path(text)
+
+
 cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Cache root. Default: $GRAPHPATCH_CACHE_DIR, else the user cache directory.",
+    "--cache-dir", type=_CacheRoot(), default=None,
+    help="Cache root: a directory, or a URL such as s3://bucket/prefix (the [s3] extra). "
+         "Default: $GRAPHPATCH_CACHE_DIR, else the user cache directory.",
 )
 
 
@@ -56,9 +67,12 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return cache_dir_option(json_option(verbose_option(fn)))
 
 
-#: the model options' defaults (a MODEL given where no model options are taken)
-DEFAULT_MODEL_ARGS: Dict[str, Any] = {"dtype": "auto", "load_in_8bit": False, "batch_size": 1, "seq_len": 8,
-                                      "attention_mask": False, "use_cache": False, "past_length": 0}
+#: the model options' defaults (a MODEL given where no model options are taken). The call-shape
+#: options default to None: none given means the default build (the calls a tokenizer's outputs
+#: and pg.generate make, graphpatch_cache.cache.default_call_shapes); any given: one exact call
+SHAPE_OPTIONS = ("batch_size", "seq_len", "attention_mask", "use_cache", "past_length")
+DEFAULT_MODEL_ARGS: Dict[str, Any] = {"dtype": "auto", "load_in_8bit": False,
+                                      **{name: None for name in SHAPE_OPTIONS}}
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,18 +83,22 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "(what from_pretrained does)."),
         click.option("--load-in-8bit", is_flag=True,
                      help="For models loaded with BitsAndBytesConfig(load_in_8bit=True)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_MODEL_ARGS["batch_size"], show_default=True,
-                     help="Example batch size. 1 gets its own graph; any size >= 2 shares one."),
-        click.option("--seq-len", type=click.IntRange(min=1), default=DEFAULT_MODEL_ARGS["seq_len"], show_default=True,
-                     help="Example sequence length. 1 gets its own graph; any length >= 2 shares one."),
-        click.option("--attention-mask", is_flag=True,
-                     help="The example passes an attention_mask (as pg.generate(ids, attention_mask=...) does)."),
-        click.option("--use-cache", is_flag=True,
-                     help="The example passes use_cache=True: the graph returns the key/value cache "
-                          "(the prompt step of cached generation)."),
-        click.option("--past-length", type=click.IntRange(min=0), default=DEFAULT_MODEL_ARGS["past_length"], show_default=True,
-                     help="With --use-cache: the example also passes a key/value cache holding this many "
-                          "positions (>= 2): the per-token graph of cached generation (use --seq-len 1)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Only the call with this batch size (default 2: any size >= 2 shares the graph; "
+                          "1 gets its own)."),
+        click.option("--seq-len", type=click.IntRange(min=1), default=None,
+                     help="Only the call with this many tokens (default 8, or 1 with --past-length: any "
+                          "length >= 2 shares the graph; 1 gets its own)."),
+        click.option("--attention-mask/--no-attention-mask", default=None,
+                     help="Only the call with (default) or without an attention_mask."),
+        click.option("--use-cache/--no-use-cache", default=None,
+                     help="Only the call passing use_cache=True (the graph returns the key/value cache: the "
+                          "prompt step of cached generation) or use_cache=False (default: left out, the "
+                          "model's own default)."),
+        click.option("--past-length", type=click.IntRange(min=0), default=None,
+                     help="Only the call that also passes a key/value cache holding this many positions "
+                          "(>= 2; implies --use-cache and, by default, --seq-len 1): the per-token graph "
+                          "of cached generation."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -107,15 +125,17 @@ DURATION = _Parsed("duration", parse_duration)
 SIZE = _Parsed("size", parse_size)
 
 
-def open_store(cache_dir: Optional[Path]) -> CacheStore:
+def open_store(cache_dir: Union[Path, str, None]) -> CacheStore:
     """The :class:`~graphpatch_cache.CacheStore` at ``cache_dir`` (or the default root)."""
     return CacheStore(cache_dir)
 
 
-def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_len: int,
-               attention_mask: bool = False, use_cache: bool = False, past_length: int = 0) -> Dict[str, Any]:
+def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: Optional[int] = None,
+               seq_len: Optional[int] = None, attention_mask: Optional[bool] = None, use_cache: Optional[bool] = None,
+               past_length: Optional[int] = None) -> Dict[str, Any]:
     """The config, meta-model arguments and example signature for MODEL and the model options
-    (``build MODEL`` and ``show MODEL``)."""
+    (``build MODEL`` and ``show MODEL``). ``signature`` is None when no call-shape option is
+    given: the default build (``graphpatch_cache.cache.default_call_shapes``)."""
     resolved = resolve_model(model)  # first: a misspelt MODEL is reported before torch loads
     import torch  # deferred: only commands that pick a model import torch (ls, rm, gc answer at once)
 
@@ -134,21 +154,30 @@ def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: int, seq_
         torch_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    signature = None
+    if any(v is not None for v in (batch_size, seq_len, attention_mask, use_cache, past_length)):
+        past = past_length or 0
+        signature = ExampleSignature(
+            batch_size=2 if batch_size is None else batch_size,
+            seq_len=(1 if past else 8) if seq_len is None else seq_len,
+            attention_mask=True if attention_mask is None else attention_mask,
+            use_cache=(True if past else None) if use_cache is None else use_cache, past_length=past)
     return {
         "resolved": resolved,
         "dtype": torch_dtype,
         "quantization": "8bit" if load_in_8bit else None,
-        "signature": ExampleSignature(batch_size=batch_size, seq_len=seq_len, attention_mask=attention_mask,
-                                      use_cache=use_cache, past_length=past_length),
+        "signature": signature,
+        "origin": resolved.origin,
     }
 
 
-def model_key(spec: Dict[str, Any]) -> str:
-    """The key ``build`` stores MODEL's graph under, computed without extracting."""
-    from graphpatch_cache.cache import cache_key, meta_model  # deferred: imports torch
+def model_keys(spec: Dict[str, Any]) -> List[str]:
+    """The keys ``build`` stores MODEL's graphs under (the first: the plain forward call),
+    computed without extracting."""
+    from graphpatch_cache.cache import call_keys, meta_model  # deferred: imports torch
 
     model = meta_model(spec["resolved"].config, dtype=spec["dtype"], quantization=spec["quantization"])
-    return cache_key(model, **spec["signature"].inputs(model.config, model))
+    return call_keys(model, None if spec["signature"] is None else [spec["signature"]])
 
 
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -156,14 +185,20 @@ _HEX = re.compile(r"^[0-9a-fA-F]+$")
 
 def resolve_key(store: CacheStore, target: str, model_args: Optional[Dict[str, Any]] = None) -> str:
     """The full key of ``target``: a key or a unique key prefix, else a MODEL as ``build`` takes
-    it (with ``model_args``, default: the model options' defaults) whose graph is cached.
+    it (with ``model_args``, default: the model options' defaults) whose graph is cached (by
+    default, the key of its plain forward call).
 
     :raises CacheMissError: an ambiguous prefix, or neither a key nor a cached MODEL.
     """
+    return resolve_targets(store, target, model_args)[0]
+
+
+def resolve_targets(store: CacheStore, target: str, model_args: Optional[Dict[str, Any]] = None) -> List[str]:
+    """:func:`resolve_key`, with every key of a MODEL's build that the cache holds."""
     if _HEX.match(target):
         found = [k for k in store.keys() if k.startswith(target.lower())]
         if found:
-            return store.resolve(target)  # (raises for an ambiguous prefix)
+            return [store.resolve(target)]  # (raises for an ambiguous prefix)
     try:
         spec = model_spec(target, **(model_args or DEFAULT_MODEL_ARGS))
     except GraphPatchCacheError as exc:
@@ -172,23 +207,24 @@ def resolve_key(store: CacheStore, target: str, model_args: Optional[Dict[str, A
                                  hint="list the entries with `graphpatch-cache ls`") from exc
         raise CacheMissError(f"no cache entry for {target!r}: not a key in {store.root}, and {exc.message}",
                              path=str(store.root), hint=exc.hint) from exc
-    key = model_key(spec)
-    if not store.variants(key):
+    keys = model_keys(spec)
+    held = [key for key in keys if store.variants(key)]
+    if not held:
         raise CacheMissError(
-            f"{target} is not in the cache at {store.root} (key {key[:12]})", path=str(store.root),
+            f"{target} is not in the cache at {store.root} (key {keys[0][:12]})", path=str(store.root),
             hint=f"build it with `graphpatch-cache build {target}` and the same model options (--dtype, "
                  "--load-in-8bit, --batch-size, --seq-len, --attention-mask, --use-cache, --past-length)",
         )
-    return key
+    return held
 
 
 def resolve_keys(store: CacheStore, targets: Any) -> List[str]:
-    """Full keys for key prefixes or MODELs (:func:`resolve_key`; each must name one key)."""
+    """Full keys for key prefixes or MODELs (a MODEL: every key its default build wrote)."""
     out: List[str] = []
     for target in targets:
-        key = resolve_key(store, target)
-        if key not in out:
-            out.append(key)
+        for key in resolve_targets(store, target):
+            if key not in out:
+                out.append(key)
     return out
 
 
@@ -197,6 +233,6 @@ def is_verbose(ctx: Optional[click.Context] = None) -> bool:
     return bool(ctx is not None and ctx.meta.get(VERBOSE_KEY))
 
 
-__all__ = ["DTYPES", "DURATION", "SIZE", "cache_dir_option", "common_options", "is_verbose", "json_option",
-           "model_key", "model_options", "model_spec", "open_store", "resolve_key", "resolve_keys",
-           "verbose_option"]
+__all__ = ["DEFAULT_MODEL_ARGS", "DTYPES", "DURATION", "SHAPE_OPTIONS", "SIZE", "cache_dir_option", "common_options",
+           "is_verbose", "json_option", "model_keys", "model_options", "model_spec", "open_store", "resolve_key",
+           "resolve_keys", "resolve_targets", "verbose_option"]

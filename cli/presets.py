@@ -169,6 +169,14 @@ class ResolvedModel:
     source: str  # "preset", "directory" or "hub"
     config: Any
 
+    @property
+    def origin(self) -> str:
+        """What ``ls`` shows an entry was built from: ``preset: NAME``, ``directory: ABSOLUTE
+        PATH`` or ``hub: ID``."""
+        if self.source == "directory":
+            return f"directory: {Path(self.name).expanduser().resolve()}"
+        return f"{self.source}: {self.name}"
+
 
 def preset_config(preset: Preset) -> Any:
     """The transformers config of ``preset``, made as ``from_pretrained`` makes it."""

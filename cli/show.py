@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from graphpatch_cache.cache import CacheEntry, CacheStore, node_tree
+from graphpatch_cache.cache import CacheEntry, CacheStore, call_shape, describe_call_shape, node_tree, printable
 from graphpatch_cache.errors import CacheMissError
 
 from .options import common_options, model_options, open_store, resolve_key
@@ -28,6 +28,20 @@ def find_entry(store: CacheStore, target: str, model_args: Dict[str, Any]) -> Tu
             return entry, artifact
     raise CacheMissError(f"the graph under key {key[:12]} is missing or damaged", path=str(store.root),
                          hint="run `graphpatch-cache verify --fix`, then build it again")
+
+
+def entry_info(store: CacheStore, entry: CacheEntry) -> Dict[str, Any]:
+    """What the entry was built from and the calls each variant of its key serves (``show
+    --json``'s ``origin`` and ``variants``)."""
+    return {"origin": entry.origin,
+            "variants": [{"variant": e.variant, "serves": describe_call_shape(e.signature),
+                          "shape": call_shape(e.signature)} for e in store.variants(entry.key)]}
+
+
+def _say_info(info: Dict[str, Any], shown: str) -> None:
+    note(f"built from: {printable(info['origin']) if info['origin'] else '- (not recorded)'}")
+    for v in info["variants"]:
+        note(f"serves{' (shown)' if v['variant'] == shown else ''}: {v['serves']}")
 
 
 def _nodes(node: Any, depth: Optional[int], grep: Optional[str]) -> List[Dict[str, Any]]:
@@ -60,6 +74,9 @@ def _codes_matching(entry: CacheEntry, node: Any, depth: Optional[int], pattern:
 --json prints:
   {"key": 64 hex digits, "variant": str, "path": NODE_PATH ("" for the root),
    "kind": "graph" | "value",
+   "origin": what the entry was built from | null (display text, never trusted),
+   "variants": [{"variant": str, "serves": the calls it serves in words,
+                 "shape": the call shape as data (see `ls --help`)}, ...],
    "nodes": [{"path": node path, "kind": "graph" | "value",
               "shape": [sizes, symbolic ones as strings] | "description" | null}, ...]}
   with --code, "code": str instead of "nodes"; with --code and --grep, "grep": PATTERN and
@@ -87,13 +104,15 @@ def show(target: str, node_path: str, depth: Optional[int], pattern: Optional[st
     """Print a cached graph's node tree, as pg.graph prints it, without loading weights.
 
     KEY-or-MODEL is a key (or a unique prefix) or a MODEL as `build` takes it, with the same
-    model options. NODE_PATH (e.g. transformer.h_0.mlp) picks a subtree; the paths printed
-    are the ones pg.patch() takes.
+    model options (none: its plain forward call). NODE_PATH (e.g. transformer.h_0.mlp) picks
+    a subtree; the paths printed are the ones pg.patch() takes. For the whole tree, what the
+    entry was built from and the calls its variants serve come first (on stderr).
     """
     store = open_store(cache_dir)
-    model_args = {"dtype": dtype, "load_in_8bit": load_in_8bit, "batch_size": batch_size, "seq_len": seq_len,
+    model_args: Dict[str, Any] = {"dtype": dtype, "load_in_8bit": load_in_8bit, "batch_size": batch_size, "seq_len": seq_len,
                   "attention_mask": attention_mask, "use_cache": use_cache, "past_length": past_length}
     entry, artifact = find_entry(store, target, model_args)
+    info = entry_info(store, entry)
     root = node_tree(artifact)
     node = root[node_path] if node_path else root
     if code and pattern is not None:
@@ -111,8 +130,10 @@ def show(target: str, node_path: str, depth: Optional[int], pattern: Optional[st
         return
     if as_json:
         emit_json({"key": entry.key, "variant": entry.variant, "path": str(node),
-                   "kind": "value" if node._is_value else "graph", "nodes": _nodes(node, depth, pattern)})
+                   "kind": "value" if node._is_value else "graph", **info, "nodes": _nodes(node, depth, pattern)})
         return
+    if not node_path:
+        _say_info(info, entry.variant)
     click.echo(node._tree(depth, pattern))
 
 

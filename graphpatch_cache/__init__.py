@@ -62,14 +62,14 @@ _PARTS = {
     ".runtime.memory": ("AllocatorSettings", "keep_freed_memory"),
     ".runtime.graph_diff": ("GraphDiff", "diff_graphs"),
     ".runtime.path_check": ("PathReport",),
-    ".cache": ("CacheStore", "ExampleSignature", "build", "cache_key", "load_cached"),
+    ".cache": ("CacheStore", "ExampleSignature", "build", "build_calls", "cache_key", "load_cached"),
     ".trust.allowlist": ("register_target",),
 }
 __getattr__, __dir__ = _exports(__name__, globals(), _PARTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers
     from .artifact import GraphArtifact
-    from .cache import CacheStore, ExampleSignature, build, cache_key, load_cached
+    from .cache import CacheStore, ExampleSignature, build, build_calls, cache_key, load_cached
     from .compose import PatchableGraph
     from .errors import (
         AllocatorError,
@@ -116,6 +116,7 @@ __all__ = [
     "CacheStore",
     "ExampleSignature",
     "build",
+    "build_calls",
     "cache_key",
     "diff_graphs",
     "GraphDiff",

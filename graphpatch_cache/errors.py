@@ -210,6 +210,13 @@ class ArtifactFormatError(CacheError):
     """A file is not a graph artifact this release reads (bad JSON, schema, version)."""
 
 
+class RemoteStoreError(CacheError, OSError):
+    """A cache root on object storage (an fsspec URL such as ``s3://bucket/prefix``) cannot be
+    used: unreachable, refused, or its filesystem package is not installed. Also an
+    ``OSError``, so a write that fails this way is handled like a read-only filesystem's
+    (``load_cached`` warns once and returns the graph it extracted)."""
+
+
 class SignatureMismatchError(GraphPatchCacheError):
     """A call does not match the inputs the graph was extracted for."""
 
@@ -253,6 +260,7 @@ __all__ = [
     "NotPicklableError",
     "PatchError",
     "PatchMapError",
+    "RemoteStoreError",
     "ProtectedWriteError",
     "SerializationError",
     "ShapeError",

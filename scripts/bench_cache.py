@@ -17,7 +17,14 @@ each in a new process on the same root and local tier (parsing, validation and b
 paid; building the model and importing are not timed). Prints one JSON object, with
 ``targets`` and peak RSS.
 
-Run: python scripts/bench_cache.py [--seq 12] [--hits 3] [--fresh N] [--only NAME ...]   (not collected by pytest)
+With ``--s3`` (needs ``moto[server]`` and s3fs: the ``[s3,dev]`` extras), the S3 column: a
+real S3-protocol server on 127.0.0.1 (moto), the model's entry copied there with ``sync``,
+then ``s3_first_hit_s`` (median of ``--hits`` hits, each with a new empty local tier: one
+listing, the ref, and the blob downloaded once), ``s3_hit_s`` (median of ``--hits`` hits with
+that local tier warm: the listing and the ref only), and with ``--fresh N``
+``s3_fresh_process_hit_s`` (the warm hit, first in a new process).
+
+Run: python scripts/bench_cache.py [--seq 12] [--hits 3] [--fresh N] [--s3] [--only NAME ...]   (not collected by pytest)
 """
 
 from __future__ import annotations
@@ -129,7 +136,7 @@ def child_hit(name: str, root: str, local: str, seq: int) -> None:
     print(json.dumps({"seconds": seconds, "hits": pg.cache_stats.hits, "misses": pg.cache_stats.misses}))
 
 
-def fresh_process_hits(name: str, root: Path, local: Path, seq: int, runs: int) -> list:
+def fresh_process_hits(name: str, root, local: Path, seq: int, runs: int) -> list:
     times = []
     for _ in range(runs):
         proc = subprocess.run([sys.executable, __file__, "--child", name, str(root), str(local), str(seq)],
@@ -141,7 +148,51 @@ def fresh_process_hits(name: str, root: Path, local: Path, seq: int, runs: int) 
     return times
 
 
-def bench(name: str, seq: int, hits: int, fresh_runs: int = 0) -> dict:
+def start_s3() -> object:
+    """moto's S3 server on a free port of 127.0.0.1, a bucket, and the environment pointing
+    every client (this process's and the children's) at it. Returns the server."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    return server
+
+
+def bench_s3(name: str, model, inputs: dict, root: Path, tmp: Path, hits: int, fresh_runs: int) -> dict:
+    """The S3 column for one model: its entry synced from ``root`` to the bucket, then hits."""
+    from graphpatch_cache.cache import sync
+
+    url = f"s3://bench/{name}"
+    sync(CacheStore(root, local_dir=False), CacheStore(url, local_dir=False))
+    first = []
+    for i in range(hits):
+        pg, seconds = _timed(lambda: load_cached(model, store=CacheStore(url, local_dir=tmp / f"s3-local-{i}"), **inputs))
+        assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0), "not a hit through S3"
+        first.append(seconds)
+    warm = []
+    for _ in range(hits):
+        pg, seconds = _timed(lambda: load_cached(model, store=CacheStore(url, local_dir=tmp / "s3-local-0"), **inputs))
+        assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0), "not a hit through S3"
+        warm.append(seconds)
+    fresh = fresh_process_hits(name, url, tmp / "s3-local-0", int(inputs["input_ids"].shape[1]), fresh_runs)
+    return {"s3_first_hit_s": round(statistics.median(first), 4), "s3_first_hit_times_s": [round(t, 4) for t in first],
+            "s3_hit_s": round(statistics.median(warm), 4), "s3_hit_times_s": [round(t, 4) for t in warm],
+            "s3_fresh_process_hit_s": round(statistics.median(fresh), 4) if fresh else None}
+
+
+def bench(name: str, seq: int, hits: int, fresh_runs: int = 0, s3: bool = False) -> dict:
     model, vocab = MODELS[name]()
     on_meta = any(p.is_meta for p in model.parameters())
     inputs = _inputs(vocab, seq)
@@ -159,6 +210,7 @@ def bench(name: str, seq: int, hits: int, fresh_runs: int = 0) -> dict:
             hit_times.append(seconds)
             hit_stats.append((hit.cache_stats.hits, hit.cache_stats.misses))
         fresh_hits = fresh_process_hits(name, Path(tmp) / "root", Path(tmp) / "local", seq, fresh_runs)
+        s3_column = bench_s3(name, model, inputs, Path(tmp) / "root", Path(tmp), hits, fresh_runs) if s3 else {}
         entries = store.entries()
         artifact_bytes = sum(e.size for e in entries)
         blob_bytes = sum(
@@ -199,6 +251,7 @@ def bench(name: str, seq: int, hits: int, fresh_runs: int = 0) -> dict:
         "output_shape": output_shape,
         "outputs_equal": same,
         "artifact_json_identical": artifact_identical,
+        **s3_column,
     }
     model = fresh = miss = hit = None  # free them before the next model (the lambdas above read them)
     gc.collect()
@@ -213,6 +266,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fresh", type=int, default=0, metavar="N",
                         help="also time N first hits, each in a fresh process (model build not timed)")
+    parser.add_argument("--s3", action="store_true",
+                        help="also time hits through a local S3 server (moto), first on an empty local tier, then warm")
     parser.add_argument("--child", nargs=4, metavar=("NAME", "ROOT", "LOCAL", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -221,6 +276,7 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    server = start_s3() if args.s3 else None
 
     report = {
         "env": {
@@ -237,7 +293,7 @@ def main() -> None:
     }
     for name in args.only or list(MODELS):
         print(f"[bench_cache] {name} ...", file=sys.stderr, flush=True)
-        report["models"][name] = bench(name, args.seq, args.hits, args.fresh)
+        report["models"][name] = bench(name, args.seq, args.hits, args.fresh, s3=server is not None)
     models = report["models"]
     checks = {f"{n}_speedup>={TARGETS['speedup_min']:g}": m["speedup"] >= TARGETS["speedup_min"] for n, m in models.items()}
     if "llama2_7b_meta" in models:
@@ -250,6 +306,8 @@ def main() -> None:
     report["targets_met"] = checks
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(report, indent=2))
+    if server is not None:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ Call map::
     verify_rebuild(store, key) -> rebuild.rebuild_artifact (meta device) -> digest comparison
 
 Modules: settings (default roots, units, the key pattern), records (entries, reports),
-store (put/get/read/lock/layout), maintenance (check/remove/gc), locking, local (the
-per-user tier), keys, proof, load, builder, rebuild, transfer (export/import), summary
-(what an artifact holds, for the CLI).
+store (put/get/read/lock/layout), backend (a root: a directory) and remote (a root at an
+fsspec URL: s3://, gs://, memory://), offline (hits while a remote root is unreachable), sync
+(entries between two roots), maintenance (check/remove/gc), locking, local (the per-user
+tier), keys, proof, load, builder, call_shapes (the calls a default build makes), rebuild,
+transfer (export/import), summary (what an artifact holds, for the CLI).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _PARTS = {
     '..errors': ('BuildError', 'RebuildError',),
     '..integrations.transformers': ('DEVICE_MAP_STRATEGIES', 'check_device_map', 'meta_model',),
     '.builder': ('BuildResult', 'ExampleSignature', 'build',),
+    '.call_shapes': ('CallShape', 'ShapeBuild', 'build_calls', 'call_keys', 'default_call_shapes', 'serving_entry',),
     '.keys': ('cache_key', 'key_material',),
     '..live.environment': ('environment_fingerprint',),
     '.load': ('CacheStats', 'CachingExtractor', 'StoreLike', 'load_cached',),
@@ -38,7 +41,9 @@ _PARTS = {
     '.records': ('CacheEntry', 'CheckReport', 'GcReport', 'Problem',),
     '.settings': ('default_local_dir', 'default_root', 'is_key', 'parse_duration', 'parse_size',),
     '.store': ('CacheStore',),
-    '.summary': ('artifact_summary', 'check_node_tree', 'entry_dtype', 'model_dtype', 'node_tree',),
+    '.summary': ('FREE_SIZE', 'artifact_summary', 'call_shape', 'check_node_tree', 'describe_call_shape', 'entry_dtype',
+                 'model_dtype', 'node_tree', 'printable',),
+    '.sync': ('SyncReport', 'sync',),
     '.transfer': ('ImportResult', 'export_portable', 'import_portable',),
 }
 __getattr__, __dir__ = _exports(__name__, globals(), _PARTS)
@@ -48,6 +53,7 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from ..errors import BuildError, RebuildError
     from ..integrations.transformers import DEVICE_MAP_STRATEGIES, check_device_map, meta_model
     from .builder import BuildResult, ExampleSignature, build
+    from .call_shapes import CallShape, ShapeBuild, build_calls, call_keys, default_call_shapes, serving_entry
     from ..live.environment import environment_fingerprint
     from .keys import cache_key, key_material
     from .load import CacheStats, CachingExtractor, StoreLike, load_cached
@@ -56,7 +62,9 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from .records import CacheEntry, CheckReport, GcReport, Problem
     from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
     from .store import CacheStore
-    from .summary import artifact_summary, check_node_tree, entry_dtype, model_dtype, node_tree
+    from .summary import (FREE_SIZE, artifact_summary, call_shape, check_node_tree, describe_call_shape, entry_dtype,
+                          model_dtype, node_tree, printable)
+    from .sync import SyncReport, sync
     from .transfer import ImportResult, export_portable, import_portable
 
 __all__ = [
@@ -67,22 +75,31 @@ __all__ = [
     "CacheStats",
     "CacheStore",
     "CachingExtractor",
+    "CallShape",
     "CheckReport",
     "DEVICE_MAP_STRATEGIES",
+    "FREE_SIZE",
     "ExampleSignature",
     "GcReport",
     "ImportResult",
     "Problem",
     "RebuildError",
     "RebuildReport",
+    "ShapeBuild",
     "SUPPORTED_SCHEMA_VERSIONS",
     "StoreLike",
+    "SyncReport",
     "artifact_summary",
     "build",
+    "build_calls",
+    "call_keys",
     "cache_key",
+    "call_shape",
     "check_device_map",
     "check_node_tree",
     "check_rebuilds",
+    "default_call_shapes",
+    "describe_call_shape",
     "default_local_dir",
     "default_root",
     "entry_dtype",
@@ -97,6 +114,9 @@ __all__ = [
     "node_tree",
     "parse_duration",
     "parse_size",
+    "printable",
     "rebuild_artifact",
+    "serving_entry",
+    "sync",
     "verify_rebuild",
 ]

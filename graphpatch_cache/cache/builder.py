@@ -24,6 +24,7 @@ from ..options import ExtractionOptions
 from .keys import digest_of, key_material
 from .load import CachingExtractor, StoreLike, store_and_inputs
 from .records import CacheEntry
+from .store import CacheStore
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +33,9 @@ class ExampleSignature:
 
     Defaults: batch 1, 8 tokens of ``input_ids`` (random ids below the vocabulary size), no
     ``attention_mask``, ``use_cache=False``; encoder-decoder models also get
-    ``decoder_input_ids`` of the same shape. ``past_length=N`` (N >= 2, with
+    ``decoder_input_ids`` of the same shape. ``use_cache=None`` leaves ``use_cache`` out (the
+    model's default, as a call with a tokenizer's outputs does); ``position_ids=True`` adds
+    them (as ``pg.generate`` does for a padded batch). ``past_length=N`` (N >= 2, with
     ``use_cache=True``) adds a key/value cache already holding N positions: the graph that
     ``pg.generate(use_cache=True)`` runs for every step after the prompt (build it with
     ``seq_len=1``, and ``attention_mask=True`` if you generate with a mask). Graphs are shape-generic, so any batch size and
@@ -43,8 +46,9 @@ class ExampleSignature:
     batch_size: int = 1
     seq_len: int = 8
     attention_mask: bool = False
-    use_cache: bool = False
+    use_cache: Optional[bool] = False
     past_length: int = 0
+    position_ids: bool = False
 
     def inputs(self, config: Any, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
         """Example inputs for ``config``; ``model`` (on any device) makes the cache of
@@ -57,8 +61,14 @@ class ExampleSignature:
             inputs["attention_mask"] = torch.ones((self.batch_size, self.past_length + self.seq_len), dtype=torch.long)
         if getattr(config, "is_encoder_decoder", False):
             inputs["decoder_input_ids"] = torch.randint(0, vocab, shape, generator=g)
-        if getattr(config, "use_cache", None) is not None or self.use_cache:
+        if self.use_cache is not None and (getattr(config, "use_cache", None) is not None or self.use_cache):
             inputs["use_cache"] = self.use_cache
+        if self.position_ids:  # what pg.generate passes for a padded batch (values: any positions)
+            # on the parameters' device, where the model makes its own (a meta model's rotary
+            # tables mix them with meta tensors); signatures and keys ignore devices
+            device = next((p.device for p in model.parameters()), None) if model is not None else None
+            positions = torch.arange(self.past_length, self.past_length + self.seq_len, device=device)
+            inputs["position_ids"] = positions.expand(self.batch_size, -1).clone()
         if self.past_length:
             inputs.update(self._cache(config, model, vocab, g))
         return inputs
@@ -106,6 +116,7 @@ def build(
     attn_implementation: Optional[str] = None,
     device_map: Any = None,
     force: bool = False,
+    origin: str = "python: build",
     **example_kwargs: Any,
 ) -> BuildResult:
     """Build and store the artifact for a model described by its config alone.
@@ -121,9 +132,24 @@ def build(
         depend on devices (one entry serves every map), so it is only checked, early: a map
         naming a module the model lacks fails here rather than after loading the weights.
     :param force: extract even when the cache already has the artifact.
+    :param origin: what the entry says it was built from (``ls`` shows it; display text only).
     :raises BuildError: unknown config class, missing packages, a device_map that does not
         fit the model; nothing is written then.
     """
+    start = time.perf_counter()
+    model = build_model(config_or_model_class, dtype=dtype, quantization=quantization, model_class=model_class,
+                        attn_implementation=attn_implementation, device_map=device_map)
+    graph_store, example_kwargs = store_and_inputs(cache, store, example_kwargs, caller="build")
+    if not example_args and not example_kwargs:
+        example_kwargs = (signature or ExampleSignature()).inputs(model.config, model)
+    inputs = CallInputs.of(model, example_args, example_kwargs)
+    return build_inputs(model, inputs, graph_store, options=options, force=force, origin=origin, start=start)
+
+
+def build_model(config_or_model_class: Any, *, dtype: Optional[torch.dtype] = None, quantization: Optional[str] = None,
+                model_class: Any = None, attn_implementation: Optional[str] = None,
+                device_map: Any = None) -> torch.nn.Module:
+    """The meta-device model :func:`build` extracts (``device_map`` checked against it)."""
     config = config_or_model_class
     if isinstance(config, type):
         model_class = model_class or config
@@ -131,28 +157,32 @@ def build(
         if config_class is None:
             raise BuildError(f"{config.__name__} has no config_class", hint="pass a config instance")
         config = config_class()
-    start = time.perf_counter()
     model = meta_model(config, model_class=model_class, dtype=dtype, quantization=quantization,
                        attn_implementation=attn_implementation)
     check_device_map(model, device_map)
+    return model
+
+
+def build_inputs(model: torch.nn.Module, inputs: CallInputs, graph_store: CacheStore, *,
+                 options: Optional[ExtractionOptions] = None, force: bool = False, origin: str = "python: build",
+                 start: Optional[float] = None) -> BuildResult:
+    """:func:`build`'s second half: the entry for ``model`` called with ``inputs``, from the
+    store or extracted and stored (``force``: extracted in any case)."""
+    start = time.perf_counter() if start is None else start
     options = options or ExtractionOptions()
-    graph_store, example_kwargs = store_and_inputs(cache, store, example_kwargs, caller="build")
-    if not example_args and not example_kwargs:
-        example_kwargs = (signature or ExampleSignature()).inputs(model.config, model)
-    inputs = CallInputs.of(model, example_args, example_kwargs)
     material = key_material(model, options=options, inputs=inputs)
     key = digest_of(material)
     if force:
         artifact = extract(model, options=options, inputs=inputs)
-        graph_store.put(key, artifact, material=material, example=inputs.concrete_signature)
+        graph_store.put(key, artifact, material=material, example=inputs.concrete_signature, origin=origin)
         cached = False
     else:
-        extractor = CachingExtractor(graph_store)
+        extractor = CachingExtractor(graph_store, origin=origin)
         artifact = extractor.load(model, inputs, options, material=material)
         cached = extractor.stats.hits > 0
     entry = next((e for e in graph_store.variants(key) if e.signature == artifact.signature), None)
     return BuildResult(key=key, artifact=artifact, entry=entry, seconds=time.perf_counter() - start, cached=cached)
 
 
-__all__ = ["BuildError", "BuildResult", "DEVICE_MAP_STRATEGIES", "ExampleSignature", "build", "check_device_map",
-           "meta_model"]
+__all__ = ["BuildError", "BuildResult", "DEVICE_MAP_STRATEGIES", "ExampleSignature", "build", "build_inputs",
+           "build_model", "check_device_map", "meta_model"]

@@ -53,10 +53,12 @@ class CacheStats:
 
 class CachingExtractor:
     """An extractor (see :data:`~graphpatch_cache.runtime.patchable_graph.Extractor`) that
-    looks in ``store`` first and stores what it extracts."""
+    looks in ``store`` first and stores what it extracts. ``origin``: what the entries it
+    writes say they were built from (display text, see :attr:`CacheEntry.origin`)."""
 
-    def __init__(self, store: CacheStore) -> None:
+    def __init__(self, store: CacheStore, origin: str = "python: load_cached") -> None:
         self.store = store
+        self.origin = origin
         self.stats = CacheStats()
 
     def _lookup(self, key: str, material: Dict[str, Any], inputs: CallInputs) -> Optional[GraphArtifact]:
@@ -125,21 +127,22 @@ class CachingExtractor:
                        "(a bug in graphpatch-cache; please report it)")
             return
         try:
-            self.store.put(key, artifact, material=material, example=inputs.concrete_signature)
-        except CacheError as exc:  # the entry would not prove its key: keep it out of the cache
-            self.stats.write_failures += 1
-            _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {exc.message} "
-                       "(a bug in graphpatch-cache; please report it)")
-        except OSError as exc:
+            self.store.put(key, artifact, material=material, example=inputs.concrete_signature, origin=self.origin)
+        except OSError as exc:  # first: a remote root that cannot be reached is an OSError too
             self.stats.write_failures += 1
             root = str(self.store.root)
             if root not in _WARNED_ROOTS:
                 _WARNED_ROOTS.add(root)
+                why = exc.message if isinstance(exc, CacheError) else str(exc.strerror or exc)
                 warnings.warn(
-                    f"graphpatch_cache: cannot write to the cache at {root} ({exc.strerror or exc}); "
+                    f"graphpatch_cache: cannot write to the cache at {root} ({why}); "
                     "graphs are extracted in memory and not cached",
                     stacklevel=5,
                 )
+        except CacheError as exc:  # the entry would not prove its key: keep it out of the cache
+            self.stats.write_failures += 1
+            _warn_once(f"graphpatch_cache: not caching the graphs of {type(model).__name__}: {exc.message} "
+                       "(a bug in graphpatch-cache; please report it)")
 
 
 #: what ``store=`` (and the deprecated ``cache=``) take: a store, a root directory, or None

@@ -3,15 +3,17 @@
 Blobs are immutable and named by their digest, so the local copy of a blob can never be
 stale: readers still verify its digest, and a bad local copy is simply dropped. The tier also
 remembers which digests passed the loader's JSON Schema validation (under the schema and
-allowlist they were validated with), and the stat of each shared blob it last verified
-(:mod:`.repair`). Deleting the whole local directory is always safe.
+allowlist they were validated with), the stat of each shared blob it last verified
+(:mod:`.repair`), and the refs last read from a remote root (:mod:`.offline`). Deleting the
+whole local directory is always safe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 #: local blobs beyond this many bytes are evicted (least recently used first)
 DEFAULT_SIZE_LIMIT = 2 * 1024**3
@@ -80,6 +82,29 @@ class LocalTier:
             self._open().set(f"shared:{root}:{digest}", list(stat))
         except Exception:
             self._reset()
+
+    # "refs" records: the refs last read from a remote root (name -> the ref's fields), so that a
+    # hit still works when that root cannot be reached (see .offline)
+    def remembered_refs(self, root: str, key: str) -> Optional[Dict[str, Any]]:
+        try:
+            value = self._open().get(f"refs:{root}:{key}")
+        except Exception:
+            self._reset()
+            return None
+        return value if isinstance(value, dict) else None
+
+    def remember_refs(self, root: str, key: str, refs: Dict[str, Any]) -> None:
+        try:
+            cache = self._open()
+            if cache.get(f"refs:{root}:{key}") != refs:  # a hit reads, and writes only what changed
+                cache.set(f"refs:{root}:{key}", refs)
+        except Exception:
+            self._reset()
+
+    def lock_path(self, root: str, key: str) -> Path:
+        """A per-machine lock file for extracting ``key`` into a root that has no locks of its own
+        (object storage): it only spares this user's processes duplicate extractions."""
+        return self.directory / "locks" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}-{key}.lock"
 
     def drop_blob(self, digest: str) -> None:
         with contextlib.suppress(Exception):

@@ -5,9 +5,7 @@ the same names call these; a bad entry goes to the store's one quarantine."""
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, Union
 
 from ..errors import CacheError, CacheMissError
@@ -44,10 +42,12 @@ def check(store: CacheStore, keys: Optional[List[str]] = None, *, fix: bool = Fa
     for key in store.keys() if keys is None else keys:
         entries, bad = store._scan(store._check_key(key))
         report.checked += len(entries) + len(bad)
-        for ref, why in bad:
-            report.problems.append(Problem(path=str(ref), key=key, message=why, variant=ref.stem, kind="malformed-ref"))
+        for name, why in bad:
+            file = name.rsplit("/", 1)[-1]
+            report.problems.append(Problem(path=store.location(name), key=key, message=why,
+                                           variant=file[: -len(".json")], kind="malformed-ref"))
             if fix:
-                store.quarantine(ref, name=f"{key}.{ref.name}")
+                store.quarantine(name, label=f"{key}.{file}")
         for entry in entries:
             problem, blob_too = check_entry(store, entry, rebuild_check)
             if problem is None:
@@ -55,15 +55,15 @@ def check(store: CacheStore, keys: Optional[List[str]] = None, *, fix: bool = Fa
             report.problems.append(problem)
             if fix:
                 if blob_too:
-                    store.quarantine(store._blob_path(entry.digest))
-                store.quarantine(Path(entry.ref_path), name=f"{entry.key}.{Path(entry.ref_path).name}")
+                    store.quarantine(store._blob_name(entry.digest))
+                store.quarantine(store._ref_name(entry.key, entry.variant), label=f"{entry.key}.{entry.variant}.json")
     return report
 
 
 def check_entry(store: CacheStore, entry: CacheEntry,
                 rebuild_check: Optional[ArtifactCheck] = None) -> Tuple[Optional[Problem], bool]:
     """(the entry's problem or None, whether its blob is bad too). Changes nothing."""
-    blob = str(store._blob_path(entry.digest))
+    blob = store._blob_path(entry.digest)
 
     def problem(kind: str, message: str, path: str = blob) -> Problem:
         return Problem(path=path, key=entry.key, message=message, variant=entry.variant, kind=kind)
@@ -99,23 +99,24 @@ def remove(store: CacheStore, key: str) -> int:
     """
     store._check_key(key)
     entries = store.variants(key)
-    folder = store._ref_dir(key)
-    if not folder.exists():
-        raise CacheMissError(f"no cache entry with key {key[:12]}", path=str(folder))
-    for i, path in enumerate(sorted(folder.iterdir())):
+    folder = f"refs/{key}"
+    if not store.backend.exists(folder):
+        raise CacheMissError(f"no cache entry with key {key[:12]}", path=store.location(folder))
+    for i, file in enumerate(store.backend.list(folder)):
         try:
-            path.unlink()
+            store.backend.delete(f"{folder}/{file}")
+        except FileNotFoundError:
+            pass  # removed meanwhile
         except OSError as exc:
             raise _cannot_remove(store, f"{key[:12]}: {i} of its files removed", exc) from exc
-    with contextlib.suppress(OSError):  # a writer may be adding a variant this very moment
-        folder.rmdir()
+    store.backend.remove_folder(folder)
     drop_unreferenced(store, {e.digest for e in entries})
     return len(entries)
 
 
 def _cannot_remove(store: CacheStore, what: str, exc: OSError) -> CacheError:
     return CacheError(f"cannot remove from the cache at {store.root} ({what}): {exc.strerror or exc}",
-                      path=str(exc.filename or store.root),
+                      path=str(getattr(exc, "filename", None) or store.root),
                       hint="the cache root is read-only for this user (a read-only mount, or no write "
                            "permission): run this as a user who may write there, or point --cache-dir "
                            "(GRAPHPATCH_CACHE_DIR) at a root of your own")
@@ -126,10 +127,10 @@ def drop_unreferenced(store: CacheStore, digests: Set[str]) -> int:
     live = {e.digest for e in store.entries()}
     freed = 0
     for digest in digests - live:
-        blob = store._blob_path(digest)
         with contextlib.suppress(OSError):
-            freed += blob.stat().st_size
-            blob.unlink()
+            size = store.backend.size(store._blob_name(digest))
+            store.backend.delete(store._blob_name(digest))
+            freed += size
     return freed
 
 
@@ -167,14 +168,13 @@ def gc(store: CacheStore, *, older_than: Union[str, float, None] = None, max_byt
     for i, entry in enumerate(doomed):
         if not dry_run:
             try:
-                os.unlink(entry.ref_path)
+                store.backend.delete(store._ref_name(entry.key, entry.variant))
             except FileNotFoundError:
                 pass  # removed meanwhile by another gc or rm: gone either way
             except OSError as exc:
                 drop_unreferenced(store, {e.digest for e in doomed[:i]})
                 raise _cannot_remove(store, f"{i} of {len(doomed)} entries removed", exc) from exc
-            with contextlib.suppress(OSError):
-                store._ref_dir(entry.key).rmdir()
+            store.backend.remove_folder(f"refs/{entry.key}")
         report.removed.append(f"{entry.key}/{entry.variant}")
         report.freed_bytes += entry.size
         if progress is not None:
@@ -183,12 +183,7 @@ def gc(store: CacheStore, *, older_than: Union[str, float, None] = None, max_byt
         report.kept_bytes = sum(e.size for e in entries if e not in doomed)
         return report
     drop_unreferenced(store, {e.digest for e in doomed})
-    tmp = store.root / "tmp"
-    if tmp.is_dir():
-        for stale in tmp.iterdir():
-            with contextlib.suppress(OSError):
-                if now - stale.stat().st_mtime > STALE_TMP_SECONDS:
-                    stale.unlink()
+    store.backend.clean_tmp(STALE_TMP_SECONDS)
     report.kept_bytes = sum(e.size for e in store.entries())
     return report
 

@@ -126,8 +126,8 @@ def check_rebuilds(store: CacheStore, key: str, *, skip: Iterable[str] = (),
         if r.ok:
             continue
         kind = "rebuild-differs" if r.status == "differs" else "cannot-rebuild"
-        ref = store._ref_dir(r.key) / f"{r.variant}.json"
-        problems.append(Problem(path=str(ref), key=r.key, message=r.message, variant=r.variant, kind=kind))
+        ref = store.location(store._ref_name(r.key, r.variant))
+        problems.append(Problem(path=ref, key=r.key, message=r.message, variant=r.variant, kind=kind))
         if fix and kind == "rebuild-differs":
             store.quarantine_variant(r.key, r.variant)
     return reports, problems
@@ -137,7 +137,7 @@ def _stored_artifact(store: CacheStore, entry: CacheEntry) -> GraphArtifact:
     data, why = store._read_shared(entry.digest)
     if data is None:
         raise RebuildError(f"the blob is {why}")
-    artifact = read_artifact(data, str(store._blob_path(entry.digest)))
+    artifact = read_artifact(data, store._blob_path(entry.digest))
     problem = entry_disagreement(entry.key, entry.variant, entry.ref(), artifact)
     if problem is not None:
         raise RebuildError(f"does not belong to its key: {problem}")

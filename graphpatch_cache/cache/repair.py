@@ -8,12 +8,14 @@ read; otherwise the shared bytes are read and verified, and a copy that is missi
 match its digest is reported once and rewritten, atomically, from the verified local bytes
 (content-addressed, so rewriting it cannot change what any ref means). A change that keeps
 size, mtime and inode (bit rot under the filesystem) is left to ``graphpatch-cache verify``.
+
+A remote root (object storage) is left alone here: a hit served locally reads its ref only
+(one small GET), never the remote blob, which every download verifies and ``verify`` checks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from typing import TYPE_CHECKING, Optional, Tuple
 
@@ -22,15 +24,13 @@ if TYPE_CHECKING:  # store.py imports this module
 
 
 def _stat(store: CacheStore, digest: str) -> Optional[Tuple[int, ...]]:
-    try:
-        st = os.stat(store._blob_path(digest))
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+    return store.backend.stat(store._blob_name(digest))
 
 
 def remember(store: CacheStore, digest: str) -> None:
     """Record the shared blob's stat: its bytes were just verified (read or written)."""
+    if store.backend.remote:
+        return
     st = _stat(store, digest)
     if store.local is not None and st is not None:
         store.local.remember_shared(str(store.root), digest, st)
@@ -40,7 +40,7 @@ def check_shared_copy(store: CacheStore, digest: str, data: bytes) -> None:
     """``data`` (verified local bytes of ``digest``) is being served: make sure the shared copy
     is intact too, repairing it from ``data`` when it is not (see the module doc)."""
     local = store.local
-    if local is None:
+    if local is None or store.backend.remote:
         return
     st = _stat(store, digest)
     if st is not None and local.shared_stat(str(store.root), digest) == st:
@@ -48,7 +48,7 @@ def check_shared_copy(store: CacheStore, digest: str, data: bytes) -> None:
     blob = store._blob_path(digest)
     if st is not None:
         try:
-            intact = hashlib.sha256(blob.read_bytes()).hexdigest() == digest
+            intact = hashlib.sha256(store.backend.read(store._blob_name(digest))).hexdigest() == digest
         except OSError:
             intact = False
         if intact:
@@ -56,7 +56,7 @@ def check_shared_copy(store: CacheStore, digest: str, data: bytes) -> None:
             return
     why = "missing" if st is None else "corrupt (its bytes do not match their sha256)"
     try:
-        store._atomic_write(blob, data)
+        store.backend.write(store._blob_name(digest), data)
     except OSError as exc:
         _warn_once(store, blob, f"the shared copy of blob {digest[:12]} is {why}: {blob}; it could not be "
                                 f"repaired from your verified local copy ({exc.strerror or exc}). Others "

@@ -22,9 +22,12 @@ def is_key(value: object) -> bool:
     return isinstance(value, str) and KEY_PATTERN.match(value) is not None
 
 
-def default_root() -> Path:
-    """``$GRAPHPATCH_CACHE_DIR``, else the platform's user cache dir."""
+def default_root() -> Union[Path, str]:
+    """``$GRAPHPATCH_CACHE_DIR`` (a directory, or a URL such as ``s3://bucket/prefix``), else
+    the platform's user cache dir."""
     env = os.environ.get("GRAPHPATCH_CACHE_DIR")
+    if env and "://" in env and not env.startswith("/"):
+        return env  # a URL stays a string: Path() would fold its "//"
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_cache_dir("graphpatch-cache")) / "store"

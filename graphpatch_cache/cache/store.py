@@ -1,6 +1,7 @@
-"""CacheStore: content-addressed artifacts on a plain filesystem, safe to share.
+"""CacheStore: content-addressed artifacts on a filesystem or object storage, safe to share.
 
-Layout under the root::
+The root is a directory, or any fsspec URL (``s3://bucket/prefix``: :mod:`.remote`); a root
+backend (:mod:`.backend`) reads and writes names under it. Layout under the root::
 
     objects/ab/abcdef...   immutable blobs, named by the sha256 of their bytes
     refs/<key>/<sig>.json  small files naming a blob, one per graph variant of a key
@@ -8,8 +9,8 @@ Layout under the root::
     quarantine/            blobs and refs that failed verification
     locks/<key>.lock       advisory locks that only avoid duplicate extractions
 
-Writes go to ``tmp/``, are fsynced and renamed into place; the blob is published before
-the ref that names it. Readers verify every blob's digest: a corrupt or missing blob is a
+Writes are atomic (in a directory: to ``tmp/``, fsynced, renamed into place; on object storage
+a PUT is); the blob is published before the ref that names it. Readers verify every blob's digest: a corrupt or missing blob is a
 miss (quarantined, warned about once), never a wrong graph. Locks are advisory (:mod:`.locking`).
 
 A ref records what its key was computed from (the key material, less the module/tensor
@@ -20,7 +21,8 @@ can prove it belongs to its key (:mod:`graphpatch_cache.cache.proof`) and be reb
 use; :meth:`CacheStore.check` without ``fix`` is read-only.
 
 A per-user local tier (:class:`~graphpatch_cache.cache.local.LocalTier`, diskcache) sits in
-front of the shared root and memoizes blobs by digest; it never lives under the root.
+front of the shared root and memoizes blobs by digest; it never lives under the root. In front
+of a remote root it also remembers the refs it read, so hits work offline (:mod:`.offline`).
 Defaults and units: :mod:`.settings`; entries: :mod:`.records`; check/gc: :mod:`.maintenance`.
 """
 
@@ -30,19 +32,18 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from .._files import write_atomic
-from ..errors import CacheError, CacheMissError
-from . import maintenance, repair
+from ..errors import CacheError, CacheMissError, RemoteStoreError
+from . import maintenance, offline, repair
+from .backend import PosixRoot, RootBackend, inside, open_root
 from .local import LocalTier
 from .locking import advisory_lock
-from .records import CacheEntry, CheckReport, GcReport, Problem, entry_from_ref, read_ref
+from .records import CacheEntry, CheckReport, GcReport, Problem, clip_origin, entry_from_ref, read_ref
 from .settings import default_local_dir, default_root, is_key, parse_duration, parse_size
 
 if TYPE_CHECKING:  # deferred below: listing, rm and gc run without torch (the command line's speed)
@@ -51,12 +52,15 @@ if TYPE_CHECKING:  # deferred below: listing, rm and gc run without torch (the c
 
 
 class CacheStore:
-    """A graph cache rooted at ``root`` (default: :func:`default_root`).
+    """A graph cache rooted at ``root`` (default: :func:`default_root`): a directory, or an
+    fsspec URL such as ``s3://bucket/prefix`` (the ``[s3]`` extra).
 
     :param local_dir: the per-user local tier (diskcache); ``None`` for the default,
         ``False`` to disable it. It must not be inside ``root``.
     :param locking: take a per-key file lock around extraction (only avoids duplicate work).
     :param lock_timeout: seconds to wait for another process's extraction before doing it too.
+    :param storage_options: for a URL root, the fsspec filesystem's options (an endpoint,
+        credentials); by default the backend's own configuration (environment, config files).
     """
 
     def __init__(
@@ -66,15 +70,19 @@ class CacheStore:
         local_dir: Union[str, "os.PathLike[str]", None, bool] = None,
         locking: bool = True,
         lock_timeout: float = 600.0,
+        storage_options: Optional[Mapping[str, Any]] = None,
     ) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.backend: RootBackend = open_root(root if root is not None else default_root(), storage_options)
+        #: a ``Path`` for a directory, the URL string for a remote root
+        self.root: Union[Path, str] = self.backend.root
         self.locking = locking
         self.lock_timeout = lock_timeout
         self._warned: set[str] = set()
+        self._listed: set[str] = set()  # keys whose refs the loader listed (see .offline.loader_scan)
         self.local: Optional[LocalTier] = None
         if local_dir is not False:
             local_path = default_local_dir() if local_dir is None or local_dir is True else Path(local_dir).expanduser()
-            if _inside(local_path, self.root):
+            if isinstance(self.root, Path) and inside(local_path, self.root):
                 raise CacheError(
                     f"the local tier {local_path} is inside the cache root {self.root}",
                     path=str(local_path),
@@ -86,12 +94,22 @@ class CacheStore:
     def __repr__(self) -> str:
         return f"CacheStore({str(self.root)!r})"
 
-    # -- paths ---------------------------------------------------------------------------------
-    def _blob_path(self, digest: str) -> Path:
-        return self.root / "objects" / digest[:2] / digest
+    # -- names (relative to the root) ------------------------------------------------------------
+    @staticmethod
+    def _blob_name(digest: str) -> str:
+        return f"objects/{digest[:2]}/{digest}"
 
-    def _ref_dir(self, key: str) -> Path:
-        return self.root / "refs" / key
+    @staticmethod
+    def _ref_name(key: str, variant: str) -> str:
+        return f"refs/{key}/{variant}.json"
+
+    def _blob_path(self, digest: str) -> str:
+        """Where the blob of ``digest`` is (a path or a URL), for messages."""
+        return self.backend.location(self._blob_name(digest))
+
+    def location(self, name: str) -> str:
+        """Where the file ``name`` (relative to the root) is: a path or a URL."""
+        return self.backend.location(name)
 
     def _check_key(self, key: str) -> str:
         if not is_key(key):
@@ -99,31 +117,13 @@ class CacheStore:
         return key
 
     # -- writing ---------------------------------------------------------------------------------
-    def _shared_mode(self) -> bool:
-        try:
-            return bool(os.stat(self.root).st_mode & stat.S_ISGID)
-        except OSError:
-            return False
-
-    def _mkdir(self, path: Path) -> None:
-        if path.is_dir():
-            return
-        shared = self._shared_mode()
-        path.mkdir(parents=True, exist_ok=True)
-        if shared:
-            current = path
-            while current != self.root and _inside(current, self.root):
-                with contextlib.suppress(OSError):
-                    os.chmod(current, 0o2775)
-                current = current.parent
-
-    def _atomic_write(self, dest: Path, data: bytes) -> None:
-        """:func:`~graphpatch_cache._files.write_atomic` via ``tmp/`` (same filesystem),
-        group-writable in a shared root, the directory fsynced too."""
-        self._mkdir(self.root / "tmp")
-        self._mkdir(dest.parent)
-        write_atomic(dest, data, tmp_dir=self.root / "tmp", mode=0o664 if self._shared_mode() else None,
-                     sync_dir=True)
+    def _publish_blob(self, digest: str, data: bytes) -> None:
+        """Make the blob of ``digest`` hold ``data`` (verified bytes): created if absent
+        (conditionally where the root can), rewritten only when what is there is damaged."""
+        if not self.backend.create(self._blob_name(digest), data):
+            present, _why = self._read_shared(digest)
+            if present is None:
+                self.backend.write(self._blob_name(digest), data)
 
     def put(
         self,
@@ -132,7 +132,7 @@ class CacheStore:
         *,
         material: Optional[Dict[str, Any]] = None,
         example: Optional[Dict[str, Any]] = None,
-        recorded: Optional[Dict[str, Any]] = None,
+        recorded: Optional[Dict[str, Any]] = None, origin: Optional[str] = None,
     ) -> CacheEntry:
         """Store ``artifact`` as a variant of ``key``: blob first, then the ref naming it.
 
@@ -144,6 +144,7 @@ class CacheStore:
         :param example: the concrete signature of the example inputs
             (:func:`~graphpatch_cache.signature.concrete_signature`), for ``verify --rebuild``.
         :param recorded: the material as a ref records it (``import``: from another ref).
+        :param origin: what it was built from, display text only (:func:`.records.clip_origin`).
         :raises CacheError: the material does not prove that ``artifact`` belongs to ``key``
             (nothing is written).
         :raises OSError: the root is read-only or full (nothing half-written stays behind).
@@ -162,6 +163,7 @@ class CacheStore:
             "schema_version": artifact.schema_version,
             "versions": artifact.versions,
             "signature": artifact.signature,
+            **({"origin": clip_origin(origin)} if clip_origin(origin) else {}),
         }
         if material is not None:
             recorded = recorded_material(material)
@@ -174,47 +176,56 @@ class CacheStore:
                 raise CacheError(f"not storing the artifact under key {key[:12]}: {why}", path=str(self.root),
                                  hint="the key material does not describe this artifact; compute both from the "
                                       "same model and inputs")
-        blob = self._blob_path(digest)
-        if not blob.exists() or _digest_file(blob) != digest:
-            self._atomic_write(blob, data)
-        ref = self._ref_dir(key) / f"{variant}.json"
-        self._atomic_write(ref, json.dumps(meta, sort_keys=True).encode())
+        self._publish_blob(digest, data)
+        ref = self._ref_name(key, variant)
+        # last writer wins: every writer's ref names a complete, verified blob of this variant
+        self.backend.write(ref, json.dumps(meta, sort_keys=True).encode())
         if self.local is not None:
             self.local.put_blob(digest, data)
             repair.remember(self, digest)
-        return entry_from_ref(key, variant, meta, ref)
+        return entry_from_ref(key, variant, meta, self.location(ref))
 
     # -- reading ---------------------------------------------------------------------------------
-    def _scan(self, key: str) -> Tuple[List[CacheEntry], List[Tuple[Path, str]]]:
-        """The parsed refs of ``key`` and the ones that are not (path, why). Changes nothing."""
-        folder = self._ref_dir(key)
-        try:
-            refs = sorted(folder.iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            return [], []
+    def _scan(self, key: str) -> Tuple[List[CacheEntry], List[Tuple[str, str]]]:
+        """The parsed refs of ``key`` and the ones that are not (name, why). Changes nothing.
+
+        :raises RemoteStoreError: a remote root cannot be reached.
+        """
+        return self._read_refs(key, self.backend.list(f"refs/{key}"))
+
+    def _read_refs(self, key: str, files: List[str]) -> Tuple[List[CacheEntry], List[Tuple[str, str]]]:
         entries: List[CacheEntry] = []
-        bad: List[Tuple[Path, str]] = []
-        for ref in refs:
-            if ref.suffix != ".json":
+        bad: List[Tuple[str, str]] = []
+        for file in files:
+            if not file.endswith(".json"):
                 continue
-            entry, why = read_ref(key, ref)
+            name = f"refs/{key}/{file}"
+            entry, why = read_ref(key, file[: -len(".json")], self.location(name),
+                                  lambda name=name: self.backend.read(name))  # type: ignore[misc]
             if entry is not None:
                 entries.append(entry)
             elif why != "gone":
-                bad.append((ref, why))
+                bad.append((name, why))
         return entries, bad
 
     def variants(self, key: str, *, repair: bool = False) -> List[CacheEntry]:
         """The variants stored under ``key`` (their refs; blobs are not read).
 
-        :param repair: quarantine refs that are unreadable or malformed (warned about once);
-            by default nothing on disk changes and such refs are skipped.
+        :param repair: the loader's read: quarantine refs that are unreadable or malformed
+            (warned about once), and when a remote root cannot be reached, use the refs the
+            local tier remembers from it (warned about once). By default nothing changes and
+            such refs are skipped.
         """
         self._check_key(key)
-        entries, bad = self._scan(key)
-        if repair:
-            for ref, why in bad:
-                self.quarantine(ref, why=why, name=f"{key}.{ref.name}")
+        if not repair:
+            return self._scan(key)[0]
+        try:
+            entries, bad = offline.loader_scan(self, key)
+        except RemoteStoreError as exc:
+            return offline.remembered_variants(self, key, exc)
+        offline.remember_variants(self, key, entries)
+        for name, why in bad:
+            self.quarantine(name, why=why, label=f"{key}.{name.rsplit('/', 1)[-1]}")
         return entries
 
     def read_blob(self, digest: str, *, where: str = "") -> Optional[bytes]:
@@ -226,13 +237,12 @@ class CacheStore:
                     repair.check_shared_copy(self, digest, data)
                     return data
                 self.local.drop_blob(digest)
-        blob = self._blob_path(digest)
         try:
-            data = blob.read_bytes()
-        except FileNotFoundError:
+            data = self.backend.read(self._blob_name(digest))
+        except (FileNotFoundError, RemoteStoreError):  # unreachable: a miss (load_cached warns once)
             return None
         if hashlib.sha256(data).hexdigest() != digest:
-            self.quarantine(blob, why=f"digest mismatch{' for ' + where if where else ''}")
+            self.quarantine(self._blob_name(digest), why=f"digest mismatch{' for ' + where if where else ''}")
             return None
         if self.local is not None:
             self.local.put_blob(digest, data)
@@ -243,9 +253,11 @@ class CacheStore:
         """The shared blob's bytes and ``""``, or ``None`` and why (``missing``/``corrupt``).
         Changes nothing (not even the local tier)."""
         try:
-            data = self._blob_path(digest).read_bytes()
+            data = self.backend.read(self._blob_name(digest))
         except FileNotFoundError:
             return None, "missing"
+        except RemoteStoreError:
+            raise  # the root, not the blob: verify and sync say so instead of reporting blobs
         except OSError as exc:
             return None, f"unreadable ({exc.strerror or exc})"
         if hashlib.sha256(data).hexdigest() != digest:
@@ -262,7 +274,7 @@ class CacheStore:
         data = self.read_blob(entry.digest, where=f"key {entry.key[:12]}")
         if data is None:
             return None
-        return read_artifact(data, str(self._blob_path(entry.digest)), remembered=self.local)
+        return read_artifact(data, self._blob_path(entry.digest), remembered=self.local)
 
     def get(self, key: str, signature: Optional[Dict[str, Any]] = None) -> Optional[GraphArtifact]:
         """An artifact stored under ``key`` (the variant with ``signature``, if given)."""
@@ -277,7 +289,7 @@ class CacheStore:
 
     def contains(self, key: str) -> bool:
         """Whether ``key`` has at least one variant whose blob is present."""
-        return any(self._blob_path(e.digest).exists() for e in self.variants(key))
+        return any(self.backend.exists(self._blob_name(e.digest)) for e in self.variants(key))
 
     def resolve(self, prefix: str) -> str:
         """The unique key starting with ``prefix``.
@@ -296,43 +308,43 @@ class CacheStore:
 
     def keys(self) -> List[str]:
         """Every key with a ref folder (also one whose refs are all malformed)."""
-        refs = self.root / "refs"
-        return sorted(p.name for p in refs.iterdir() if is_key(p.name)) if refs.is_dir() else []
+        return [name for name in self.backend.list("refs") if is_key(name)]
 
     def entries(self) -> List[CacheEntry]:
         """Every variant in the store (reads refs only)."""
         return [entry for key in self.keys() for entry in self.variants(key)]
 
     # -- quarantine and maintenance (:mod:`.maintenance`) ----------------------------------------
-    def quarantine(self, path: Path, *, why: Optional[str] = None, name: str = "") -> bool:
-        """Move ``path`` (a blob or a ref) to ``quarantine/`` (as ``name``, default its own
-        name, plus a random suffix); with ``why``, warn once per path that it will be rebuilt.
-        Returns whether it was moved (it may be gone already)."""
+    def quarantine(self, name: str, *, why: Optional[str] = None, label: str = "") -> bool:
+        """Move the file ``name`` (a blob or a ref, relative to the root) to ``quarantine/`` (as
+        ``label``, default its own name, plus a random suffix); with ``why``, warn once per file
+        that it will be rebuilt. Returns whether it was moved (it may be gone already)."""
         try:
-            self._mkdir(self.root / "quarantine")
-            os.replace(path, self.root / "quarantine" / f"{name or path.name}.{uuid.uuid4().hex[:8]}")
+            self.backend.move(name, f"quarantine/{label or name.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}")
             moved = True
         except OSError:
             moved = False
-        if why is not None and str(path) not in self._warned:
-            self._warned.add(str(path))
-            warnings.warn(f"graphpatch_cache: {why}: {path} (moved to quarantine; it will be rebuilt)", stacklevel=3)
+        where = self.location(name)
+        if why is not None and where not in self._warned:
+            self._warned.add(where)
+            warnings.warn(f"graphpatch_cache: {why}: {where} (moved to quarantine; it will be rebuilt)", stacklevel=3)
         return moved
 
     def quarantine_ref(self, entry: CacheEntry, why: str) -> None:
         """Move ``entry``'s ref to ``quarantine/`` (its key becomes a miss for that variant)
         and warn once. Its blob stays: another key's ref may name it legitimately (``gc``
         removes it once nothing does)."""
-        self.quarantine(Path(entry.ref_path), why=f"{why}; ref", name=f"{entry.key}.{Path(entry.ref_path).name}")
+        self.quarantine(self._ref_name(entry.key, entry.variant), why=f"{why}; ref",
+                        label=f"{entry.key}.{entry.variant}.json")
 
     def quarantine_variant(self, key: str, variant: str) -> bool:
         """Move the ref of ``key``'s ``variant`` to ``quarantine/`` (no warning: for
         ``verify --fix``). Returns whether a ref was moved."""
         self._check_key(key)
-        ref = self._ref_dir(key) / f"{variant}.json"
-        if ref.parent != self._ref_dir(key) or not ref.is_file():
+        if "/" in variant or "\\" in variant or variant.startswith(".") or \
+                not self.backend.exists(self._ref_name(key, variant)):
             return False
-        return self.quarantine(ref, name=f"{key}.{ref.name}")
+        return self.quarantine(self._ref_name(key, variant), label=f"{key}.{variant}.json")
 
     def check(self, keys: Optional[List[str]] = None, *, fix: bool = False,
               rebuild_check: Optional[ArtifactCheck] = None) -> CheckReport:
@@ -368,29 +380,18 @@ class CacheStore:
         if not self.locking:
             yield False
             return
-        try:
-            self._mkdir(self.root / "locks")
-        except OSError:
+        if isinstance(self.backend, PosixRoot):
+            with self.backend.lock(f"locks/{key}.lock", self.lock_timeout) as acquired:
+                yield acquired
+            return
+        if self.local is None:  # object storage has no locks, and there is no local tier to lock in
             yield False
             return
-        with advisory_lock(self.root / "locks" / f"{key}.lock", timeout=self.lock_timeout,
-                           group_writable=self._shared_mode()) as acquired:
+        path = self.local.lock_path(str(self.root), key)  # this machine's processes only
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with advisory_lock(path, timeout=self.lock_timeout, group_writable=False) as acquired:
             yield acquired
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _digest_file(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return ""
 
 
 # the records and settings stay importable from here, where they used to live

@@ -41,6 +41,18 @@ def tiny_xglm(n_layer: int = 2, seed: int = 0):
     return XGLMForCausalLM(config).eval()
 
 
+def tiny_mlp(seed: int = 0):
+    """A plain two-layer MLP (no transformers): the cheapest model to extract, for tests that
+    start many processes (``tests/integration/test_cache_s3.py``)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+
+
+def mlp_inputs(batch: int = 2, seed: int = 1):
+    """``{"input": x}``: the keyword ``nn.Sequential.forward`` names its argument."""
+    return {"input": torch.randn(batch, 8, generator=torch.Generator().manual_seed(seed))}
+
+
 def token_inputs(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1, mask: bool = False):
     g = torch.Generator().manual_seed(seed)
     inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g), "use_cache": False}

@@ -25,7 +25,7 @@ import torch
 
 import graphpatch_cache._files as files_mod
 from graphpatch_cache import PatchableGraph, ProbePatch, ZeroPatch, cache_key, load_cached
-from graphpatch_cache.cache import CacheStore
+from graphpatch_cache.cache.backend import PosixRoot
 from graphpatch_cache.errors import ArtifactFormatError, CacheMissError, ModelStructureError
 
 from store_files import blobs, cache_warnings, corrupt, files_under, logits, read_only, refs, sha256_file, store
@@ -308,14 +308,14 @@ def test_full_disk_leaves_nothing_half_written(m1, tmp_path, monkeypatch):
     assert not blobs(root) and not refs(root)
 
 
-def _refuse(self, dest, data):
-    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dest))
+def _refuse(self, name, data):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), self.location(name))
 
 
 def test_read_only_filesystem_is_one_warning(m1, tmp_path, monkeypatch):
     model, inputs, expected, *_ = m1
     root = tmp_path / "root"
-    monkeypatch.setattr(CacheStore, "_atomic_write", _refuse)
+    monkeypatch.setattr(PosixRoot, "write", _refuse)
     message = _two_loads(model, inputs, expected, lambda: store(root, tmp_path / "local"))
     assert str(root) in message and os.strerror(errno.EROFS) in message
 
@@ -323,7 +323,7 @@ def test_read_only_filesystem_is_one_warning(m1, tmp_path, monkeypatch):
 def test_read_only_root_still_serves_hits(m1, primed, monkeypatch):
     model, inputs, expected, *_ = m1
     root, _ = primed
-    monkeypatch.setattr(CacheStore, "_atomic_write", _refuse)
+    monkeypatch.setattr(PosixRoot, "write", _refuse)
     before = {p: p.read_bytes() for p in files_under(root)}
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -23,14 +23,16 @@ from graphpatch_cache.cli.presets import PRESETS, preset_config
 
 pytestmark = pytest.mark.slow  # the module fixture builds the tiny-gpt2 preset
 
-
+#: the one call the module fixture builds (the build's defaults before it built the calls people
+#: make: tests/integration/test_cli_build.py): one graph keeps this module's setup cheap
+ONE_CALL = ["--batch-size", "1", "--no-attention-mask", "--no-use-cache"]
 
 
 @pytest.fixture(scope="module")
 def built(runner, tmp_path_factory):
     """A root holding the tiny-gpt2 preset, and build's --json output."""
     root = tmp_path_factory.mktemp("cli-root") / "root"
-    out = json.loads(invoke(runner, "build", "tiny-gpt2", "--cache-dir", root, "--json").stdout)
+    out = json.loads(invoke(runner, "build", "tiny-gpt2", *ONE_CALL, "--cache-dir", root, "--json").stdout)
     return root, out
 
 
@@ -45,6 +47,8 @@ def root(built, tmp_path):
 def test_build_json_matches_the_store(built, local_dir):
     root, out = built
     assert out["model"] == "tiny-gpt2" and out["source"] == "preset" and out["cached"] is False
+    assert out["origin"] == "preset: tiny-gpt2" and [c["call"] for c in out["calls"]] == ["call"]
+    assert out["calls"][0]["serves"] == "input_ids[1,s] int64; use_cache=False"
     assert out["model_class"].endswith("GPT2LMHeadModel") and out["dtype"] == "float32" and out["quantization"] is None
     assert out["graphs"] > 10 and out["nodes"] > out["graphs"] and out["modules"] > 10 and out["seconds"] > 0
     (entry,) = CacheStore(root, local_dir=local_dir).variants(out["key"])
@@ -54,7 +58,7 @@ def test_build_json_matches_the_store(built, local_dir):
 
 
 def test_build_again_is_a_hit_and_human_output(runner, root, built):
-    result = invoke(runner, "build", "tiny-gpt2", "--cache-dir", root)
+    result = invoke(runner, "build", "tiny-gpt2", *ONE_CALL, "--cache-dir", root)
     assert "already cached" in result.stdout and built[1]["key"] in result.stdout
     assert "\r" not in result.stderr  # no progress drawn when stderr is not a terminal
 
@@ -78,7 +82,7 @@ def test_built_graph_is_what_load_cached_uses_for_from_pretrained(built, local_d
 
 def test_build_from_a_directory_gives_the_preset_key(runner, root, built, tmp_path):
     preset_config(PRESETS["tiny-gpt2"]).save_pretrained(tmp_path / "cfg")
-    out = json.loads(invoke(runner, "build", tmp_path / "cfg", "--cache-dir", root, "--json").stdout)
+    out = json.loads(invoke(runner, "build", tmp_path / "cfg", *ONE_CALL, "--cache-dir", root, "--json").stdout)
     assert out["source"] == "directory" and out["key"] == built[1]["key"] and out["cached"] is True
 
 
@@ -117,13 +121,18 @@ def test_ls(runner, root, built):
     key = built[1]["key"]
     table = invoke(runner, "ls", "--cache-dir", root).stdout
     header, row = table.splitlines()
-    assert header.split() == ["KEY", "MODEL", "DTYPE", "SIZE", "CREATED", "TORCH", "TRANSFORMERS"]
+    assert header.split() == ["KEY", "MODEL", "BUILT", "FROM", "DTYPE", "SIZE", "CREATED", "TORCH", "TRANSFORMERS",
+                              "CALLS"]
     assert row.startswith(key[:12]) and "GPT2LMHeadModel" in row and "float32" in row
+    assert "preset: tiny-gpt2" in row and row.endswith("input_ids[1,s] int64; use_cache=False")
     out = json.loads(invoke(runner, "ls", "--cache-dir", root, "--json").stdout)
     (entry,) = out["entries"]
     assert out["root"] == str(root)
     assert entry["key"] == key and entry["size"] == built[1]["size"] and entry["intact"] is True
     assert set(entry["versions"]) >= {"torch", "transformers", "python"} and entry["created"].endswith("Z")
+    assert entry["origin"] == "preset: tiny-gpt2" and entry["shape"]["kind"] == "forward"
+    assert entry["shape"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": [1, "s"]}]
+    assert entry["shape"]["use_cache"] is False and entry["shape"]["cache"] is None
     assert json.loads(invoke(runner, "ls", "--cache-dir", root / "nothing", "--json").stdout)["entries"] == []
     assert "no entries" in invoke(runner, "ls", "--cache-dir", root / "nothing").stdout
 
@@ -132,7 +141,9 @@ def test_show_tree_path_code_and_json(runner, root, built):
     key = built[1]["key"]
     tree = invoke(runner, "show", key[:8], "--cache-dir", root).stdout
     assert tree.startswith("<root>: GPT2LMHeadModel") and "mul_3" in tree
-    assert invoke(runner, "show", "tiny-gpt2", "--cache-dir", root).stdout == tree  # MODEL finds the same key
+    shown = invoke(runner, "show", "tiny-gpt2", *ONE_CALL, "--cache-dir", root)
+    assert shown.stdout == tree  # MODEL finds the same key
+    assert "built from: preset: tiny-gpt2" in shown.stderr and "serves (shown): input_ids[1,s] int64" in shown.stderr
     shallow = invoke(runner, "show", key[:8], "--depth", "1", "--cache-dir", root).stdout
     assert "transformer: GPT2Model" in shallow and "h_0" not in shallow
     sub = invoke(runner, "show", key[:8], "transformer.h_0.mlp", "--grep", "act.mul_3", "--cache-dir", root).stdout
@@ -149,14 +160,15 @@ def test_show_tree_path_code_and_json(runner, root, built):
     out = json.loads(invoke(runner, "show", key[:8], "--grep", "mlp.c_proj", "--code", "--json", "--cache-dir", root).stdout)
     assert {c["path"] for c in out["codes"] if c["kind"] == "graph"} == {f"transformer.h_{i}.mlp.c_proj" for i in (0, 1)}
     out = json.loads(invoke(runner, "show", key[:8], "transformer.h_0.mlp.act", "--json", "--cache-dir", root).stdout)
-    assert out["key"] == key and out["kind"] == "graph"
+    assert out["key"] == key and out["kind"] == "graph" and out["origin"] == "preset: tiny-gpt2"
+    assert [v["serves"] for v in out["variants"]] == ["input_ids[1,s] int64; use_cache=False"]
     paths = {n["path"]: n for n in out["nodes"]}
     assert paths["transformer.h_0.mlp.act.mul_3"]["kind"] == "value"
     assert paths["transformer.h_0.mlp.act.mul_3"]["shape"][-1] == 128
 
 
 def test_show_errors(runner, root):
-    result = invoke(runner, "show", "tiny-gpt2", "transformer.h_0.mlpx", "--cache-dir", root, code=1)
+    result = invoke(runner, "show", "tiny-gpt2", "transformer.h_0.mlpx", *ONE_CALL, "--cache-dir", root, code=1)
     assert "no node at path" in result.stderr and "transformer.h_0.mlp" in result.stderr
     result = invoke(runner, "show", "tiny-gpt2", "--dtype", "float16", "--cache-dir", root, code=1)
     assert "not in the cache" in result.stderr and "graphpatch-cache build tiny-gpt2" in result.stderr
@@ -282,18 +294,6 @@ def test_rm(runner, root, built):
     invoke(runner, "rm", code=2)
 
 
-def test_rm_and_export_take_a_model_name_as_show_does(runner, root, built, tmp_path):
-    key = built[1]["key"]
-    out = json.loads(invoke(runner, "export", "tiny-gpt2", "-o", tmp_path / "g.json", "--cache-dir", root,
-                            "--json").stdout)
-    assert out["key"] == key and (tmp_path / "g.json").stat().st_size == out["size"]
-    assert "did you mean tiny-gpt2" in invoke(runner, "rm", "tiny-gtp2", "--cache-dir", root, code=1).stderr
-    assert (root / "refs" / key).exists()
-    out = json.loads(invoke(runner, "rm", "tiny-gpt2", "--cache-dir", root, "--json").stdout)
-    assert out["removed"] == [{"key": key, "variants": 1}] and not (root / "refs" / key).exists()
-    assert "is not in the cache" in invoke(runner, "rm", "tiny-gpt2", "--cache-dir", root, code=1).stderr
-
-
 def test_rm_and_gc_on_a_read_only_root_fail_and_say_so(runner, root, built):
     """A root this user cannot write (a read-only bind mount stops root too): rm and gc exit 1
     naming the root, with and without --json, and every file is still there."""
@@ -408,7 +408,7 @@ def test_installed_entry_point_in_subprocesses(tmp_path):
     assert exe, "graphpatch-cache is not installed (pip install -e .)"
     env = {**os.environ, "GRAPHPATCH_CACHE_DIR": str(tmp_path / "root"),
            "GRAPHPATCH_CACHE_LOCAL_DIR": str(tmp_path / "local"), "HF_HUB_OFFLINE": "1"}
-    build = subprocess.run([sys.executable, "-m", "graphpatch_cache", "build", "tiny-gpt2", "--json"],
+    build = subprocess.run([sys.executable, "-m", "graphpatch_cache", "build", "tiny-gpt2", *ONE_CALL, "--json"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     built = json.loads(build.stdout)  # nothing but the JSON document on stdout

@@ -254,14 +254,15 @@ def test_a_terminal_gets_a_tqdm_bar(tmp_path):
 # -- the command line ------------------------------------------------------------------------------
 def test_cli_build_prints_phases_on_stderr_only(runner, tmp_path):
     root = tmp_path / "root"
-    as_json = invoke(runner, "build", "tiny-gpt2", "--cache-dir", root, "--json")
+    one = ["--batch-size", "2", "--no-use-cache"]  # one call (the default build makes several)
+    as_json = invoke(runner, "build", "tiny-gpt2", *one, "--cache-dir", root, "--json")
     assert json.loads(as_json.stdout)["cached"] is False and _events(as_json.stderr) == []
-    result = invoke(runner, "build", "tiny-gpt2", "--cache-dir", root, "--force")
+    result = invoke(runner, "build", "tiny-gpt2", *one, "--cache-dir", root, "--force")
     events = _events(result.stderr)
     assert {t for t, _ in events} == {"extracting GPT2LMHeadModel"} and events[0][1] == "started"
     assert "dynamo trace" in _phases(events) and events[-1][1].startswith("finished in ")
     assert "graphpatch_cache:" not in result.stdout and "built tiny-gpt2" in result.stdout
-    hit = invoke(runner, "build", "tiny-gpt2", "--cache-dir", root)
+    hit = invoke(runner, "build", "tiny-gpt2", *one, "--cache-dir", root)
     assert "already cached" in hit.stdout and _events(hit.stderr) == []
 
 

@@ -37,3 +37,5 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     assert "torch.float32" in printed
     assert "torch.Size([2, 4, 16, 16]) 17" in printed  # the cached step: cache input, new length
     assert "NotPicklableError" in printed and "NodePathError" in printed  # Coming from graphpatch
+    assert "removed (10):" in printed and "transformer (GPT2Model): -zeros, -mask" in printed  # diff_graphs
+    assert "['transformer.h_0.mlp.act.mul_3'] ['transformer.h_0.attn.attn_weights_3']" in printed
