@@ -60,3 +60,17 @@ def test_a_neutral_guard_is_skipped_at_size_one_only():
     # only the form Ne(symbol, 1) is neutral: a guard that the branch was not taken is kept
     assert _neutral_symbol(sympy.Ne(b, 1)) == b and _neutral_symbol(sympy.Eq(b, 1)) is None
     assert _neutral_symbol(sympy.Ne(b, 2)) is None and _neutral_symbol(sympy.Ne(b * s, 1)) is None
+
+
+def test_a_call_shape_says_where_size_one_is_served():
+    import json
+
+    from graphpatch_cache.cache import describe_call_shape
+
+    spec = [1, {"type": "builtins.tuple", "context": "null", "children_spec": [
+        {"type": "builtins.tuple", "context": "null", "children_spec": []},
+        {"type": "builtins.dict", "context": '["input_ids"]', "children_spec": [
+            {"type": None, "context": None, "children_spec": []}]}]}]
+    leaf = {"kind": "tensor", "dtype": "int64", "device": "cpu", "dims": ["dyn1", "dyn"]}
+    text = describe_call_shape({"spec": json.dumps(spec), "leaves": [leaf]})
+    assert text.startswith("input_ids[b>=1,s] int64")
