@@ -132,22 +132,56 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+#: torch >= 2.6: sizes traced with a [0, inf] range, not specializing 0 and 1 (dynamo_capture_config)
+SIZE_OBLIVIOUS = hasattr(getattr(torch.fx.experimental, "_config", None), "backed_size_oblivious")
+
+
 @contextlib.contextmanager
-def dynamo_capture_config() -> Iterator[None]:
+def dynamo_capture_config(size_oblivious: bool = False, ones_static: Any = ()) -> Iterator[None]:
     """Dynamo settings for extraction (torch 2.13).
 
     - specialize_float: since torch 2.6 dynamo lifts Python float attributes (LayerNorm eps,
       attention scaling, math.pi) as graph inputs; we bake them as constants instead, the way
       the module would compute them.
     - use_duck_shape (torch.fx.experimental._config, torch >= 2.1): off, see below.
+    - backed_size_oblivious (``size_oblivious``, where :data:`SIZE_OBLIVIOUS`): sizes of 1 get
+      a symbol too, and a branch on a size being 1 becomes a guard (:func:`shape_facts`);
+      the sizes of 1 of the tensors ``ones_static`` stay specialized (``mark_static``).
     """
     import torch._dynamo
     import torch.fx.experimental._config as fx_config
 
     # use_duck_shape: dynamo gives equal example sizes one symbol ("duck sizing"), so a graph
     # traced at batch == seq silently assumes they stay equal. We want one symbol per size.
-    with torch._dynamo.config.patch(specialize_float=True, specialize_int=True), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # config modules gain .patch at import
+    extra = {"backed_size_oblivious": True} if size_oblivious and SIZE_OBLIVIOUS else {}
+    for t in ones_static:
+        torch._dynamo.mark_static(t, [d for d, n in enumerate(t.shape) if n == 1])
+    with torch._dynamo.config.patch(specialize_float=True, specialize_int=True), fx_config.patch(  # type: ignore[attr-defined]  # config modules gain .patch at import
+            use_duck_shape=False, **extra):
         yield
+
+
+def shape_facts(example_inputs: Any) -> Optional[Any]:
+    """What a trace's shape environment knows: ``(guards, replace, hints, ranges)``, each guard
+    (sympy: where all hold, the graph computes what the model does) with its source line
+    (torch's ``"<line>  # <file>:<n> in <function>"``, or None), the symbol replacements (a
+    function), each symbol's example value and ``(lower, upper)`` range (None: unbounded).
+    Private: torch 2.13's ``ShapeEnv`` (``guards``, ``deferred_runtime_asserts``, ``replace``,
+    ``backed_var_to_val``, ``var_to_range``) has no public reader; None where one is missing."""
+    import sympy
+
+    env = getattr(detect_fake_mode(example_inputs), "shape_env", None)
+    needed = ("guards", "replace", "backed_var_to_val", "var_to_range", "deferred_runtime_asserts")
+    if env is None or not all(hasattr(env, n) for n in needed):
+        return None
+    guards = [(g.expr, getattr(g.sloc, "maybe_user_loc", None)) for g in env.guards] + [
+        (a.expr, None) for v in env.deferred_runtime_asserts.values() for a in v]
+
+    def end(value: Any) -> Optional[int]:
+        return int(value) if isinstance(value, sympy.Integer) else None  # (torch's int_oo is not one)
+
+    ranges = {s: (end(r.lower), end(r.upper)) for s, r in env.var_to_range.items()}
+    return guards, env.replace, dict(env.backed_var_to_val), ranges
 
 
 @contextlib.contextmanager
@@ -356,41 +390,11 @@ def assign_graph_attr(value: Any, gm: torch.fx.GraphModule, target: str) -> None
 
 
 __all__ = [
-    "assign_graph_attr",
-    "install_graph_code",
-    "shares_graph_code",
-    "dynamo_capture_config",
-    "fake_value",
-    "has_side_effect",
-    "is_compiling",
-    "compiling_answer",
-    "not_compiling",
-    "pretend_compiling",
-    "reset_dynamo",
-    "tree_flatten",
-    "tree_map",
-    "tree_flatten_with_path",
-    "tree_unflatten",
-    "treespec_dumps",
-    "treespec_loads",
-    "check_spec",
-    "UnsafeSpecError",
-    "API_USAGE_LOG",
-    "AUTOGRAD_FUNCTION_APPLY",
-    "MappingKey",
-    "GROUPED_MM",
-    "TORCH_NN_BUILTINS",
-    "TORCH_VARIABLE_FUNCTIONS",
-    "detect_fake_mode",
-    "parse_schema",
-    "find_builtin",
-    "is_op_overload",
-    "is_op_overload_packet",
-    "op_name",
-    "op_schemas",
-    "operator_schemas",
-    "quiet_symbolic_shapes_log",
-    "register_tree_node",
-    "set_grad_enabled",
-    "tree_leaves",
+    "assign_graph_attr", "install_graph_code", "shares_graph_code", "dynamo_capture_config", "fake_value",
+    "has_side_effect", "SIZE_OBLIVIOUS", "shape_facts", "is_compiling", "compiling_answer", "not_compiling", "pretend_compiling", "reset_dynamo",
+    "tree_flatten", "tree_map", "tree_flatten_with_path", "tree_unflatten", "treespec_dumps", "treespec_loads",
+    "check_spec", "UnsafeSpecError", "API_USAGE_LOG", "AUTOGRAD_FUNCTION_APPLY", "MappingKey", "GROUPED_MM",
+    "TORCH_NN_BUILTINS", "TORCH_VARIABLE_FUNCTIONS", "detect_fake_mode", "parse_schema", "find_builtin",
+    "is_op_overload", "is_op_overload_packet", "op_name", "op_schemas", "operator_schemas",
+    "quiet_symbolic_shapes_log", "register_tree_node", "set_grad_enabled", "tree_leaves",
 ]

@@ -4,8 +4,10 @@ Dynamo drops its guards with the graph, so we keep our own. A signature records 
 structure of the canonical ``(args, kwargs)`` (which keyword arguments were given, which were
 None), and per leaf either the tensor's dtype, rank (and, for information only, device type:
 graphs are device-independent) and which dimensions are
-fixed, or the exact value of a Python constant. Dimensions traced symbolically accept any
-size except that a size of 1 (which dynamo specializes) forms its own signature.
+fixed, or the exact value of a Python constant. A dimension traced symbolically serves any
+size of 1 or more (``"dyn1"``) where extraction found that the model's code does not branch on
+it being 1 (see ``extraction/sizes.py``), else any size of 2 or more (``"dyn"``: the model
+branches on size 1 there, or the graph was traced with dynamo's default 0/1 specialization).
 """
 
 from __future__ import annotations
@@ -36,24 +38,28 @@ def signature_key(signature: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: a signature dimension traced symbolically: any size >= 2, any size >= 1
+SYMBOLIC = ("dyn", "dyn1")
+
+
 def dims_rule(want: Sequence[Any]) -> Callable[[Sequence[int]], bool]:
     """The fit rule of a tensor's dimensions, the one place it is written (for stored
     signatures and for live calls), as a check of a shape (a tuple or ``torch.Size``): the
-    same rank; a fixed dimension takes exactly its size, a symbolic one (``"dyn"``) any size
-    of 2 or more (dynamo specializes sizes 0 and 1). Built once per signature leaf, so a call
-    pays one comparison per dimension."""
+    same rank; a fixed dimension takes exactly its size, a symbolic one any size of 2 or more
+    (``"dyn"``) or of 1 or more (``"dyn1"``); never 0. Built once per signature leaf, so a
+    call pays one comparison per dimension."""
     fixed = tuple(want)
-    dyn = tuple(i for i, w in enumerate(fixed) if w == "dyn")
+    dyn = tuple((i, 2 if w == "dyn" else 1) for i, w in enumerate(fixed) if w in SYMBOLIC)
     if not dyn:
         return fixed.__eq__  # (torch.Size is a tuple: one C comparison)
     rank = len(fixed)
-    sized = tuple((i, w) for i, w in enumerate(fixed) if w != "dyn")
+    sized = tuple((i, w) for i, w in enumerate(fixed) if w not in SYMBOLIC)
 
     def fits(sizes: Sequence[int]) -> bool:
         if len(sizes) != rank:
             return False
-        for i in dyn:
-            if sizes[i] < 2:
+        for i, least in dyn:
+            if sizes[i] < least:
                 return False
         for i, w in sized:
             if sizes[i] != w:
@@ -100,17 +106,30 @@ def _how_leaves_differ(want: Dict[str, Any], got: Dict[str, Any]) -> str:
     if want["kind"] == "const":
         return f"extracted for the value {want['value']!r}, called with {got['value']!r}"
     if want["dtype"] != got["dtype"]:
-        return f"extracted for dtype {want['dtype']}, called with {got['dtype']}"
+        return f"extracted for dtype {want['dtype']}, called with {got['dtype']}{_dtype_hint(want['dtype'], got['dtype'])}"
     wanted, sizes = list(want["dims"]), list(got["dims"])
     if len(wanted) != len(sizes):
         return f"extracted for {len(wanted)} dimensions, called with shape {tuple(sizes)}"
     for d, (w, g) in enumerate(zip(wanted, sizes)):
         if w == "dyn" and g < 2:
-            return (f"size {g} in dimension {d}: the graphs serve any size of 2 or more there, and the tracer "
-                    f"treats sizes 0 and 1 as special cases (shape {tuple(sizes)})")
-        if w != "dyn" and w != g:
+            return (f"size {g} in dimension {d}: the graphs serve any size of 2 or more there (the model's code "
+                    f"branches on a size of {g} there, or they were traced treating sizes 0 and 1 as special "
+                    f"cases) (shape {tuple(sizes)})")
+        if w == "dyn1" and g < 1:
+            return f"size 0 in dimension {d}: the graphs serve any size of 1 or more there (shape {tuple(sizes)})"
+        if w not in SYMBOLIC and w != g:
             return f"dimension {d} is fixed at {w} in the extracted graphs, called with {g} (shape {tuple(sizes)})"
     return f"extracted for {want}, called with {got}"
+
+
+def _dtype_hint(want: str, got: str) -> str:
+    """How to reach the graphs of an integer input of another width (token ids): casting."""
+    if {want, got} == {"int64", "int32"}:
+        cast = ".long()" if want == "int64" else ".int()"
+        return (f" (tokenizers return int64 ids; cast with `{cast}` to use the graphs extracted so far: a graph "
+                "serves the one dtype it was traced with, since an input's dtype can change what the model "
+                "computes from it)")
+    return ""
 
 
 #: dtype names as signatures write them (``str(dtype)`` without ``torch.``) -> dtype
@@ -144,4 +163,4 @@ class SignatureMatcher:
         return True
 
 
-__all__ = ["SignatureMatcher", "constant_value", "describe_mismatch", "dims_rule", "matches", "signature_key"]
+__all__ = ["SYMBOLIC", "SignatureMatcher", "constant_value", "describe_mismatch", "dims_rule", "matches", "signature_key"]

@@ -9,7 +9,8 @@ What goes in (DESIGN.md, "The artifact and the cache"):
   every parameter's and buffer's name, shape and dtype and which names are tied (never
   values), and a digest of the source files of every module class involved;
 - the example inputs' signature: structure, per tensor dtype, rank and whether each size is
-  0, 1 or larger (larger sizes share graphs); Python constants by value. Not the device:
+  0 or larger (sizes of 1 and more share a key: one key holds the graph variants of a size 1
+  and of larger sizes, whether one graph serves both or not); Python constants by value. Not the device:
   a graph built on a CPU box (or on the meta device) serves a GPU model;
 - the extraction options.
 
@@ -43,6 +44,12 @@ _MACHINE_CONFIG_FIELDS = frozenset(
     {"_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset",
      "architectures", "dtype", "torch_dtype"}
 )
+
+#: how the input fingerprint writes a size of 1 or more. Releases before graphs could serve
+#: size 1 wrote 1 apart and "n" for larger sizes; the new token gives every key anew, so that
+#: no older release reads (and refuses) the "dyn1" signatures stored under it
+SIZE_CLASS = "n1"
+
 
 def _code_digest(cls: type) -> str:
     """For a class with no source file (a notebook cell, exec'd code): a digest of its
@@ -126,7 +133,8 @@ def structure_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
 
 
 def input_fingerprint(inputs: Union[Inputs, CallInputs]) -> Dict[str, Any]:
-    """The example inputs' shape class: sizes 0 and 1 are distinct, larger sizes are not.
+    """The example inputs' shape class: a size of 0 is distinct, sizes of 1 and more are not
+    (:data:`SIZE_CLASS`).
 
     :param inputs: canonical inputs, or the :class:`~graphpatch_cache.live.inputs.CallInputs` of a call.
     """
@@ -134,7 +142,7 @@ def input_fingerprint(inputs: Union[Inputs, CallInputs]) -> Dict[str, Any]:
     out = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            dims = [s if s < 2 else "n" for s in leaf.shape]
+            dims = [0 if s == 0 else SIZE_CLASS for s in leaf.shape]
             out.append(["tensor", str(leaf.dtype), dims])
         else:
             out.append(["const", constant_value(leaf)])
@@ -185,4 +193,4 @@ def cache_key(
     return digest_of(key_material(model, example_args, example_kwargs, options, environment))
 
 
-__all__ = ["cache_key", "config_fingerprint", "environment_fingerprint", "input_fingerprint", "key_material", "structure_fingerprint"]
+__all__ = ["SIZE_CLASS", "cache_key", "config_fingerprint", "environment_fingerprint", "input_fingerprint", "key_material", "structure_fingerprint"]

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional
 
 from ..artifact import GraphArtifact
 from ..live.structure import first_difference
-from ..artifact.signature import matches, signature_key
-from .keys import digest_of
+from ..artifact.signature import SYMBOLIC, matches, signature_key
+from .keys import SIZE_CLASS, digest_of
 
 #: the parts of ``material["model"]`` a ref leaves out: the artifact's ``extraction.structure``
 STRUCTURE_FIELDS = ("modules", "tensors")
@@ -61,7 +61,7 @@ def fingerprint_of_signature(signature: Dict[str, Any]) -> Dict[str, Any]:
     leaves = []
     for leaf in signature["leaves"]:
         if leaf["kind"] == "tensor":
-            leaves.append(["tensor", "torch." + leaf["dtype"], [d if d < 2 else "n" for d in leaf["dims"]]])
+            leaves.append(["tensor", "torch." + leaf["dtype"], [0 if d == 0 else SIZE_CLASS for d in leaf["dims"]]])
         else:
             leaves.append(["const", leaf["value"]])
     return {"spec": signature["spec"], "leaves": leaves}
@@ -84,7 +84,7 @@ def _signature_fits_fingerprint(signature: Dict[str, Any], fingerprint: Dict[str
         if "torch." + str(leaf.get("dtype")) != fp[1] or len(leaf.get("dims", ())) != len(fp[2]):
             return f"input #{i} has dtype/rank {leaf.get('dtype')}/{len(leaf.get('dims', ()))} in its signature"
         for size, cls in zip(leaf["dims"], fp[2]):
-            ok = (size == "dyn" or (isinstance(size, int) and size >= 2)) if cls == "n" else size == cls
+            ok = (size in SYMBOLIC or (isinstance(size, int) and size >= 1)) if cls == SIZE_CLASS else size == cls
             if not ok:
                 return f"input #{i} has dims {leaf['dims']} in its signature, {fp[2]} in the key's inputs"
     return None

@@ -83,7 +83,7 @@ def node_tree(artifact: GraphArtifact) -> NodePath:
 
 
 #: what a letter in a rendered call shape means (the fit rule: :func:`~graphpatch_cache.artifact.signature.dims_rule`)
-FREE_SIZE = "any size of 2 or more"
+FREE_SIZE = "any size of 2 or more (written b>=1: of 1 or more)"
 
 #: the pytree type name of a key/value cache argument (:mod:`graphpatch_cache.integrations.kv_cache`)
 _CACHE_TYPE = "graphpatch_cache.CacheState"
@@ -126,7 +126,11 @@ def _cache_layers(context: Any) -> int:
 
 
 def _dims(dims: List[Any], names: Tuple[str, ...]) -> List[Any]:
-    return [(names[i] if i < len(names) and names[i] else f"n{i}") if d == "dyn" else d for i, d in enumerate(dims)]
+    def name(i: int) -> str:
+        return names[i] if i < len(names) and names[i] else f"n{i}"
+
+    # "dyn1": the graph serves size 1 there too (see artifact.signature.dims_rule)
+    return [name(i) if d == "dyn" else f"{name(i)}>=1" if d == "dyn1" else d for i, d in enumerate(dims)]
 
 
 def call_shape(signature: Dict[str, Any]) -> Dict[str, Any]:

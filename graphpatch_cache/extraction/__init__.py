@@ -30,6 +30,7 @@ from ..options import ON_DEMAND, ExtractionOptions
 from . import on_demand
 from .capture import capture
 from .serialize import frame_to_data
+from .sizes import Served, served_dims
 from .split import Frame, split
 from ..artifact.names import qualname, join_path
 
@@ -84,17 +85,11 @@ def _check_unused(model: torch.nn.Module, called: Set[int], read: Set[str], opti
         )
 
 
-def _dynamic_dims(root: Frame, inputs: CallInputs) -> List[Optional[List[bool]]]:
-    dims: List[Optional[List[bool]]] = []
-    for node in [n for n in root.graph.nodes if n.op == "placeholder"][: _count_tensors(inputs)]:
-        fake = node.meta.get("example_value")
-        if isinstance(fake, torch.Tensor):
-            # a symbol the trace pinned to one value (a branch on ``size == 8``) is static
-            dims.append([isinstance(s, torch.SymInt) and not getattr(s.node.expr, "is_number", False)
-                         for s in fake.shape])
-        else:
-            dims.append(None)
-    return dims
+def _dynamic_dims(root: Frame, inputs: CallInputs, facts: Any) -> List[Optional[List[Served]]]:
+    """Per tensor input, what each dimension serves (:func:`.sizes.served_dims`)."""
+    fakes = [n.meta.get("example_value") for n in root.graph.nodes if n.op == "placeholder"][: _count_tensors(inputs)]
+    shapes = [tuple(x.shape) for x in inputs.leaves if isinstance(x, torch.Tensor)]
+    return served_dims(fakes, shapes, facts)
 
 
 def _count_tensors(inputs: CallInputs) -> int:
@@ -268,7 +263,7 @@ def _extract(model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dic
     # which cannot extract anew): then every size is fixed, and other sizes get their own
     # (on-demand) variant.
     progress.phase("sources and validation")
-    dims = None if cap.generic else _dynamic_dims(root, inputs)
+    dims = None if cap.generic else _dynamic_dims(root, inputs, cap.shape_facts)
     if specialized:
         dims = [[False] * x.dim() for x in inputs.leaves if isinstance(x, torch.Tensor)]
     signature = inputs.signature(dims)

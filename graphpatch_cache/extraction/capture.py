@@ -56,6 +56,9 @@ class Capture:
     tensor_names: Dict[int, List[str]]
     #: the graph holds nothing that depends on sizes (an opaque model): every size may vary
     generic: bool = False
+    #: ``_compat.shape_facts`` of a trace with size-oblivious sizes (None: sizes 0 and 1 were
+    #: specialized as dynamo does by default), read by :mod:`.sizes`
+    shape_facts: Optional[Any] = None
 
 
 def _tensor_names(model: torch.nn.Module) -> Dict[int, List[str]]:
@@ -204,15 +207,34 @@ def capture(
     # traced on the meta device (hooked models; builds from a config): see kv_cache.empty_cache
     on_meta = hooked or any(p.device.type == "meta" for p in model.parameters())
     for _ in range(64):
-        result = _trace(model, root, args, kwargs, opaque, failures, hooked=hooked, on_meta=on_meta)
-        if isinstance(result, Capture):
-            return result
-        _fall_back(result, model, options, names, opaque, failures)
+        # Size-oblivious sizes first (a graph that may serve size 1 too, see .sizes); where
+        # that trace fails (transformers' sdpa path passes a symbolic bool for a length traced
+        # at 1, as in a key/value cache's decode step), again with the example's sizes of 1
+        # specialized; then the default trace, which specializes sizes 0 and 1. Where all
+        # fail, the default trace's error names the culprit.
+        error: Optional[BaseException] = None
+        for oblivious, ones_static in _attempts(args, kwargs):
+            result = _trace(model, root, args, kwargs, opaque, failures, hooked=hooked, on_meta=on_meta,
+                            size_oblivious=oblivious, ones_static=ones_static)
+            if isinstance(result, Capture):
+                return result
+            error = result
+        assert error is not None  # (the last attempt is dynamo's default trace, always made)
+        _fall_back(error, model, options, names, opaque, failures)
     raise ExtractionError("gave up after making 64 modules opaque")  # pragma: no cover
 
 
+def _attempts(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Tuple[bool, bool]]:
+    """(size-oblivious, example sizes of 1 specialized) for each trace to try, in order."""
+    if not _compat.SIZE_OBLIVIOUS:
+        return [(False, False)]
+    ones = any(isinstance(x, torch.Tensor) and 1 in x.shape for x in _compat.tree_leaves((args, kwargs)))
+    return [(True, False)] + ([(True, True)] if ones else []) + [(False, False)]
+
+
 def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kwargs: Dict[str, Any],
-           opaque: Set[int], failures: Dict[str, str], *, hooked: bool, on_meta: bool) -> Union[Capture, BaseException]:
+           opaque: Set[int], failures: Dict[str, str], *, hooked: bool, on_meta: bool,
+           size_oblivious: bool = False, ones_static: bool = False) -> Union[Capture, BaseException]:
     """One attempt: the eager recording, then one dynamo trace with the markers; the capture,
     or why dynamo failed."""
     progress.phase("eager recording")
@@ -242,16 +264,19 @@ def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kw
         compiled = torch.compile(root, backend=backend, fullgraph=True, dynamic=True)
         error: Optional[BaseException] = None
         try:
-            with _compat.dynamo_capture_config(), torch.enable_grad(), warnings.catch_warnings(), (
+            with torch.enable_grad(), warnings.catch_warnings(), (
                 _meta_view(model) if hooked else contextlib.nullcontext()
             ):
                 warnings.simplefilter("ignore")
                 tensor_names = _tensor_names(model)
                 if hooked:
                     meta_args, meta_kwargs = kv_cache.copy_caches((args, kwargs), lambda t: t.to("meta"))
-                    compiled(_to_meta(meta_args), _to_meta(meta_kwargs))
+                    call = (_to_meta(meta_args), _to_meta(meta_kwargs))
                 else:
-                    compiled(*kv_cache.copy_caches((args, kwargs)))
+                    call = kv_cache.copy_caches((args, kwargs))
+                static = [x for x in _compat.tree_leaves(call) if isinstance(x, torch.Tensor)] if ones_static else []
+                with _compat.dynamo_capture_config(size_oblivious, static):
+                    compiled(*call)
         except _StopAfterCapture:
             pass
         except Exception as exc:  # dynamo raises many exception types
@@ -264,7 +289,9 @@ def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kw
             return ExtractionError(f"dynamo produced {len(captured)} graphs instead of one")
         gm, example_inputs = captured[0]
         inline_autograd_functions(gm)
-        return Capture(gm.graph, example_inputs, recorder, opaque, failures, tensor_names)
+        fakes = [_compat.fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        facts = _compat.shape_facts(fakes) if size_oblivious else None
+        return Capture(gm.graph, example_inputs, recorder, opaque, failures, tensor_names, shape_facts=facts)
 
 
 def _fall_back(error: BaseException, model: torch.nn.Module, options: ExtractionOptions, names: Dict[int, str],

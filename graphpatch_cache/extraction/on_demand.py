@@ -22,8 +22,8 @@ _last_seconds: Optional[float] = None
 #: extractions running in this thread's call stack (an opaque module's calls extract inside)
 _depth = 0
 
-_AVOID = ("pass inputs of a signature extracted before (same argument names, dtypes, and sizes of 1 vs "
-          "larger), or build this signature ahead of time (`graphpatch-cache build MODEL --batch-size ... "
+_AVOID = ("pass inputs of a signature extracted before (same argument names and dtypes; a size of 1 where "
+          "the model's code branches on it is a signature of its own), or build this signature ahead of time (`graphpatch-cache build MODEL --batch-size ... "
           "--seq-len ...`, or load_cached with such inputs once); ExtractionOptions(on_new_variant=\"extract\") "
           "silences this, \"error\" refuses such calls")
 

@@ -8,12 +8,48 @@ nothing of them).
 
 from __future__ import annotations
 
+import linecache
+import re
+import sys
 from typing import Any, Dict, Optional
 
 import torch
 
 from ..errors import BuildError, GraphPatchCacheError, close_matches
 from . import bitsandbytes
+
+
+#: Branches of transformers' code on a size being 1 whose path for larger sizes computes the
+#: same values at size 1, reviewed by hand: (module, function, the branch's line, the one line
+#: it runs). A graph that took such a branch for a larger size serves size 1 too (extraction's
+#: size check ignores the guard ``Ne(size, 1)`` it leaves, at size 1 only). Matched against
+#: the installed source text of both lines, so any change there ends the exception.
+SIZE_ONE_NEUTRAL = (
+    # position ids of one row expanded to the batch (no mask, no cache): at batch 1,
+    # ``expand(1, -1)`` of a one-row tensor is the same values
+    ("transformers.masking_utils", "_preprocess_mask_arguments",
+     "if batch_size != position_ids.shape[0]:", "position_ids = position_ids.expand(batch_size, -1)"),
+)
+
+_WHERE = re.compile(r"^(.*)  # (.+):(\d+) in (\w+)$")
+
+
+def size_one_neutral(where: Optional[str]) -> bool:
+    """Whether a guard's source line (torch's ``"<line>  # <file>:<n> in <function>"``) is a
+    branch of :data:`SIZE_ONE_NEUTRAL`, both lines read again from the module's file."""
+    found = _WHERE.match(where or "")
+    if found is None:
+        return False
+    line, file, number, function = found.groups()
+    for module, name, branch, body in SIZE_ONE_NEUTRAL:
+        path = getattr(sys.modules.get(module), "__file__", None)
+        if (function != name or line.strip() != branch or path is None
+                or not file.replace("\\", "/").endswith(module.replace(".", "/") + ".py")):
+            continue
+        if (linecache.getline(path, int(number)).strip() == branch
+                and linecache.getline(path, int(number) + 1).strip() == body):
+            return True
+    return False
 
 
 def _model_class(config: Any, model_class: Any) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -20,6 +20,11 @@ from ..artifact.signature import SignatureMatcher, constant_value, describe_mism
 
 #: canonical inputs: positional arguments and keyword arguments, as ``forward`` binds them
 Inputs = Tuple[Tuple[Any, ...], Dict[str, Any]]
+
+
+#: per tensor leaf, per dimension: traced symbolically (True: sizes >= 2; "dyn1": sizes >= 1) or
+#: fixed (False); None: every dimension symbolic, sizes >= 2
+DynamicDims = Optional[Sequence[Optional[Sequence[Union[bool, str]]]]]
 
 
 def canonical_inputs(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
@@ -101,9 +106,10 @@ def flat_inputs(inputs: Inputs) -> Tuple[List[Any], Any]:
     return _compat.tree_flatten(kv_cache.as_states(inputs))
 
 
-def call_signature(inputs: Inputs, dynamic_dims: Optional[Sequence[Optional[List[bool]]]] = None) -> Dict[str, Any]:
+def call_signature(inputs: Inputs, dynamic_dims: DynamicDims = None) -> Dict[str, Any]:
     """The signature of canonical inputs. ``dynamic_dims[i][d]`` says whether dim ``d`` of
-    tensor leaf ``i`` was traced symbolically (default: all dims dynamic)."""
+    tensor leaf ``i`` was traced symbolically, and what it serves (:data:`DynamicDims`;
+    default: all dims symbolic, sizes >= 2)."""
     leaves, spec = flat_inputs(inputs)
     return _signature(leaves, spec, dynamic_dims)
 
@@ -119,7 +125,7 @@ def _concrete_dims(leaves: Sequence[Any]) -> List[Optional[List[bool]]]:
 
 
 def _signature(leaves: Sequence[Any], spec: Any,
-               dynamic_dims: Optional[Sequence[Optional[List[bool]]]]) -> Dict[str, Any]:
+               dynamic_dims: DynamicDims) -> Dict[str, Any]:
     out: List[Dict[str, Any]] = []
     t = 0
     for leaf in leaves:
@@ -129,7 +135,10 @@ def _signature(leaves: Sequence[Any], spec: Any,
             dims: List[Any] = []
             for d, size in enumerate(leaf.shape):
                 is_dyn = True if dyn is None else dyn[d]
-                dims.append("dyn" if is_dyn and size > 1 else int(size))
+                if is_dyn == "dyn1" and size >= 1:  # (see extraction/sizes.py)
+                    dims.append("dyn1")
+                else:
+                    dims.append("dyn" if is_dyn and size > 1 else int(size))
             out.append(
                 {
                     "kind": "tensor",
@@ -173,7 +182,7 @@ class CallInputs:
         """``(args, kwargs)``, as :func:`canonical_inputs` returns them."""
         return self.args, self.kwargs
 
-    def signature(self, dynamic_dims: Optional[Sequence[Optional[List[bool]]]] = None) -> Dict[str, Any]:
+    def signature(self, dynamic_dims: DynamicDims = None) -> Dict[str, Any]:
         """:func:`call_signature` of these inputs."""
         return _signature(self.leaves, self.spec, dynamic_dims)
 

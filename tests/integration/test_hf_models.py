@@ -253,7 +253,8 @@ def test_exact_outputs_other_shapes(case: Case, mask):
 
 @on_configs(CONFIGS)
 def test_exact_outputs_batch_one(case: Case):
-    """Batch size 1 (which dynamo specializes, so it gets graphs of its own), sequence 11:
+    """Batch size 1 (served by the example's graphs where the model's code does not branch on
+    it, see test_size_one.py; else by graphs of its own), sequence 11:
     without a mask for sdpa, with a padded one for eager (one extraction per config keeps the
     file fast; the (3, 5) test covers every mask state on the shared graphs)."""
     _check_shape(case, 1, 11, None if case.attn == "sdpa" else "padded")

@@ -39,18 +39,20 @@ def test_an_on_demand_extraction_says_why_before_it_runs_and_only_once(model):
     assert torch.equal(out.logits, model(**int32).logits) and len(pg.variants) == 2
     (message,) = said
     assert "input 'input_ids': extracted for dtype int64, called with int32" in message
+    assert "tokenizers return int64 ids; cast with `.long()`" in message  # the way back to the int64 graphs
     assert "the last extraction in this process took" in message and "graphpatch-cache build" in message
     assert _call(pg, **int32)[1] == []  # the variant exists now
-    one = {**inputs, "input_ids": inputs["input_ids"][:1]}
+    # a length of 1 is a new variant (sdpa branches on it; batch 1 shares: test_size_one.py)
+    one = {**inputs, "input_ids": inputs["input_ids"][:, :1]}
     out, (message,) = _call(pg, **one)
-    assert "size 1 in dimension 0" in message and torch.equal(out.logits, model(**one).logits)
+    assert "size 1 in dimension 1" in message and torch.equal(out.logits, model(**one).logits)
 
 
 def test_on_new_variant_error_refuses_and_extract_is_silent(model):
     inputs = token_inputs()
     strict = PatchableGraph(model, ExtractionOptions(on_new_variant="error"), **inputs)
-    one = {**inputs, "input_ids": inputs["input_ids"][:1]}
-    with pytest.raises(SignatureMismatchError, match="size 1 in dimension 0") as err:
+    one = {**inputs, "input_ids": inputs["input_ids"][:, :1]}
+    with pytest.raises(SignatureMismatchError, match="size 1 in dimension 1") as err:
         strict(**one)
     assert "on_new_variant" in str(err.value) and len(strict.variants) == 1
     assert torch.equal(strict(**inputs).logits, model(**inputs).logits)  # known signatures still run

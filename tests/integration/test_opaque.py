@@ -136,8 +136,8 @@ def test_a_call_taking_sizes_as_ints_stays_shape_generic(tmp_path):
     pg = load_cached(model, torch.randn(3, 9), store=str(tmp_path))  # the graphs as the loader rebuilds them
     assert pg.cache_stats.hits == 1 and pg.cache_stats.misses == 0
     assert pg.artifact.extraction["shape_specialized"] == {}
-    assert pg.artifact.signature["leaves"][0]["dims"] == ["dyn", "dyn"]
-    for shape in [(2, 6), (3, 9), (5, 4)]:
+    assert pg.artifact.signature["leaves"][0]["dims"] == ["dyn1", "dyn1"]  # (sizes of 1 too)
+    for shape in [(2, 6), (3, 9), (5, 4), (1, 6), (2, 1), (1, 1)]:
         x = torch.randn(*shape)
         assert torch.equal(pg(x), model(x)), shape
     assert len(pg.variants) == 1

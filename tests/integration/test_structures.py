@@ -491,7 +491,9 @@ def test_graph_break_falls_back_to_opaque(branch_model):
     # the other batch size (exact, checked above) used the same graph (issue 10, bug 3)
     assert len(pg.variants) == 1
     assert set(pg.artifact.extraction["data_dependent"]) == {"breaker"}
-    assert pg.artifact.signature["leaves"][0]["dims"] == ["dyn", sm.D]  # (the weights pin the features)
+    assert pg.artifact.signature["leaves"][0]["dims"] == ["dyn1", sm.D]  # (the weights pin the features)
+    check_exact(pg, model, rand(1, sm.D, seed=4))  # batch 1: the same graph
+    assert len(pg.variants) == 1
     assert {"x", "gain", "output"} <= set(dir(pg.graph.breaker))
     assert shares_parameters(pg, model.breaker.gain, model.breaker.lin.weight, model.pre.weight, model.post.weight)
 

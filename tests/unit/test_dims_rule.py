@@ -2,8 +2,8 @@
 per-call matcher on live tensors and the stored-signature comparison. No trace.
 
 Oracle: the rule as the artifact spec states it, written out case by case (same rank; a
-fixed dimension takes exactly its size; a symbolic one any size >= 2, since dynamo
-specializes 0 and 1).
+fixed dimension takes exactly its size; a symbolic one any size >= 2 ("dyn": the model's code
+branches on size 1 there, or dynamo specialized 0 and 1) or >= 1 ("dyn1"); never 0).
 """
 
 import pytest
@@ -29,6 +29,14 @@ CASES = [
     (["dyn", "dyn", 4], [2, 3, 4], True),
     (["dyn", "dyn", 4], [2, 3, 5], False),
     (["dyn", 4], [2, 3, 4], False),
+    (["dyn1"], [1], True),
+    (["dyn1"], [2], True),
+    (["dyn1"], [9], True),
+    (["dyn1"], [0], False),
+    (["dyn1", "dyn"], [1, 2], True),
+    (["dyn1", "dyn"], [1, 1], False),
+    (["dyn1", 4], [1, 5], False),
+    (["dyn1", 4], [3, 4], True),
 ]
 
 
