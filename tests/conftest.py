@@ -109,20 +109,3 @@ def local_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runner(local_dir):
     return CliRunner(env={"GRAPHPATCH_CACHE_LOCAL_DIR": str(local_dir)})
-
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist (``-n 2 --dist loadgroup``, the README's command), a test module's
-    tests run on one worker (they share module-scoped extractions), except in modules that
-    set ``XDIST_GROUP_BY_PARAM = True`` (the model zoo): there each parametrized case is its
-    own group, so the cases spread over the workers. Without xdist this only adds a marker."""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        group = item.nodeid.split("::")[0]
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and getattr(item.module, "XDIST_GROUP_BY_PARAM", False):
-            group += "::" + "-".join(str(v) for v in callspec.params.values())
-        item.add_marker(pytest.mark.xdist_group(group))

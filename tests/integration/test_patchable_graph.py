@@ -642,9 +642,8 @@ def _int32(inputs):
     [
         lambda: token_inputs(2, 8, mask=True),
         lambda: _int32(token_inputs(2, 8)),
-        lambda: token_inputs(1, 8, seed=3),
     ],
-    ids=["attention_mask", "int32", "batch1"],
+    ids=["attention_mask", "int32"],
 )
 def test_other_signature_gets_exact_variant(gpt2_variants, make):
     model, _, pg = gpt2_variants
@@ -662,6 +661,15 @@ def test_other_signature_gets_exact_variant(gpt2_variants, make):
     with torch.no_grad():
         assert torch.equal(pg(**other).logits, model(**other).logits)
     assert len(pg.variants) == n + 1
+
+
+def test_batch_one_shares_the_variant_of_larger_batches(gpt2_variants):
+    model, _, pg = gpt2_variants
+    inputs = token_inputs(1, 8, seed=3)
+    n = len(pg.variants)
+    with torch.no_grad():
+        assert torch.equal(pg(**inputs).logits, model(**inputs).logits)
+    assert len(pg.variants) == n
 
 
 def test_new_variant_extracted_inside_patch_context(gpt2_variants):

@@ -146,7 +146,7 @@ def test_an_on_demand_variant_says_so(capsys):
     model = Net()
     pg = PatchableGraph(model, ExtractionOptions(progress=True, on_new_variant="extract"), torch.randn(3, 4))
     capsys.readouterr()
-    pg(torch.randn(1, 4))  # size 1: a new variant
+    pg(torch.randn(2, 3, 4))  # another rank: a new variant
     assert len(pg.variants) == 2
     events = _events(capsys.readouterr().err)
     assert events and {t for t, _ in events} == {"extracting a new graph variant of Net"}

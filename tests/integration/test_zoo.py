@@ -26,23 +26,42 @@ import zoo
 import zoo_checks as checks
 
 pytestmark = pytest.mark.slow  # extracts every architecture of the zoo
-XDIST_GROUP_BY_PARAM = True  # each case on one worker, the cases spread (tests/conftest.py)
 
 CASES = zoo.suite_cases()
 CAUSAL = [c for c in CASES if zoo.BY_NAME[c[0]].kind == "causal"]
 
 
-def _id(case):
-    return f"{case[0]}-{case[1]}"
+class _Case:
+    """The checks of one case. One class per case: the README's ``pytest -n 2 --dist loadscope``
+    sends a class to one worker (its extraction is shared by its tests), and the cases spread
+    over the workers."""
+
+    case: tuple = ("", "")
+
+    @pytest.fixture(scope="class")
+    def zcase(self, request, tmp_path_factory):
+        name, attn = request.cls.case
+        try:
+            return checks.extract(name, attn, tmp_path_factory.mktemp(f"zoo-{name}-{attn}"))
+        except Exception as exc:  # fails each test of the case (pytest would repeat a failed setup)
+            return exc
+
+    def test_compiled(self, zcase):
+        checks.check_compiled(_case(zcase))
+
+    def test_exact(self, zcase):
+        checks.check_exact(_case(zcase))
+
+    def test_probe_and_zero(self, zcase):
+        checks.check_probe_and_zero(_case(zcase))
+
+    def test_cache_hit(self, zcase):
+        checks.check_hit(_case(zcase))
 
 
-@pytest.fixture(scope="module")
-def zcase(request, tmp_path_factory):
-    name, attn = request.param
-    try:
-        return checks.extract(name, attn, tmp_path_factory.mktemp(f"zoo-{name}-{attn}"))
-    except Exception as exc:  # fails each test of the case (pytest would repeat a failed setup)
-        return exc
+class _CausalCase(_Case):
+    def test_generate_with_kv_cache(self, zcase):
+        checks.check_generate(_case(zcase))
 
 
 def _case(zcase):
@@ -51,33 +70,10 @@ def _case(zcase):
     return zcase
 
 
-def on(cases):
-    return pytest.mark.parametrize("zcase", cases, indirect=True, ids=_id, scope="module")
-
-
-@on(CASES)
-def test_compiled(zcase):
-    checks.check_compiled(_case(zcase))
-
-
-@on(CASES)
-def test_exact(zcase):
-    checks.check_exact(_case(zcase))
-
-
-@on(CASES)
-def test_probe_and_zero(zcase):
-    checks.check_probe_and_zero(_case(zcase))
-
-
-@on(CASES)
-def test_cache_hit(zcase):
-    checks.check_hit(_case(zcase))
-
-
-@on(CAUSAL)
-def test_generate_with_kv_cache(zcase):
-    checks.check_generate(_case(zcase))
+for _name, _attn in CASES:
+    _cls = type(f"TestZoo_{_name}_{_attn}", (_CausalCase if (_name, _attn) in CAUSAL else _Case,),
+                {"case": (_name, _attn)})
+    globals()[_cls.__name__] = _cls
 
 
 def test_the_zoo_covers_the_issue():
