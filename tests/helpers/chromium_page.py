@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -44,7 +46,8 @@ class ChromiumPage:
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
              "--remote-debugging-port=0", f"--user-data-dir={self._profile.name}",
              f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # its own process group: its helpers are stopped with it
         try:
             port = self._port()
             target = self._page_target(port)
@@ -62,12 +65,30 @@ class ChromiumPage:
         ws = getattr(self, "_ws", None)
         if ws is not None:
             ws.close()
-        self._proc.terminate()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(10)
+        # chromium's helper processes (renderer, utility, crashpad) outlive the browser process
+        # for a moment and keep writing into the profile: stop the whole group, then remove it
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self._proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                continue
+            if sig == signal.SIGTERM:
+                time.sleep(0.5)  # helpers of the group exit after the browser
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                shutil.rmtree(self._profile.name)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:  # a helper still finishing a write
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         self._profile.cleanup()
 
     def _port(self) -> int:

@@ -130,7 +130,11 @@ def executed(tmp_path_factory):
 
 
 def _outputs(cell):
-    return {k: v for out in cell.outputs for k, v in out.get("data", {"text": out.get("text", "")}).items()}
+    """A cell's rich outputs by MIME type, and ``text``: what it printed on stdout (stderr holds
+    the extraction's progress, which may come in several pieces, before or after)."""
+    shown = {k: v for out in cell.outputs for k, v in out.get("data", {}).items()}
+    shown["text"] = "".join(out.get("text", "") for out in cell.outputs if out.get("name") == "stdout")
+    return shown
 
 
 def test_the_kernel_hits_the_cache_patches_and_shows_every_node_path(executed):
