@@ -45,6 +45,18 @@ def cache_warnings(record) -> list:
     return [w for w in record if "graphpatch_cache" in str(w.message)]
 
 
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """Around a block that drives a child process: kill and reap it on the way out if it still
+    runs (a failed assertion leaves no orphan behind)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def store(root: Path, local=None, **kw) -> CacheStore:
     """A store whose local tier is ``local`` (a path), or disabled (``False``)."""
     return CacheStore(root, local_dir=local, **kw)

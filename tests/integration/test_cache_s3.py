@@ -34,7 +34,7 @@ from graphpatch_cache.errors import RemoteStoreError  # noqa: E402
 
 from cli_run import invoke  # noqa: E402
 from s3_server import Relay, free_port, start_moto  # noqa: E402
-from store_files import cache_warnings, logits, sha256_file  # noqa: E402
+from store_files import cache_warnings, logits, reaped, sha256_file  # noqa: E402
 from store_files import blobs as local_blobs, refs as local_refs  # noqa: E402
 from tiny_models import mlp_inputs, tiny_mlp  # noqa: E402
 
@@ -172,7 +172,7 @@ def processes(s3, tmp_path_factory):
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_child_env(s3, base), cwd=TESTS_DIR)
     requests = []
-    try:
+    with reaped(proc):
         for step in plan:
             s3.relay.reset()
             proc.stdin.write("\n")
@@ -182,10 +182,6 @@ def processes(s3, tmp_path_factory):
             requests.append(list(s3.relay.requests))
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     results = {}
     for step in plan:
         for name, _ in step:
@@ -251,15 +247,11 @@ def test_a_client_killed_mid_upload_leaves_nothing_a_reader_accepts(s3, url, tmp
     script.write_text(KILLED)
     proc = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_child_env(s3, tmp_path), cwd=TESTS_DIR)
-    try:
+    with reaped(proc):
         assert s3.relay.stalled.wait(timeout=240), proc.communicate(timeout=5) if proc.poll() is not None else ""
         time.sleep(0.2)  # the upload's first bytes reach the server
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert _objects(s3, url, "refs") == {}  # no ref: the ref is written only after its blob
     for name, data in _objects(s3, url, "objects").items():  # and no blob that is not whole

@@ -22,7 +22,7 @@ import torch
 
 from graphpatch_cache import cache_key, load_cached
 
-from store_files import blobs, cache_warnings, files_under, logits, refs, sha256_file, store
+from store_files import blobs, cache_warnings, files_under, logits, reaped, refs, sha256_file, store
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # child processes import transformers and extract
 
@@ -200,7 +200,7 @@ def test_sigkill_mid_write_leaves_nothing_valid_looking(m1, tmp_path, stall_at):
     script.write_text(KILLED_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(root), str(stall_at)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_subprocess_env(tmp_path), cwd=TESTS_DIR)
-    try:
+    with reaped(proc):
         line = proc.stdout.readline()
         assert line.startswith("STALLED"), (line, proc.stderr.read() if proc.poll() is not None else "")
         _, partial_name, full_len = line.split()
@@ -209,10 +209,6 @@ def test_sigkill_mid_write_leaves_nothing_valid_looking(m1, tmp_path, stall_at):
         assert partial.stat().st_size == int(full_len) // 2  # really half-written
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert partial.exists()  # the crash left its temp file behind ...
     assert not refs(root)  # ... but published no ref
