@@ -7,16 +7,18 @@
    ``transformer.wte.output``, sliced), then the clean value restored (``ReplacePatch``, sliced)
    at one layer and token at a time, for the residual stream, the MLP outputs and the attention
    outputs; the recovered probability of the right capital says where the fact is read.
-3. ROME at the MLP layer tracing points to: the keys (the MLP's hidden activation at the last
-   subject token, probed in the edit prompt and behind random prefixes), the value found by
-   optimizing an ``AddPatch`` on the MLP output there with Adam (plus a KL term on another prompt
-   about the subject), and the rank-one update of ``c_proj``'s weight from them and a key
-   covariance probed over training text, applied as an ``AddPatch`` on the weight node: the
-   model's weights never change. ``--rome-keys mean`` makes the update exact at the keys' mean
-   k*, as in the paper; the default makes it exact at each context's key (still rank one),
-   which this small model needs (its layer-0 keys depend much on the context).
-4. Efficacy, generalization (other phrasings) and specificity (countries sharing a word with
-   the edited one) before and after, the number of patched graph calls and their time.
+3. ROME at the MLP layer tracing points to: the keys (the MLP's hidden activation at the name's
+   last token; as in the paper, for the name alone and after random prefixes, plus the edit
+   prompt's own), the value found by optimizing an ``AddPatch`` on the MLP output there with Adam
+   over the edit prompt behind the prefixes (plus a KL term on another prompt about the subject),
+   and the rank-one update of ``c_proj``'s weight from them and a key covariance probed over
+   training text, applied as an ``AddPatch`` on the weight node: the model's weights never
+   change. ``--rome-keys mean`` makes the update exact at the name keys' mean k*, as in the
+   paper; the default makes it exact at each key (still rank one), which this small model needs:
+   its layer-0 key depends on the words before the name.
+4. Efficacy, generalization (other phrasings), specificity (the paper's neighbourhood: countries
+   that had the edited country's capital) and, harder, countries whose names share a word with
+   the edited one, before and after; the number of patched graph calls and their time.
 
 Run: python examples/rome.py [--quick] [--json] [--cache-dir DIR] [--png PATH]
 (the heatmap PNG needs matplotlib: pip install -e ".[examples]")
@@ -189,7 +191,8 @@ def key_covariance(runner: Runner, world: World, layer: int, documents: int) -> 
 def rome_edit(runner: Runner, world: World, subject: int, new_object: int, layer: int, covariance: torch.Tensor):
     mode = world.mode
     prompts, subject_last = [], []
-    for prefix in [[]] + world.random_prefixes(mode.rome_prefixes, seed=mode.seed + 3 + subject):
+    prefixes = world.random_prefixes(mode.rome_prefixes, seed=mode.seed + 3 + subject)
+    for prefix in [[]] + prefixes:
         prompt, span = world.prompt(subject, "capital", 0, prefix=prefix)
         prompts.append(prompt)
         subject_last.append(span[1] - 1)
@@ -203,8 +206,18 @@ def rome_edit(runner: Runner, world: World, subject: int, new_object: int, layer
     with torch.no_grad():
         logits = runner.logits(ids, {f"transformer.h_{layer}.mlp.c_proj.x": key_probe,
                                      f"transformer.h_{layer}.mlp.output": out_probe})
-    keys = key_probe.activation[row_index, positions]  # every context's key, the KL prompt's last
-    k_star = keys[:-1].mean(0)
+    # the keys, as in the paper: the name on its own and after each random prefix (a key reads
+    # only the tokens up to the name's last one); and the edit prompt's own, which precedes the
+    # name with "the capital of"
+    name = world.name_tokens(subject)
+    name_rows = [[1] + name] + [[1] + prefix + name for prefix in prefixes]
+    name_ids, name_last = world.batch(name_rows)
+    name_probe = ProbePatch()
+    with torch.no_grad():
+        runner.logits(name_ids, {f"transformer.h_{layer}.mlp.c_proj.x": name_probe})
+    name_keys = name_probe.activation[torch.arange(len(name_rows)), name_last]
+    k_star = name_keys.mean(0)
+    keys = torch.cat([key_probe.activation[:1, positions[0]], name_keys])
     value_norm = out_probe.activation[row_index[:-1], positions[:-1]].norm(dim=-1).mean()
     kl_reference = logits[len(prompts), last[-1]].log_softmax(-1)
     # v*: the MLP output's change at the subject that makes every prefixed prompt say the new object
@@ -240,26 +253,30 @@ def rome_edit(runner: Runner, world: World, subject: int, new_object: int, layer
 
 
 def evaluate(runner: Runner, world: World, edits: list[tuple[int, int]], patches_for) -> dict:
-    counts = {name: [0, 0] for name in ("efficacy", "generalization", "specificity", "other_facts_kept")}
+    counts = {name: [0, 0] for name in ("efficacy", "generalization", "specificity", "name_neighbours_kept", "other_facts_kept")}
+
+    predictions: list[str] = []  # what each edit prompt yields
 
     def tally(name: str, prompts: list[list[int]], targets: list[int], patches) -> None:
         predicted = runner.predict(prompts, patches).argmax(-1)
         counts[name][0] += int((predicted == torch.tensor(targets)).sum())
         counts[name][1] += len(targets)
+        if name == "efficacy":
+            predictions.append(world.vocab[int(predicted[0])])
 
     for subject, new_object in edits:
         patches = patches_for(subject)
         templates = range(len(world.templates["capital"]))
         tally("efficacy", [world.prompt(subject, "capital", 0)[0]], [new_object], patches)
         tally("generalization", [world.prompt(subject, "capital", t)[0] for t in templates if t], [new_object] * (len(templates) - 1), patches)
-        neighbours = world.neighbours(subject)
-        tally("specificity", [world.prompt(n, "capital", t)[0] for n in neighbours for t in templates],
-              [world.answer(n, "capital") for n in neighbours for _ in templates], patches)
+        for name, neighbours in (("specificity", world.neighbours(subject)), ("name_neighbours_kept", world.name_neighbours(subject))):
+            tally(name, [world.prompt(n, "capital", t)[0] for n in neighbours for t in templates],
+                  [world.answer(n, "capital") for n in neighbours for _ in templates], patches)
         languages = range(len(world.templates["language"]))
         tally("other_facts_kept", [world.prompt(subject, "language", t)[0] for t in languages],
               [world.answer(subject, "language")] * len(languages), patches)
     return {name: round(hit / total, 4) for name, (hit, total) in counts.items()} | {
-        "prompts": {name: total for name, (_, total) in counts.items()}}
+        "prompts": {name: total for name, (_, total) in counts.items()}, "predictions": predictions}
 
 
 # -- the story -----------------------------------------------------------------------------------
@@ -272,8 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--png", help="where to save the tracing heatmaps (default: in the cache dir)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--rome-keys", choices=("each", "mean"), default=None,
-                        help="each (default): the rank-one update is exact at every context's key; "
-                             "mean: at the contexts' mean key k*, as in the paper")
+                        help="each (default): the rank-one update is exact at every key (the name alone, "
+                             "after each prefix, in the edit prompt); mean: at the name keys' mean k*, as in the paper")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -305,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     runner = Runner(pg, world)
 
     # tracing on known facts
-    traced = world.known_subjects(runner, mode.trace_prompts)
+    known = world.known_subjects(runner, max(mode.trace_prompts, mode.edits))
+    traced = known[:mode.trace_prompts]
     start = time.perf_counter()
     tracing = trace(runner, world, mode, traced)
     trace_seconds = time.perf_counter() - start
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     covariance = key_covariance(runner, world, layer, mode.covariance_documents)
     covariance += 1e-4 * covariance.diagonal().mean() * torch.eye(len(covariance))  # keep it invertible
-    edits = world.edit_requests(runner, traced, mode.edits)
+    edits = world.edit_requests(runner, known, mode.edits)
     updates, details = {}, []
     for subject, new_object in edits:
         updates[subject], info = rome_edit(runner, world, subject, new_object, layer, covariance)
@@ -337,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     pointer, saved = weight.data_ptr(), weight.detach().clone()
     before = evaluate(runner, world, edits, lambda subject: None)
     after = evaluate(runner, world, edits, lambda subject: {weight_node: AddPatch(value=updates[subject])})
+    for item, said in zip(details, after["predictions"]):
+        item["now_says"] = said
     rome_seconds = time.perf_counter() - start
     # the same edit written into a copy of the model gives the same predictions
     subject, new_object = edits[0]
@@ -352,12 +372,12 @@ def main(argv: list[str] | None = None) -> dict:
                  and weights_digest(model) == digest_before)
 
     say(f"\nROME at layer {layer} ({len(edits)} edits, each alone; {mode.rome_prefixes} random prefixes; "
-        f"keys: {'every context' if mode.rome_keys == 'each' else 'their mean k*'}):")
+        f"update exact at {'each key: the name alone, after each prefix, in the edit prompt' if mode.rome_keys == 'each' else 'the name keys mean k*'}):")
     for item in details:
-        say(f"  {item['subject']}: {item['from']} -> {item['to']}  ({item['optimizer_steps']} Adam steps to "
+        say(f"  {item['subject']}: {item['from']} -> {item['to']}, now says {item['now_says']}  ({item['optimizer_steps']} Adam steps to "
             f"-log p {item['final_nll']}, |delta|/|v| {item['delta_norm_over_value_norm']})")
     say(f"  {'':18s} before  after   (prompts)")
-    for name in ("efficacy", "generalization", "specificity", "other_facts_kept"):
+    for name in ("efficacy", "generalization", "specificity", "name_neighbours_kept", "other_facts_kept"):
         say(f"  {name:18s} {before[name]:6.1%}  {after[name]:6.1%}  ({after['prompts'][name]})")
     say(f"  the edit written into a copy of the model: max |logit difference| {copy_difference:.2e}")
     say(f"  model weights unchanged (data_ptr, torch.equal, digest): {unchanged}")

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-WORLD_VERSION = 4  # bump when the world, the corpus or the training changes: cached weights go stale
+WORLD_VERSION = 5  # bump when the world, the corpus or the training changes: cached weights go stale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,8 @@ class Mode:
     trace_samples: int  # noise samples per prompt (the batch of every tracing call)
     full_grid: bool  # trace every token (else the subject's tokens and the last token)
     edits: int  # ROME edits, each evaluated alone
-    n_words: int = 8  # the words countries' two-word names are made of
+    n_words: int = 8  # the words countries' names are made of
+    name_words: int = 2  # words per name
     rome_prefixes: int = 4  # random prefixes the key and the value are found over
     rome_steps: int = 150
     rome_lr: float = 2.0
@@ -50,18 +51,20 @@ class Mode:
 
 
 #: the fields the world and the trained weights depend on (the cached weights' key)
-TRAINING_FIELDS = ("n_subjects", "n_words", "n_layer", "n_embd", "n_head", "max_steps", "batch_size", "lr",
+TRAINING_FIELDS = ("n_subjects", "n_words", "name_words", "n_layer", "n_embd", "n_head", "max_steps", "batch_size", "lr",
                    "target_accuracy", "eval_every", "objects_only_loss", "max_sentences", "seed")
 
-# Both modes train the same model (one cached weights file serves both); the full mode traces
-# every token of more prompts and makes more edits. Larger worlds (96-150 countries, width 64-128)
-# stayed on their loss plateau past 3,000-4,600 steps, minutes on 2 cores: not worth the wait here.
-_MODEL = dict(n_subjects=48, n_words=8, n_layer=4, n_embd=64, n_head=4, max_steps=4000, batch_size=16, lr=5e-3,
-              target_accuracy=0.97)
+# Names are two words from a pool (40 words for 200 countries: each word in about ten names, so
+# no single word names a country). At width 64 the model reads a country's facts from the
+# layer-0 MLP at the name's last token (tracing effect +0.21); at width 128 it looks them up at
+# the last token instead (+0.06 at the name), where an edit at the name reaches little.
+_MODEL = dict(n_layer=4, n_embd=64, n_head=4, max_steps=4000, batch_size=32, lr=5e-3, target_accuracy=0.97,
+              max_sentences=2, rome_lr=0.5, rome_steps=300, rome_decay=0.1)
 MODES = {
-    "full": Mode("full", **_MODEL, trace_prompts=12, trace_samples=8, full_grid=True, edits=12),
-    "quick": Mode("quick", **_MODEL, trace_prompts=4, trace_samples=4, full_grid=False, edits=4,
-                  covariance_documents=128),
+    "full": Mode("full", n_subjects=200, n_words=40, **_MODEL, trace_prompts=12, trace_samples=8, full_grid=True,
+                 edits=16, covariance_documents=512),
+    "quick": Mode("quick", n_subjects=64, n_words=20, **_MODEL, trace_prompts=4, trace_samples=4, full_grid=False,
+                  edits=20, covariance_documents=256),
 }
 
 TEMPLATES = {
@@ -87,13 +90,17 @@ class World:
         self.mode = mode
         rng = random.Random(mode.seed)
         taken = {word for template in sum(TEMPLATES.values(), []) for word in template.split()}
-        # two-word names over one small pool of words, each pair in both orders ("Vela Tor" and
-        # "Tor Vela"): no single word names a country, and the order matters, as in multi-token
-        # names of real text. A country's neighbours share its words.
+        # names of `name_words` distinct words drawn from one pool, no name twice: no single word
+        # names a country and the order matters ("Vela Tor" and "Tor Vela" may both exist), as in
+        # multi-token names of real text
         pool = _names(rng, mode.n_words, 2, taken)
-        pairs = [(a, b) for i, a in enumerate(pool) for b in pool[i + 1:]]
-        rng.shuffle(pairs)
-        ordered = [pair for a, b in pairs[:-(-mode.n_subjects // 2)] for pair in ((a, b), (b, a))]
+        names: set[tuple[str, ...]] = set()
+        ordered: list[tuple[str, ...]] = []
+        while len(ordered) < mode.n_subjects:
+            name = tuple(rng.sample(pool, mode.name_words))
+            if name not in names:
+                names.add(name)
+                ordered.append(name)
         self.cities = _names(rng, max(12, mode.n_subjects // 4), 2, taken)
         self.languages = _names(rng, 8, 2, taken)
         self.subjects = ordered[:mode.n_subjects]
@@ -120,7 +127,10 @@ class World:
         tokens = [1] + list(prefix or []) + self.sentence(subject, relation, template, with_object=False)
         first = self.ids[self.subjects[subject][0]]
         start = next(i for i in range(1 + len(prefix or []), len(tokens)) if tokens[i] == first)
-        return tokens, (start, start + 2)
+        return tokens, (start, start + len(self.subjects[subject]))
+
+    def name_tokens(self, subject: int) -> list[int]:
+        return [self.ids[word] for word in self.subjects[subject]]
 
     def answer(self, subject: int, relation: str) -> int:
         return self.ids[self.facts[relation][subject]]
@@ -140,11 +150,20 @@ class World:
         return [sum((self.random_sentence(rng) for _ in range(rng.randint(1, 2))), []) for _ in range(count)]
 
     def neighbours(self, subject: int, limit: int = 4) -> list[int]:
-        """Countries named with the same words: the reversed name first, then those sharing a word."""
-        a, b = self.subjects[subject]
-        reverse = [s for s, name in enumerate(self.subjects) if name == (b, a)]
-        sharing = [s for s, name in enumerate(self.subjects) if s != subject and name != (b, a) and set(name) & {a, b}]
-        return (reverse + sharing)[:limit]
+        """The paper's neighbourhood: other countries whose capital is the edited one's (a careless
+        edit of "capital -> new city" would move them too); random other countries where fewer."""
+        old = self.facts["capital"][subject]
+        same = [s for s in range(len(self.subjects)) if s != subject and self.facts["capital"][s] == old]
+        rng = random.Random(self.mode.seed + 5 + subject)
+        others = [s for s in range(len(self.subjects)) if s != subject and s not in same]
+        return (same + rng.sample(others, max(0, limit - len(same))))[:limit]
+
+    def name_neighbours(self, subject: int, limit: int = 4) -> list[int]:
+        """Countries whose names share a word with the edited one's, those sharing its last word
+        (the token the edit's key is read at) first: the hardest prompts to leave alone."""
+        own = self.subjects[subject]
+        sharing = [s for s, name in enumerate(self.subjects) if s != subject and set(name) & set(own)]
+        return sorted(sharing, key=lambda s: self.subjects[s][-1] != own[-1])[:limit]
 
     # -- batches -----------------------------------------------------------------------------
     def batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

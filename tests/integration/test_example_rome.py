@@ -53,7 +53,8 @@ def test_the_trained_model_knows_its_facts(quick_run):
 def test_tracing_finds_the_fact_in_an_mlp_at_the_subject(quick_run):
     tracing = quick_run[0]["tracing"]
     assert tracing["p_clean"] - tracing["p_corrupted"] > 0.3  # the noise really hides the subject
-    assert tracing["peaks"]["mlp"]["token"] == "last subject token", tracing["peaks"]
+    # the MLPs' largest effect is at the name's tokens (ROME's early site), not at the last token
+    assert tracing["peaks"]["mlp"]["token"] in ("last subject token", "subject token"), tracing["peaks"]
     site = tracing["early_site"]
     assert site["effect"] > 0.1 and site["effect"] > 2 * site["attention_effect_there"], site
     assert quick_run[0]["rome"]["layer"] == site["layer"]
@@ -61,13 +62,13 @@ def test_tracing_finds_the_fact_in_an_mlp_at_the_subject(quick_run):
 
 def test_rome_edits_the_fact_and_only_it(quick_run):
     rome = quick_run[0]["rome"]
+    assert len(rome["edits"]) >= 20
     assert rome["before"]["efficacy"] == 0.0  # the new capitals were not predicted before
-    # measured 1.0 (4 of 4 edits; seeded, one torch thread; the full run: 10 of 12). 3 of 4 passes:
-    # another CPU's kernels may train a slightly different model, and one edit more or less of
-    # four is no regression of the library
-    assert rome["after"]["efficacy"] >= 0.75
+    assert rome["after"]["efficacy"] >= 0.9  # measured 0.95 (19 of 20; seeded, one torch thread)
+    # the paper's neighbourhood: countries that had the edited country's capital keep theirs
     assert rome["before"]["specificity"] >= 0.9
     assert rome["after"]["specificity"] >= 0.9
+    assert rome["after"]["other_facts_kept"] >= 0.85  # the edited country's language is kept (measured 0.917)
     assert rome["copy_max_logit_difference"] < 1e-4  # the weight patch is the edited copy's weights
     assert quick_run[0]["patched_calls"] > 100
 
