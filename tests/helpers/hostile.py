@@ -440,6 +440,33 @@ def deliver_cache(legit: Legit, model: nn.Module, data: bytes, workdir: Path) ->
     return load_cached(model, store=CacheStore(root, local_dir=Path(workdir) / "local-victim"), **legit.inputs)
 
 
+def plant_in_remote(legit: Legit, data: bytes, url: str) -> None:
+    """The same planting under an fsspec URL (``memory://...``, ``s3://bucket/prefix``): the
+    template root's files copied there, the key's ref pointed at a new blob holding ``data``."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(url)
+    root = Path(legit.root)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        fs.pipe_file(f"{base}/{path.relative_to(root).as_posix()}", path.read_bytes())
+    digest = hashlib.sha256(data).hexdigest()
+    fs.pipe_file(f"{base}/objects/{digest[:2]}/{digest}", data)
+    ref = f"{base}/refs/{legit.key}/{legit.ref_name}"
+    meta = json.loads(fs.cat_file(ref))
+    meta["digest"] = digest
+    meta["size"] = len(data)
+    fs.pipe_file(ref, json.dumps(meta, sort_keys=True).encode())
+
+
+def deliver_remote(legit: Legit, model: nn.Module, data: bytes, url: str, workdir: Path) -> Any:
+    """Plant ``data`` on an object-storage root, then ``load_cached`` from it as a teammate
+    would (a new local tier in front)."""
+    from graphpatch_cache import CacheStore, load_cached
+
+    plant_in_remote(legit, data, url)
+    return load_cached(model, store=CacheStore(url, local_dir=Path(workdir) / "local-victim"), **legit.inputs)
+
+
 def deliver_portable(legit: Legit, model: nn.Module, data: bytes, workdir: Path) -> Any:
     from graphpatch_cache import PatchableGraph
 

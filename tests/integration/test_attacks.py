@@ -5,9 +5,10 @@ inserts or replaces nodes in its JSON form. The result is well-formed (it matche
 Schema, and every door gets correct sha256 digests) unless the case says otherwise. If its
 payload ran, it would create ``MARKER`` in the case's directory (or delete ``victim/``), change
 the model's parameters, or leave the process's torch state changed. Every case goes through
-all three doors: a planted cache blob + ref (``test_cache_door``), a portable file given to
-``PatchableGraph.load`` (``test_portable_door``), and ``graphpatch-cache import``
-(``test_cli_import_door``).
+every door: a planted cache blob + ref on a directory root (``test_cache_door``) and on an
+object-storage root (``test_remote_door``: fsspec's in-process ``memory://``, and ``s3://`` on a
+real S3-protocol server), a portable file given to ``PatchableGraph.load``
+(``test_portable_door``), and ``graphpatch-cache import`` (``test_cli_import_door``).
 
 What each case expects (``expect``):
 
@@ -40,7 +41,7 @@ from graphpatch_cache import CacheStore, load_cached
 from graphpatch_cache.errors import GraphPatchCacheError
 
 from hostile import (Ctx, F, Fn, Legit, Payload, Ref, Tag, artifact_bytes, deliver_cache, deliver_cli,
-                     deliver_portable, dumps, find_node, global_state, graph_at, legit_setup, mirror_portable_bytes,
+                     deliver_portable, deliver_remote, dumps, find_node, global_state, graph_at, legit_setup, mirror_portable_bytes,
                      model_changes, portable_bytes, restore_global_state, snapshot_model, state_changes)
 
 pytestmark = pytest.mark.slow  # legit_setup extracts; every attack through three doors
@@ -1189,6 +1190,47 @@ def test_cache_door(attack: Attack, legit: Legit, ctx: Ctx, tmp_path: Path) -> N
     data = artifact_bytes(art, raw)
     model = legit.fresh_model()
     _check(attack, legit, ctx, model, lambda: deliver_cache(legit, model, data, tmp_path / "door"))
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A real S3-protocol server (moto, in the dev extra) with one bucket; clients in this
+    process reach it through ``AWS_ENDPOINT_URL_S3``."""
+    import os
+
+    import s3fs
+    from s3_server import start_moto
+
+    server, endpoint = start_moto()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("attacks")
+    yield "attacks"
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.mark.parametrize("backend", ["memory", "s3"])
+@pytest.mark.parametrize("attack", ATTACKS, ids=_ids(ATTACKS))
+def test_remote_door(attack: Attack, backend: str, s3_bucket: str, legit: Legit, ctx: Ctx, tmp_path: Path) -> None:
+    """The same planting on an object-storage root: every remote blob passes the same checks."""
+    import fsspec
+
+    art, raw = _hostile(attack, legit, ctx)
+    data = artifact_bytes(art, raw)
+    model = legit.fresh_model()
+    url = f"memory://attacks/{uuid.uuid4().hex}" if backend == "memory" else f"s3://{s3_bucket}/{uuid.uuid4().hex}"
+    try:
+        _check(attack, legit, ctx, model, lambda: deliver_remote(legit, model, data, url, tmp_path / "door"))
+    finally:
+        if backend == "memory":  # fsspec's memory store lives as long as the process
+            fsspec.filesystem("memory").rm(url[len("memory://"):], recursive=True)
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=_ids(ATTACKS))
