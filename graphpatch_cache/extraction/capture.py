@@ -206,6 +206,7 @@ def capture(
     hooked = accelerate.is_hooked(model)
     # traced on the meta device (hooked models; builds from a config): see kv_cache.empty_cache
     on_meta = hooked or any(p.device.type == "meta" for p in model.parameters())
+    tries = 0
     for _ in range(64):
         # Size-oblivious sizes first (a graph that may serve size 1 too, see .sizes); where
         # that trace fails (transformers' sdpa path passes a symbolic bool for a length traced
@@ -214,8 +215,12 @@ def capture(
         # fail, the default trace's error names the culprit.
         error: Optional[BaseException] = None
         for oblivious, ones_static in _attempts(args, kwargs):
+            # a retry says why on its progress lines (else they would seem to start over)
+            why = ("sizes of 1 kept fixed" if ones_static else "dynamo's default sizes" if not oblivious
+                   else f"{len(failures)} failing module(s) opaque")
             result = _trace(model, root, args, kwargs, opaque, failures, hooked=hooked, on_meta=on_meta,
-                            size_oblivious=oblivious, ones_static=ones_static)
+                            size_oblivious=oblivious, ones_static=ones_static, label=f" (again: {why})" if tries else "")
+            tries += 1
             if isinstance(result, Capture):
                 return result
             error = result
@@ -234,10 +239,10 @@ def _attempts(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Tuple[bool,
 
 def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kwargs: Dict[str, Any],
            opaque: Set[int], failures: Dict[str, str], *, hooked: bool, on_meta: bool,
-           size_oblivious: bool = False, ones_static: bool = False) -> Union[Capture, BaseException]:
+           size_oblivious: bool = False, ones_static: bool = False, label: str = "") -> Union[Capture, BaseException]:
     """One attempt: the eager recording, then one dynamo trace with the markers; the capture,
-    or why dynamo failed."""
-    progress.phase("eager recording")
+    or why dynamo failed. ``label`` ends its progress phases' names."""
+    progress.phase("eager recording" + label)
     with Recorder(model, frozenset(opaque)) as recorder:
         # each pass gets its own copy of a key/value cache: the model grows it in place
         eager_args, eager_kwargs = kv_cache.copy_caches((args, kwargs))
@@ -247,7 +252,7 @@ def _trace(model: torch.nn.Module, root: _CaptureRoot, args: Tuple[Any, ...], kw
         recorder.prepare_opaque()
         recorder.reset_calls()
         recorder.calls.extend(calls)  # keep the eager records for the opaque outputs
-        progress.phase("dynamo trace", recorder.traced_calls())
+        progress.phase("dynamo trace" + label, recorder.traced_calls())
         recorder.tracing = True
         recorder.inject_cache = on_meta
         captured: List[Any] = []

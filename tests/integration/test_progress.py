@@ -153,6 +153,28 @@ def test_an_on_demand_variant_says_so(capsys):
     assert "dynamo trace" in _phases(events)
 
 
+def test_a_retried_trace_says_why_instead_of_starting_over(capsys):
+    """sdpa given a symbolic ``is_causal`` (a length traced at 1, size-obliviously) fails the
+    first trace; the retry keeps the example's 1s fixed and its lines say so."""
+    import torch.nn.functional as F
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            q = self.lin(x)
+            return F.scaled_dot_product_attention(q, q, q, is_causal=q.shape[-2] > 1)
+
+    model, x = Attn(), torch.randn(2, 1, 4)
+    pg = PatchableGraph(model, ExtractionOptions(progress=True), x)
+    assert _phases(_events(capsys.readouterr().err)) == [
+        "canonical inputs", "eager recording", "dynamo trace", "eager recording (again: sizes of 1 kept fixed)",
+        "dynamo trace (again: sizes of 1 kept fixed)", "splitting", "serialization", "sources and validation"]
+    assert torch.equal(pg(x), model(x))
+
+
 def test_opaque_children_are_counted_in_their_parent(capsys):
     model, x = Net(), torch.randn(3, 4)
     block_cls = type(model.blocks[0])
