@@ -21,7 +21,8 @@ from .presets import PRESETS
 By default MODEL gets the graphs of the calls people make (any batch size and length >= 2,
 plus their one-sequence twins where the cache does not already serve them):
   forward            input_ids + attention_mask (a tokenizer's outputs), use_cache left out
-  generate: prompt   the first step of pg.generate on a padded batch (use_cache=True)
+  generate: prompt   the first step of pg.generate (use_cache=True; the mask and the
+                     position ids it passes, as model.generate does)
   generate: step     each later step (one token and the key/value cache)
 (the generate graphs for causal LMs; one "generate" graph, use_cache=False, for one that
 generates without a key/value cache; encoder-decoders: forward only). Any of --batch-size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -162,6 +163,8 @@ def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: Optional[
             seq_len=(1 if past else 8) if seq_len is None else seq_len,
             attention_mask=True if attention_mask is None else attention_mask,
             use_cache=(True if past else None) if use_cache is None else use_cache, past_length=past)
+        if signature.use_cache and signature.attention_mask:  # pg.generate's calls: with its position ids
+            signature = replace(signature, position_ids=None)
     return {
         "resolved": resolved,
         "dtype": torch_dtype,

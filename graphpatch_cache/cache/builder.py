@@ -8,6 +8,7 @@ the real model loaded with ``from_pretrained`` in the same dtype.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -35,7 +36,8 @@ class ExampleSignature:
     ``attention_mask``, ``use_cache=False``; encoder-decoder models also get
     ``decoder_input_ids`` of the same shape. ``use_cache=None`` leaves ``use_cache`` out (the
     model's default, as a call with a tokenizer's outputs does); ``position_ids=True`` adds
-    them (as ``pg.generate`` does for a padded batch). ``past_length=N`` (N >= 2, with
+    them (as ``pg.generate`` does with its mask); None adds them where ``model.forward``
+    takes them. ``past_length=N`` (N >= 2, with
     ``use_cache=True``) adds a key/value cache already holding N positions: the graph that
     ``pg.generate(use_cache=True)`` runs for every step after the prompt (build it with
     ``seq_len=1``, and ``attention_mask=True`` if you generate with a mask). Graphs are shape-generic, so any batch size and
@@ -48,7 +50,7 @@ class ExampleSignature:
     attention_mask: bool = False
     use_cache: Optional[bool] = False
     past_length: int = 0
-    position_ids: bool = False
+    position_ids: Optional[bool] = False
 
     def inputs(self, config: Any, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
         """Example inputs for ``config``; ``model`` (on any device) makes the cache of
@@ -63,7 +65,8 @@ class ExampleSignature:
             inputs["decoder_input_ids"] = torch.randint(0, vocab, shape, generator=g)
         if self.use_cache is not None and (getattr(config, "use_cache", None) is not None or self.use_cache):
             inputs["use_cache"] = self.use_cache
-        if self.position_ids:  # what pg.generate passes for a padded batch (values: any positions)
+        positions_taken = model is not None and "position_ids" in inspect.signature(model.forward).parameters
+        if self.position_ids or (self.position_ids is None and positions_taken):  # what pg.generate passes
             # on the parameters' device, where the model makes its own (a meta model's rotary
             # tables mix them with meta tensors); signatures and keys ignore devices
             device = next((p.device for p in model.parameters()), None) if model is not None else None

@@ -8,12 +8,12 @@ build that makes one example call serves only calls like it. The default plan
   ``use_cache`` left out (the model's default), at batch 2 and 8 tokens, so batch size and
   length are free (any size of 2 or more);
 - for a model that generates with a key/value cache (a causal LM), the two graphs of
-  ``pg.generate`` on a padded batch: the prompt (``use_cache=True``, no cache yet: the model
-  makes one) and the per-token step (one token, a cache holding earlier positions). With
-  padding ``pg.generate`` passes ``position_ids`` when ``forward`` takes them;
-- for each of these, the same call with one sequence (a single prompt is never padded, so
-  generation then passes no ``position_ids``), built only where no stored variant already
-  serves it: the check is the cache's own look-up (the key, then the signature fit rule of
+  ``pg.generate`` on a batch: the prompt (``use_cache=True``, no cache yet: the model
+  makes one) and the per-token step (one token, a cache holding earlier positions).
+  ``pg.generate`` always passes a mask and, when ``forward`` takes them, ``position_ids``
+  (as ``model.generate`` does);
+- for each of these, the same call with one sequence, built only where no stored variant
+  already serves it: the check is the cache's own look-up (the key, then the signature fit rule of
   :mod:`graphpatch_cache.artifact.signature`), so once size-1 calls share the graphs of
   larger sizes these builds are skipped without a change here.
 """
@@ -78,15 +78,17 @@ def default_call_shapes(model: torch.nn.Module) -> List[CallShape]:
     generation = getattr(model, "generation_config", None)
     if generation is None or getattr(config, "is_encoder_decoder", False):
         return shapes
-    padded = mask and "position_ids" in params  # pg.generate's position ids for a padded batch
+    positions = mask and "position_ids" in params  # pg.generate passes them with its mask
     if kv_cache.cache_argument(model.forward) is not None and getattr(generation, "use_cache", True) is not False:
         prompt = ExampleSignature(batch_size=BATCH, seq_len=TOKENS, attention_mask=mask, use_cache=True)
         step = replace(prompt, seq_len=1, past_length=PAST)
-        shapes.append(CallShape("generate: prompt", replace(prompt, position_ids=padded), replace(prompt, batch_size=1)))
-        shapes.append(CallShape("generate: step", replace(step, position_ids=padded), replace(step, batch_size=1)))
+        prompt, step = replace(prompt, position_ids=positions), replace(step, position_ids=positions)
+        shapes.append(CallShape("generate: prompt", prompt, replace(prompt, batch_size=1)))
+        shapes.append(CallShape("generate: step", step, replace(step, batch_size=1)))
     else:  # every step runs the whole sequence through one graph
         steps = ExampleSignature(batch_size=BATCH, seq_len=TOKENS, attention_mask=mask, use_cache=False)
-        shapes.append(CallShape("generate", replace(steps, position_ids=padded), replace(steps, batch_size=1)))
+        steps = replace(steps, position_ids=positions)
+        shapes.append(CallShape("generate", steps, replace(steps, batch_size=1)))
     return shapes
 
 

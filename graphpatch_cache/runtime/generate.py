@@ -42,11 +42,23 @@ def generate(
                                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                    pad_token_id=pad_token_id, **model_kwargs)
     cache_arg = _cache_argument(pg.model) if use_cache else None
+    given_pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     eos, pad_token_id = _stop_tokens(config, eos_token_id, pad_token_id)
     if generate_encdec.is_encoder_decoder(pg.model):
         return generate_encdec.generate(pg, input_ids, attention_mask, max_new_tokens, use_cache, eos, pad_token_id,
                                         config, model_kwargs)
+    if attention_mask is None and "attention_mask" in pg._forward_signature.parameters:
+        attention_mask = _default_mask(input_ids, given_pad, eos)
     return _decode(pg, input_ids, attention_mask, max_new_tokens, cache_arg, eos, pad_token_id, model_kwargs)
+
+
+def _default_mask(input_ids: torch.Tensor, pad_token_id: Optional[int], eos: Set[int]) -> torch.Tensor:
+    """``model.generate``'s mask when none is given: 0 where the padding id appears (when there
+    is one and it is no end-of-sequence id), else all ones. With it every call passes the
+    mask (and the positions) a tokenizer's batch does, so they share its graphs."""
+    if pad_token_id is not None and pad_token_id not in eos and bool((input_ids == pad_token_id).any()):
+        return input_ids.ne(pad_token_id).long()
+    return torch.ones(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
 
 
 def copied_generation_config(module: torch.nn.Module) -> Tuple[Any, Any]:
@@ -137,8 +149,9 @@ def _stop_tokens(config: Any, eos_token_id: Any, pad_token_id: Optional[int]) ->
 def _decode(pg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], max_new_tokens: int, cache_arg: Optional[str],
             eos: Set[int], pad_token_id: Optional[int], model_kwargs: Dict[str, Any]) -> torch.Tensor:
     """The greedy loop: one graph call per new token."""
-    # with padding, positions count real tokens only (as model.generate computes them)
-    padded = mask is not None and "position_ids" in pg._forward_signature.parameters and not bool(mask.all())
+    # with a mask, positions count real tokens only (model.generate passes them whenever the
+    # model takes them; without padding they are the positions the model would use)
+    padded = mask is not None and "position_ids" in pg._forward_signature.parameters
     cache = None
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):

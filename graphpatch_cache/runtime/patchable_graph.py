@@ -293,8 +293,10 @@ class PatchableGraph(torch.nn.Module):
         variant for every later step); with ``use_cache=False`` each step runs the whole
         sequence. The default (None) follows the model's ``generation_config.use_cache``, and
         steps without a cache (with a warning) for a model whose cache cannot go through a
-        graph. Where ``attention_mask`` has padding, position ids are computed from it as
-        ``model.generate`` does. An encoder-decoder model (T5, BART, Whisper: ``input_ids`` is
+        graph. As ``model.generate`` does, a decoder-only model gets an ``attention_mask`` when
+        none is given (from the padding id where the ids hold it, else all ones) and position
+        ids computed from the mask when its forward takes them, so ``pg.generate(ids)`` uses the
+        graphs of a tokenizer's batch. An encoder-decoder model (T5, BART, Whisper: ``input_ids`` is
         its main input, ``input_features`` for Whisper) runs its encoder once and returns the
         decoder's sequences (see :mod:`graphpatch_cache.runtime.generate_encdec`).
 

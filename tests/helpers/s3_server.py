@@ -8,14 +8,33 @@ the wire, whatever the client library does."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import threading
-from typing import List, Optional
+from typing import Dict, Iterator, List, Optional
 
-__all__ = ["Relay", "free_port", "start_moto"]
+__all__ = ["Relay", "aws_env", "free_port", "start_moto"]
 
 _REQUEST_LINE = re.compile(rb"(GET|PUT|HEAD|POST|DELETE) (/\S*) HTTP/1\.1\r\n")
+
+
+@contextlib.contextmanager
+def aws_env(endpoint: str) -> Iterator[Dict[str, str]]:
+    """Test credentials and ``AWS_ENDPOINT_URL_S3=endpoint`` in ``os.environ`` (so this
+    process's clients and its children reach the server), restored on the way out."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:

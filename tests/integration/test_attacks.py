@@ -1196,23 +1196,13 @@ def test_cache_door(attack: Attack, legit: Legit, ctx: Ctx, tmp_path: Path) -> N
 def s3_bucket():
     """A real S3-protocol server (moto, in the dev extra) with one bucket; clients in this
     process reach it through ``AWS_ENDPOINT_URL_S3``."""
-    import os
-
     import s3fs
-    from s3_server import start_moto
+    from s3_server import aws_env, start_moto
 
     server, endpoint = start_moto()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("attacks")
-    yield "attacks"
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with aws_env(endpoint):
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("attacks")
+        yield "attacks"
     server.stop()
 
 

@@ -33,7 +33,7 @@ from graphpatch_cache.cache import CacheStore, sync  # noqa: E402
 from graphpatch_cache.errors import RemoteStoreError  # noqa: E402
 
 from cli_run import invoke  # noqa: E402
-from s3_server import Relay, free_port, start_moto  # noqa: E402
+from s3_server import Relay, aws_env, free_port, start_moto  # noqa: E402
 from store_files import cache_warnings, logits, reaped, sha256_file  # noqa: E402
 from store_files import blobs as local_blobs, refs as local_refs  # noqa: E402
 from tiny_models import mlp_inputs, tiny_mlp  # noqa: E402
@@ -54,19 +54,11 @@ def s3():
 
     server, endpoint = start_moto()
     relay = Relay("127.0.0.1", int(endpoint.rsplit(":", 1)[1]))
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": relay.endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    # the test's own view of the bucket goes straight to the server (not counted by the relay)
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    yield SimpleNamespace(endpoint=endpoint, relay=relay, fs=fs, env=env)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with aws_env(relay.endpoint) as env:
+        # the test's own view of the bucket goes straight to the server (not counted by the relay)
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        yield SimpleNamespace(endpoint=endpoint, relay=relay, fs=fs, env=env)
     relay.close()
     server.stop()
 

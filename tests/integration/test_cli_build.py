@@ -83,6 +83,9 @@ with warnings.catch_warnings(record=True) as caught:
             generated = pg.generate(i, attention_mask=m, max_new_tokens=4)
             expected = model.generate(i, attention_mask=m, max_new_tokens=4, do_sample=False)
             same[f"generate {name}"] = torch.equal(generated, expected)
+    # no mask at all: pg.generate makes the one model.generate makes, so the same graphs serve
+    same["generate one, no mask"] = torch.equal(pg.generate(one, max_new_tokens=4),
+                                                model.generate(one, max_new_tokens=4, do_sample=False))
 print(json.dumps({"same": same, "misses": pg.cache_stats.misses, "hits": pg.cache_stats.hits,
                   "new_variant_warnings": [str(w.message) for w in caught if issubclass(w.category, NewVariantWarning)],
                   "before": before, "after": refs()}))
@@ -100,7 +103,7 @@ def test_the_default_build_serves_a_tokenizer_batch_and_generate_in_a_fresh_proc
     assert result["new_variant_warnings"] == []
     assert result["misses"] == 0 and result["hits"] >= 3  # the forward call and generate's two graphs
     assert result["after"] == result["before"]  # not one entry extracted and stored
-    assert result["same"] == dict.fromkeys(result["same"], True) and len(result["same"]) == 6
+    assert result["same"] == dict.fromkeys(result["same"], True) and len(result["same"]) == 7
 
 
 def test_build_json_lists_every_call_and_ls_and_show_say_what_they_serve(runner, built):
@@ -146,7 +149,11 @@ def test_a_call_shape_option_builds_that_one_call(runner, root, built):
     got = json.loads(invoke(runner, "build", folder, "--batch-size", "1", "--past-length", "8", "--cache-dir", root,
                             "--json").stdout)
     (call,) = got["calls"]  # --past-length implies --use-cache and one token: generate's step
-    assert call["cached"] is True and call["shape"]["kind"] == "decode" and call["shape"]["inputs"][0]["dims"] == [1, 1]
+    # with the mask and the position ids pg.generate passes, so the default build's step graph
+    # (batch 2, serving batch 1 too) serves it
+    assert call["cached"] is True and call["shape"]["kind"] == "decode"
+    assert [(i["name"], i["dims"]) for i in call["shape"]["inputs"] if i["name"] != "attention_mask"] == \
+        [("input_ids", ["b>=1", 1]), ("position_ids", ["b>=1", 1])]
     assert "key      " in invoke(runner, "build", folder, "--batch-size", "1", "--cache-dir", root).stdout
 
 

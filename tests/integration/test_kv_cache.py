@@ -149,16 +149,18 @@ def test_cached_variants_come_from_the_cache_next_session(tmp_path):
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)
     first = load_cached(model, store=store, input_ids=ids, attention_mask=mask, use_cache=True)
     assert torch.equal(first.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
-    assert first.cache_stats.misses == 2  # the prompt's graph and the one-token-with-cache graph
+    # the load call's graph, generate's prompt graph (with the position ids it passes, as
+    # model.generate does) and the one-token-with-cache graph
+    assert first.cache_stats.misses == 3
     second = load_cached(model, store=store, input_ids=ids, attention_mask=mask, use_cache=True)
     assert torch.equal(second.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
-    assert (second.cache_stats.hits, second.cache_stats.misses) == (2, 0)
-    # and through a portable file: both variants travel, no extraction on the other side
+    assert (second.cache_stats.hits, second.cache_stats.misses) == (3, 0)
+    # and through a portable file: every variant travels, no extraction on the other side
     second.save(tmp_path / "graphs.json")
     third = PatchableGraph.load(tmp_path / "graphs.json", model)
-    assert len(third.variants) == 2
+    assert len(third.variants) == 3
     assert torch.equal(third.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True), expected)
-    assert len(third.variants) == 2
+    assert len(third.variants) == 3
 
 
 def _tiny_mistral(sliding_window):

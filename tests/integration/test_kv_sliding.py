@@ -77,10 +77,11 @@ def test_generate_goes_through_the_sliding_cache_and_equals_model_generate(famil
         warnings.simplefilter("error", UserWarning)  # no fallback to recomputing the sequence
         got = pg.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     assert torch.equal(got, expected)
-    # two graphs: the prompt's and one decode graph (a cache's tensors among its inputs) for
-    # all 12 steps, the window full from the first
-    assert len(pg.variants) == 2
-    decode = pg.variants[1]
+    # the extraction call's, generate's prompt (it passes position ids, as model.generate
+    # does) and one decode graph (a cache's tensors among its inputs) for all 12 steps, the
+    # window full from the first
+    assert len(pg.variants) == 3
+    decode = pg.variants[2]
     assert any(leaf == {"kind": "const", "value": True} for leaf in decode.signature["leaves"])
     cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
     assert _sliding(cache), name  # the family really has sliding layers
@@ -152,15 +153,16 @@ def test_sliding_graphs_travel_as_data(family, tmp_path):
     ids = _ids()
     mask = torch.ones_like(ids)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=True)
-    pg.generate(ids, attention_mask=mask, max_new_tokens=2)  # both variants exist
+    pg.generate(ids, attention_mask=mask, max_new_tokens=2)  # generate's variants exist
     pg.save(tmp_path / "graphs.json")
     text = (tmp_path / "graphs.json").read_text()
     # the cache state's layer windows (a sliding one, a full one) are plain data in the spec
     assert re.search(r'"graphpatch_cache\.CacheState\\*", \\*"context\\*": \\*"\[4, 0\]', text)
     loaded = PatchableGraph.load(tmp_path / "graphs.json", model)
-    assert len(loaded.variants) == 2
+    count = len(pg.variants)
+    assert len(loaded.variants) == count
     assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
-    assert len(loaded.variants) == 2  # no extraction
+    assert len(loaded.variants) == count  # no extraction
 
 
 def test_a_window_still_filling_and_prompts_on_both_sides_of_it():
@@ -175,7 +177,9 @@ def test_a_window_still_filling_and_prompts_on_both_sides_of_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert torch.equal(pg.generate(ids, max_new_tokens=8), expected)
-    assert len(pg.variants) == 3  # the prompt, filling, full
+    # the extraction call's (no mask), generate's prompt (with the mask and positions it
+    # passes, as model.generate does), filling, full
+    assert len(pg.variants) == 4
     for seq in (3, 9):  # below and above the window: each exact
         longer = _ids(seq=seq, seed=seq)
         assert torch.equal(pg(input_ids=longer, use_cache=True).logits, model(input_ids=longer, use_cache=True).logits)

@@ -51,7 +51,12 @@ def test_skip_compilation_generate_equals_model_generate():
     got = pg.generate(ids, max_new_tokens=8, use_cache=False)
     expected = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(got, expected)
-    assert len(pg.variants) == 1
+    # the extraction call's and one for every step: generate passes a mask and position ids,
+    # as model.generate does
+    assert len(pg.variants) == 2
+    assert torch.equal(pg.generate(ids[:, :4], max_new_tokens=3, use_cache=False),
+                       model.generate(ids[:, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=False))
+    assert len(pg.variants) == 2  # another length: the same graphs
 
 
 def test_skip_compilation_from_the_cache_extracts_once(tmp_path):

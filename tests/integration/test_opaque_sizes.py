@@ -57,15 +57,16 @@ def test_cached_generation_extracts_the_decode_graph_once(pg, model):
     got = pg.generate(ids, max_new_tokens=5, use_cache=True)
     expected = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True)
     assert torch.equal(got, expected)
-    # the prompt runs the extracted graph, every later token one decode graph (not one per token)
+    # the prompt's graph (generate passes a mask and position ids, as model.generate does),
+    # then every later token one decode graph (not one per token)
     added = pg.variants[before:]
-    assert len(added) == 1
-    assert added[0].extraction["shape_specialized"] == {}
-    decode = _dims(added[0])
-    assert decode[0] == ["dyn", 1] and decode[1][2] == "dyn1"  # one new token, any cache length
+    assert len(added) == 2
+    assert all(a.extraction["shape_specialized"] == {} for a in added)
+    decode = _dims(added[1])
+    assert decode[0] == ["dyn", 1] and decode[-2][2] == "dyn1"  # one new token, any cache length
     # another prompt length and more tokens: no new graph
     ids = _ids(3, 9)
     got = pg.generate(ids, max_new_tokens=7, use_cache=True)
     expected = model.generate(ids, max_new_tokens=7, min_new_tokens=7, do_sample=False, use_cache=True)
     assert torch.equal(got, expected)
-    assert len(pg.variants) == before + 1
+    assert len(pg.variants) == before + 2
