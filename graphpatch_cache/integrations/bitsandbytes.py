@@ -11,13 +11,14 @@ input's (symbolic) shape, so the graphs around it stay shape-generic.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, cast
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, cast
 
 import torch
 
@@ -82,19 +83,33 @@ def _install_quiet_filter() -> None:
             _INSTALLED.append(logger)
 
 
-def run_8bit(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for an 8-bit linear that a graph calls, with bitsandbytes' per-call cast
-    notice shown once per process instead of once per layer per call (see
-    :class:`_QuietOurCalls`); the user's direct calls of the model log it as they always did."""
+@contextlib.contextmanager
+def quiet_casts() -> Iterator[None]:
+    """While a graph runs 8-bit layers in this thread (its own leaf call, or an opaque module
+    holding such layers): bitsandbytes' per-call cast notice shown once per process instead
+    of once per layer per call (see :class:`_QuietOurCalls`); the user's direct calls of the
+    model log it as they always did."""
     if not _INSTALLED:
         _install_quiet_filter()
     state = _IN_OUR_CALL
     outer = getattr(state, "on", False)
     state.on = True
     try:
-        return cast(torch.Tensor, module(x))
+        yield
     finally:
         state.on = outer
+
+
+def run_8bit(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for an 8-bit linear that a graph calls (see :func:`quiet_casts`)."""
+    with quiet_casts():
+        return cast(torch.Tensor, module(x))
+
+
+def quiet_casts_if_loaded() -> ContextManager[None]:
+    """:func:`quiet_casts` where bitsandbytes is imported (only then can a module hold its
+    layers), else nothing: for an opaque module's call, which may hold 8-bit layers."""
+    return quiet_casts() if "bitsandbytes" in sys.modules else contextlib.nullcontext()
 
 
 def leaf_handler(module: torch.nn.Module) -> Optional[LeafHandler]:

@@ -15,7 +15,7 @@ import torch
 from .. import _compat
 from ..errors import GraphPatchCacheError, ShapeError
 from ..integrations import kv_cache  # noqa: F401  kv_cache registers CacheState, which tree_build specs name
-from ..integrations.bitsandbytes import run_8bit
+from ..integrations.bitsandbytes import quiet_casts_if_loaded, run_8bit
 from ..errors import UnsupportedGradientError
 from .allowlist import register_target
 
@@ -288,7 +288,7 @@ def run_opaque(
     changed: Dict[str, Any] = {}
     if params:  # only opaque graphs with exposed tensors pay for the comparison
         changed = {name: value for name, value in params.items() if _own_tensor(module, name) is not value}
-    with _routed(ref), _attributes_set(module, attributes):
+    with _routed(ref), _attributes_set(module, attributes), quiet_casts_if_loaded():
         if not changed:
             return module(*args, **kwargs)
         return torch.func.functional_call(module, changed, tuple(args), dict(kwargs), strict=False)

@@ -14,6 +14,7 @@ from graphpatch_cache import (
     CacheStore,
     CustomPatch,
     ExampleSignature,
+    ExtractionOptions,
     PatchableGraph,
     ProbePatch,
     SignatureMismatchError,
@@ -209,6 +210,38 @@ def test_8bit_cast_notice_is_quiet_in_our_calls_only(llama_8bit):
         logger.removeFilter(user_filter)
     assert warnings.filters == warning_filters
     assert (logger.level, logger.propagate) == (level, propagate) and user_filter not in logger.filters
+
+
+def test_8bit_cast_notice_is_quiet_inside_an_opaque_module_too(saved_llama):
+    # an opaque MLP runs its 8-bit linears itself (no leaf graph of ours around each): the
+    # notice is still quieted for the graph's call, and the user's own call logs it per layer
+    import logging
+
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    path, _ = saved_llama
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
+    inputs = token_inputs()
+    pg = PatchableGraph(model, ExtractionOptions(classes_to_skip_compiling=(LlamaMLP,)), **inputs)
+    assert {g.module_path: g.kind for g in pg.artifact.root.walk()}["model.layers.0.mlp"] == "opaque"
+    emitted: list = []
+
+    class Count(logging.Handler):  # what reaches a handler (filters have had their say)
+        def emit(self, record):
+            emitted.append(record.getMessage())
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    handler = Count()
+    logger.addHandler(handler)
+    try:
+        pg(**inputs)  # the first notice in this process may show here, once
+        emitted.clear()
+        out = pg(**inputs).logits
+        assert not [m for m in emitted if "MatMul8bitLt" in m]
+        assert torch.equal(out, model(**inputs).logits)
+        assert sum("MatMul8bitLt" in m for m in emitted) == 14  # the user's own call, every layer
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_8bit_load_cached_and_meta_build_hit(saved_llama, llama_8bit, tmp_path):

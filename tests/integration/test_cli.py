@@ -108,8 +108,9 @@ def test_build_cached_generation_graphs_are_hits_for_the_real_model(runner, root
     past = model(input_ids=prompt, use_cache=True).cache
     token = torch.randint(0, 100, (2, 1))
     mask = torch.ones(2, 7, dtype=torch.long)
-    pg = load_cached(model, store=CacheStore(root), input_ids=token, attention_mask=mask, cache=past,
-                     use_cache=True)
+    positions = torch.full((2, 1), 6)  # pg.generate's step passes them with its mask (as model.generate does)
+    pg = load_cached(model, store=CacheStore(root), input_ids=token, attention_mask=mask, position_ids=positions,
+                     cache=past, use_cache=True)
     assert (pg.cache_stats.hits, pg.cache_stats.misses) == (1, 0) and pg.cache_stats.keys == [out["key"]]
     again = json.loads(invoke(runner, "build", "tiny-llama", *args, "--cache-dir", root, "--json",
                               "--device-map", '{"": "cpu"}').stdout)

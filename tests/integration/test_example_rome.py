@@ -95,10 +95,14 @@ def test_the_heatmap_png_is_written_or_the_skip_is_said(quick_run):
 def test_a_rerun_trains_nothing_and_hits_the_graph_cache(quick_run):
     _, cache = quick_run
     env = {**os.environ, "GRAPHPATCH_EXAMPLES_DIR": str(cache), "PYTHONPATH": str(ROOT)}
-    # the cached weights and graphs load; `--help`-cheap check: a second full run would double the
-    # test's time, so load only (the script's load path, via its module)
+    # the cached weights and graphs load (a second full run would double the test's time, so
+    # the script's own load path only: its weights loader, then load_cached on its store)
     code = ("import sys; sys.path.insert(0, 'examples'); from pathlib import Path; import rome_world as w; "
-            f"world, t = w.load_or_train(w.MODES['quick'], Path({str(cache)!r}), print); print(t['cached'])")
+            "from graphpatch_cache import CacheStore, load_cached; "
+            f"root = Path({str(cache)!r}); world, t = w.load_or_train(w.MODES['quick'], root, print); "
+            "ids, _ = world.batch([world.prompt(0, 'capital', 0)[0]] * 2); "
+            "pg = load_cached(world.model, store=CacheStore(root / 'graphs', local_dir=False), input_ids=ids, "
+            "use_cache=False); print(t['cached'], pg.cache_stats.hits, pg.cache_stats.misses)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().splitlines()[-1] == "True"
+    assert proc.stdout.strip().splitlines()[-1] == "True 1 0"
