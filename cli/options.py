@@ -146,8 +146,18 @@ def model_spec(model: str, dtype: str, load_in_8bit: bool, batch_size: Optional[
         # deferred: transformers loads only for commands that need a model
         from transformers.utils import logging as hf_logging
 
+        verbosity, bnb = hf_logging.get_verbosity(), logging.getLogger("bitsandbytes")  # type: ignore[no-untyped-call]
+        level = bnb.level
         hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        bnb.setLevel(logging.ERROR)
+
+        def restore() -> None:  # for this command only (the CLI may run inside a longer process)
+            hf_logging.set_verbosity(verbosity)  # type: ignore[no-untyped-call]
+            bnb.setLevel(level)
+
+        context = click.get_current_context(silent=True)
+        if context is not None:
+            context.call_on_close(restore)
     if dtype == "auto":
         torch_dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
         if isinstance(torch_dtype, str):

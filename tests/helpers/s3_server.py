@@ -27,6 +27,7 @@ def aws_env(endpoint: str) -> Iterator[Dict[str, str]]:
            "AWS_ENDPOINT_URL_S3": endpoint}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _forget_s3_clients()
     try:
         yield env
     finally:
@@ -35,6 +36,15 @@ def aws_env(endpoint: str) -> Iterator[Dict[str, str]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _forget_s3_clients()
+
+
+def _forget_s3_clients() -> None:
+    """fsspec keeps one S3FileSystem per set of options for the process, and one made under
+    another endpoint (another test module's server) would be handed out again."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def free_port() -> int:
